@@ -17,6 +17,7 @@ import pickle
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import platformdirs
@@ -201,7 +202,9 @@ class _AllowListUnpickler(pickle.Unpickler):
     if module == 'builtins' and name in _ALLOWED_BUILTINS:
       return super().find_class(module, name)
     if module.split('.')[0] in _ALLOWED_PICKLE_MODULES:
-      return super().find_class(module, name)
+      with warnings.catch_warnings():  # Old pickles name numpy.core, which numpy 2 still maps, with a warning.
+        warnings.simplefilter('ignore', DeprecationWarning)
+        return super().find_class(module, name)
     raise DataError(f'{self._path}: the pickle references {module}.{name}, which is not allowed; '
                     'only pandas and numpy objects are unpickled.')
 

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real data root (skipping with a reason when absent) and the synthetic dataset."""
+
+import os
+import pathlib
+
+import pytest
+
+from coars_jax.data import synthetic
+
+_SIBLING = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
+
+
+def real_data_root() -> pathlib.Path | None:
+  root = os.environ.get('COARS_DATA_DIR')
+  root = pathlib.Path(root) if root else _SIBLING
+  return root if root.is_dir() else None
+
+
+def require_files(*relpaths: str) -> pathlib.Path:
+  """The data root holding every `relpath`, or a skip that names what is missing and where it looked."""
+  root = real_data_root()
+  looked = root or f'$COARS_DATA_DIR (unset) and {_SIBLING}'
+  if root is None:
+    pytest.skip(f'real datasets absent: no data root at {looked}; set COARS_DATA_DIR to run this test')
+  missing = [r for r in relpaths if not (root / r).is_file()]
+  if missing:
+    pytest.skip(f'real dataset files absent under {root}: {missing}')
+  return root
+
+
+@pytest.fixture
+def synthetic_dataset():
+  return synthetic.synthetic_dataset()
