@@ -21,7 +21,7 @@ def check_keys(config: ml_collections.ConfigDict, defaults: ml_collections.Confi
     name = f'{prefix}{key}'
     if key not in defaults:
       close = difflib.get_close_matches(key, list(defaults.keys()), n=1)
-      hint = f'; did you mean {prefix}{close[0]!r}?' if close else ''
+      hint = f'; did you mean {prefix + close[0]!r}?' if close else ''
       raise ConfigError(f'Unknown config field {name!r}{hint} Valid fields here: {sorted(defaults.keys())}')
     if isinstance(defaults[key], ml_collections.ConfigDict):
       if not isinstance(config[key], ml_collections.ConfigDict):

@@ -5,6 +5,6 @@ from coars_jax.recsys.experiment import default_config
 
 def get_config():
   config = default_config('lastfm')
-  config.train_seeds = [0]
+  config.train_seeds = (0,)
   config.workdir = 'runs/demo_cpu'
   return config

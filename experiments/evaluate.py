@@ -39,5 +39,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.mark_flags_as_required(['config'])
+  flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -2,7 +2,7 @@
 
 import json
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from coars_jax.recsys import experiment
@@ -22,5 +22,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.mark_flags_as_required(['config'])
+  flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -61,3 +61,9 @@ def candidate_matrix(dataset: Dataset, split: str, seed: int,
   candidates = np.stack([candidate_list(dataset, split, i, seed, num_candidates) for i in range(len(windows))])
   target_index = np.argmax(candidates == windows.targets[:, None], axis=1).astype(np.int32)
   return candidates.astype(np.int32), target_index
+
+
+def candidate_stack(dataset: Dataset, split: str, seeds) -> tuple[np.ndarray, np.ndarray]:
+  """Candidate lists of every window for each seed: int32[S, N, C] and target columns int32[S, N]."""
+  pairs = [candidate_matrix(dataset, split, seed) for seed in seeds]
+  return np.stack([c for c, _ in pairs]), np.stack([t for _, t in pairs])

@@ -17,7 +17,7 @@ from coars_jax.data import files, lastfm
 from coars_jax.data.schema import Dataset
 from coars_jax.eval import metrics
 from coars_jax.recsys.sasrec import SASRec
-from coars_jax.recsys.training import candidate_stack, evaluate_per_seed
+from coars_jax.recsys.training import evaluate_per_seed
 
 METRICS = ('hit@1', 'hit@5', 'ndcg@5')
 METHODS = ('random', 'popularity', 'sasrec')
@@ -41,7 +41,7 @@ def reference_rows(dataset: Dataset, models: Mapping[int, SASRec], candidate_see
                    split: str = 'test') -> list[dict]:
   """Rows for random, popularity and each trained SASRec, on `split`'s candidate lists."""
   windows = dataset.split(split)
-  cands, target_index = candidate_stack(dataset, split, candidate_seeds)
+  cands, target_index = candidates_lib.candidate_stack(dataset, split, candidate_seeds)
   counts = popularity(dataset)
   rows = []
   for seed, model in sorted(models.items()):

@@ -31,14 +31,14 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
       'allow_download': True,  # fetch missing public originals (checksum-verified) when the network allows
       'workdir': f'runs/sasrec_{dataset}',  # checkpoints, one folder per training seed
       'split': 'test',  # the split the reference table reports
-      'train_seeds': [0, 1, 2],  # SASRec training seeds; one table row per seed and method
-      'candidate_seeds': list(range(10)),  # each row is the mean over these candidate-list seeds
+      'train_seeds': (0, 1, 2),  # SASRec training seeds; one table row per seed and method
+      'candidate_seeds': tuple(range(10)),  # each row is the mean over these candidate-list seeds
       'retrain': False,  # ignore existing checkpoints
       'progress': True,  # tqdm bars
       'sasrec': {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
                  if f.name not in ('num_items', 'max_len')},
       'train': {**{f.name: getattr(train, f.name) for f in dataclasses.fields(train)},
-                'val_candidate_seeds': list(train.val_candidate_seeds)},
+                'val_candidate_seeds': tuple(train.val_candidate_seeds)},
   })
 
 

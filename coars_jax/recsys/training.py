@@ -20,7 +20,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from coars_jax.data import candidates as candidates_lib
+from coars_jax.data.candidates import candidate_stack
 from coars_jax.data.schema import Dataset, WindowSplit
 from coars_jax.eval import metrics
 from coars_jax.recsys.sasrec import SASRec, SASRecConfig
@@ -107,12 +107,6 @@ def _candidate_scores(graphdef, params, history, lengths, candidates):
   """float32[S, N, C]: logits of each candidate list (S candidate seeds) for N windows."""
   logits = nnx.merge(graphdef, params)(history, lengths)
   return jax.vmap(lambda c: jnp.take_along_axis(logits, c, axis=1))(candidates)
-
-
-def candidate_stack(dataset: Dataset, split: str, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-  """Candidate lists of every window for each seed: int32[S, N, C] and target columns int32[S, N]."""
-  pairs = [candidates_lib.candidate_matrix(dataset, split, seed) for seed in seeds]
-  return np.stack([c for c, _ in pairs]), np.stack([t for _, t in pairs])
 
 
 def evaluate_per_seed(model: SASRec, windows: WindowSplit, candidates: np.ndarray,

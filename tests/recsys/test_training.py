@@ -3,8 +3,8 @@ import pytest
 
 from coars_jax.recsys import checkpoint, peer
 from coars_jax.recsys.sasrec import SASRecConfig
-from coars_jax.recsys.training import (SASRecTrainConfig, candidate_stack, evaluate_per_seed, mean_metrics,
-                                       train_sasrec)
+from coars_jax.data.candidates import candidate_stack
+from coars_jax.recsys.training import SASRecTrainConfig, evaluate_per_seed, mean_metrics, train_sasrec
 
 
 @pytest.fixture(scope='module')
