@@ -1,0 +1,207 @@
+"""`Decoder`: the decoder-only transformer (Llama / SmolLM2, Qwen2 / Qwen2.5, Qwen3) in Flax NNX, with
+grouped-query attention, RoPE, optional q/k RMSNorm and q/k/v biases, tied or untied embeddings, and an
+optional `KVCache` so the same forward pass serves full-sequence scoring, prefill and one-token decode."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from coars_jax.models.config import DecoderConfig
+from coars_jax.models.kv_cache import KVCache
+from coars_jax.models.layers import Embedding, Linear, RMSNorm
+from coars_jax.models.logical_axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
+from coars_jax.models.rope import apply_rope, inverse_frequencies
+
+# Finite rather than -inf so a row with nothing to attend to (a padding query) gives finite garbage, not NaN.
+_MASKED_SCORE = -1e30
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention: H query heads share K key/value heads in groups of H // K."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        E, H, K, D = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
+        dtypes = dict(param_dtype=config.jnp_param_dtype, compute_dtype=config.jnp_compute_dtype, rngs=rngs)
+        self.q_proj = Linear((E,), (H, D), in_axes=(EMBED,), out_axes=(HEADS, HEAD_DIM), use_bias=config.qkv_bias,
+                             **dtypes)
+        self.k_proj = Linear((E,), (K, D), in_axes=(EMBED,), out_axes=(KV_HEADS, HEAD_DIM),
+                             use_bias=config.qkv_bias, **dtypes)
+        self.v_proj = Linear((E,), (K, D), in_axes=(EMBED,), out_axes=(KV_HEADS, HEAD_DIM),
+                             use_bias=config.qkv_bias, **dtypes)
+        self.o_proj = Linear((H, D), (E,), in_axes=(HEADS, HEAD_DIM), out_axes=(EMBED,), use_bias=config.out_bias,
+                             **dtypes)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(D, eps=config.rms_norm_eps, axis_name=HEAD_DIM, param_dtype=config.jnp_param_dtype)
+            self.k_norm = RMSNorm(D, eps=config.rms_norm_eps, axis_name=HEAD_DIM, param_dtype=config.jnp_param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cached_kv: tuple | None,
+                 write_index: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x[B, L, E], mask[B, L, S] -> (out[B, L, E], updated (keys, values) or None).
+
+        Without a cache S == L; with one, the new keys/values are written at slot `write_index` and the
+        queries attend over all S = max_len slots that `mask` allows.
+        """
+        queries = constrain(self.q_proj(x), (BATCH, LENGTH, HEADS, HEAD_DIM))
+        keys = constrain(self.k_proj(x), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+        values = constrain(self.v_proj(x), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+        if self.q_norm is not None:
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        inv_freq = inverse_frequencies(self.config)  # numpy, so it is a compile-time constant under jit
+        queries = apply_rope(queries, positions, inv_freq)
+        keys = apply_rope(keys, positions, inv_freq)
+
+        updated = None
+        if cached_kv is not None:
+            cache_keys, cache_values = cached_kv
+            start = (0, write_index, 0, 0)
+            cache_keys = jax.lax.dynamic_update_slice(cache_keys, keys.astype(cache_keys.dtype), start)
+            cache_values = jax.lax.dynamic_update_slice(cache_values, values.astype(cache_values.dtype), start)
+            updated = (cache_keys, cache_values)
+            keys, values = cache_keys.astype(x.dtype), cache_values.astype(x.dtype)
+
+        batch, length, num_heads, head_dim = queries.shape
+        num_kv_heads = keys.shape[2]
+        grouped = queries.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        scores = jnp.einsum("blkgd,bskd->bkgls", grouped, keys, preferred_element_type=jnp.float32)
+        scores = scores * (head_dim ** -0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        attended = jnp.einsum("bkgls,bskd->blkgd", probs, values).reshape(batch, length, num_heads, head_dim)
+        return self.o_proj(attended), updated
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        E, F = config.embed_dim, config.mlp_dim
+        dtypes = dict(param_dtype=config.jnp_param_dtype, compute_dtype=config.jnp_compute_dtype, rngs=rngs)
+        self.gate_proj = Linear((E,), (F,), in_axes=(EMBED,), out_axes=(MLP,), use_bias=config.mlp_bias, **dtypes)
+        self.up_proj = Linear((E,), (F,), in_axes=(EMBED,), out_axes=(MLP,), use_bias=config.mlp_bias, **dtypes)
+        self.down_proj = Linear((F,), (E,), in_axes=(MLP,), out_axes=(EMBED,), use_bias=config.mlp_bias, **dtypes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(hidden, (BATCH, LENGTH, MLP)))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        norm = dict(eps=config.rms_norm_eps, axis_name=EMBED, param_dtype=config.jnp_param_dtype)
+        self.attention_norm = RMSNorm(config.embed_dim, **norm)
+        self.attention = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.embed_dim, **norm)
+        self.mlp = FeedForward(config, rngs=rngs)
+
+    def __call__(self, x, positions, mask, cached_kv, write_index):
+        attended, updated = self.attention(self.attention_norm(x), positions, mask, cached_kv, write_index)
+        x = constrain(x + attended, (BATCH, LENGTH, EMBED))
+        x = constrain(x + self.mlp(self.mlp_norm(x)), (BATCH, LENGTH, EMBED))
+        return x, updated
+
+
+class Decoder(nnx.Module):
+    """tokens -> logits, optionally reading and extending a `KVCache`.
+
+    Call as `logits, new_cache = model(tokens, positions, segment_ids, cache)`:
+      tokens[B, L] int32; positions[B, L] int32, the RoPE position of each token (per row, so padded rows
+      keep their own numbering: for left padding use cumsum(segment_ids != 0) - 1);
+      segment_ids[B, L] int32, 0 for padding and the same positive id for tokens that may attend to each
+      other (a 0/1 attention mask is valid; distinct ids pack several sequences in one row); default all 1;
+      cache: None for a plain causal forward (new_cache is then None), or a `KVCache` to write into.
+    Logits at padding positions are finite but meaningless.
+    """
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtypes = dict(param_dtype=config.jnp_param_dtype, compute_dtype=config.jnp_compute_dtype, rngs=rngs)
+        self.token_embedding = Embedding(config.vocab_size, config.embed_dim, **dtypes)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, axis_name=EMBED,
+                                  param_dtype=config.jnp_param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear((config.embed_dim,), (config.vocab_size,), in_axes=(EMBED,), out_axes=(VOCAB,),
+                                  use_bias=False, **dtypes)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        hidden, new_cache = self.hidden_states(tokens, positions, segment_ids, cache)
+        return self.logits(hidden), new_cache
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states [B, L, E] (before the vocabulary projection) and the updated cache."""
+        if tokens.ndim != 2 or positions.shape != tokens.shape:
+            raise ValueError(f"Decoder: tokens and positions must both be [B, L]; found {tokens.shape} and "
+                             f"{positions.shape}")
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        elif segment_ids.shape != tokens.shape:
+            raise ValueError(f"Decoder: segment_ids must match tokens {tokens.shape}; found {segment_ids.shape}")
+        segment_ids = segment_ids.astype(jnp.int32)
+        length = tokens.shape[1]
+
+        if cache is None:
+            slots = jnp.arange(length)
+            mask = _attention_mask(segment_ids, segment_ids, slots, slots)
+            write_index, cache_segments = None, None
+        else:
+            _check_cache(cache, tokens.shape, self.config)
+            write_index = cache.end_index
+            cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, write_index))
+            mask = _attention_mask(segment_ids, cache_segments, write_index + jnp.arange(length),
+                                   jnp.arange(cache.max_len))
+
+        x = constrain(self.token_embedding(tokens), (BATCH, LENGTH, EMBED))
+        new_keys, new_values = [], []
+        for index, layer in enumerate(self.layers):
+            cached_kv = None if cache is None else (cache.keys[index], cache.values[index])
+            x, updated = layer(x, positions, mask, cached_kv, write_index)
+            if updated is not None:
+                new_keys.append(updated[0])
+                new_values.append(updated[1])
+        hidden = self.final_norm(x)
+        if cache is None:
+            return hidden, None
+        return hidden, KVCache(keys=tuple(new_keys), values=tuple(new_values), segment_ids=cache_segments,
+                               end_index=write_index + length)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Projects hidden states [..., E] onto the vocabulary [..., V]."""
+        if self.lm_head is None:
+            logits = self.token_embedding.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return constrain(logits, (BATCH, LENGTH, VOCAB)) if logits.ndim == 3 else logits
+
+
+def _attention_mask(query_segments: jax.Array, key_segments: jax.Array, query_slots: jax.Array,
+                    key_slots: jax.Array) -> jax.Array:
+    """[B, Lq, Lk] bool: key is at or before the query, holds a real token, and shares the query's segment."""
+    causal = key_slots[None, None, :] <= query_slots[None, :, None]
+    same_segment = query_segments[:, :, None] == key_segments[:, None, :]
+    return causal & same_segment & (key_segments[:, None, :] != 0)
+
+
+def _check_cache(cache: KVCache, tokens_shape: tuple[int, ...], config: DecoderConfig) -> None:
+    batch, length = tokens_shape
+    if len(cache.keys) != config.num_layers:
+        raise ValueError(f"Decoder: cache has {len(cache.keys)} layers, the model has {config.num_layers}")
+    if cache.batch_size != batch:
+        raise ValueError(f"Decoder: cache batch is {cache.batch_size}, tokens batch is {batch}")
+    if length > cache.max_len:
+        raise ValueError(f"Decoder: {length} tokens do not fit a cache of max_len {cache.max_len}")
+    # Past the end, dynamic_update_slice would silently clamp and overwrite earlier slots; catch it when the
+    # index is known (outside jit). Inside jit the caller sizes max_len for prompt + new tokens.
+    if not isinstance(cache.end_index, jax.core.Tracer) and int(cache.end_index) + length > cache.max_len:
+        raise ValueError(f"Decoder: cache end_index {int(cache.end_index)} + {length} new tokens exceeds "
+                         f"max_len {cache.max_len}; allocate a longer cache with init_cache")

@@ -1,0 +1,115 @@
+"""Reading and writing HF transformers checkpoint folders: config.json plus safetensors, either one
+`model.safetensors` or shards listed in `model.safetensors.index.json`. The folder written by
+`save_hf_checkpoint` loads with `transformers.AutoModelForCausalLM.from_pretrained(folder)` as is."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from coars_jax.models.config import DecoderConfig
+from coars_jax.models.decoder import Decoder
+from coars_jax.models.weight_mapping import HFTensor, hf_tensors_from_model, model_from_hf_tensors
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+
+def load_hf_checkpoint(folder: str | os.PathLike, config: DecoderConfig | None = None,
+                       **config_overrides: Any) -> Decoder:
+    """A `Decoder` with the weights of the HF checkpoint in `folder`.
+
+    config: defaults to `DecoderConfig.from_hf(folder, **config_overrides)`; pass one to choose dtypes
+    (e.g. `param_dtype="bfloat16"`) without editing config.json.
+    """
+    folder = os.fspath(folder)
+    if config is None:
+        config = DecoderConfig.from_hf(folder, **config_overrides)
+    elif config_overrides:
+        config = config.replace(**config_overrides)
+    return model_from_hf_tensors(config, _checkpoint_tensors(folder), origin=folder)
+
+
+def save_hf_checkpoint(model: Decoder, folder: str | os.PathLike, *, dtype: str | None = None,
+                       max_shard_bytes: int | None = None) -> list[str]:
+    """Writes config.json and safetensors for `model` into `folder`; returns the files written.
+
+    dtype: "float32" or "bfloat16" for the saved tensors (default: the model's param_dtype).
+    max_shard_bytes: split tensors over several files plus an index once a file would exceed this size.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    config = model.config if dtype is None else model.config.replace(param_dtype=dtype)
+    tensors = hf_tensors_from_model(model, jnp.dtype(config.param_dtype))
+    with open(os.path.join(folder, CONFIG_FILE), "w") as handle:
+        json.dump(config.to_hf_dict(), handle, indent=2)
+    written = [CONFIG_FILE]
+    shards = _split_into_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, SINGLE_FILE), metadata={"format": "pt"})
+        return written + [SINGLE_FILE]
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, filename), metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+        written.append(filename)
+    total = sum(int(tensor.size) * tensor.dtype.itemsize for tensor in tensors.values())
+    with open(os.path.join(folder, INDEX_FILE), "w") as handle:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
+    return written + [INDEX_FILE]
+
+
+def _split_into_shards(tensors: dict, max_shard_bytes: int | None) -> list[dict]:
+    if max_shard_bytes is None:
+        return [tensors]
+    shards: list[dict] = [{}]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        size = int(tensor.size) * tensor.dtype.itemsize
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+    return shards
+
+
+def _checkpoint_tensors(folder: str) -> list[HFTensor]:
+    index_path = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path) as handle:
+            weight_map = json.load(handle).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path}: expected a non-empty 'weight_map' of tensor name -> file")
+        files = sorted(set(weight_map.values()))
+        for filename in files:
+            if not os.path.isfile(os.path.join(folder, filename)):
+                raise FileNotFoundError(f"{index_path}: lists shard {filename!r}, which is not in {folder}")
+    elif os.path.isfile(os.path.join(folder, SINGLE_FILE)):
+        files = [SINGLE_FILE]
+    else:
+        present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "the folder does not exist"
+        raise FileNotFoundError(f"{folder}: expected {SINGLE_FILE} or {INDEX_FILE}; found {present}")
+
+    tensors = []
+    for filename in files:
+        path = os.path.join(folder, filename)
+        with safe_open(path, framework="flax") as handle:
+            for name in handle.keys():
+                shape = tuple(handle.get_slice(name).get_shape())
+                tensors.append(HFTensor(name, shape, _reader(path, name), path))
+    return tensors
+
+
+def _reader(path: str, name: str):
+    def load():
+        with safe_open(path, framework="flax") as handle:
+            return handle.get_tensor(name)
+    return load
