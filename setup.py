@@ -29,7 +29,8 @@ EXTRAS_REQUIRE = {
     'tpu': ['jax[tpu]==0.10.2'],
     'dev': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'hypothesis==6.170.17'],
     # torch only for parity tests against transformers; 2.13.0 is the CPU wheel the project tests with.
-    'parity': ['torch==2.13.0', 'gguf==0.19.0'],
+    # accelerate: transformers needs it to read GGUF files for the SmolLM2 parity test.
+    'parity': ['torch==2.13.0', 'gguf==0.19.0', 'accelerate==1.15.0'],
 }
 
 setup(
