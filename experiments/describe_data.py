@@ -22,4 +22,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Orbax and JAX log every read and write at INFO; pass --verbosity=0 to see them.
+  flags.FLAGS.set_default('verbosity', -1)
   app.run(main)

@@ -39,5 +39,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Orbax and JAX log every read and write at INFO; pass --verbosity=0 to see them.
+  flags.FLAGS.set_default('verbosity', -1)
   flags.mark_flags_as_required(['config'])
   app.run(main)
