@@ -1,11 +1,13 @@
 """`Decoder`: the decoder-only transformer (Llama / SmolLM2, Qwen2 / Qwen2.5, Qwen3) in Flax NNX, with
-grouped-query attention, RoPE, optional q/k RMSNorm and q/k/v biases, tied or untied embeddings, and an
-optional `KVCache` so the same forward pass serves full-sequence scoring, prefill and one-token decode."""
+grouped-query attention, RoPE, optional q/k RMSNorm and q/k/v biases, tied or untied embeddings, an
+optional `KVCache` so the same forward pass serves full-sequence scoring, prefill and one-token decode,
+and an optional choice of LoRA adapter per batch row (adapters are attached by `coars_jax.models.lora`)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from coars_jax.models.config import DecoderConfig
@@ -40,15 +42,16 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cached_kv: tuple | None,
-                 write_index: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                 write_index: jax.Array | None,
+                 adapter_ids: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x[B, L, E], mask[B, L, S] -> (out[B, L, E], updated (keys, values) or None).
 
         Without a cache S == L; with one, the new keys/values are written at slot `write_index` and the
         queries attend over all S = max_len slots that `mask` allows.
         """
-        queries = constrain(self.q_proj(x), (BATCH, LENGTH, HEADS, HEAD_DIM))
-        keys = constrain(self.k_proj(x), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
-        values = constrain(self.v_proj(x), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+        queries = constrain(self.q_proj(x, adapter_ids), (BATCH, LENGTH, HEADS, HEAD_DIM))
+        keys = constrain(self.k_proj(x, adapter_ids), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+        values = constrain(self.v_proj(x, adapter_ids), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
         if self.q_norm is not None:
             queries, keys = self.q_norm(queries), self.k_norm(keys)
         inv_freq = inverse_frequencies(self.config)  # numpy, so it is a compile-time constant under jit
@@ -72,7 +75,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
         probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         attended = jnp.einsum("bkgls,bskd->blkgd", probs, values).reshape(batch, length, num_heads, head_dim)
-        return self.o_proj(attended), updated
+        return self.o_proj(attended, adapter_ids), updated
 
 
 class FeedForward(nnx.Module):
@@ -85,9 +88,9 @@ class FeedForward(nnx.Module):
         self.up_proj = Linear((E,), (F,), in_axes=(EMBED,), out_axes=(MLP,), use_bias=config.mlp_bias, **dtypes)
         self.down_proj = Linear((F,), (E,), in_axes=(MLP,), out_axes=(EMBED,), use_bias=config.mlp_bias, **dtypes)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(constrain(hidden, (BATCH, LENGTH, MLP)))
+    def __call__(self, x: jax.Array, adapter_ids: jax.Array | None = None) -> jax.Array:
+        hidden = jax.nn.silu(self.gate_proj(x, adapter_ids)) * self.up_proj(x, adapter_ids)
+        return self.down_proj(constrain(hidden, (BATCH, LENGTH, MLP)), adapter_ids)
 
 
 class DecoderLayer(nnx.Module):
@@ -100,10 +103,11 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.embed_dim, **norm)
         self.mlp = FeedForward(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cached_kv, write_index):
-        attended, updated = self.attention(self.attention_norm(x), positions, mask, cached_kv, write_index)
+    def __call__(self, x, positions, mask, cached_kv, write_index, adapter_ids=None):
+        attended, updated = self.attention(self.attention_norm(x), positions, mask, cached_kv, write_index,
+                                           adapter_ids)
         x = constrain(x + attended, (BATCH, LENGTH, EMBED))
-        x = constrain(x + self.mlp(self.mlp_norm(x)), (BATCH, LENGTH, EMBED))
+        x = constrain(x + self.mlp(self.mlp_norm(x), adapter_ids), (BATCH, LENGTH, EMBED))
         return x, updated
 
 
@@ -115,7 +119,12 @@ class Decoder(nnx.Module):
       keep their own numbering: for left padding use cumsum(segment_ids != 0) - 1);
       segment_ids[B, L] int32, 0 for padding and the same positive id for tokens that may attend to each
       other (a 0/1 attention mask is valid; distinct ids pack several sequences in one row); default all 1;
-      cache: None for a plain causal forward (new_cache is then None), or a `KVCache` to write into.
+      cache: None for a plain causal forward (new_cache is then None), or a `KVCache` to write into;
+      adapter (keyword): which LoRA adapter each row uses once `add_lora` has attached some. None (default)
+      runs the base model alone; a name from `adapter_names` uses that adapter for every row; an int32
+      array [B] picks per row, index i meaning adapter_names[i] and -1 (`ADAPTERS_OFF`) the base model.
+      Under jit pass the array: names become compile-time constants, indices are data, so one compilation
+      serves every adapter and the reference (adapters off) alike.
     Logits at padding positions are finite but meaningless.
     """
 
@@ -131,14 +140,19 @@ class Decoder(nnx.Module):
         else:
             self.lm_head = Linear((config.embed_dim,), (config.vocab_size,), in_axes=(EMBED,), out_axes=(VOCAB,),
                                   use_bias=False, **dtypes)
+        # Set by coars_jax.models.lora.add_lora; static, so they live in the graph definition, not the state.
+        self.lora_config = None
+        self.adapter_names: tuple[str, ...] = ()
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        hidden, new_cache = self.hidden_states(tokens, positions, segment_ids, cache)
+                 cache: KVCache | None = None, *,
+                 adapter: str | jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        hidden, new_cache = self.hidden_states(tokens, positions, segment_ids, cache, adapter=adapter)
         return self.logits(hidden), new_cache
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                      cache: KVCache | None = None, *,
+                      adapter: str | jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, L, E] (before the vocabulary projection) and the updated cache."""
         if tokens.ndim != 2 or positions.shape != tokens.shape:
             raise ValueError(f"Decoder: tokens and positions must both be [B, L]; found {tokens.shape} and "
@@ -149,6 +163,7 @@ class Decoder(nnx.Module):
             raise ValueError(f"Decoder: segment_ids must match tokens {tokens.shape}; found {segment_ids.shape}")
         segment_ids = segment_ids.astype(jnp.int32)
         length = tokens.shape[1]
+        adapter_ids = self.adapter_ids(adapter, tokens.shape[0])
 
         if cache is None:
             slots = jnp.arange(length)
@@ -165,7 +180,7 @@ class Decoder(nnx.Module):
         new_keys, new_values = [], []
         for index, layer in enumerate(self.layers):
             cached_kv = None if cache is None else (cache.keys[index], cache.values[index])
-            x, updated = layer(x, positions, mask, cached_kv, write_index)
+            x, updated = layer(x, positions, mask, cached_kv, write_index, adapter_ids)
             if updated is not None:
                 new_keys.append(updated[0])
                 new_values.append(updated[1])
@@ -174,6 +189,31 @@ class Decoder(nnx.Module):
             return hidden, None
         return hidden, KVCache(keys=tuple(new_keys), values=tuple(new_values), segment_ids=cache_segments,
                                end_index=write_index + length)
+
+    def adapter_ids(self, adapter: str | jax.Array | None, batch: int) -> jax.Array | None:
+        """The int32 [batch] adapter index per row for `adapter` (see the class docstring); None stays None."""
+        if adapter is None:
+            return None
+        if not self.adapter_names:
+            raise ValueError(f"Decoder: adapter={adapter!r} was requested but the model has no LoRA adapters; "
+                             "attach them with coars_jax.models.lora.add_lora")
+        if isinstance(adapter, str):
+            if adapter not in self.adapter_names:
+                raise ValueError(f"Decoder: adapter must be one of {self.adapter_names}, found {adapter!r}")
+            return jnp.full((batch,), self.adapter_names.index(adapter), jnp.int32)
+        adapter_ids = jnp.asarray(adapter)
+        if adapter_ids.shape != (batch,) or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
+            raise ValueError(f"Decoder: an adapter index array must be integer [{batch}] (one per row); found "
+                             f"{adapter_ids.dtype}{list(adapter_ids.shape)}")
+        # An index outside [-1, num_adapters) would silently act as "off"; catch it when the values are known
+        # (numpy, so that a constant inside a jitted function is checked without being traced).
+        if not isinstance(adapter, jax.core.Tracer) and batch > 0:
+            values = np.asarray(adapter)
+            low, high = int(values.min()), int(values.max())
+            if low < -1 or high >= len(self.adapter_names):
+                raise ValueError(f"Decoder: adapter indices must lie in [-1, {len(self.adapter_names)}) for "
+                                 f"adapters {self.adapter_names}; found values in [{low}, {high}]")
+        return adapter_ids.astype(jnp.int32)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Projects hidden states [..., E] onto the vocabulary [..., V]."""

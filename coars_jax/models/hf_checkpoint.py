@@ -37,12 +37,17 @@ def load_hf_checkpoint(folder: str | os.PathLike, config: DecoderConfig | None =
 
 
 def save_hf_checkpoint(model: Decoder, folder: str | os.PathLike, *, dtype: str | None = None,
-                       max_shard_bytes: int | None = None) -> list[str]:
+                       max_shard_bytes: int | None = None, merge_adapter: str | None = None) -> list[str]:
     """Writes config.json and safetensors for `model` into `folder`; returns the files written.
 
     dtype: "float32" or "bfloat16" for the saved tensors (default: the model's param_dtype).
     max_shard_bytes: split tensors over several files plus an index once a file would exceed this size.
+    merge_adapter: the name of a LoRA adapter to merge into the base weights before saving; required when the
+      model carries adapters, since HF checkpoints have no place for them.
     """
+    if merge_adapter is not None:
+        from coars_jax.models.lora import merge_lora  # lora imports this module's neighbours; avoid a cycle
+        model = merge_lora(model, merge_adapter)
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     config = model.config if dtype is None else model.config.replace(param_dtype=dtype)

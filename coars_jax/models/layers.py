@@ -17,7 +17,8 @@ class Linear(nnx.Module):
 
     Kernels keep structured shapes, e.g. q_proj is [embed, heads, head_dim] and o_proj is
     [heads, head_dim, embed], so every dimension carries its own logical name and can be sharded by rule.
-    A LoRA adapter can wrap or replace this module and reuse `in_shape` / `out_shape`.
+    `lora` is None until `coars_jax.models.lora.add_lora` attaches a stack of adapters; a call with
+    `adapter_ids` then adds the adapter delta chosen per batch row, while the kernel itself is never copied.
     """
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *, in_axes: LogicalAxes,
@@ -29,14 +30,19 @@ class Linear(nnx.Module):
         kernel = jax.random.normal(rngs.params(), self.in_shape + self.out_shape, param_dtype) * INIT_STDDEV
         self.kernel = logical_param(kernel, tuple(in_axes) + tuple(out_axes))
         self.bias = logical_param(jnp.zeros(self.out_shape, param_dtype), tuple(out_axes)) if use_bias else None
+        # Marked as data so that add_lora can later put a module here (nnx refuses to turn a static
+        # attribute into a data one); while None it adds nothing to the state.
+        self.lora = nnx.data(None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, adapter_ids: jax.Array | None = None) -> jax.Array:
         num_in = len(self.in_shape)
         contracting = (tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in)))
         y = jax.lax.dot_general(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype),
                                 (contracting, ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
+        if adapter_ids is not None and self.lora is not None:
+            y = y + self.lora(x, adapter_ids)
         return y
 
 

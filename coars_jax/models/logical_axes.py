@@ -17,7 +17,9 @@ KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
 MLP = "mlp"
 VOCAB = "vocab"
-AXIS_NAMES: tuple[str, ...] = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB)
+ADAPTER = "adapter"  # the leading axis that stacks the named LoRA adapters
+LORA_RANK = "lora_rank"  # the LoRA rank axis r
+AXIS_NAMES: tuple[str, ...] = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, ADAPTER, LORA_RANK)
 
 LogicalAxes = tuple[str | None, ...]
 
