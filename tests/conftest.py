@@ -10,16 +10,21 @@ from coars_jax.data import synthetic
 _SIBLING = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
 
-def real_data_root() -> pathlib.Path | None:
+def _configured_root() -> pathlib.Path:
   root = os.environ.get('COARS_DATA_DIR')
-  root = pathlib.Path(root) if root else _SIBLING
+  return pathlib.Path(root) if root else _SIBLING
+
+
+def real_data_root() -> pathlib.Path | None:
+  root = _configured_root()
   return root if root.is_dir() else None
 
 
 def require_files(*relpaths: str) -> pathlib.Path:
   """The data root holding every `relpath`, or a skip that names what is missing and where it looked."""
   root = real_data_root()
-  looked = root or f'$COARS_DATA_DIR (unset) and {_SIBLING}'
+  looked = (f'$COARS_DATA_DIR={os.environ["COARS_DATA_DIR"]}' if os.environ.get('COARS_DATA_DIR')
+            else f'{_SIBLING} ($COARS_DATA_DIR is unset)')
   if root is None:
     pytest.skip(f'real datasets absent: no data root at {looked}; set COARS_DATA_DIR to run this test')
   missing = [r for r in relpaths if not (root / r).is_file()]

@@ -1,0 +1,20 @@
+"""The two agents' side of the dialogue protocol: prompt building, the episode memory, output formats and parsing."""
+
+from coars_jax.agents.parsing import (INVALID_ACTION, INVALID_SCORE, MATCH_RULES, SCORE_RULES, ParseConfig,
+                                      ParseSummary, RecommenderParse, UserParse, match_candidate, normalize_title,
+                                      parse_recommender_output, parse_score, parse_user_output, summarize)
+from coars_jax.agents.prompts import (DATASET_ITEM_NOUNS, Memory, PromptConfig, TurnRecord,
+                                      format_recommender_output, format_user_output, recommender_messages,
+                                      render_memory, user_messages)
+from coars_jax.agents.protocol import (ACTION_INTERVALS, ACTIONS, POSITIVE_ACTIONS, action_for_score,
+                                       clip_to_action, format_score, in_interval, interval_midpoint,
+                                       is_single_line_title, single_line)
+
+__all__ = [
+    'ACTIONS', 'ACTION_INTERVALS', 'DATASET_ITEM_NOUNS', 'INVALID_ACTION', 'INVALID_SCORE', 'MATCH_RULES', 'Memory',
+    'POSITIVE_ACTIONS', 'ParseConfig', 'ParseSummary', 'PromptConfig', 'RecommenderParse', 'SCORE_RULES',
+    'TurnRecord', 'UserParse', 'action_for_score', 'clip_to_action', 'format_recommender_output', 'format_score',
+    'format_user_output', 'in_interval', 'interval_midpoint', 'is_single_line_title', 'match_candidate',
+    'normalize_title', 'parse_recommender_output', 'parse_score', 'parse_user_output', 'recommender_messages',
+    'render_memory', 'single_line', 'summarize', 'user_messages',
+]

@@ -1,0 +1,262 @@
+"""Prompts for the two agents and the exact output formats they are asked for (METHOD.md section 2).
+
+Builders are pure functions from titles and text to chat messages (a system message with the role and the
+output format, then a user message with the data); tokenizing them is `models.tokenizer.render_chat`'s job. The
+user agent's builder takes no target and no candidate list, so the target i* cannot reach its prompt except as
+an item the dialogue has shown. This module also owns the memory M_t of an episode and the formatters that write
+well-formed outputs, which `parsing` reads back to exactly what they were given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+from coars_jax.agents.protocol import (ACTION_INTERVALS, ACTION_LABEL, ACTIONS, ITEM_LABEL, REASON_LABEL,
+                                       SCORE_LABEL, check_action, check_score_for_action, format_score,
+                                       is_single_line_title, single_line)
+
+Message = dict[str, str]
+
+# The item noun each dataset's prompts use; anything else gets the generic 'item'.
+DATASET_ITEM_NOUNS = {'lastfm': ('artist', 'artists'), 'movielens': ('movie', 'movies'),
+                      'instruments': ('product', 'products')}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptConfig:
+  """Wording of both agents' prompts.
+
+  Attributes:
+    item_noun: what one item is called ('artist', 'movie', 'product'); the generic 'item' by default.
+    item_noun_plural: its plural.
+  """
+
+  item_noun: str = 'item'
+  item_noun_plural: str = 'items'
+
+  def __post_init__(self):
+    for name in ('item_noun', 'item_noun_plural'):
+      value = getattr(self, name)
+      if not (isinstance(value, str) and value and value == single_line(value)):
+        raise ValueError(f'PromptConfig.{name} must be a non-empty single-line word, found {value!r}')
+
+  @classmethod
+  def for_dataset(cls, name: str) -> 'PromptConfig':
+    """The wording for a dataset by name ('lastfm', 'movielens', 'instruments'), else the generic one."""
+    if name not in DATASET_ITEM_NOUNS:
+      return cls()
+    noun, plural = DATASET_ITEM_NOUNS[name]
+    return cls(item_noun=noun, item_noun_plural=plural)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TurnRecord:
+  """One finished turn t of an episode, as later prompts show it: (m_rec_t, m_user_t).
+
+  Attributes:
+    item_title: the title shown as the recommender's item i_t (the matched candidate's title, or the recommender's
+      own text when it named no candidate).
+    recommender_reason: the recommender's rationale r_t.
+    user_action: the user's action a_t, one of `ACTIONS`.
+    user_score: the user's acceptance score s_t in [0, 1], inside the action's interval.
+    user_reason: the user's rationale j_t.
+  """
+
+  item_title: str
+  recommender_reason: str
+  user_action: str
+  user_score: float
+  user_reason: str
+
+  def __post_init__(self):
+    check_action(self.user_action, 'TurnRecord.user_action')
+    # Stored as a Python float so that a record built from a numpy scalar renders and compares the same way.
+    object.__setattr__(self, 'user_score',
+                       check_score_for_action(self.user_action, self.user_score, 'TurnRecord.user_score'))
+    for name in ('item_title', 'recommender_reason', 'user_reason'):
+      if not isinstance(getattr(self, name), str):
+        raise TypeError(f'TurnRecord.{name} must be a str, found {type(getattr(self, name)).__name__}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """The episode memory M_{t-1}: every earlier turn, oldest first; empty at the start of each episode.
+
+  Append-only: `append` returns a new memory and leaves this one as it was, so a prompt built from a memory
+  never changes afterwards.
+  """
+
+  turns: tuple[TurnRecord, ...] = ()
+
+  def __post_init__(self):
+    for index, turn in enumerate(self.turns):
+      if not isinstance(turn, TurnRecord):
+        raise TypeError(f'Memory.turns[{index}] must be a TurnRecord, found {type(turn).__name__}')
+
+  def append(self, turn: TurnRecord) -> 'Memory':
+    return Memory(self.turns + (turn,))
+
+  def __len__(self) -> int:
+    return len(self.turns)
+
+  def __iter__(self) -> Iterator[TurnRecord]:
+    return iter(self.turns)
+
+
+def _title_line(title: str) -> str:
+  # Line breaks inside a title would break the list it sits in. Other whitespace is kept as is, so that what the
+  # model copies is the exact title (Instruments titles hold double spaces).
+  return ' '.join(str(title).splitlines())
+
+
+def _check_titles(titles: Sequence[str], field: str) -> None:
+  if isinstance(titles, str):
+    raise TypeError(f'{field} must be a sequence of titles, found a single string {titles!r}')
+  for index, title in enumerate(titles):
+    if not isinstance(title, str):
+      raise TypeError(f'{field}[{index}] must be a str, found {type(title).__name__}')
+
+
+def render_history(history_titles: Sequence[str]) -> str:
+  if not history_titles:
+    return '(none)'
+  return '\n'.join(f'- {_title_line(title)}' for title in history_titles)
+
+
+def render_candidates(candidate_titles: Sequence[str]) -> str:
+  return '\n'.join(f'{number}. {_title_line(title)}' for number, title in enumerate(candidate_titles, start=1))
+
+
+def render_memory(memory: Memory) -> str:
+  """Every earlier turn in full, oldest first, or a line saying there is none yet."""
+  if not memory.turns:
+    return '(none: this is the first turn)'
+  blocks = []
+  for number, turn in enumerate(memory.turns, start=1):
+    blocks.append('\n'.join([
+        f'Turn {number}:',
+        f'Recommended item: {_title_line(turn.item_title)}',
+        f"Recommender's reason: {single_line(turn.recommender_reason)}",
+        f"User's action: {turn.user_action}",
+        f"User's score: {format_score(turn.user_score)}",
+        f"User's reason: {single_line(turn.user_reason)}",
+    ]))
+  return '\n\n'.join(blocks)
+
+
+def _score_scale() -> str:
+  return ', '.join(f'{action} [{format_score(low)}, {format_score(high)}{"]" if action == "click" else ")"}'
+                   for action, (low, high) in ACTION_INTERVALS.items())
+
+
+def recommender_system_prompt(config: PromptConfig = PromptConfig()) -> str:
+  noun, plural = config.item_noun, config.item_noun_plural
+  return (
+      f'You are a recommender agent talking with a user. Each turn you recommend one {noun} and the user answers '
+      f'with an action (click, star, skip or dislike), an acceptance score between 0 and 1, and a reason. The '
+      f'dialogue ends when the user clicks. Use the earlier turns: how the user reacted to each earlier '
+      f'recommendation tells you what they want.\n'
+      f'Recommend exactly one item from the candidates. Answer with a Reason line and an Item line, exactly:\n'
+      f'{REASON_LABEL}: <one sentence on why this user will like the {noun}>\n'
+      f'{ITEM_LABEL}: <the exact title of one candidate, copied from the list without its number>\n'
+      f'Only the candidate {plural} count; any other title is a wasted turn.')
+
+
+def recommender_messages(*, history_titles: Sequence[str], candidate_titles: Sequence[str],
+                         memory: Memory = Memory(), hint_title: str | None = None,
+                         config: PromptConfig = PromptConfig()) -> list[Message]:
+  """The recommender's input x_rec_t = (h_u, C, M_{t-1}, optional hint) as chat messages.
+
+  Args:
+    history_titles: h_u, the user's last items, oldest first.
+    candidate_titles: C, shown as a numbered list in this order.
+    memory: M_{t-1}, the earlier turns of this episode.
+    hint_title: SASRec's top-scored candidate, shown as a hint; None leaves the hint out. It must be a candidate.
+    config: the wording.
+  """
+  _check_titles(history_titles, 'history_titles')
+  _check_titles(candidate_titles, 'candidate_titles')
+  if not candidate_titles:
+    raise ValueError('candidate_titles must hold at least one title')
+  if hint_title is not None and hint_title not in candidate_titles:
+    raise ValueError(f'hint_title {hint_title!r} is not one of the candidate titles; the hint names SASRec\'s top '
+                     f'candidate, so it must be in C')
+  plural = config.item_noun_plural
+  sections = [
+      f"The user's history, oldest first:\n{render_history(history_titles)}",
+      f'Candidate {plural}:\n{render_candidates(candidate_titles)}',
+      f'Earlier turns of this dialogue:\n{render_memory(memory)}',
+  ]
+  if hint_title is not None:
+    sections.append(f'Hint: a sequential recommender trained on past interactions ranks "{_title_line(hint_title)}" '
+                    f'first among the candidates.')
+  return [{'role': 'system', 'content': recommender_system_prompt(config)},
+          {'role': 'user', 'content': '\n\n'.join(sections)}]
+
+
+def user_system_prompt(config: PromptConfig = PromptConfig()) -> str:
+  noun = config.item_noun
+  return (
+      f'You are a user with the history below. A recommender suggests one {noun} per turn and says why. Decide how '
+      f'you react to the recommended {noun}, as this user would.\n'
+      f'Answer with a Reason line, an Action line (click, star, skip or dislike) and a Score line between 0 and 1, '
+      f'exactly:\n'
+      f'{REASON_LABEL}: <one sentence, in your own voice, on why you react this way>\n'
+      f'{ACTION_LABEL}: <{"|".join(reversed(ACTIONS))}>\n'
+      f'{SCORE_LABEL}: <your acceptance score, a number from 0 to 1>\n'
+      f'The score must fit the action: {_score_scale()}. click means you accept the {noun} and end the dialogue; '
+      f'star means you like it but want to see more; skip means it does not interest you; dislike means you do '
+      f'not want it.')
+
+
+def user_messages(*, history_titles: Sequence[str], recommended_title: str, recommender_reason: str,
+                  memory: Memory = Memory(), peer_opinion: str | None = None,
+                  config: PromptConfig = PromptConfig()) -> list[Message]:
+  """The user agent's input x_user_t = (h_u, m_rec_t, M_{t-1}, p_t) as chat messages.
+
+  There is deliberately no parameter for the target i* or the candidate list: the user agent never sees them.
+
+  Args:
+    history_titles: h_u, the user's last items, oldest first.
+    recommended_title: the item i_t of the recommender's message m_rec_t.
+    recommender_reason: the rationale r_t of m_rec_t.
+    memory: M_{t-1}, the earlier turns of this episode.
+    peer_opinion: the sentence p_t (`recsys.peer.peer_opinion`); None leaves it out.
+    config: the wording.
+  """
+  _check_titles(history_titles, 'history_titles')
+  if not isinstance(recommended_title, str):
+    raise TypeError(f'recommended_title must be a str, found {type(recommended_title).__name__}')
+  sections = [
+      f'Your history, oldest first:\n{render_history(history_titles)}',
+      f'Earlier turns of this dialogue:\n{render_memory(memory)}',
+      f'The recommender now says:\nRecommended item: {_title_line(recommended_title)}\n'
+      f"Recommender's reason: {single_line(recommender_reason)}",
+  ]
+  if peer_opinion is not None:
+    sections.append(f'Peer opinion: {single_line(peer_opinion)}')
+  return [{'role': 'system', 'content': user_system_prompt(config)},
+          {'role': 'user', 'content': '\n\n'.join(sections)}]
+
+
+def format_recommender_output(reason: str, title: str) -> str:
+  """A well-formed recommender message m_rec_t: 'Reason: <reason>' then 'Item: <title>'.
+
+  The reason is put in its canonical single-line form (`protocol.single_line`), which is what parsing returns.
+  The title is written unchanged, so it must already fit on one line (`protocol.is_single_line_title`).
+  """
+  if not (isinstance(title, str) and is_single_line_title(title)):
+    raise ValueError(f'title must be non-empty, without line breaks and without whitespace at its ends, '
+                     f'found {title!r}')
+  return f'{REASON_LABEL}: {single_line(reason)}\n{ITEM_LABEL}: {title}'
+
+
+def format_user_output(reason: str, action: str, score: float) -> str:
+  """A well-formed user message m_user_t: 'Reason: <reason>', 'Action: <action>', 'Score: <score>'.
+
+  The score must lie in the action's interval: an output whose action and score disagree is not well-formed (the
+  parser would clip the score), so writing one is refused rather than silently changed.
+  """
+  score = check_score_for_action(action, score)
+  return f'{REASON_LABEL}: {single_line(reason)}\n{ACTION_LABEL}: {action}\n{SCORE_LABEL}: {format_score(score)}'
