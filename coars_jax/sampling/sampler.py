@@ -1,0 +1,209 @@
+"""Batched autoregressive generation with a KV cache: a jitted prefill of the left-padded, length-bucketed
+prompts, then one jitted decode program that donates the cache and runs a `lax.while_loop` of one-token
+steps until every row has emitted an end-of-sequence token or max_new_tokens are out, returning the new
+tokens, their mask and lengths, and float32 log-probs of the sampled tokens under the sampling distribution."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from coars_jax.models.decoder import Decoder
+from coars_jax.models.kv_cache import KVCache, init_cache
+from coars_jax.sampling import buckets as buckets_lib
+from coars_jax.sampling.buckets import LengthBuckets
+from coars_jax.sampling.compilation import record_trace
+from coars_jax.sampling.distributions import SamplingParams, sample
+from coars_jax.sampling.model_inputs import (StaticKwargs, inference_view, model_kwargs, positions_from_mask,
+                                             split_model_kwargs)
+
+# Position of the cache among `_decode`'s arguments: donated, so each generation reuses the prefill's
+# buffers in place instead of holding a second cache-sized copy.
+_DECODE_CACHE_ARGNUM = 2
+
+
+@struct.dataclass
+class GenerationOutput:
+    """What `generate` returns, every array padded to the buckets it ran in.
+
+    tokens: [B, N] int32 new tokens, N = the completion bucket; a row's end-of-sequence token is included
+      (it is the action that ends the turn), and slots after a row finished hold pad_token_id.
+    log_probs: [B, N] float32 log pi(token) under the distribution sampled from (see `SamplingParams`);
+      0 where mask is False.
+    mask: [B, N] bool, True for the tokens this row generated.
+    lengths: [B] int32, mask.sum(-1).
+    finished: [B] bool, whether the row stopped on an end-of-sequence token (False: it ran out of tokens).
+    num_steps: int32 scalar, token positions actually sampled (<= max_new_tokens; smaller when every row
+      finished early); the decoder ran num_steps - 1 one-token decode steps after the prefill.
+    prompt_tokens, prompt_mask: [B, P] int32, the left-padded prompts as run (P = the prompt bucket), ready
+      to be scoring contexts.
+    """
+
+    tokens: jax.Array
+    log_probs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    finished: jax.Array
+    num_steps: jax.Array
+    prompt_tokens: np.ndarray
+    prompt_mask: np.ndarray
+
+
+def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *,
+             prompt_mask: np.ndarray | jax.Array | None = None, max_new_tokens: int,
+             params: SamplingParams = SamplingParams(), buckets: LengthBuckets = LengthBuckets(),
+             eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
+             seed: int | jax.Array = 0, cache_dtype: str | None = None, **model_call_kwargs: Any
+             ) -> GenerationOutput:
+    """Samples up to `max_new_tokens` tokens after each prompt.
+
+    prompts: ragged token lists, or a left-padded [B, L] array with `prompt_mask` [B, L] (1 = real token,
+      default all real). Prompts are left-padded up to the smallest prompt bucket that holds them.
+    max_new_tokens: stop after this many tokens; the decode buffer is the smallest completion bucket that
+      holds it, and the count itself is a traced value, so changing it within a bucket compiles nothing.
+    eos_token_ids: a row finishes once it samples one of these (default model.config.eos_token_ids; () runs
+      every row to max_new_tokens).
+    pad_token_id: fills padding slots (default model.config.pad_token_id, else 0).
+    seed: an int or a jax PRNG key; the same seed and inputs give the same tokens.
+    cache_dtype: KV cache dtype (default the model's compute dtype).
+    model_call_kwargs: passed to every decoder call, e.g. an adapter selector; arrays are traced, other
+      values are static (each distinct value compiles its own programs).
+    """
+    config = model.config
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"generate: max_new_tokens must be a positive int, found {max_new_tokens!r}")
+    eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    pad = _pad_token(config, pad_token_id)
+    tokens, mask = prepare_prompts(prompts, prompt_mask, buckets, pad)
+    completion_length = buckets.completion_length(max_new_tokens)
+    longest = int(mask.sum(axis=1).max()) + max_new_tokens
+    if longest > config.max_position_embeddings:
+        raise ValueError(f"generate: prompt + max_new_tokens reaches position {longest}, beyond the model's "
+                         f"max_position_embeddings {config.max_position_embeddings}")
+    key = jax.random.key(int(seed)) if isinstance(seed, (int, np.integer)) else seed
+
+    static_kwargs, array_kwargs = split_model_kwargs(model_call_kwargs, "generate")
+    graphdef, state = nnx.split(inference_view(model))
+    cache_length = tokens.shape[1] + completion_length
+    logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), array_kwargs,
+                             static_kwargs=static_kwargs, cache_length=cache_length,
+                             cache_dtype=cache_dtype or config.compute_dtype)
+    outputs, _ = _decode(graphdef, state, cache, logits, jnp.asarray(mask.sum(axis=1), jnp.int32),
+                         jnp.asarray(max_new_tokens, jnp.int32), key, jnp.asarray(eos, jnp.int32),
+                         jnp.asarray(pad, jnp.int32), array_kwargs, static_kwargs=static_kwargs, params=params,
+                         completion_length=completion_length)
+    return GenerationOutput(**outputs, prompt_tokens=tokens, prompt_mask=mask)
+
+
+def prepare_prompts(prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
+                    prompt_mask: np.ndarray | jax.Array | None, buckets: LengthBuckets, pad_token_id: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as (tokens, mask) [B, P] int32, left-padded to the prompt bucket P; checks the padding side."""
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        tokens = np.asarray(prompts, np.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"generate: a prompt array must be [batch, length], found shape {tokens.shape}")
+        mask = np.ones_like(tokens) if prompt_mask is None else np.asarray(prompt_mask, np.int32)
+        if mask.shape != tokens.shape:
+            raise ValueError(f"generate: prompt_mask shape {mask.shape} differs from prompts {tokens.shape}")
+        buckets_lib.check_left_padded(mask, "generate: prompt_mask")
+        # Content of padding slots is irrelevant to the model; normalise it so equal prompts are equal arrays,
+        # and drop all-padding columns so the bucket is chosen by the longest real prompt.
+        longest = int(mask.sum(axis=1).max())
+        tokens = np.where(mask != 0, tokens, pad_token_id).astype(np.int32)[:, tokens.shape[1] - longest:]
+        mask = mask[:, mask.shape[1] - longest:]
+        return buckets_lib.repad_left(tokens, mask, buckets.prompt_length(longest), pad_token_id)
+    if prompt_mask is not None:
+        raise ValueError("generate: prompt_mask goes with a padded prompt array, not with ragged token lists")
+    if not len(prompts):
+        raise ValueError("generate: no prompts given")
+    lengths = [len(prompt) for prompt in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"generate: prompt {lengths.index(0)} is empty; every prompt needs at least one token")
+    return buckets_lib.left_pad(prompts, buckets.prompt_length(max(lengths)), pad_token_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static_kwargs", "cache_length", "cache_dtype"))
+def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array,
+             array_kwargs: dict[str, Any], *, static_kwargs: StaticKwargs, cache_length: int, cache_dtype: str
+             ) -> tuple[jax.Array, KVCache]:
+    """Runs the prompts [B, P] through a fresh cache: (float32 logits [B, V] after the last prompt token, cache)."""
+    record_trace("sampler.prefill")
+    model = nnx.merge(graphdef, state)
+    cache = init_cache(model.config, tokens.shape[0], cache_length, cache_dtype)
+    hidden, cache = model.hidden_states(tokens, positions_from_mask(mask), mask, cache,
+                                        **model_kwargs(static_kwargs, array_kwargs))
+    # Left padding puts every row's last prompt token in the last slot, so only that slot is projected onto
+    # the vocabulary: the other P - 1 projections would be discarded.
+    return model.logits(hidden[:, -1]).astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static_kwargs", "params", "completion_length"),
+                   donate_argnums=(_DECODE_CACHE_ARGNUM,))
+def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, logits: jax.Array, prompt_lengths: jax.Array,
+            max_new_tokens: jax.Array, key: jax.Array, eos_token_ids: jax.Array, pad_token_id: jax.Array,
+            array_kwargs: dict[str, Any], *, static_kwargs: StaticKwargs, params: SamplingParams,
+            completion_length: int) -> tuple[dict[str, jax.Array], KVCache]:
+    """Samples token 0 from the prefill logits, then decodes one token per loop iteration while any row is
+    unfinished and fewer than max_new_tokens were sampled.
+
+    A `while_loop` rather than a Python loop of jitted steps: the stop test runs on the device, so there is
+    no host round trip per token, and the whole decode is one program per (batch, bucket) shape.
+    """
+    record_trace("sampler.decode")
+    model = nnx.merge(graphdef, state)
+    call_kwargs = model_kwargs(static_kwargs, array_kwargs)
+    batch = logits.shape[0]
+
+    def is_eos(tokens):
+        return (tokens[:, None] == eos_token_ids[None, :]).any(axis=-1)
+
+    def record(step, tokens, log_probs, done, lengths, new_tokens, new_log_probs):
+        active = ~done  # rows that finished earlier keep padding from here on
+        new_tokens = jnp.where(active, new_tokens, pad_token_id)
+        new_log_probs = jnp.where(active, new_log_probs, 0.0)
+        tokens = jax.lax.dynamic_update_slice(tokens, new_tokens[:, None], (0, step))
+        log_probs = jax.lax.dynamic_update_slice(log_probs, new_log_probs[:, None], (0, step))
+        return tokens, log_probs, done | (active & is_eos(new_tokens)), lengths + active.astype(jnp.int32)
+
+    first_tokens, first_log_probs = sample(jax.random.fold_in(key, 0), logits, params)
+    tokens, log_probs, done, lengths = record(
+        0, jnp.full((batch, completion_length), pad_token_id, jnp.int32),
+        jnp.zeros((batch, completion_length), jnp.float32), jnp.zeros((batch,), bool),
+        jnp.zeros((batch,), jnp.int32), first_tokens, first_log_probs)
+
+    def keep_going(carry):
+        step, _, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def decode_step(carry):
+        step, cache, tokens, log_probs, done, lengths = carry
+        previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
+        # Token j of the completion sits at RoPE position prompt_length + j in every row.
+        positions = (prompt_lengths + step - 1)[:, None]
+        hidden, cache = model.hidden_states(previous, positions, jnp.ones_like(previous), cache, **call_kwargs)
+        new_tokens, new_log_probs = sample(jax.random.fold_in(key, step), model.logits(hidden[:, 0]), params)
+        tokens, log_probs, done, lengths = record(step, tokens, log_probs, done, lengths, new_tokens,
+                                                  new_log_probs)
+        return step + 1, cache, tokens, log_probs, done, lengths
+
+    num_steps, cache, tokens, log_probs, done, lengths = jax.lax.while_loop(
+        keep_going, decode_step, (jnp.asarray(1, jnp.int32), cache, tokens, log_probs, done, lengths))
+    mask = jnp.arange(completion_length)[None, :] < lengths[:, None]
+    # The final cache is returned so the donated input buffers alias it and the loop updates them in place.
+    return dict(tokens=tokens, log_probs=log_probs, mask=mask, lengths=lengths, finished=done,
+                num_steps=num_steps), cache
+
+
+def _pad_token(config, pad_token_id: int | None) -> int:
+    if pad_token_id is not None:
+        if not 0 <= pad_token_id < config.vocab_size:
+            raise ValueError(f"generate: pad_token_id {pad_token_id} is outside [0, {config.vocab_size})")
+        return pad_token_id
+    return config.pad_token_id if config.pad_token_id is not None else 0

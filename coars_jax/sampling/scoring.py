@@ -1,0 +1,117 @@
+"""Scoring given completions: float32 per-token log-probs log pi(y_j | context, y_<j) of a right-padded batch
+of completions after a left-padded batch of contexts, from one full forward pass with the vocabulary
+projection applied only at completion positions, in sequence chunks. CoARS runs it twice on the same
+weights: the student pass (context = the prompt x) and the teacher pass (context = x plus hindsight d)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from coars_jax.models.decoder import Decoder
+from coars_jax.sampling import buckets as buckets_lib
+from coars_jax.sampling.buckets import LengthBuckets
+from coars_jax.sampling.compilation import record_trace
+from coars_jax.sampling.distributions import SamplingParams, log_probs
+from coars_jax.sampling.model_inputs import (StaticKwargs, inference_view, model_kwargs, positions_from_mask,
+                                             split_model_kwargs)
+
+# The default distribution: the model's own, pi = softmax(logits).
+MODEL_DISTRIBUTION = SamplingParams()
+
+
+def completion_log_probs(model: Decoder, context_tokens: jax.Array, context_mask: jax.Array,
+                         completion_tokens: jax.Array, completion_mask: jax.Array, *,
+                         params: SamplingParams = MODEL_DISTRIBUTION, chunk_size: int | None = None,
+                         **model_call_kwargs: Any) -> jax.Array:
+    """Pure and differentiable, for use inside a jitted loss: log-probs [B, C] float32 of completion_tokens.
+
+    context_tokens, context_mask: [B, X], left-padded, each row with at least one real token.
+    completion_tokens, completion_mask: [B, C], right-padded; log-probs are 0 where completion_mask is 0.
+    params: the distribution to score under (default the model's own; pass the sampler's params to recompute
+      its behaviour log-probs; greedy params score under the model's own distribution, as the sampler reports).
+    chunk_size: project at most this many completion positions onto the vocabulary at once (None: all), to
+      bound the [B, chunk, V] float32 logits held in memory.
+    """
+    tokens = jnp.concatenate([context_tokens, completion_tokens], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([context_mask, completion_mask], axis=1).astype(jnp.int32)
+    hidden, _ = model.hidden_states(tokens, positions_from_mask(mask), mask, None, **model_call_kwargs)
+    # The hidden state at slot t predicts the token at slot t + 1, so completion token j is predicted from
+    # slot X - 1 + j: the last context token for j = 0, then the completion itself.
+    context_length, completion_length = context_tokens.shape[1], completion_tokens.shape[1]
+    predicting = hidden[:, context_length - 1:context_length - 1 + completion_length]
+    scores = _target_log_probs(model, predicting, completion_tokens.astype(jnp.int32), params, chunk_size)
+    return jnp.where(completion_mask != 0, scores, 0.0)
+
+
+def score(model: Decoder, context_tokens: np.ndarray | jax.Array, context_mask: np.ndarray | jax.Array,
+          completion_tokens: np.ndarray | jax.Array, completion_mask: np.ndarray | jax.Array, *,
+          params: SamplingParams = MODEL_DISTRIBUTION, buckets: LengthBuckets | None = None,
+          chunk_size: int | None = 256, pad_token_id: int = 0, **model_call_kwargs: Any) -> jax.Array:
+    """Jitted `completion_log_probs` (no gradient) on host or device arrays, after checking the padding.
+
+    buckets: if given, contexts are left-padded to a prompt bucket and completions right-padded to a
+      completion bucket before the call, bounding the programs compiled; the result then has the bucket's
+      width, with 0 past the input's columns (slicing it back would compile a new program per width).
+    model_call_kwargs: passed to the decoder call, e.g. an adapter selector (arrays traced, the rest static).
+    Returns [B, C'] float32, C' = C or its bucket.
+    """
+    context_tokens, context_mask = np.asarray(context_tokens, np.int32), np.asarray(context_mask, np.int32)
+    completion_tokens = np.asarray(completion_tokens, np.int32)
+    completion_mask = np.asarray(completion_mask, np.int32)
+    for name, array, like in (("context_mask", context_mask, context_tokens),
+                              ("completion_tokens", completion_tokens, context_tokens),
+                              ("completion_mask", completion_mask, completion_tokens)):
+        if array.ndim != 2 or array.shape[0] != like.shape[0] or (name.endswith("mask") and array.shape != like.shape):
+            raise ValueError(f"score: {name} has shape {array.shape}, incompatible with {like.shape}")
+    buckets_lib.check_left_padded(context_mask, "score: context_mask")
+    buckets_lib.check_right_padded(completion_mask, "score: completion_mask")
+    if buckets is not None:
+        context_tokens, context_mask = buckets_lib.repad_left(
+            context_tokens, context_mask, buckets.prompt_length(context_tokens.shape[1]), pad_token_id)
+        completion_tokens, completion_mask = buckets_lib.repad_right(
+            completion_tokens, completion_mask, buckets.completion_length(completion_tokens.shape[1]), pad_token_id)
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"score: chunk_size must be positive or None, found {chunk_size}")
+    static_kwargs, array_kwargs = split_model_kwargs(model_call_kwargs, "score")
+    graphdef, state = nnx.split(inference_view(model))
+    return _score(graphdef, state, jnp.asarray(context_tokens), jnp.asarray(context_mask),
+                  jnp.asarray(completion_tokens), jnp.asarray(completion_mask), array_kwargs,
+                  static_kwargs=static_kwargs, params=params, chunk_size=chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static_kwargs", "params", "chunk_size"))
+def _score(graphdef: nnx.GraphDef, state: nnx.State, context_tokens: jax.Array, context_mask: jax.Array,
+           completion_tokens: jax.Array, completion_mask: jax.Array, array_kwargs: dict[str, Any], *,
+           static_kwargs: StaticKwargs, params: SamplingParams, chunk_size: int | None) -> jax.Array:
+    record_trace("scoring.score")
+    model = nnx.merge(graphdef, state)
+    return completion_log_probs(model, context_tokens, context_mask, completion_tokens, completion_mask,
+                                params=params, chunk_size=chunk_size, **model_kwargs(static_kwargs, array_kwargs))
+
+
+def _target_log_probs(model: Decoder, hidden: jax.Array, targets: jax.Array, params: SamplingParams,
+                      chunk_size: int | None) -> jax.Array:
+    """log pi(targets) [B, C] from hidden states [B, C, E], chunk_size positions at a time."""
+
+    def chunk_log_probs(hidden_chunk, target_chunk):
+        scores = log_probs(model.logits(hidden_chunk), params)
+        return jnp.take_along_axis(scores, target_chunk[..., None], axis=-1)[..., 0]
+
+    batch, length, embed = hidden.shape
+    if chunk_size is None or length <= chunk_size:
+        return chunk_log_probs(hidden, targets)
+    num_chunks = -(-length // chunk_size)
+    padded = num_chunks * chunk_size
+    hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, padded - length)))
+    hidden_chunks = hidden.reshape(batch, num_chunks, chunk_size, embed).swapaxes(0, 1)
+    target_chunks = targets.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
+    # Rematerialised under differentiation, so the backward pass also holds one chunk of logits at a time.
+    scores = jax.lax.map(lambda chunk: jax.checkpoint(chunk_log_probs)(*chunk), (hidden_chunks, target_chunks))
+    return scores.swapaxes(0, 1).reshape(batch, padded)[:, :length]
