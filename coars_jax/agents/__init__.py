@@ -18,3 +18,15 @@ __all__ = [
     'normalize_title', 'parse_recommender_output', 'parse_score', 'parse_user_output', 'recommender_messages',
     'render_memory', 'single_line', 'summarize', 'user_messages',
 ]
+
+# The episode loop and its padded trajectories (these pull in the sampler, the decoder and SASRec).
+from coars_jax.agents.episodes import (AGENTS, NO_ITEM, NO_ITEM_SHOWN, AgentBackend, BackendCall, Episode, Generation,
+                                       LLMBackend, LLMBackendConfig, Peer, RolloutConfig, SASRecPeer, ScriptedBackend,
+                                       Turn, episode_metrics, run_episodes, turn_seed)
+from coars_jax.agents.trajectory import Trajectory, episode_record, read_jsonl, to_jsonl
+
+__all__ += [
+    'AGENTS', 'AgentBackend', 'BackendCall', 'Episode', 'Generation', 'LLMBackend', 'LLMBackendConfig', 'NO_ITEM',
+    'NO_ITEM_SHOWN', 'Peer', 'RolloutConfig', 'SASRecPeer', 'ScriptedBackend', 'Trajectory', 'Turn',
+    'episode_metrics', 'episode_record', 'read_jsonl', 'run_episodes', 'to_jsonl', 'turn_seed',
+]

@@ -1,0 +1,637 @@
+"""The multi-turn episode loop of METHOD.md section 2: a batch of user windows plays recommender-user dialogues
+turn by turn together, each turn serving all still-live episodes with one batched generation per agent, until the
+user clicks or T_u turns have passed. This module owns the backend interface the loop talks to (`AgentBackend`:
+the real LLM through `coars_jax.sampling.generate`, or a script for tests and SFT warm starts), the peer signals
+from SASRec (top candidate for the hint and the opinion p_t, similarity q_t), and the per-turn outcome of each
+episode (hit_t, s_t, q_t, a_t, validity) as host-side records that `trajectory` turns into padded arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from coars_jax.agents.parsing import (ParseConfig, RecommenderParse, UserParse, parse_recommender_output,
+                                      parse_user_output)
+from coars_jax.agents.prompts import Memory, Message, PromptConfig, TurnRecord, recommender_messages, user_messages
+from coars_jax.agents.protocol import ACTIONS
+from coars_jax.data.candidates import NUM_CANDIDATES, candidate_list
+from coars_jax.data.schema import Dataset
+from coars_jax.models.lora import ADAPTERS_OFF
+from coars_jax.models.tokenizer import END_OF_TURN_TOKENS, render_chat, special_token_ids
+from coars_jax.recsys.peer import peer_opinion, peer_similarity, top_candidate
+from coars_jax.recsys.sasrec import SASRec
+from coars_jax.sampling import LengthBuckets, SamplingParams, generate
+
+RECOMMENDER, USER = 'recommender', 'user'
+# Index of each agent in per-segment arrays (`Trajectory.agent`) and in adapter tables.
+AGENTS = (RECOMMENDER, USER)
+# The item a user prompt shows when the recommender's message had no `Item:` line at all.
+NO_ITEM_SHOWN = '(no item named)'
+# Item id stored for a turn whose recommender message named no candidate.
+NO_ITEM = -1
+
+
+def _check_agent(agent: str) -> int:
+  if agent not in AGENTS:
+    raise ValueError(f'agent must be one of {AGENTS}, found {agent!r}')
+  return AGENTS.index(agent)
+
+
+# --- backends ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Generation:
+  """One agent message as a backend produced it.
+
+  Attributes:
+    prompt_text: the rendered chat prompt x (`models.tokenizer.render_chat`).
+    prompt_ids: int32[P], the prompt's token ids, unpadded.
+    completion_ids: int32[N], the generated token ids y, unpadded; the end-of-turn token that stopped the message
+      is included (it is the action that ends the turn, so it is trained like any other token).
+    log_probs: float32[N], the behaviour log-probs log pi_old(y_n | x, y_<n) under the distribution sampled from.
+    text: the decoded message m_t, special tokens removed; this is what the parser reads.
+    finished: whether the message ended on an end-of-turn token (False: cut at the token budget).
+  """
+
+  prompt_text: str
+  prompt_ids: np.ndarray
+  completion_ids: np.ndarray
+  log_probs: np.ndarray
+  text: str
+  finished: bool
+
+  def __post_init__(self):
+    for name, dtype in (('prompt_ids', np.int32), ('completion_ids', np.int32), ('log_probs', np.float32)):
+      array = np.asarray(getattr(self, name), dtype)
+      if array.ndim != 1:
+        raise ValueError(f'Generation.{name} must be one-dimensional, found shape {array.shape}')
+      object.__setattr__(self, name, array)
+    if self.completion_ids.shape != self.log_probs.shape:
+      raise ValueError(f'Generation.log_probs has shape {self.log_probs.shape} but completion_ids has '
+                       f'{self.completion_ids.shape}; there must be one log-prob per generated token')
+    if not self.prompt_ids.size:
+      raise ValueError('Generation.prompt_ids is empty; every prompt has at least one token')
+
+
+class AgentBackend(Protocol):
+  """What the episode loop needs from a language model: one batched call per agent per turn."""
+
+  def generate(self, agent: str, prompts: Sequence[Sequence[Message]], *, seed: int,
+               episode_ids: Sequence[int], turn: int) -> list[Generation]:
+    """One message per prompt, in order.
+
+    Args:
+      agent: 'recommender' or 'user'.
+      prompts: the chat messages of each live episode's prompt.
+      seed: the sampling seed of this call; the same seed and prompts give the same messages.
+      episode_ids: the episode (row of the batch) each prompt belongs to; a model ignores it, a script uses it.
+      turn: t, from 1.
+    """
+    ...
+
+
+def encode_prompt(tokenizer, messages: Sequence[Message]) -> tuple[str, list[int]]:
+  """(rendered prompt text, token ids): the chat template (or plain fallback), tokenized without adding special
+  tokens, since the template writes its own (a second BOS would make prompts differ from training data)."""
+  text = render_chat(tokenizer, messages)
+  return text, list(tokenizer(text, add_special_tokens=False)['input_ids'])
+
+
+def end_of_turn_id(tokenizer) -> int:
+  """The token a chat model ends its message with: the first end-of-turn token the tokenizer has (its chat
+  template's turn terminator: <|end|>, <|im_end|>, <|eot_id|>, ...), else its eos token."""
+  added = tokenizer.get_added_vocab()
+  for token in END_OF_TURN_TOKENS:
+    if token in added:
+      return int(added[token])
+  if tokenizer.eos_token_id is None:
+    raise ValueError(f'tokenizer {tokenizer.name_or_path!r} has neither an eos token nor any end-of-turn token '
+                     f'{list(END_OF_TURN_TOKENS)}; messages could not be terminated')
+  return int(tokenizer.eos_token_id)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BackendCall:
+  """One call the loop made to a backend, as `ScriptedBackend` and `LLMBackend` log it."""
+
+  agent: str
+  turn: int
+  seed: int
+  episode_ids: tuple[int, ...]
+
+  @property
+  def batch_size(self) -> int:
+    return len(self.episode_ids)
+
+
+class ScriptedBackend:
+  """A backend that answers with given texts, tokenized like a model's output, with behaviour log-probs 0.
+
+  For tests, and for building SFT warm-start trajectories from written answers: `respond(agent, episode_id, turn,
+  messages)` returns the message text; its token ids are the tokenizer's encoding of that text plus the chat
+  template's end-of-turn token, as a model that wrote the text and stopped would have produced. Every call is
+  logged in `calls`.
+  """
+
+  def __init__(self, tokenizer, respond: Callable[[str, int, int, Sequence[Message]], str]):
+    self.tokenizer = tokenizer
+    self.respond = respond
+    self.end_id = end_of_turn_id(tokenizer)
+    self.calls: list[BackendCall] = []
+
+  def generate(self, agent: str, prompts: Sequence[Sequence[Message]], *, seed: int,
+               episode_ids: Sequence[int], turn: int) -> list[Generation]:
+    _check_agent(agent)
+    self.calls.append(BackendCall(agent=agent, turn=turn, seed=seed, episode_ids=tuple(int(e) for e in episode_ids)))
+    generations = []
+    for episode_id, messages in zip(episode_ids, prompts, strict=True):
+      prompt_text, prompt_ids = encode_prompt(self.tokenizer, messages)
+      text = self.respond(agent, int(episode_id), turn, messages)
+      if not isinstance(text, str):
+        raise TypeError(f'ScriptedBackend: respond({agent!r}, episode {episode_id}, turn {turn}) returned '
+                        f'{type(text).__name__}; it must return the message text')
+      ids = list(self.tokenizer(text, add_special_tokens=False)['input_ids']) + [self.end_id]
+      generations.append(Generation(prompt_text=prompt_text, prompt_ids=np.asarray(prompt_ids, np.int32),
+                                    completion_ids=np.asarray(ids, np.int32),
+                                    log_probs=np.zeros(len(ids), np.float32), text=text, finished=True))
+    return generations
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LLMBackendConfig:
+  """How `LLMBackend` samples the agents' messages.
+
+  Attributes:
+    recommender_max_new_tokens: the token budget of a recommender message m_rec_t.
+    user_max_new_tokens: the token budget of a user message m_user_t.
+    sampling: temperature / top-k / top-p (`sampling.SamplingParams`); the behaviour log-probs are under it.
+    buckets: prompt and completion length buckets (`sampling.LengthBuckets`); they bound the compiled programs.
+    batch_buckets: batch sizes a call is padded up to (with copies of its first prompt, whose outputs are
+      dropped), so that the shrinking set of live episodes reuses compiled programs; None pads to the next power
+      of two, () runs every call at its exact size.
+  """
+
+  recommender_max_new_tokens: int = 128
+  user_max_new_tokens: int = 128
+  sampling: SamplingParams = SamplingParams()
+  buckets: LengthBuckets = LengthBuckets()
+  batch_buckets: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    for name in ('recommender_max_new_tokens', 'user_max_new_tokens'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f'LLMBackendConfig.{name} must be a positive int, found {value!r}')
+    if not isinstance(self.sampling, SamplingParams):
+      raise TypeError(f'LLMBackendConfig.sampling must be a SamplingParams, found {type(self.sampling).__name__}')
+    if not isinstance(self.buckets, LengthBuckets):
+      raise TypeError(f'LLMBackendConfig.buckets must be a LengthBuckets, found {type(self.buckets).__name__}')
+    if self.batch_buckets is not None:
+      sizes = tuple(self.batch_buckets)
+      if any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes) or list(sizes) != sorted(
+          set(sizes)):
+        raise ValueError(f'LLMBackendConfig.batch_buckets must be None or strictly increasing positive ints, found '
+                         f'{self.batch_buckets!r}')
+      object.__setattr__(self, 'batch_buckets', sizes)
+
+  def max_new_tokens(self, agent: str) -> int:
+    return self.recommender_max_new_tokens if _check_agent(agent) == 0 else self.user_max_new_tokens
+
+  def padded_batch(self, size: int) -> int:
+    """The batch size a call of `size` prompts runs at."""
+    if self.batch_buckets is None:
+      return 1 << (size - 1).bit_length()
+    for bucket in self.batch_buckets:
+      if bucket >= size:
+        return bucket
+    # Beyond the largest bucket, run at the exact size rather than refuse: a bigger batch is a caller's choice.
+    return size
+
+
+class LLMBackend:
+  """The agents' shared decoder: renders each prompt with the tokenizer's chat template, and makes ONE
+  `sampling.generate` call per agent per turn for all live episodes, selecting the agent's LoRA adapter per row.
+
+  Args:
+    model: a `models.Decoder`, with LoRA adapters attached if `adapters` names any.
+    tokenizer: its HF tokenizer.
+    adapters: the adapter each agent runs with, by name ('recommender') or index into `model.adapter_names`;
+      None (for the whole mapping or for one agent) runs the base model, as zero-shot agents do. Adapters are
+      passed as a per-row int32 array, so both agents share one set of compiled programs.
+    config: token budgets, sampling and buckets.
+  """
+
+  def __init__(self, model, tokenizer, *, adapters: Mapping[str, str | int | None] | None = None,
+               config: LLMBackendConfig = LLMBackendConfig()):
+    self.model, self.tokenizer, self.config = model, tokenizer, config
+    self.special = special_token_ids(tokenizer)
+    if len(tokenizer) > model.config.vocab_size:
+      raise ValueError(f'LLMBackend: the tokenizer has {len(tokenizer)} tokens but the model\'s vocab_size is '
+                       f'{model.config.vocab_size}; ids past the embedding table cannot be run')
+    adapters = dict(adapters or {})
+    unknown = set(adapters) - set(AGENTS)
+    if unknown:
+      raise ValueError(f'LLMBackend: adapters has keys {sorted(unknown)}; expected agents from {AGENTS}')
+    self.adapter_ids: dict[str, int | None] = {}
+    for agent in AGENTS:
+      choice = adapters.get(agent)
+      if choice is None:
+        # A model with adapters still takes an index array (all "off") so that base and adapted calls share
+        # compiled programs; a model without adapters takes no adapter argument at all.
+        self.adapter_ids[agent] = ADAPTERS_OFF if model.adapter_names else None
+      elif not model.adapter_names:
+        raise ValueError(f'LLMBackend: adapters[{agent!r}]={choice!r} but the model has no LoRA adapters; attach '
+                         f'them with models.add_lora or pass adapters=None for the base model')
+      elif isinstance(choice, str):
+        if choice not in model.adapter_names:
+          raise ValueError(f'LLMBackend: adapters[{agent!r}]={choice!r} is not one of the model\'s adapters '
+                           f'{model.adapter_names}')
+        self.adapter_ids[agent] = model.adapter_names.index(choice)
+      elif isinstance(choice, int) and not isinstance(choice, bool) and ADAPTERS_OFF <= choice < len(
+          model.adapter_names):
+        self.adapter_ids[agent] = choice
+      else:
+        raise ValueError(f'LLMBackend: adapters[{agent!r}] must be an adapter name, an index in '
+                         f'[{ADAPTERS_OFF}, {len(model.adapter_names)}) or None; found {choice!r}')
+    self.calls: list[BackendCall] = []
+
+  def adapter_array(self, agent: str, batch: int) -> np.ndarray | None:
+    """The per-row adapter selector for `agent` (None when the model has no adapters); scoring this agent's
+    segments later must pass the same selector."""
+    index = self.adapter_ids[agent]
+    return None if index is None else np.full((batch,), index, np.int32)
+
+  def generate(self, agent: str, prompts: Sequence[Sequence[Message]], *, seed: int,
+               episode_ids: Sequence[int], turn: int) -> list[Generation]:
+    _check_agent(agent)
+    if len(prompts) != len(episode_ids):
+      raise ValueError(f'LLMBackend: {len(prompts)} prompts but {len(episode_ids)} episode ids')
+    self.calls.append(BackendCall(agent=agent, turn=turn, seed=seed, episode_ids=tuple(int(e) for e in episode_ids)))
+    encoded = [encode_prompt(self.tokenizer, messages) for messages in prompts]
+    batch = self.config.padded_batch(len(encoded))
+    token_lists = [ids for _, ids in encoded]
+    token_lists += [token_lists[0]] * (batch - len(token_lists))
+    kwargs = {}
+    adapter = self.adapter_array(agent, batch)
+    if adapter is not None:
+      kwargs['adapter'] = adapter
+    output = generate(self.model, token_lists, max_new_tokens=self.config.max_new_tokens(agent),
+                      params=self.config.sampling, buckets=self.config.buckets,
+                      eos_token_ids=self.special.eos_ids, pad_token_id=self.special.pad_id, seed=seed, **kwargs)
+    tokens, log_probs = np.asarray(output.tokens), np.asarray(output.log_probs)
+    lengths, finished = np.asarray(output.lengths), np.asarray(output.finished)
+    generations = []
+    for row, (prompt_text, prompt_ids) in enumerate(encoded):
+      completion = tokens[row, :lengths[row]]
+      generations.append(Generation(
+          prompt_text=prompt_text, prompt_ids=np.asarray(prompt_ids, np.int32), completion_ids=completion,
+          log_probs=log_probs[row, :lengths[row]],
+          text=self.tokenizer.decode(completion.tolist(), skip_special_tokens=True),
+          finished=bool(finished[row])))
+    return generations
+
+
+# --- peer signals ------------------------------------------------------------------------------------------------
+
+class Peer(Protocol):
+  """SASRec's side of the protocol, over a batch of windows (histories in the schema's padded layout)."""
+
+  def top_candidates(self, history: np.ndarray, lengths: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """int[B]: the highest-scored item of each candidate list C (the hint, and the item p_t names)."""
+    ...
+
+  def candidate_similarities(self, history: np.ndarray, lengths: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """float[B, C]: q in [-1, 1] between each user and each of their candidates."""
+    ...
+
+
+class SASRecPeer:
+  """`Peer` from a trained SASRec (`recsys.SASRec`), via `recsys.peer`."""
+
+  def __init__(self, model):
+    self.model = model
+
+  def top_candidates(self, history, lengths, candidates):
+    return np.asarray(top_candidate(self.model, np.asarray(history, np.int32), np.asarray(lengths, np.int32),
+                                    np.asarray(candidates, np.int32)))
+
+  def candidate_similarities(self, history, lengths, candidates):
+    candidates = np.asarray(candidates, np.int32)
+    batch, width = candidates.shape
+    # q_t depends only on the user and the item, and i_t must be a candidate, so one call over every (user,
+    # candidate) pair before the first turn serves all turns; a call per turn would also recompile whenever the
+    # number of live episodes changes.
+    similarities = peer_similarity(self.model, np.repeat(np.asarray(history, np.int32), width, axis=0),
+                                   np.repeat(np.asarray(lengths, np.int32), width), candidates.reshape(-1))
+    return np.asarray(similarities).reshape(batch, width)
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+  """The dialogue protocol of METHOD.md section 2.
+
+  Attributes:
+    max_turns: T_u, the most turns an episode runs (default 5, as in AFL); it stops earlier on a click.
+    candidate_seed: the seed of the candidate lists C (`data.candidate_list`); fixed so C is the same every run.
+    num_candidates: |C| (20 in the protocol).
+    show_hint: whether the recommender's input x_rec_t includes SASRec's top candidate as a hint (the paper's
+      "optionally"); off by default, so the recommender's Hit@1 is its own.
+    show_peer_opinion: whether the user's input x_user_t includes the peer opinion p_t naming SASRec's top
+      candidate (on, as the protocol has it).
+    prompt: wording of both prompts; None takes `PromptConfig.for_dataset(dataset.name)`.
+    parse: parser tolerance for both agents' messages.
+  """
+
+  max_turns: int = 5
+  candidate_seed: int = 0
+  num_candidates: int = NUM_CANDIDATES
+  show_hint: bool = False
+  show_peer_opinion: bool = True
+  prompt: PromptConfig | None = None
+  parse: ParseConfig = ParseConfig()
+
+  def __post_init__(self):
+    for name, least in (('max_turns', 1), ('candidate_seed', 0), ('num_candidates', 1)):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f'RolloutConfig.{name} must be an int >= {least}, found {value!r}')
+    for name in ('show_hint', 'show_peer_opinion'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'RolloutConfig.{name} must be a bool, found {getattr(self, name)!r}')
+    if self.prompt is not None and not isinstance(self.prompt, PromptConfig):
+      raise TypeError(f'RolloutConfig.prompt must be a PromptConfig or None, found {type(self.prompt).__name__}')
+    if not isinstance(self.parse, ParseConfig):
+      raise TypeError(f'RolloutConfig.parse must be a ParseConfig, found {type(self.parse).__name__}')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Turn:
+  """Turn t of one episode: both messages, what was read from them, and the per-turn reward inputs.
+
+  Attributes:
+    turn: t, from 1.
+    recommender: the recommender's message m_rec_t with its prompt x_rec_t.
+    user: the user's message m_user_t with its prompt x_user_t.
+    recommender_parse: r_t and i_t as parsed; `valid` is False when no candidate was named.
+    user_parse: j_t, a_t and s_t as parsed (an invalid message reads as a skip at s = .375).
+    shown_title: the item as the user prompt and the memory show it: the matched candidate's title, else what
+      the recommender's `Item:` line said, else `NO_ITEM_SHOWN`.
+    shown_reason: the recommender's reason as shown: r_t, else (no `Reason:` line) the whole message in one line.
+    item: i_t, the item id of the named candidate; `NO_ITEM` when none was named.
+    hit: hit_t = 1 iff i_t = i* (False for an invalid message: a miss, METHOD.md section 2).
+    acceptance_score: s_t in [0, 1].
+    peer_similarity: q_t in [-1, 1], SASRec's cosine between the user and i_t; 0 when no item was named, so that
+      the peer term of R_user (Eq. 8) vanishes rather than scoring an item that does not exist.
+    action: a_t, one of `ACTIONS`.
+  """
+
+  turn: int
+  recommender: Generation
+  user: Generation
+  recommender_parse: RecommenderParse
+  user_parse: UserParse
+  shown_title: str
+  shown_reason: str
+  item: int
+  hit: bool
+  acceptance_score: float
+  peer_similarity: float
+  action: str
+
+  @property
+  def record(self) -> TurnRecord:
+    """(m_rec_t, m_user_t) as the memory keeps it."""
+    return TurnRecord(item_title=self.shown_title, recommender_reason=self.shown_reason,
+                      user_action=self.action, user_score=self.acceptance_score, user_reason=self.user_parse.reason)
+
+  @property
+  def clicked(self) -> bool:
+    return self.action == 'click'
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Episode:
+  """One window's dialogue.
+
+  Attributes:
+    split, window_index: where the window comes from.
+    user: its user id.
+    history: h_u as item ids, oldest first; `history_titles` as shown.
+    target: i*; `target_title` its title (never shown to the user agent unless the dialogue named it).
+    candidates: C as item ids, in prompt order; `candidate_titles` as shown.
+    peer_item: SASRec's top candidate (the hint and the item p_t names); `peer_title` its title.
+    turns: turns 1..T in order.
+  """
+
+  split: str
+  window_index: int
+  user: int
+  history: tuple[int, ...]
+  history_titles: tuple[str, ...]
+  target: int
+  target_title: str
+  candidates: tuple[int, ...]
+  candidate_titles: tuple[str, ...]
+  peer_item: int
+  peer_title: str
+  turns: tuple[Turn, ...]
+
+  @property
+  def num_turns(self) -> int:
+    return len(self.turns)
+
+  @property
+  def final_item(self) -> int:
+    """i_T, the item of the last turn: the episode's recommendation (`NO_ITEM` if that message named none)."""
+    return self.turns[-1].item
+
+  @property
+  def final_hit(self) -> bool:
+    return self.final_item == self.target
+
+  @property
+  def clicked(self) -> bool:
+    return self.turns[-1].clicked
+
+  def memory(self, before_turn: int | None = None) -> Memory:
+    """M_{t-1} for `before_turn` = t (the memory shown in turn t's prompts); the final memory M_T by default."""
+    count = len(self.turns) if before_turn is None else before_turn - 1
+    return Memory(tuple(turn.record for turn in self.turns[:count]))
+
+
+def turn_seed(seed: int, turn: int, agent: str) -> int:
+  """The sampling seed of one batched call: a function of the rollout seed, t and the agent alone, so a rerun
+  of the same batch draws the same messages and the two agents never share a random stream."""
+  state = np.random.SeedSequence([int(seed), int(turn), _check_agent(agent)]).generate_state(1)[0]
+  return int(state & 0x7FFFFFFF)
+
+
+def _shown(parse: RecommenderParse, text: str) -> tuple[str, str]:
+  """(item title, reason) the user agent and the memory see for a recommender message.
+
+  An invalid message is shown as written rather than hidden: the user reacts to what the recommender actually
+  said, and the recommender's next turn sees in memory how that went. Neither can leak the target to the user
+  beyond what the recommender wrote.
+  """
+  if parse.title is not None:
+    title = parse.title
+  elif parse.item_text:
+    title = parse.item_text
+  else:
+    title = NO_ITEM_SHOWN
+  reason = parse.reason
+  if not reason and parse.item_text is None:
+    reason = ' '.join(text.split())
+  return title, reason
+
+
+def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], backend: AgentBackend, *,
+                 peer, config: RolloutConfig = RolloutConfig(), seed: int = 0) -> list[Episode]:
+  """Plays one episode per window, all turn by turn together (METHOD.md section 2).
+
+  Turn t: one `backend.generate('recommender', ...)` call for every live episode, parsing; then one
+  `backend.generate('user', ...)` call for the same episodes; then the memory grows by (m_rec_t, m_user_t).
+  Episodes whose user clicked are finished and leave the later calls; the rest stop after T_u turns.
+
+  Args:
+    dataset: the windows and titles.
+    split: 'train', 'val' or 'test'.
+    window_indices: the windows to play, one episode each, in this order (repeats allowed, e.g. G rollouts of a
+      sample for a group baseline; repeats draw different messages, since sampling differs per row).
+    backend: `LLMBackend`, `ScriptedBackend` or anything with the `AgentBackend` method.
+    peer: a `Peer` (e.g. `SASRecPeer`), or a `recsys.SASRec` model, which is wrapped in `SASRecPeer`.
+    config: the protocol settings.
+    seed: the rollout's sampling seed (`turn_seed` derives each call's).
+  Returns:
+    The episodes in the order of `window_indices`.
+  """
+  if not isinstance(config, RolloutConfig):
+    raise TypeError(f'config must be a RolloutConfig, found {type(config).__name__}')
+  peer = _as_peer(peer)
+  windows = dataset.split(split)
+  indices = [int(i) for i in window_indices]
+  if not indices:
+    raise ValueError('window_indices is empty; give at least one window to play')
+  out_of_range = [i for i in indices if not 0 <= i < len(windows)]
+  if out_of_range:
+    raise ValueError(f'window_indices {out_of_range[:5]} are outside split {split!r} of {dataset.name!r}, which '
+                     f'has {len(windows)} windows')
+  prompt_config = config.prompt or PromptConfig.for_dataset(dataset.name)
+  titles = dataset.catalog.titles
+  batch = len(indices)
+
+  candidates = np.stack([candidate_list(dataset, split, i, config.candidate_seed, config.num_candidates)
+                         for i in indices]).astype(np.int32)
+  history, lengths = windows.history[indices], windows.lengths[indices]
+  peer_items = np.asarray(peer.top_candidates(history, lengths, candidates)).astype(np.int64)
+  similarities = np.asarray(peer.candidate_similarities(history, lengths, candidates), np.float64)
+  if peer_items.shape != (batch,) or similarities.shape != candidates.shape:
+    raise ValueError(f'peer returned top candidates of shape {peer_items.shape} and similarities of shape '
+                     f'{similarities.shape}; expected ({batch},) and {candidates.shape}')
+  for row in range(batch):
+    if peer_items[row] not in candidates[row]:
+      raise ValueError(f'peer top candidate {int(peer_items[row])} of window {indices[row]} is not in its candidate '
+                       f'list; the hint and p_t must name a candidate')
+
+  window_list = [windows.window(i) for i in indices]
+  history_titles = [[titles[item] for item in window.history] for window in window_list]
+  candidate_titles = [[titles[item] for item in row] for row in candidates]
+  turns: list[list[Turn]] = [[] for _ in range(batch)]
+  memories = [Memory() for _ in range(batch)]
+  live = list(range(batch))
+
+  for t in range(1, config.max_turns + 1):
+    rec_prompts = [recommender_messages(
+        history_titles=history_titles[e], candidate_titles=candidate_titles[e], memory=memories[e],
+        hint_title=titles[peer_items[e]] if config.show_hint else None, config=prompt_config) for e in live]
+    rec_out = _checked(backend.generate(RECOMMENDER, rec_prompts, seed=turn_seed(seed, t, RECOMMENDER),
+                                        episode_ids=live, turn=t), len(live), RECOMMENDER)
+    rec_parses = [parse_recommender_output(g.text, candidate_titles[e], candidates[e].tolist(), config.parse)
+                  for e, g in zip(live, rec_out)]
+    shown = [_shown(p, g.text) for p, g in zip(rec_parses, rec_out)]
+
+    user_prompts = [user_messages(
+        history_titles=history_titles[e], recommended_title=title, recommender_reason=reason, memory=memories[e],
+        peer_opinion=peer_opinion(titles[peer_items[e]]) if config.show_peer_opinion else None,
+        config=prompt_config) for e, (title, reason) in zip(live, shown)]
+    user_out = _checked(backend.generate(USER, user_prompts, seed=turn_seed(seed, t, USER), episode_ids=live,
+                                         turn=t), len(live), USER)
+
+    still_live = []
+    for row, e in enumerate(live):
+      rec_parse = rec_parses[row]
+      user_parse = parse_user_output(user_out[row].text, config.parse)
+      item = rec_parse.item_id if rec_parse.valid else NO_ITEM
+      turn = Turn(
+          turn=t, recommender=rec_out[row], user=user_out[row], recommender_parse=rec_parse, user_parse=user_parse,
+          shown_title=shown[row][0], shown_reason=shown[row][1], item=item,
+          hit=bool(item == window_list[e].target),
+          acceptance_score=float(user_parse.score),
+          peer_similarity=float(similarities[e, rec_parse.candidate_index]) if rec_parse.valid else 0.0,
+          action=user_parse.action)
+      turns[e].append(turn)
+      memories[e] = memories[e].append(turn.record)
+      if not turn.clicked:
+        still_live.append(e)
+    live = still_live
+    if not live:
+      break
+
+  return [Episode(split=split, window_index=indices[e], user=window_list[e].user, history=window_list[e].history,
+                  history_titles=tuple(history_titles[e]), target=window_list[e].target,
+                  target_title=titles[window_list[e].target], candidates=tuple(candidates[e].tolist()),
+                  candidate_titles=tuple(candidate_titles[e]), peer_item=int(peer_items[e]),
+                  peer_title=titles[peer_items[e]], turns=tuple(turns[e])) for e in range(batch)]
+
+
+def _as_peer(peer):
+  if isinstance(peer, SASRec):
+    return SASRecPeer(peer)
+  if not (hasattr(peer, 'top_candidates') and hasattr(peer, 'candidate_similarities')):
+    raise TypeError(f'peer must be a recsys.SASRec or have top_candidates and candidate_similarities methods '
+                    f'(see episodes.Peer); found {type(peer).__name__}')
+  return peer
+
+
+def _checked(generations, expected: int, agent: str) -> list[Generation]:
+  generations = list(generations)
+  if len(generations) != expected:
+    raise ValueError(f'the backend returned {len(generations)} {agent} messages for {expected} prompts')
+  for index, generation in enumerate(generations):
+    if not isinstance(generation, Generation):
+      raise TypeError(f'the backend returned {type(generation).__name__} for {agent} prompt {index}; expected a '
+                      f'Generation')
+  return generations
+
+
+def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+  """METHOD.md section 6 over a set of episodes.
+
+  Returns:
+    hit_at_1: the share of episodes whose final item i_T is the target i*.
+    valid_ratio: the share of recommender messages (every turn) that named a candidate.
+    average_turns: mean turns per episode.
+    click_rate: the share of episodes that ended on a click.
+    user_valid_ratio: the share of user messages with a usable action.
+  """
+  if not episodes:
+    raise ValueError('episode_metrics needs at least one episode')
+  turns = [turn for episode in episodes for turn in episode.turns]
+  return {
+      'hit_at_1': float(np.mean([episode.final_hit for episode in episodes])),
+      'valid_ratio': float(np.mean([turn.recommender_parse.valid for turn in turns])),
+      'average_turns': float(np.mean([episode.num_turns for episode in episodes])),
+      'click_rate': float(np.mean([episode.clicked for episode in episodes])),
+      'user_valid_ratio': float(np.mean([turn.user_parse.valid for turn in turns])),
+  }
+
+
+def action_id(action: str) -> int:
+  """The index of a_t in `protocol.ACTIONS` (dislike 0, skip 1, star 2, click 3)."""
+  return ACTIONS.index(action)
+
