@@ -30,3 +30,10 @@ __all__ += [
     'NO_ITEM_SHOWN', 'Peer', 'RolloutConfig', 'SASRecPeer', 'ScriptedBackend', 'Trajectory', 'Turn',
     'episode_metrics', 'episode_record', 'read_jsonl', 'run_episodes', 'to_jsonl', 'turn_seed',
 ]
+
+# The Reflexion-style memory baseline: earlier episodes of the same user, kept as text.
+from coars_jax.agents.reflexion import (PRIOR_SPLIT, ReflexionConfig, ReflexionRun, ReflexionStep, prior_windows,
+                                        reflection_section, reflection_text, run_reflexion_episodes)
+
+__all__ += ['PRIOR_SPLIT', 'ReflexionConfig', 'ReflexionRun', 'ReflexionStep', 'prior_windows', 'reflection_section',
+            'reflection_text', 'run_reflexion_episodes']

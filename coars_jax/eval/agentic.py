@@ -1,0 +1,191 @@
+"""Evaluation of an agentic recommender on val or test windows (METHOD.md section 6): plays the windows' episodes
+in batches (plain `run_episodes`, or the Reflexion memory baseline's chains), aggregates Hit@1 (final item i_T =
+target i*), ValidRatio, average turns and click rate, adds the user agent's F1 when a user-simulation set is
+given, and returns one JSON-ready row per (dataset, method, model, seed) with a markdown view over rows.
+`evaluate_agentic` is the entry point; everything it reports is also reachable from its result for inspection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Sequence
+
+import numpy as np
+import tqdm
+
+from coars_jax.agents.episodes import AgentBackend, Episode, RolloutConfig, episode_metrics, run_episodes
+from coars_jax.agents.reflexion import ReflexionConfig, ReflexionRun, batch_seed, run_reflexion_episodes
+from coars_jax.data.schema import Dataset
+from coars_jax.data.user_sim import UserSimSet
+from coars_jax.eval.user_f1 import UserF1Config, UserF1Result, evaluate_user_f1
+
+# The keys every row has, in the order the JSON shows them; extras follow.
+ROW_KEYS = ('dataset', 'method', 'model', 'hit@1', 'valid_ratio', 'avg_turns', 'user_f1', 'seed')
+# (row key, column header) of the markdown summary.
+TABLE_METRICS = (('hit@1', 'Hit@1'), ('valid_ratio', 'ValidRatio'), ('avg_turns', 'avg turns'),
+                 ('click_rate', 'click rate'), ('user_f1', 'user F1 (micro)'), ('user_f1_macro', 'user F1 (macro)'))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AgenticEvalConfig:
+  """What `evaluate_agentic` plays and how.
+
+  Attributes:
+    split: 'val' or 'test'.
+    window_indices: the windows to play; None plays every window of the split.
+    batch_size: episodes per `run_episodes` call (the rows of each batched generation); a real model's memory
+      bounds it.
+    rollout: the dialogue protocol (T_u, candidate seed, hint, peer opinion, wording, parsing).
+    reflexion: None plays each window on its own (zero-shot or trained agents); a `ReflexionConfig` plays the
+      Reflexion memory baseline, whose prior episodes are not counted in the metrics.
+    user_f1: how the user-agent F1 is asked for; it runs only when a user-simulation set is given.
+    progress: tqdm bars.
+  """
+
+  split: str = 'test'
+  window_indices: tuple[int, ...] | None = None
+  batch_size: int = 64
+  rollout: RolloutConfig = RolloutConfig()
+  reflexion: ReflexionConfig | None = None
+  user_f1: UserF1Config = UserF1Config()
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.split not in ('val', 'test'):
+      raise ValueError(f"AgenticEvalConfig.split must be 'val' or 'test', found {self.split!r}")
+    if self.window_indices is not None:
+      indices = tuple(self.window_indices)
+      if not indices or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in indices):
+        raise ValueError(f'AgenticEvalConfig.window_indices must be None or a non-empty sequence of ints >= 0, '
+                         f'found {self.window_indices!r}')
+      object.__setattr__(self, 'window_indices', tuple(int(i) for i in indices))
+    if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+      raise ValueError(f'AgenticEvalConfig.batch_size must be an int >= 1, found {self.batch_size!r}')
+    for name, kind in (('rollout', RolloutConfig), ('user_f1', UserF1Config)):
+      if not isinstance(getattr(self, name), kind):
+        raise TypeError(f'AgenticEvalConfig.{name} must be a {kind.__name__}, found '
+                        f'{type(getattr(self, name)).__name__}')
+    if self.reflexion is not None and not isinstance(self.reflexion, ReflexionConfig):
+      raise TypeError(f'AgenticEvalConfig.reflexion must be a ReflexionConfig or None, found '
+                      f'{type(self.reflexion).__name__}')
+    if not isinstance(self.progress, bool):
+      raise ValueError(f'AgenticEvalConfig.progress must be a bool, found {self.progress!r}')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class AgenticEvalResult:
+  """The outcome of `evaluate_agentic`.
+
+  Attributes:
+    row: the JSON-ready row (`ROW_KEYS` first, then extras).
+    episodes: the counted episodes, in window order.
+    user_f1: the F1 result with every judgement, or None when no user-simulation set was given.
+    reflexion: the Reflexion run with its chains and prior episodes, or None for plain episodes.
+  """
+
+  row: dict
+  episodes: tuple[Episode, ...]
+  user_f1: UserF1Result | None
+  reflexion: ReflexionRun | None
+
+
+def play_windows(dataset: Dataset, backend: AgentBackend, *, peer, split: str, window_indices: Sequence[int],
+                 rollout: RolloutConfig = RolloutConfig(), batch_size: int = 64, seed: int = 0,
+                 progress: bool = False) -> list[Episode]:
+  """`run_episodes` over the windows in batches of `batch_size`; batch b samples with `batch_seed(seed, b)`, so
+  a rerun with the same batch size draws the same messages."""
+  indices = [int(i) for i in window_indices]
+  episodes: list[Episode] = []
+  starts = range(0, len(indices), batch_size)
+  for batch, begin in enumerate(tqdm.tqdm(starts, desc=f'episodes {dataset.name} {split}', disable=not progress)):
+    episodes += run_episodes(dataset, split, indices[begin:begin + batch_size], backend, peer=peer, config=rollout,
+                             seed=batch_seed(seed, batch))
+  return episodes
+
+
+def evaluate_agentic(dataset: Dataset, backend: AgentBackend, *, peer, method: str, model: str, seed: int = 0,
+                     config: AgenticEvalConfig = AgenticEvalConfig(),
+                     user_sim: UserSimSet | None = None) -> AgenticEvalResult:
+  """Plays the configured windows and (with `user_sim`) the user-agent F1, and returns one report row.
+
+  Args:
+    dataset: the windows and titles.
+    backend: the agents (`agents.LLMBackend` with the method's adapters, or any `AgentBackend`).
+    peer: a `Peer` or a trained `recsys.SASRec` (peer opinion p_t, similarity q_t, hint).
+    method: the row's method name ('zero-shot', 'reflexion', 'coars', ...); free text for the table.
+    model: the row's backbone name (e.g. a preset or checkpoint name); free text for the table.
+    seed: the sampling seed of the run, recorded in the row.
+    config: what to play and how.
+    user_sim: `data.user_sim_set(dataset, data_root)`; None leaves the F1 out (its row values are None).
+  """
+  if not isinstance(config, AgenticEvalConfig):
+    raise TypeError(f'config must be an AgenticEvalConfig, found {type(config).__name__}')
+  for name, value in (('method', method), ('model', model)):
+    if not (isinstance(value, str) and value.strip()):
+      raise ValueError(f'{name} must be a non-empty str naming the row, found {value!r}')
+  indices = (list(config.window_indices) if config.window_indices is not None
+             else list(range(len(dataset.split(config.split)))))
+  start = time.perf_counter()
+  reflexion = None
+  if config.reflexion is None:
+    episodes = play_windows(dataset, backend, peer=peer, split=config.split, window_indices=indices,
+                            rollout=config.rollout, batch_size=config.batch_size, seed=seed,
+                            progress=config.progress)
+  else:
+    reflexion = run_reflexion_episodes(dataset, config.split, indices, backend, peer=peer, config=config.reflexion,
+                                       rollout=config.rollout, seed=seed, batch_size=config.batch_size,
+                                       progress=config.progress)
+    episodes = list(reflexion.episodes)
+  episode_seconds = time.perf_counter() - start
+  f1 = None
+  if user_sim is not None:
+    f1 = evaluate_user_f1(dataset, user_sim, backend, config=config.user_f1, peer=peer, seed=seed)
+
+  metrics = episode_metrics(episodes)
+  row = {
+      'dataset': dataset.name, 'method': method, 'model': model, 'hit@1': metrics['hit_at_1'],
+      'valid_ratio': metrics['valid_ratio'], 'avg_turns': metrics['average_turns'],
+      'user_f1': None if f1 is None else f1.scores['micro_f1'], 'seed': int(seed),
+      'split': config.split, 'num_windows': len(episodes), 'click_rate': metrics['click_rate'],
+      'user_valid_ratio': metrics['user_valid_ratio'], 'max_turns': config.rollout.max_turns,
+      'candidate_seed': config.rollout.candidate_seed, 'show_hint': config.rollout.show_hint,
+      'prior_episodes': 0 if reflexion is None else reflexion.num_prior_episodes,
+      'episode_seconds': episode_seconds,
+  }
+  if f1 is not None:
+    row.update(f1.as_dict())
+  row['wall_seconds'] = time.perf_counter() - start
+  return AgenticEvalResult(row=row, episodes=tuple(episodes), user_f1=f1, reflexion=reflexion)
+
+
+def _cell(values: Sequence[float | None]) -> str:
+  present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+  if not present:
+    return '—'
+  if len(present) == 1:
+    return f'{present[0]:.4f}'
+  return f'{np.mean(present):.4f} ± {np.std(present):.4f}'
+
+
+def format_markdown(rows: Sequence[dict]) -> str:
+  """A summary per (dataset, method, model), mean ± standard deviation over seeds, then every row; a metric a row
+  does not have (the F1 when no user-simulation set was given) shows as '—'."""
+  if not rows:
+    raise ValueError('format_markdown needs at least one row')
+  headers = ' | '.join(header for _, header in TABLE_METRICS)
+  rule = '|---' * (len(TABLE_METRICS) + 4) + '|'
+  lines = [f'| dataset | method | model | {headers} | seeds |', rule]
+  groups = list(dict.fromkeys((r['dataset'], r['method'], r['model']) for r in rows))
+  for dataset, method, model in groups:
+    group = [r for r in rows if (r['dataset'], r['method'], r['model']) == (dataset, method, model)]
+    cells = ' | '.join(_cell([r.get(key) for r in group]) for key, _ in TABLE_METRICS)
+    lines.append(f'| {dataset} | {method} | {model} | {cells} | {[r["seed"] for r in group]} |')
+  lines += ['', f'| dataset | method | model | seed | {headers} |', rule]
+  for r in rows:
+    cells = ' | '.join(_cell([r.get(key)]) for key, _ in TABLE_METRICS)
+    lines.append(f'| {r["dataset"]} | {r["method"]} | {r["model"]} | {r["seed"]} | {cells} |')
+  lines += ['', 'Values: mean ± standard deviation over sampling seeds; Hit@1 counts the final item i_T; '
+                'user F1 treats click and star as positive.']
+  return '\n'.join(lines)

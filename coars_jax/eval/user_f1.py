@@ -1,0 +1,268 @@
+"""User-agent F1 (AFL protocol, METHOD.md section 6): the user agent judges each item of a user-simulation case
+(`data.user_sim_set`: true future items and as many never-seen items) as a single-turn recommendation with an
+empty memory; click or star is a positive prediction, and precision, recall and F1 against the labels are reported
+micro-averaged over all judgements with the macro average over users beside them. The metric itself is a pure
+function of per-user label and prediction lists (`f1_scores`); `evaluate_user_f1` builds the prompts, batches them
+through the backend's user agent and parses the answers (an invalid answer reads as a skip, so a negative).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import numpy as np
+
+from coars_jax.agents.episodes import USER, AgentBackend, Generation, SASRecPeer, turn_seed
+from coars_jax.agents.parsing import ParseConfig, UserParse, parse_user_output
+from coars_jax.agents.prompts import Message, PromptConfig, user_messages
+from coars_jax.agents.protocol import POSITIVE_ACTIONS, single_line
+from coars_jax.data.schema import MAX_HISTORY, Dataset
+from coars_jax.data.user_sim import UserSimSet
+from coars_jax.recsys.peer import peer_opinion
+
+# What the user agent is told about why each item is recommended. It is the same sentence for every item, true
+# future or random, so the reason carries no information about the label: the F1 measures the user agent's own
+# judgement of the item against the history, as AFL's single-turn protocol does (its user sees no rationale).
+NEUTRAL_REASON = 'This {noun} is recommended to you; decide whether it suits your taste.'
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UserF1Config:
+  """How the user agent's judgements are asked for.
+
+  Attributes:
+    recommender_reason: the rationale r shown with every item; '{noun}' is replaced by the dataset's item noun.
+      One sentence for all items, so it cannot hint at the label (default `NEUTRAL_REASON`).
+    show_peer_opinion: whether each prompt carries a peer opinion p naming SASRec's top item among the case's
+      items (as the episode protocol names SASRec's top candidate). Off by default: SASRec favours the true future
+      items, so p would hand the user agent a recommender's answer, and the F1 would measure SASRec as much as
+      the agent. Turn it on to judge a user agent under the exact input layout it was trained with.
+    batch_size: judgements per backend call; None sends every judgement of the set in one call. A real model
+      may need a bound (an LLM backend pads a call to a power of two rows).
+    prompt: the wording; None takes `PromptConfig.for_dataset(dataset.name)`, as episodes do.
+    parse: parser tolerance for the user's answers.
+  """
+
+  recommender_reason: str = NEUTRAL_REASON
+  show_peer_opinion: bool = False
+  batch_size: int | None = None
+  prompt: PromptConfig | None = None
+  parse: ParseConfig = ParseConfig()
+
+  def __post_init__(self):
+    if not isinstance(self.recommender_reason, str) or not single_line(self.recommender_reason):
+      raise ValueError(f'UserF1Config.recommender_reason must be a non-empty str, found {self.recommender_reason!r}')
+    if not isinstance(self.show_peer_opinion, bool):
+      raise ValueError(f'UserF1Config.show_peer_opinion must be a bool, found {self.show_peer_opinion!r}')
+    if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                        or self.batch_size < 1):
+      raise ValueError(f'UserF1Config.batch_size must be None or an int >= 1, found {self.batch_size!r}')
+    if self.prompt is not None and not isinstance(self.prompt, PromptConfig):
+      raise TypeError(f'UserF1Config.prompt must be a PromptConfig or None, found {type(self.prompt).__name__}')
+    if not isinstance(self.parse, ParseConfig):
+      raise TypeError(f'UserF1Config.parse must be a ParseConfig, found {type(self.parse).__name__}')
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+  # A user for whom nothing was predicted positive has no precision; counting it as 0 (sklearn's zero_division=0)
+  # charges an agent that rejects everything rather than dropping the user from the macro average.
+  return float(numerator / denominator) if denominator else 0.0
+
+
+def _f1(precision: float, recall: float) -> float:
+  return _ratio(2 * precision * recall, precision + recall)
+
+
+def f1_scores(labels: Sequence[Sequence[bool]], predictions: Sequence[Sequence[bool]]) -> dict[str, float]:
+  """Precision, recall and F1 of positive predictions against labels, micro and macro.
+
+  Args:
+    labels: per user, whether each item is a true future item.
+    predictions: per user, whether the user agent accepted each item (click or star); same shapes as `labels`.
+  Returns:
+    micro_precision, micro_recall, micro_f1: from the true/false positive and false negative counts summed over
+      every judgement of every user.
+    macro_precision, macro_recall, macro_f1: the mean over users of each user's own value; macro F1 is the mean
+      of per-user F1s, not the F1 of the macro precision and recall. A ratio with a zero denominator is 0.
+    true_positives, false_positives, false_negatives: the summed counts (as floats, so the dict is uniform).
+  """
+  if len(labels) != len(predictions):
+    raise ValueError(f'labels has {len(labels)} users but predictions has {len(predictions)}')
+  if not labels:
+    raise ValueError('f1_scores needs at least one user')
+  totals = np.zeros(3, np.int64)
+  per_user = []
+  for user, (truth, predicted) in enumerate(zip(labels, predictions)):
+    truth, predicted = np.asarray(truth, bool), np.asarray(predicted, bool)
+    if truth.shape != predicted.shape or truth.ndim != 1:
+      raise ValueError(f'user {user}: labels has shape {truth.shape} but predictions has {predicted.shape}; '
+                       f'give one prediction per labelled item')
+    counts = np.array([np.sum(truth & predicted), np.sum(~truth & predicted), np.sum(truth & ~predicted)])
+    totals += counts
+    precision, recall = _ratio(counts[0], counts[0] + counts[1]), _ratio(counts[0], counts[0] + counts[2])
+    per_user.append((precision, recall, _f1(precision, recall)))
+  true_positives, false_positives, false_negatives = (int(c) for c in totals)
+  precision = _ratio(true_positives, true_positives + false_positives)
+  recall = _ratio(true_positives, true_positives + false_negatives)
+  macro = np.mean(np.asarray(per_user, np.float64), axis=0)
+  return {
+      'micro_precision': precision, 'micro_recall': recall, 'micro_f1': _f1(precision, recall),
+      'macro_precision': float(macro[0]), 'macro_recall': float(macro[1]), 'macro_f1': float(macro[2]),
+      'true_positives': float(true_positives), 'false_positives': float(false_positives),
+      'false_negatives': float(false_negatives),
+  }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Judgement:
+  """One item of one case, as the user agent judged it.
+
+  Attributes:
+    case: the index of the case in `UserSimSet.cases`; `user` its user id.
+    item: the item id judged; `label` whether it is a true future item.
+    generation: the user agent's message with its prompt.
+    parse: the parsed answer (invalid reads as a skip at s = .375).
+  """
+
+  case: int
+  user: int
+  item: int
+  label: bool
+  generation: Generation
+  parse: UserParse
+
+  @property
+  def positive(self) -> bool:
+    return self.parse.action in POSITIVE_ACTIONS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class UserF1Result:
+  """The F1 of one user agent on one user-simulation set.
+
+  Attributes:
+    scores: `f1_scores` over the cases.
+    judgements: every judgement, case by case, in item order.
+    num_users: the cases judged; `users_left_out` the users the set left out (k < 1).
+    wall_seconds: time spent generating and parsing.
+  """
+
+  scores: dict[str, float]
+  judgements: tuple[Judgement, ...]
+  num_users: int
+  users_left_out: int
+  wall_seconds: float
+
+  @property
+  def num_invalid(self) -> int:
+    return sum(not j.parse.valid for j in self.judgements)
+
+  def as_dict(self) -> dict:
+    """The numbers for a report row (prefixed `user_` so they sit beside episode metrics)."""
+    return {
+        'user_f1': self.scores['micro_f1'], 'user_precision': self.scores['micro_precision'],
+        'user_recall': self.scores['micro_recall'], 'user_f1_macro': self.scores['macro_f1'],
+        'user_precision_macro': self.scores['macro_precision'], 'user_recall_macro': self.scores['macro_recall'],
+        'user_f1_judgements': len(self.judgements), 'user_f1_invalid': self.num_invalid,
+        'user_f1_users': self.num_users, 'user_f1_users_left_out': self.users_left_out,
+        'user_f1_seconds': self.wall_seconds,
+    }
+
+
+def _peer_items(dataset: Dataset, sim_set: UserSimSet, peer) -> list[int]:
+  """SASRec's top item among each case's items, one peer call per distinct case size (the peer takes a
+  rectangular [B, C] candidate array, and cases hold 2k items with k varying by user)."""
+  tops = [0] * len(sim_set.cases)
+  by_size: dict[int, list[int]] = {}
+  for index, case in enumerate(sim_set.cases):
+    by_size.setdefault(len(case.items), []).append(index)
+  for rows in by_size.values():
+    history = np.full((len(rows), MAX_HISTORY), dataset.catalog.pad_id, np.int32)
+    lengths = np.zeros((len(rows),), np.int32)
+    for row, index in enumerate(rows):
+      items = sim_set.cases[index].history[-MAX_HISTORY:]
+      history[row, :len(items)] = items
+      lengths[row] = len(items)
+    candidates = np.asarray([sim_set.cases[i].items for i in rows], np.int32)
+    picks = np.asarray(peer.top_candidates(history, lengths, candidates)).reshape(-1)
+    for row, index in enumerate(rows):
+      if int(picks[row]) not in sim_set.cases[index].items:
+        raise ValueError(f'peer top item {int(picks[row])} of user-sim case {index} is not one of its items')
+      tops[index] = int(picks[row])
+  return tops
+
+
+def judgement_prompts(dataset: Dataset, sim_set: UserSimSet, *, config: UserF1Config = UserF1Config(),
+                      peer=None) -> list[tuple[int, int, list[Message]]]:
+  """(case index, item position, user-agent prompt) for every item of every case, case by case.
+
+  Each prompt is `prompts.user_messages` with the case's history, the item as the recommended title, the config's
+  reason, an empty memory and (when configured) the peer opinion; nothing else, so the label cannot reach it.
+  """
+  if sim_set.dataset != dataset.name:
+    raise ValueError(f'the user-sim set is for dataset {sim_set.dataset!r} but the dataset is {dataset.name!r}; '
+                     f'build it with data.user_sim_set(dataset)')
+  if config.show_peer_opinion and peer is None:
+    raise ValueError('UserF1Config.show_peer_opinion is on but no peer was given; pass peer= (a SASRec or a '
+                     'Peer) or turn the peer opinion off')
+  prompt_config = config.prompt or PromptConfig.for_dataset(dataset.name)
+  reason = config.recommender_reason.replace('{noun}', prompt_config.item_noun)
+  titles = dataset.catalog.titles
+  peer_items = _peer_items(dataset, sim_set, peer) if config.show_peer_opinion else None
+  out = []
+  for index, case in enumerate(sim_set.cases):
+    history_titles = [titles[item] for item in case.history]
+    opinion = peer_opinion(titles[peer_items[index]]) if peer_items is not None else None
+    for position, item in enumerate(case.items):
+      out.append((index, position, user_messages(history_titles=history_titles, recommended_title=titles[item],
+                                                 recommender_reason=reason, peer_opinion=opinion,
+                                                 config=prompt_config)))
+  return out
+
+
+def evaluate_user_f1(dataset: Dataset, sim_set: UserSimSet, backend: AgentBackend, *,
+                     config: UserF1Config = UserF1Config(), peer=None, seed: int = 0) -> UserF1Result:
+  """Runs the user-agent F1 protocol: every judgement through `backend.generate('user', ...)`, in
+  ceil(judgements / batch_size) calls (one when `batch_size` is None).
+
+  Args:
+    dataset: the titles (the set's item ids index its catalog).
+    sim_set: `data.user_sim_set(dataset, ...)`.
+    backend: any `AgentBackend`; only its user agent is called. Calls are logged as turn 1, with the judgement
+      index (over the whole set) as the episode id.
+    config: prompt and batching settings.
+    peer: a `Peer` (e.g. `episodes.SASRecPeer`), needed only when `config.show_peer_opinion` is on.
+    seed: sampling seed; call c uses `episodes.turn_seed(seed, c + 1, 'user')`.
+  """
+  if not isinstance(config, UserF1Config):
+    raise TypeError(f'config must be a UserF1Config, found {type(config).__name__}')
+  if not sim_set.cases:
+    raise ValueError(f'the user-sim set of {sim_set.dataset!r} has no cases ({sim_set.users_left_out} users left '
+                     f'out); there is nothing to judge')
+  if peer is not None and not hasattr(peer, 'top_candidates'):
+    peer = SASRecPeer(peer)  # a bare SASRec model, accepted as run_episodes accepts it
+  start = time.perf_counter()
+  prompts = judgement_prompts(dataset, sim_set, config=config, peer=peer)
+  size = config.batch_size or len(prompts)
+  generations: list[Generation] = []
+  for call, begin in enumerate(range(0, len(prompts), size)):
+    chunk = prompts[begin:begin + size]
+    out = list(backend.generate(USER, [messages for _, _, messages in chunk], seed=turn_seed(seed, call + 1, USER),
+                                episode_ids=list(range(begin, begin + len(chunk))), turn=1))
+    if len(out) != len(chunk):
+      raise ValueError(f'the backend returned {len(out)} user messages for {len(chunk)} prompts')
+    generations += out
+  judgements = []
+  for (index, position, _), generation in zip(prompts, generations):
+    case = sim_set.cases[index]
+    judgements.append(Judgement(case=index, user=case.user, item=case.items[position], label=case.labels[position],
+                                generation=generation, parse=parse_user_output(generation.text, config.parse)))
+  labels = [list(case.labels) for case in sim_set.cases]
+  predictions = [[] for _ in sim_set.cases]
+  for judgement in judgements:
+    predictions[judgement.case].append(judgement.positive)
+  return UserF1Result(scores=f1_scores(labels, predictions), judgements=tuple(judgements),
+                      num_users=len(sim_set.cases), users_left_out=sim_set.users_left_out,
+                      wall_seconds=time.perf_counter() - start)

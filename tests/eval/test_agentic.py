@@ -1,0 +1,131 @@
+import json
+import re
+
+import numpy as np
+import pytest
+
+from coars_jax.agents.episodes import RolloutConfig, ScriptedBackend, turn_seed
+from coars_jax.agents.reflexion import ReflexionConfig, batch_seed
+from coars_jax.data import synthetic, user_sim_set
+from coars_jax.eval import agentic
+from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic, format_markdown
+from tests.eval.test_user_f1 import scripted_tokenizer, shown_history
+
+DATASET = synthetic.synthetic_dataset()
+WINDOWS = DATASET.split('test')
+
+
+class ColumnPeer:
+  def top_candidates(self, history, lengths, candidates):
+    return candidates[:, 3]
+
+  def candidate_similarities(self, history, lengths, candidates):
+    return np.zeros(candidates.shape)
+
+
+def next_item(item):
+  return (item + 1) % DATASET.num_items  # the synthetic dataset's users walk the catalog with stride 1
+
+
+def rec_history(messages):
+  block = messages[-1]['content'].split("The user's history, oldest first:\n")[1].split('\n\n')[0]
+  return [int(line.rsplit(' ', 1)[1]) for line in block.splitlines()]
+
+
+def scripted_agents():
+  """Recommender: the true next item after an even last item; after an odd one, a title outside C at turn 1 and
+  a wrong candidate at turn 2. User (episodes and F1 alike): click exactly the item that follows the history."""
+  def respond(agent, episode, turn, messages):
+    if agent == 'user':
+      shown = re.search(r'^Recommended item: (.*)$', messages[-1]['content'], re.M).group(1)
+      accept = shown == f'Item {next_item(shown_history(messages)[-1])}'
+      return 'Reason: yes\nAction: click\nScore: 0.9' if accept else 'Reason: no\nAction: skip\nScore: 0.3'
+    last = rec_history(messages)[-1]
+    if last % 2 == 0:
+      item = f'Item {next_item(last)}'
+    elif turn == 1:
+      item = 'Not A Candidate'
+    else:
+      block = messages[-1]['content'].split('Candidate items:\n')[1].split('\n\n')[0]
+      item = next(line.split('. ', 1)[1] for line in block.splitlines()
+                  if line.split('. ', 1)[1] != f'Item {next_item(last)}')
+    return f'Reason: fits\nItem: {item}'
+  return ScriptedBackend(scripted_tokenizer(), respond)
+
+
+def expected_episode_metrics():
+  even = np.asarray([WINDOWS.window(i).history[-1] % 2 == 0 for i in range(len(WINDOWS))])
+  assert 0 < even.sum() < len(even)  # precondition: both branches occur
+  n_even, n_odd = int(even.sum()), int((~even).sum())
+  return {'hit@1': n_even / len(even), 'avg_turns': (n_even + 2 * n_odd) / len(even),
+          'valid_ratio': (n_even + n_odd) / (n_even + 2 * n_odd), 'click_rate': n_even / len(even)}
+
+
+def test_row_has_the_protocol_metrics_and_user_f1():
+  scripted = scripted_agents()
+  config = AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False)
+  result = evaluate_agentic(DATASET, scripted, peer=ColumnPeer(), method='zero-shot', model='scripted', seed=7,
+                            config=config, user_sim=user_sim_set(DATASET))
+  row = result.row
+  assert list(row)[:len(agentic.ROW_KEYS)] == list(agentic.ROW_KEYS)
+  for key, value in expected_episode_metrics().items():
+    assert row[key] == pytest.approx(value), key
+  assert (row['dataset'], row['method'], row['model'], row['seed']) == ('synthetic', 'zero-shot', 'scripted', 7)
+  assert row['num_windows'] == len(WINDOWS) == len(result.episodes) and row['prior_episodes'] == 0
+  # F1: each user accepts exactly its first future item out of 7 positives and 7 negatives: P = 1, R = 1/7.
+  assert row['user_precision'] == 1.0 and row['user_recall'] == pytest.approx(1 / 7)
+  assert row['user_f1'] == pytest.approx(0.25) and row['user_f1_macro'] == pytest.approx(0.25)
+  assert row['user_f1_invalid'] == 0 and row['user_f1_judgements'] == 84
+  assert row['wall_seconds'] >= row['episode_seconds'] >= 0
+  json.dumps(row)  # JSON-ready
+  # Windows run in batches of 4 (then 2), each batch with its own seed; F1 judgements in one more call.
+  turn_one = [c for c in scripted.calls if c.turn == 1 and c.agent == 'recommender']
+  assert [c.batch_size for c in turn_one] == [4, 2]
+  assert [c.seed for c in turn_one] == [turn_seed(batch_seed(7, b), 1, 'recommender') for b in (0, 1)]
+  assert scripted.calls[-1].batch_size == 84 and scripted.calls[-1].agent == 'user'
+  assert [e.window_index for e in result.episodes] == list(range(len(WINDOWS)))
+
+
+def test_reflexion_rows_count_only_the_evaluation_windows():
+  config = AgenticEvalConfig(window_indices=(0, 2, 4), rollout=RolloutConfig(max_turns=2),
+                             reflexion=ReflexionConfig(num_prior_episodes=2), progress=False)
+  result = evaluate_agentic(DATASET, scripted_agents(), peer=ColumnPeer(), method='reflexion', model='scripted',
+                            config=config)
+  row = result.row
+  assert row['num_windows'] == 3 and row['prior_episodes'] == 6 and row['user_f1'] is None
+  assert [e.window_index for e in result.episodes] == [0, 2, 4]
+  assert all(e.split == 'test' for e in result.episodes)
+  expected = np.mean([WINDOWS.window(i).history[-1] % 2 == 0 for i in (0, 2, 4)])
+  assert row['hit@1'] == pytest.approx(expected)
+  assert len(result.reflexion.chains) == 3
+
+
+def test_markdown_summarises_over_seeds_and_marks_missing_metrics():
+  base = {'dataset': 'synthetic', 'model': 'tiny', 'valid_ratio': 1.0, 'avg_turns': 2.0, 'click_rate': 0.5}
+  rows = [{**base, 'method': 'coars', 'seed': 0, 'hit@1': 0.2, 'user_f1': 0.5, 'user_f1_macro': 0.4},
+          {**base, 'method': 'coars', 'seed': 1, 'hit@1': 0.4, 'user_f1': 0.7, 'user_f1_macro': 0.6},
+          {**base, 'method': 'zero-shot', 'seed': 0, 'hit@1': 0.1, 'user_f1': None}]
+  table = format_markdown(rows)
+  lines = table.splitlines()
+  assert lines[0] == ('| dataset | method | model | Hit@1 | ValidRatio | avg turns | click rate | user F1 (micro) | '
+                      'user F1 (macro) | seeds |')
+  assert lines[2] == ('| synthetic | coars | tiny | 0.3000 ± 0.1000 | 1.0000 ± 0.0000 | 2.0000 ± 0.0000 | '
+                      '0.5000 ± 0.0000 | 0.6000 ± 0.1000 | 0.5000 ± 0.1000 | [0, 1] |')
+  assert lines[3] == '| synthetic | zero-shot | tiny | 0.1000 | 1.0000 | 2.0000 | 0.5000 | — | — | [0] |'
+  assert '| synthetic | coars | tiny | 1 | 0.4000 | 1.0000 | 2.0000 | 0.5000 | 0.7000 | 0.6000 |' in lines
+  with pytest.raises(ValueError, match='at least one row'):
+    format_markdown([])
+
+
+def test_config_and_names_are_validated():
+  with pytest.raises(ValueError, match="AgenticEvalConfig.split must be 'val' or 'test'"):
+    AgenticEvalConfig(split='train')
+  with pytest.raises(ValueError, match='AgenticEvalConfig.batch_size must be an int >= 1'):
+    AgenticEvalConfig(batch_size=0)
+  with pytest.raises(ValueError, match='AgenticEvalConfig.window_indices must be None or a non-empty'):
+    AgenticEvalConfig(window_indices=())
+  with pytest.raises(TypeError, match='AgenticEvalConfig.reflexion must be a ReflexionConfig'):
+    AgenticEvalConfig(reflexion={'num_prior_episodes': 2})
+  assert AgenticEvalConfig(window_indices=[np.int64(3)]).window_indices == (3,)
+  with pytest.raises(ValueError, match='method must be a non-empty str'):
+    evaluate_agentic(DATASET, scripted_agents(), peer=ColumnPeer(), method=' ', model='m')
