@@ -1,0 +1,22 @@
+"""SFT warm start of the `tiny` preset: scripted dialogues on training windows, then SFT of both agents.
+
+`python -m experiments.warm_start --config=configs/warm_start_tiny.py:movielens` (the argument picks the dataset
+and the workdirs; lastfm by default). The tiny base is a random initialisation, so `train_base` is on: with a
+frozen random base (and its frozen, tied embedding as the output projection) rank-8 adapters would have to build
+the whole protocol alone.
+"""
+
+from coars_jax.training.warm_start import default_config
+
+
+def get_config(dataset: str = 'lastfm'):
+  config = default_config(dataset)
+  config.model = 'tiny'
+  config.workdir = f'runs/warm_start_tiny_{dataset}'
+  config.warm_start.train_base = True
+  config.warm_start.num_dialogues = 512
+  config.warm_start.steps = 1000
+  config.warm_start.batch_size = 8
+  config.warm_start.learning_rate = 1e-3
+  config.eval.num_windows = 8
+  return config
