@@ -6,7 +6,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 
 from coars_jax.data import instruments
 from tests.conftest import require_files

@@ -1,5 +1,3 @@
-import numpy as np
-import pytest
 
 from coars_jax.data import instruments, lastfm, user_sim
 from coars_jax.data.synthetic import synthetic_dataset

@@ -28,7 +28,6 @@ def test_learns_the_synthetic_walk(trained):
 
 
 def test_training_is_reproducible(trained):
-  from coars_jax.data.synthetic import synthetic_dataset
   dataset, result = trained
   config = SASRecConfig(num_items=dataset.num_items, hidden=32, dropout=0.1)
   train = SASRecTrainConfig(learning_rate=5e-3, batch_size=64, max_epochs=2, patience=40, val_candidate_seeds=(0,))
