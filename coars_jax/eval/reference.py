@@ -45,6 +45,7 @@ def reference_rows(dataset: Dataset, models: Mapping[int, SASRec], candidate_see
   counts = popularity(dataset)
   rows = []
   for seed, model in sorted(models.items()):
+    # One stream per (training seed, candidate seed): the training seed takes the window-index slot.
     random_scores = [candidates_lib.window_rng(dataset.name, split, seed, s, purpose='random_baseline')
                      .random(cands.shape[1:]) for s in candidate_seeds]
     rows.append(_row(dataset.name, 'random', seed, candidate_seeds,

@@ -93,4 +93,4 @@ def train_or_load(config: ml_collections.ConfigDict, dataset: Dataset, seed: int
           'peak_rss_mib': round(result.peak_rss_mib, 1), 'train_config': config.train.to_dict(),
           'val_history': result.history}
   checkpoint.save_sasrec(folder, result.model, meta)
-  return result.model, checkpoint.load_sasrec(folder)[1]
+  return result.model, {'model_config': dataclasses.asdict(result.model.config), **meta}
