@@ -1,7 +1,13 @@
-"""Reference table (random, popularity, SASRec): `python -m experiments.evaluate --config=configs/sasrec_lastfm.py`.
+"""Evaluation tables: `python -m experiments.evaluate --config=... [--checkpoint=DIR] [--output=FILE]`.
 
-Trains SASRec for each training seed unless its checkpoint exists, prints the table as markdown, and writes
-the rows as JSON to --output.
+Two kinds of config:
+- `configs/eval_*.py` (an agentic evaluation, `coars_jax.eval.experiment`): plays the two agents on val or test
+  windows, zero-shot or from a checkpoint's adapters (`--checkpoint` overrides `config.checkpoint`), or as the
+  Reflexion memory baseline (`method='reflexion'`), and reports Hit@1, ValidRatio, average turns and user-agent F1.
+- `configs/sasrec_*.py` (the reference rows): trains SASRec for each training seed unless its checkpoint exists,
+  and reports random, popularity and SASRec.
+
+Both print a markdown table and write the rows as JSON to --output.
 """
 
 import json
@@ -10,16 +16,40 @@ import pathlib
 from absl import app, flags
 from ml_collections import config_flags
 
-from coars_jax.eval import reference
+from coars_jax.eval import agentic, reference
+from coars_jax.eval import experiment as agentic_experiment
 from coars_jax.recsys import experiment
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/sasrec_<dataset>.py file.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/eval_*.py or configs/sasrec_*.py file.',
+                                          lock_config=True)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Agentic configs: a folder with both agents\' adapters '
+                                  '(overrides config.checkpoint).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the rows as JSON to this file.')
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def _write(rows, path):
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(rows, indent=2))
+  print(f'\nWrote {len(rows)} rows to {path}')
+
+
+def agentic_main(config):
+  if _CHECKPOINT.value is not None:
+    with config.unlocked():
+      config.checkpoint = _CHECKPOINT.value
+  rows = agentic_experiment.run(config)
+  for row in rows:
+    print(agentic_experiment.summary_line(row))
+  print(f'\n## {rows[0]["dataset"]}, {config.split} split, {rows[0]["num_windows"]} of '
+        f'{rows[0]["windows_of_split"]} windows\n')
+  print(agentic.format_markdown(rows))
+  return rows
+
+
+def reference_main(config):
+  if _CHECKPOINT.value is not None:
+    raise app.UsageError('--checkpoint applies to agentic configs (configs/eval_*.py), not to SASRec configs')
   experiment.validate(config)
   dataset = experiment.load_configured_dataset(config)
   models = {seed: experiment.train_or_load(config, dataset, seed)[0] for seed in config.train_seeds}
@@ -31,11 +61,15 @@ def main(argv):
     prior = reference.afl_prior_hit_at_1(config.data_root or None, allow_download=config.allow_download)
     print(f'\nAFL\'s shipped SASRec top-1 picks (prior_lastfm/SASRec.csv, their candidate lists): '
           f'Hit@1 = {prior:.3f}')
+  return rows
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  rows = agentic_main(config) if 'method' in config else reference_main(config)
   if _OUTPUT.value:
-    path = pathlib.Path(_OUTPUT.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=2))
-    print(f'\nWrote {len(rows)} rows to {path}')
+    _write(rows, _OUTPUT.value)
 
 
 if __name__ == '__main__':

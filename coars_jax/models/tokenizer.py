@@ -111,6 +111,19 @@ def load_tokenizer(model_folder: str | os.PathLike) -> transformers.PreTrainedTo
             from error
 
 
+def load_gguf_tokenizer(gguf_path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer (and chat template) stored inside a GGUF file, e.g. `gguf_checkpoint.smollm2_gguf_path()`,
+    through transformers' GGUF reader (needs the `gguf` package)."""
+    path = pathlib.Path(gguf_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(os.fspath(path.parent), gguf_file=path.name,
+                                                          local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        raise ValueError(f"transformers could not read a tokenizer from {path}: {error}") from error
+
+
 def render_chat(tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
     """The prompt text for `messages` (dicts with "role" and "content").
 

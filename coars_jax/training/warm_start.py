@@ -30,6 +30,7 @@ import tqdm
 from flax import nnx
 
 from coars_jax import configlib
+from coars_jax.agents import backbone
 from coars_jax.agents.episodes import (AGENTS, RECOMMENDER, USER, Episode, LLMBackend, LLMBackendConfig,
                                        RolloutConfig, SASRecPeer, ScriptedBackend, episode_metrics, run_episodes)
 from coars_jax.agents.prompts import format_recommender_output, format_user_output
@@ -40,9 +41,7 @@ from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.adapter_checkpoint import load_adapters, save_adapters
 from coars_jax.models.config import DecoderConfig, RopeScaling
 from coars_jax.models.decoder import Decoder
-from coars_jax.models.hf_checkpoint import load_hf_checkpoint
 from coars_jax.models.lora import BASE_PARAMS, LoRAConfig, add_lora, adapter_index
-from coars_jax.models.presets import get_preset
 from coars_jax.recsys import experiment as sasrec_experiment
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import GREEDY, LengthBuckets, completion_log_probs
@@ -619,7 +618,7 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
       'data_root': '',  # '' -> $COARS_DATA_DIR -> the per-user cache folder
       'allow_download': True,  # fetch missing public originals (checksum-verified) when the network allows
       'workdir': f'runs/warm_start_{dataset}',  # adapters/, base/ (when trained) and warm_start.json
-      'model': 'tiny',  # 'tiny' (random init, own tokenizer) or an HF checkpoint folder with its tokenizer
+      'model': 'tiny',  # 'tiny' (random init, own tokenizer), 'smollm2-135m', or an HF checkpoint folder
       'tokenizer_vocab_size': tokenizer_lib.DEFAULT_VOCAB_SIZE,  # the tiny tokenizer's size (model='tiny' only)
       'model_seed': 0,  # the tiny model's random initialisation
       'sasrec_workdir': f'runs/sasrec_{dataset}',  # where SASRec's checkpoint is (trained there if absent)
@@ -641,8 +640,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   configlib.require(config.dataset in DATASETS, 'dataset', f'one of {DATASETS}', config.dataset)
   for name in ('workdir', 'sasrec_workdir', 'model'):
     configlib.require(isinstance(config[name], str) and config[name], name, 'a non-empty string', config[name])
-  configlib.require(config.model == 'tiny' or pathlib.Path(config.model).is_dir(), 'model',
-                    "'tiny' or an existing HF checkpoint folder", config.model)
+  configlib.require(backbone.is_known(config.model), 'model',
+                    f"one of {sorted(backbone.ALIASES)} or an existing HF checkpoint folder", config.model)
   configlib.require(config.eval.split in ('val', 'test'), 'eval.split', "'val' or 'test'", config.eval.split)
   for name in ('num_windows', 'token_margin'):
     value = config.eval[name]
@@ -660,13 +659,11 @@ def warm_start_config(config: ml_collections.ConfigDict) -> WarmStartConfig:
 
 
 def load_model_and_tokenizer(config: ml_collections.ConfigDict) -> tuple[Decoder, Any]:
-  """The base decoder and its tokenizer: the `tiny` preset at random init with the tiny tokenizer, or an HF
-  checkpoint folder."""
-  if config.model == 'tiny':
-    tokenizer = tokenizer_lib.tiny_tokenizer(config.data_root or None, vocab_size=config.tokenizer_vocab_size,
-                                             allow_download=config.allow_download)
-    return Decoder(get_preset('tiny', vocab_size=len(tokenizer)), rngs=nnx.Rngs(config.model_seed)), tokenizer
-  return load_hf_checkpoint(config.model), tokenizer_lib.load_tokenizer(config.model)
+  """The base decoder and its tokenizer (`agents.backbone.load_backbone`): the `tiny` preset at random init with
+  the tiny tokenizer, SmolLM2-135M-Instruct from its GGUF, or an HF checkpoint folder."""
+  return backbone.load_backbone(backbone.BackboneSpec(
+      name=config.model, data_root=config.data_root or None, allow_download=config.allow_download,
+      tiny_vocab_size=config.tokenizer_vocab_size, seed=config.model_seed))
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:

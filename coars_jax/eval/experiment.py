@@ -1,0 +1,235 @@
+"""The agentic evaluation experiment behind `python -m experiments.evaluate --config=configs/eval_*.py`: load the
+dataset, SASRec (the peer: hint, p_t, q_t), a backbone and optionally a checkpoint with the two agents' adapters;
+play the configured windows once per sampling seed (plain episodes, or the Reflexion memory baseline); add the
+user-agent F1; return one JSON row per seed with the keys of `agentic.ROW_KEYS`.
+
+A config is an `ml_collections.ConfigDict` from `default_config`; `validate` checks it before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from coars_jax import configlib
+from coars_jax.agents import backbone
+from coars_jax.agents.episodes import AGENTS, LLMBackend, LLMBackendConfig, RolloutConfig
+from coars_jax.agents.reflexion import ReflexionConfig
+from coars_jax.agents.trajectory import to_jsonl
+from coars_jax.data import DATASETS, load_dataset
+from coars_jax.data.user_sim import UserSimSet, user_sim_set
+from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic
+from coars_jax.eval.user_f1 import UserF1Config
+from coars_jax.models import tokenizer as tokenizer_lib
+from coars_jax.recsys import experiment as sasrec_experiment
+from coars_jax.sampling import LengthBuckets, SamplingParams
+
+# Methods whose play differs; any other method name is a label for the table (e.g. 'warm_start', 'coars').
+REFLEXION = 'reflexion'
+
+
+def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
+  """Defaults for `configs/eval_*.py`; each field documents what it controls."""
+  reflexion, rollout = ReflexionConfig(), RolloutConfig()
+  return ml_collections.ConfigDict({
+      'dataset': dataset,  # lastfm | movielens | instruments
+      'data_root': '',  # '' -> $COARS_DATA_DIR -> the per-user cache folder
+      'allow_download': True,  # fetch missing public originals (checksum-verified) when the network allows
+      'model': 'tiny',  # backbone: 'tiny', 'smollm2-135m', or an HF checkpoint folder
+      'tokenizer_vocab_size': tokenizer_lib.DEFAULT_VOCAB_SIZE,  # the tiny tokenizer's size (model='tiny' only)
+      'model_seed': 0,  # the tiny model's random initialisation (without a checkpoint)
+      'checkpoint': '',  # a folder with both agents' adapters (warm start or RL); '' runs the base model
+      'method': 'zero_shot',  # the row's label; 'reflexion' plays the memory baseline
+      'model_label': '',  # the row's model name; '' derives it from `model`
+      'sasrec_workdir': f'runs/sasrec_{dataset}',  # SASRec checkpoints (trained there if absent)
+      'sasrec_seed': 0,  # which SASRec training seed is the peer
+      'split': 'test',  # val | test
+      'num_windows': 0,  # the first this many windows of the split; 0 plays them all
+      'batch_size': 32,  # episodes per batched generation
+      'seeds': (0,),  # sampling seeds, one row each (with greedy decoding the rows repeat the same episodes)
+      'rollout': {
+          'max_turns': rollout.max_turns,  # T_u
+          'candidate_seed': rollout.candidate_seed,  # the seed of the candidate lists C
+          'show_hint': rollout.show_hint,  # SASRec's top candidate in the recommender's prompt
+          'show_peer_opinion': rollout.show_peer_opinion,  # p_t in the user's prompt
+      },
+      'sampling': {
+          'temperature': 0.0,  # 0 = greedy
+          'top_k': 0,  # 0 = off
+          'top_p': 1.0,
+      },
+      'recommender_max_new_tokens': 96,
+      'user_max_new_tokens': 64,
+      'prompt_buckets': LengthBuckets().prompt,
+      'completion_buckets': LengthBuckets().completion,
+      'reflexion': {
+          'num_prior_episodes': reflexion.num_prior_episodes,  # P earlier episodes of the same user
+          'max_reflections': 0,  # 0 shows every earlier reflection
+          'show_to_user': reflexion.show_to_user,
+      },
+      'user_f1': {
+          'enabled': True,  # the user-agent F1 on METHOD.md section 6's user-simulation set
+          'num_users': 0,  # the first this many users of the set; 0 judges them all
+          'batch_size': 64,  # judgements per generation call
+      },
+      'trajectories': '',  # write every counted episode as JSON lines here ('' writes none)
+      'progress': True,
+  })
+
+
+def _require_int(config, field: str, least: int) -> None:
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  configlib.require(isinstance(value, int) and not isinstance(value, bool) and value >= least, field,
+                    f'an int >= {least}', value)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails on the first bad field, naming it; runs before any data or weights are read."""
+  configlib.check_keys(config, default_config(config.get('dataset', 'lastfm')))
+  configlib.require(config.dataset in DATASETS, 'dataset', f'one of {DATASETS}', config.dataset)
+  configlib.require(isinstance(config.model, str) and backbone.is_known(config.model), 'model',
+                    f'one of {sorted(backbone.ALIASES)} or an existing HF checkpoint folder', config.model)
+  configlib.require(config.checkpoint == '' or pathlib.Path(config.checkpoint).is_dir(), 'checkpoint',
+                    "'' or an existing checkpoint folder", config.checkpoint)
+  configlib.require(isinstance(config.method, str) and config.method.strip() != '', 'method', 'a non-empty name',
+                    config.method)
+  configlib.require(config.split in ('val', 'test'), 'split', "'val' or 'test'", config.split)
+  for field, least in (('num_windows', 0), ('batch_size', 1), ('sasrec_seed', 0), ('recommender_max_new_tokens', 1),
+                       ('user_max_new_tokens', 1), ('rollout.max_turns', 1), ('rollout.candidate_seed', 0),
+                       ('reflexion.num_prior_episodes', 0), ('reflexion.max_reflections', 0),
+                       ('user_f1.num_users', 0), ('user_f1.batch_size', 1), ('sampling.top_k', 0)):
+    _require_int(config, field, least)
+  configlib.require_int_list(config.seeds, 'seeds')
+  temperature, top_p = config.sampling.temperature, config.sampling.top_p
+  configlib.require(isinstance(temperature, (int, float)) and temperature >= 0, 'sampling.temperature',
+                    'a number >= 0', temperature)
+  configlib.require(isinstance(top_p, (int, float)) and 0 < top_p <= 1, 'sampling.top_p', 'a number in (0, 1]',
+                    top_p)
+  try:
+    _rollout(config), _backend_config(config), _reflexion(config)
+  except (TypeError, ValueError) as error:
+    raise configlib.ConfigError(f'Config groups rollout / sampling / buckets / reflexion: {error}') from error
+
+
+def _rollout(config) -> RolloutConfig:
+  return RolloutConfig(**config.rollout.to_dict())
+
+
+def _reflexion(config) -> ReflexionConfig | None:
+  if config.method != REFLEXION:
+    return None
+  fields = config.reflexion.to_dict()
+  fields['max_reflections'] = fields['max_reflections'] or None
+  return ReflexionConfig(**fields)
+
+
+def _backend_config(config) -> LLMBackendConfig:
+  sampling = config.sampling
+  params = SamplingParams(temperature=float(sampling.temperature), top_k=int(sampling.top_k) or None,
+                          top_p=float(sampling.top_p))
+  return LLMBackendConfig(
+      recommender_max_new_tokens=config.recommender_max_new_tokens, user_max_new_tokens=config.user_max_new_tokens,
+      sampling=params, buckets=LengthBuckets(prompt=tuple(int(n) for n in config.prompt_buckets),
+                                             completion=tuple(int(n) for n in config.completion_buckets)))
+
+
+def load_agents(config: ml_collections.ConfigDict):
+  """(model, tokenizer, adapters): the backbone, with the checkpoint's adapters when one is configured; `adapters`
+  maps each agent to its adapter name, or is None for the base model (zero-shot agents)."""
+  from coars_jax.training.warm_start import load_warm_start  # the checkpoint format; imported late (no cycle)
+  spec = backbone.BackboneSpec(name=config.model, data_root=config.data_root or None,
+                               allow_download=config.allow_download, tiny_vocab_size=config.tokenizer_vocab_size,
+                               seed=config.model_seed)
+  if not config.checkpoint:
+    if spec.canonical == backbone.TINY:
+      logging.warning('Evaluating the tiny preset at its random initialisation (no checkpoint): its agents do not '
+                      'speak the protocol; pass --config.checkpoint=<warm start folder>.')
+    model, tokenizer = backbone.load_backbone(spec)
+    return model, tokenizer, None
+  meta = json.loads((pathlib.Path(config.checkpoint) / 'warm_start.json').read_text()) if (
+      pathlib.Path(config.checkpoint) / 'warm_start.json').is_file() else None
+  if meta is None:
+    raise FileNotFoundError(f'checkpoint {config.checkpoint} holds no warm_start.json; expected a folder written by '
+                            f'experiments.warm_start (or the RL trainer\'s export)')
+  base, tokenizer = backbone.load_backbone(spec, with_weights=not meta['base_saved'])
+  model, _ = load_warm_start(config.checkpoint, base)
+  if len(tokenizer) > model.config.vocab_size:
+    raise ValueError(f'the checkpoint\'s model has vocab_size {model.config.vocab_size} but the tokenizer of '
+                     f'{config.model!r} has {len(tokenizer)} tokens; evaluate with the backbone it was trained on')
+  missing = [agent for agent in AGENTS if agent not in model.adapter_names]
+  if missing:
+    raise ValueError(f'checkpoint {config.checkpoint} has adapters {model.adapter_names}; missing {missing}')
+  return model, tokenizer, {agent: agent for agent in AGENTS}
+
+
+def model_label(config) -> str:
+  if config.model_label:
+    return config.model_label
+  return backbone.BackboneSpec(name=config.model).label
+
+
+def _user_sim(config, dataset) -> UserSimSet | None:
+  if not config.user_f1.enabled:
+    return None
+  sim = user_sim_set(dataset, config.data_root or None, allow_download=config.allow_download)
+  if config.user_f1.num_users:
+    sim = dataclasses.replace(sim, cases=sim.cases[:config.user_f1.num_users])
+  return sim
+
+
+def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """Plays the configured evaluation once per seed; returns the rows (also written where the config says)."""
+  validate(config)
+  dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
+  sasrec_config = sasrec_experiment.default_config(config.dataset)
+  sasrec_config.update({'data_root': config.data_root, 'allow_download': config.allow_download,
+                        'workdir': config.sasrec_workdir, 'progress': config.progress})
+  sasrec, _ = sasrec_experiment.train_or_load(sasrec_config, dataset, config.sasrec_seed)
+  start = time.perf_counter()
+  model, tokenizer, adapters = load_agents(config)
+  load_seconds = time.perf_counter() - start
+  backend = LLMBackend(model, tokenizer, adapters=adapters, config=_backend_config(config))
+  count = len(dataset.split(config.split))
+  indices = tuple(range(min(config.num_windows, count) if config.num_windows else count))
+  eval_config = AgenticEvalConfig(split=config.split, window_indices=indices, batch_size=config.batch_size,
+                                  rollout=_rollout(config), reflexion=_reflexion(config),
+                                  user_f1=UserF1Config(batch_size=config.user_f1.batch_size),
+                                  progress=config.progress)
+  sim = _user_sim(config, dataset)
+  rows, all_episodes = [], []
+  for seed in config.seeds:
+    result = evaluate_agentic(dataset, backend, peer=sasrec, method=config.method, model=model_label(config),
+                              seed=seed, config=eval_config, user_sim=sim)
+    row = dict(result.row)
+    row.update({'checkpoint': config.checkpoint or None, 'windows_of_split': count,
+                'user_f1_users': None if sim is None else len(sim.cases), 'load_seconds': round(load_seconds, 1),
+                'temperature': float(config.sampling.temperature), 'sasrec_seed': config.sasrec_seed})
+    rows.append(row)
+    all_episodes += list(result.episodes)
+  if config.trajectories:
+    path = pathlib.Path(config.trajectories)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_jsonl(all_episodes, path)
+  return rows
+
+
+def summary_line(row: dict) -> str:
+  """One line per row for logs."""
+  f1 = row.get('user_f1')
+  return (f"{row['dataset']} {row['method']} {row['model']} seed {row['seed']}: Hit@1 {row['hit@1']:.4f}, "
+          f"ValidRatio {row['valid_ratio']:.4f}, avg turns {row['avg_turns']:.2f}, user F1 "
+          f"{'—' if f1 is None else f'{f1:.4f}'} ({row['num_windows']} windows, {row['wall_seconds']:.0f} s)")
+
+
+def mean_metric(rows, key: str) -> float:
+  values = [r[key] for r in rows if r.get(key) is not None]
+  return float(np.mean(values)) if values else float('nan')
