@@ -1,0 +1,132 @@
+"""Per-segment rewards R_t of both agents (METHOD.md section 3): the CoARS interaction reward (Eq. 7 for the
+recommender, Eq. 8 for the user, coupled through hit_t and s_t) with its exclusion rule, and the outcome-RL
+baseline's terminal hit reward; `segment_rewards` picks one by name (`REWARD_KINDS`) for the trainer's config.
+Pure jittable functions of per-segment arrays laid out as `agents.Trajectory` rows.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from coars_jax.agents.protocol import ACTIONS
+
+RECOMMENDER_ID, USER_ID = 0, 1  # as `agents.Trajectory.agent`
+# a_t indices (`protocol.ACTIONS`) that accept the recommendation; a miss met with one is excluded (section 3).
+POSITIVE_ACTION_IDS = (ACTIONS.index('star'), ACTIONS.index('click'))
+REWARD_KINDS = ('interaction', 'outcome')
+OUTCOME_ASSIGNMENTS = ('final', 'episode')
+
+
+def stage_weight(turn: jax.Array, gamma: float = 0.9) -> jax.Array:
+  """D_t = gamma^(t-1), the stage-sensitivity weight of Eq. 7 (the project's default form; t from 1)."""
+  return jnp.asarray(gamma, jnp.float32) ** (jnp.asarray(turn, jnp.float32) - 1.0)
+
+
+def interaction_rewards(hit: jax.Array, acceptance_score: jax.Array, peer_similarity: jax.Array,
+                        action: jax.Array, turn: jax.Array, *, gamma: float = 0.9,
+                        alpha: float = 0.1) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The interaction rewards of every segment's turn (Eq. 7, Eq. 8) and which segments enter the loss.
+
+    R_rec_t  = (2 hit_t - 1) (0.5 + 0.5 s_t) D_t,                      D_t = gamma^(t-1)
+    R_user_t = (2 hit_t - 1) (2 s_t - 1) (1 - alpha q_t (2 s_t - 1))
+
+  A turn with hit_t = 0 whose user still clicked or starred is excluded from both agents' losses (the item may
+  really be liked; logged data are incomplete).
+
+  Invalid messages need no case of their own: the rollout already records an invalid recommender message as a
+  miss (hit_t = 0, q_t = 0) and an invalid user message as a skip at s_t = .375 (METHOD.md section 2), and such
+  segments keep their (negative) reward so that breaking the format is penalised. `Trajectory.valid` is
+  therefore not an input.
+
+  Args:
+    hit: bool[S], hit_t = 1 iff i_t = i*.
+    acceptance_score: float[S], s_t in [0, 1].
+    peer_similarity: float[S], q_t in [-1, 1].
+    action: int[S], a_t as an index into `protocol.ACTIONS` (dislike 0, skip 1, star 2, click 3).
+    turn: int[S], t from 1.
+    gamma: the decay of D_t.
+    alpha: the peer-similarity strength alpha of Eq. 8.
+  Returns:
+    (r_rec, r_user, included): float32[S] R_rec_t, float32[S] R_user_t (each segment carries both of its turn's
+    rewards; `agent_reward` picks the one of the segment's own agent), and bool[S] False on excluded turns.
+  """
+  chex.assert_rank([hit, acceptance_score, peer_similarity, action, turn], 1)
+  chex.assert_equal_shape([hit, acceptance_score, peer_similarity, action, turn])
+  hit = jnp.asarray(hit).astype(bool)
+  score = jnp.asarray(acceptance_score, jnp.float32)
+  similarity = jnp.asarray(peer_similarity, jnp.float32)
+  sign = 2.0 * hit.astype(jnp.float32) - 1.0
+  centred = 2.0 * score - 1.0
+  r_rec = sign * (0.5 + 0.5 * score) * stage_weight(turn, gamma)
+  r_user = sign * centred * (1.0 - alpha * similarity * centred)
+  included = ~(~hit & is_positive_action(action))
+  return r_rec, r_user, included
+
+
+def is_positive_action(action: jax.Array) -> jax.Array:
+  """bool[S]: a_t is star or click."""
+  action = jnp.asarray(action)
+  return (action == POSITIVE_ACTION_IDS[0]) | (action == POSITIVE_ACTION_IDS[1])
+
+
+def outcome_rewards(final_hit: jax.Array, agent: jax.Array, turn: jax.Array, last_turn: jax.Array, *,
+                    assign: str = 'final', signed: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The outcome-RL baseline: a terminal hit reward for the recommender only (METHOD.md section 8).
+
+  The reward is whether the episode's recommendation i_T is the target i*, as 2 hit_T - 1 in {-1, +1} by
+  default (`signed`), or hit_T in {0, 1}. Signed is the default because the loss is REINFORCE without a
+  baseline: with {0, 1} a missed episode has zero weight and teaches nothing, while -1 pushes its messages
+  down, and +-1 matches the sign convention (2 hit - 1) of Eq. 7.
+
+  Args:
+    final_hit: bool[S], hit_T of each segment's episode (`Trajectory.final_hit[Trajectory.episode]`).
+    agent: int[S], 0 recommender, 1 user.
+    turn: int[S], t from 1.
+    last_turn: int[S], T of each segment's episode (`Trajectory.num_turns[Trajectory.episode]`).
+    assign: 'final' puts the reward on the final turn's recommender segment only (the brief's terminal reward;
+      earlier recommender turns get no loss); 'episode' gives every recommender segment of the episode the
+      terminal reward, the undiscounted return of a reward paid at the end.
+    signed: 2 hit_T - 1 when True, hit_T when False.
+  Returns:
+    (r_rec, r_user, included): float32[S] the reward on the rewarded recommender segments and 0 elsewhere,
+    float32[S] zeros (the user agent is not trained), and bool[S] True exactly on the rewarded segments.
+  """
+  if assign not in OUTCOME_ASSIGNMENTS:
+    raise ValueError(f'outcome_rewards: assign must be one of {OUTCOME_ASSIGNMENTS}, found {assign!r}')
+  chex.assert_rank([final_hit, agent, turn, last_turn], 1)
+  chex.assert_equal_shape([final_hit, agent, turn, last_turn])
+  final_hit = jnp.asarray(final_hit).astype(jnp.float32)
+  value = 2.0 * final_hit - 1.0 if signed else final_hit
+  rewarded = jnp.asarray(agent) == RECOMMENDER_ID
+  if assign == 'final':
+    rewarded = rewarded & (jnp.asarray(turn) == jnp.asarray(last_turn))
+  r_rec = jnp.where(rewarded, value, 0.0)
+  return r_rec, jnp.zeros_like(r_rec), rewarded
+
+
+def agent_reward(r_rec: jax.Array, r_user: jax.Array, agent: jax.Array) -> jax.Array:
+  """float32[S]: each segment's own agent's reward, R_rec_t on recommender rows and R_user_t on user rows."""
+  chex.assert_equal_shape([r_rec, r_user, agent])
+  return jnp.where(jnp.asarray(agent) == RECOMMENDER_ID, r_rec, r_user).astype(jnp.float32)
+
+
+def segment_rewards(kind: str, *, hit: jax.Array, acceptance_score: jax.Array, peer_similarity: jax.Array,
+                    action: jax.Array, turn: jax.Array, agent: jax.Array, final_hit: jax.Array,
+                    last_turn: jax.Array, gamma: float = 0.9, alpha: float = 0.1,
+                    outcome_assign: str = 'final', outcome_signed: bool = True) -> tuple[jax.Array, jax.Array]:
+  """(R[S], included[S]) for the reward named by config (`REWARD_KINDS`): each segment's own agent's reward.
+
+  'interaction' is Eq. 7-8 with the exclusion rule (`interaction_rewards`); 'outcome' the terminal hit reward
+  of the baseline (`outcome_rewards`; its arguments `outcome_assign` and `outcome_signed`).
+  """
+  if kind == 'interaction':
+    r_rec, r_user, included = interaction_rewards(hit, acceptance_score, peer_similarity, action, turn,
+                                                  gamma=gamma, alpha=alpha)
+  elif kind == 'outcome':
+    r_rec, r_user, included = outcome_rewards(final_hit, agent, turn, last_turn, assign=outcome_assign,
+                                              signed=outcome_signed)
+  else:
+    raise ValueError(f'segment_rewards: kind must be one of {REWARD_KINDS}, found {kind!r}')
+  return agent_reward(r_rec, r_user, agent), included
