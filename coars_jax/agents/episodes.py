@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from coars_jax.agents.output_constraints import recommender_constraint, user_constraint
 from coars_jax.agents.parsing import (ParseConfig, RecommenderParse, UserParse, parse_recommender_output,
                                       parse_user_output)
 from coars_jax.agents.prompts import Memory, Message, PromptConfig, TurnRecord, recommender_messages, user_messages
@@ -24,6 +25,7 @@ from coars_jax.models.tokenizer import END_OF_TURN_TOKENS, render_chat, special_
 from coars_jax.recsys.peer import peer_opinion, peer_similarity, top_candidate
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, generate
+from coars_jax.sampling.constraints import token_classes
 
 RECOMMENDER, USER = 'recommender', 'user'
 # Index of each agent in per-segment arrays (`Trajectory.agent`) and in adapter tables.
@@ -80,7 +82,8 @@ class AgentBackend(Protocol):
   """What the episode loop needs from a language model: one batched call per agent per turn."""
 
   def generate(self, agent: str, prompts: Sequence[Sequence[Message]], *, seed: int,
-               episode_ids: Sequence[int], turn: int) -> list[Generation]:
+               episode_ids: Sequence[int], turn: int,
+               candidates: Sequence[Sequence[str]] | None = None) -> list[Generation]:
     """One message per prompt, in order.
 
     Args:
@@ -89,6 +92,8 @@ class AgentBackend(Protocol):
       seed: the sampling seed of this call; the same seed and prompts give the same messages.
       episode_ids: the episode (row of the batch) each prompt belongs to; a model ignores it, a script uses it.
       turn: t, from 1.
+      candidates: for recommender calls from `run_episodes`, each prompt's candidate titles C in prompt order
+        (constrained decoding needs them); None otherwise. Backends that do not use it accept and ignore it.
     """
     ...
 
@@ -143,7 +148,9 @@ class ScriptedBackend:
     self.calls: list[BackendCall] = []
 
   def generate(self, agent: str, prompts: Sequence[Sequence[Message]], *, seed: int,
-               episode_ids: Sequence[int], turn: int) -> list[Generation]:
+               episode_ids: Sequence[int], turn: int,
+               candidates: Sequence[Sequence[str]] | None = None) -> list[Generation]:
+    del candidates  # a script writes what it was given
     _check_agent(agent)
     self.calls.append(BackendCall(agent=agent, turn=turn, seed=seed, episode_ids=tuple(int(e) for e in episode_ids)))
     generations = []
@@ -172,6 +179,11 @@ class LLMBackendConfig:
     batch_buckets: batch sizes a call is padded up to (with copies of its first prompt, whose outputs are
       dropped), so that the shrinking set of live episodes reuses compiled programs; None pads to the next power
       of two, () runs every call at its exact size.
+    constrained: decode under the agents' output grammars (`agents.output_constraints`): the recommender writes
+      'Reason: <line>' then 'Item: <one of its candidates' titles>', the user 'Reason: <line>', 'Action: <one
+      of the four>' and 'Score: <line>', so every message parses (ValidRatio 1). The behaviour log-probs are
+      then under the constrained distribution, so a trainer must rescore with the same constraint
+      (`sampling.score(..., constraint=)`). Off by default: the model writes freely.
   """
 
   recommender_max_new_tokens: int = 128
@@ -179,6 +191,7 @@ class LLMBackendConfig:
   sampling: SamplingParams = SamplingParams()
   buckets: LengthBuckets = LengthBuckets()
   batch_buckets: tuple[int, ...] | None = None
+  constrained: bool = False
 
   def __post_init__(self):
     for name in ('recommender_max_new_tokens', 'user_max_new_tokens'):
@@ -196,6 +209,8 @@ class LLMBackendConfig:
         raise ValueError(f'LLMBackendConfig.batch_buckets must be None or strictly increasing positive ints, found '
                          f'{self.batch_buckets!r}')
       object.__setattr__(self, 'batch_buckets', sizes)
+    if not isinstance(self.constrained, bool):
+      raise ValueError(f'LLMBackendConfig.constrained must be a bool, found {self.constrained!r}')
 
   def max_new_tokens(self, agent: str) -> int:
     return self.recommender_max_new_tokens if _check_agent(agent) == 0 else self.user_max_new_tokens
@@ -257,6 +272,26 @@ class LLMBackend:
         raise ValueError(f'LLMBackend: adapters[{agent!r}] must be an adapter name, an index in '
                          f'[{ADAPTERS_OFF}, {len(model.adapter_names)}) or None; found {choice!r}')
     self.calls: list[BackendCall] = []
+    self._token_classes = None
+
+  def token_classes(self):
+    """The tokenizer's free-text and line-ending token classes over the model's vocabulary, for constrained
+    decoding; computed on first use (it decodes every token once)."""
+    if self._token_classes is None:
+      self._token_classes = token_classes(self.tokenizer, self.model.config.vocab_size)
+    return self._token_classes
+
+  def constraint(self, agent: str, batch: int, candidates: Sequence[Sequence[str]] | None):
+    """The output grammar of one call padded to `batch` rows (padding rows copy row 0, as the prompts do)."""
+    options = dict(max_new_tokens=self.config.max_new_tokens(agent), vocab_size=self.model.config.vocab_size,
+                   end_token_id=end_of_turn_id(self.tokenizer), classes=self.token_classes())
+    if agent == USER:
+      return user_constraint(self.tokenizer, batch, **options)
+    if candidates is None:
+      raise ValueError('LLMBackend: constrained recommender calls need each prompt\'s candidate titles; pass '
+                       'candidates= (run_episodes does)')
+    rows = [list(row) for row in candidates]
+    return recommender_constraint(self.tokenizer, rows + [rows[0]] * (batch - len(rows)), **options)
 
   def adapter_array(self, agent: str, batch: int) -> np.ndarray | None:
     """The per-row adapter selector for `agent` (None when the model has no adapters); scoring this agent's
@@ -265,10 +300,15 @@ class LLMBackend:
     return None if index is None else np.full((batch,), index, np.int32)
 
   def generate(self, agent: str, prompts: Sequence[Sequence[Message]], *, seed: int,
-               episode_ids: Sequence[int], turn: int) -> list[Generation]:
+               episode_ids: Sequence[int], turn: int,
+               candidates: Sequence[Sequence[str]] | None = None) -> list[Generation]:
+    """One sampled message per prompt (see `AgentBackend.generate`); `candidates` is used only when
+    `config.constrained` is on, where recommender calls need it."""
     _check_agent(agent)
     if len(prompts) != len(episode_ids):
       raise ValueError(f'LLMBackend: {len(prompts)} prompts but {len(episode_ids)} episode ids')
+    if candidates is not None and len(candidates) != len(prompts):
+      raise ValueError(f'LLMBackend: {len(prompts)} prompts but {len(candidates)} candidate lists')
     self.calls.append(BackendCall(agent=agent, turn=turn, seed=seed, episode_ids=tuple(int(e) for e in episode_ids)))
     encoded = [encode_prompt(self.tokenizer, messages) for messages in prompts]
     batch = self.config.padded_batch(len(encoded))
@@ -278,6 +318,8 @@ class LLMBackend:
     adapter = self.adapter_array(agent, batch)
     if adapter is not None:
       kwargs['adapter'] = adapter
+    if self.config.constrained:
+      kwargs['constraint'] = self.constraint(agent, batch, candidates)
     output = generate(self.model, token_lists, max_new_tokens=self.config.max_new_tokens(agent),
                       params=self.config.sampling, buckets=self.config.buckets,
                       eos_token_ids=self.special.eos_ids, pad_token_id=self.special.pad_id, seed=seed, **kwargs)
@@ -494,7 +536,8 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
                  peer, config: RolloutConfig = RolloutConfig(), seed: int = 0) -> list[Episode]:
   """Plays one episode per window, all turn by turn together (METHOD.md section 2).
 
-  Turn t: one `backend.generate('recommender', ...)` call for every live episode, parsing; then one
+  Turn t: one `backend.generate('recommender', ..., candidates=)` call for every live episode (with each
+  episode's candidate titles, which a constrained backend restricts the item to), parsing; then one
   `backend.generate('user', ...)` call for the same episodes; then the memory grows by (m_rec_t, m_user_t).
   Episodes whose user clicked are finished and leave the later calls; the rest stop after T_u turns.
 
@@ -550,7 +593,8 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
         history_titles=history_titles[e], candidate_titles=candidate_titles[e], memory=memories[e],
         hint_title=titles[peer_items[e]] if config.show_hint else None, config=prompt_config) for e in live]
     rec_out = _checked(backend.generate(RECOMMENDER, rec_prompts, seed=turn_seed(seed, t, RECOMMENDER),
-                                        episode_ids=live, turn=t), len(live), RECOMMENDER)
+                                        episode_ids=live, turn=t, candidates=[candidate_titles[e] for e in live]),
+                       len(live), RECOMMENDER)
     rec_parses = [parse_recommender_output(g.text, candidate_titles[e], candidates[e].tolist(), config.parse)
                   for e, g in zip(live, rec_out)]
     shown = [_shown(p, g.text) for p, g in zip(rec_parses, rec_out)]

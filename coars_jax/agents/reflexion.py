@@ -116,10 +116,11 @@ class _ReflectingBackend:
     self.inner, self.sections = inner, list(sections)
     self.agents = (RECOMMENDER, USER) if show_to_user else (RECOMMENDER,)
 
-  def generate(self, agent: str, prompts, *, seed: int, episode_ids, turn: int) -> list[Generation]:
+  def generate(self, agent: str, prompts, *, seed: int, episode_ids, turn: int, candidates=None) -> list[Generation]:
     if agent in self.agents:
       prompts = [with_section(messages, self.sections[e]) for messages, e in zip(prompts, episode_ids, strict=True)]
-    return self.inner.generate(agent, prompts, seed=seed, episode_ids=episode_ids, turn=turn)
+    extra = {} if candidates is None else {'candidates': candidates}  # recommender calls carry the candidates
+    return self.inner.generate(agent, prompts, seed=seed, episode_ids=episode_ids, turn=turn, **extra)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)

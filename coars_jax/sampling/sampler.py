@@ -1,7 +1,9 @@
 """Batched autoregressive generation with a KV cache: a jitted prefill of the left-padded, length-bucketed
 prompts, then one jitted decode program that donates the cache and runs a `lax.while_loop` of one-token
 steps until every row has emitted an end-of-sequence token or max_new_tokens are out, returning the new
-tokens, their mask and lengths, and float32 log-probs of the sampled tokens under the sampling distribution."""
+tokens, their mask and lengths, and float32 log-probs of the sampled tokens under the sampling distribution.
+An optional `constraints.ChoiceConstraint` restricts each row's tokens to an output grammar; its state rides in
+the loop's carry, and tokens and log-probs then come from the masked, renormalised distribution."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from coars_jax.models.kv_cache import KVCache, init_cache
 from coars_jax.sampling import buckets as buckets_lib
 from coars_jax.sampling.buckets import LengthBuckets
 from coars_jax.sampling.compilation import record_trace
+from coars_jax.sampling.constraints import ChoiceConstraint, advance, initial_state, mask_logits
 from coars_jax.sampling.distributions import SamplingParams, sample
 from coars_jax.sampling.model_inputs import (StaticKwargs, inference_view, model_kwargs, positions_from_mask,
                                              split_model_kwargs)
@@ -59,8 +62,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
              prompt_mask: np.ndarray | jax.Array | None = None, max_new_tokens: int,
              params: SamplingParams = SamplingParams(), buckets: LengthBuckets = LengthBuckets(),
              eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
-             seed: int | jax.Array = 0, cache_dtype: str | None = None, **model_call_kwargs: Any
-             ) -> GenerationOutput:
+             seed: int | jax.Array = 0, cache_dtype: str | None = None,
+             constraint: ChoiceConstraint | None = None, **model_call_kwargs: Any) -> GenerationOutput:
     """Samples up to `max_new_tokens` tokens after each prompt.
 
     prompts: ragged token lists, or a left-padded [B, L] array with `prompt_mask` [B, L] (1 = real token,
@@ -72,6 +75,11 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
     pad_token_id: fills padding slots (default model.config.pad_token_id, else 0).
     seed: an int or a jax PRNG key; the same seed and inputs give the same tokens.
     cache_dtype: KV cache dtype (default the model's compute dtype).
+    constraint: restricts row b's message to its grammar (`constraints.ChoiceConstraint`, one row per prompt,
+      vocabulary = the model's); the end token must be among eos_token_ids, and every message must fit in
+      max_new_tokens. Sampling then draws from the masked, renormalised distribution (top-k / top-p over the
+      allowed tokens), and log_probs are under it; `score(..., constraint=)` recomputes them. None (default)
+      runs exactly the unconstrained programs.
     model_call_kwargs: passed to every decoder call, e.g. an adapter selector; arrays are traced, other
       values are static (each distinct value compiles its own programs).
     """
@@ -87,6 +95,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
         raise ValueError(f"generate: prompt + max_new_tokens reaches position {longest}, beyond the model's "
                          f"max_position_embeddings {config.max_position_embeddings}")
     key = jax.random.key(int(seed)) if isinstance(seed, (int, np.integer)) else seed
+    decode_kwargs = {}
+    if constraint is not None:
+        _check_constraint(constraint, tokens.shape[0], config.vocab_size, eos, max_new_tokens)
+        decode_kwargs["constraint"] = constraint
 
     static_kwargs, array_kwargs = split_model_kwargs(model_call_kwargs, "generate")
     graphdef, state = nnx.split(inference_view(model))
@@ -97,7 +109,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
     outputs, _ = _decode(graphdef, state, cache, logits, jnp.asarray(mask.sum(axis=1), jnp.int32),
                          jnp.asarray(max_new_tokens, jnp.int32), key, jnp.asarray(eos, jnp.int32),
                          jnp.asarray(pad, jnp.int32), array_kwargs, static_kwargs=static_kwargs, params=params,
-                         completion_length=completion_length)
+                         completion_length=completion_length, **decode_kwargs)
     return GenerationOutput(**outputs, prompt_tokens=tokens, prompt_mask=mask)
 
 
@@ -149,9 +161,12 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: 
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, logits: jax.Array, prompt_lengths: jax.Array,
             max_new_tokens: jax.Array, key: jax.Array, eos_token_ids: jax.Array, pad_token_id: jax.Array,
             array_kwargs: dict[str, Any], *, static_kwargs: StaticKwargs, params: SamplingParams,
-            completion_length: int) -> tuple[dict[str, jax.Array], KVCache]:
+            completion_length: int, constraint: ChoiceConstraint | None = None
+            ) -> tuple[dict[str, jax.Array], KVCache]:
     """Samples token 0 from the prefill logits, then decodes one token per loop iteration while any row is
-    unfinished and fewer than max_new_tokens were sampled.
+    unfinished and fewer than max_new_tokens were sampled. With a constraint, each step masks the logits by the
+    rows' grammar states and advances them by the sampled tokens; without one (the argument left out) the
+    program is the unconstrained one.
 
     A `while_loop` rather than a Python loop of jitted steps: the stop test runs on the device, so there is
     no host round trip per token, and the whole decode is one program per (batch, bucket) shape.
@@ -172,33 +187,61 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, logits: ja
         log_probs = jax.lax.dynamic_update_slice(log_probs, new_log_probs[:, None], (0, step))
         return tokens, log_probs, done | (active & is_eos(new_tokens)), lengths + active.astype(jnp.int32)
 
-    first_tokens, first_log_probs = sample(jax.random.fold_in(key, 0), logits, params)
+    def draw(step, logits, grammar):
+        """(tokens, log-probs, next grammar state) for one step; grammar is None when unconstrained."""
+        if constraint is None:
+            return *sample(jax.random.fold_in(key, step), logits, params), grammar
+        new_tokens, new_log_probs = sample(jax.random.fold_in(key, step), mask_logits(constraint, grammar, logits),
+                                           params)
+        return new_tokens, new_log_probs, advance(constraint, grammar, new_tokens)
+
+    grammar = None if constraint is None else initial_state(constraint)
+    first_tokens, first_log_probs, grammar = draw(0, logits, grammar)
     tokens, log_probs, done, lengths = record(
         0, jnp.full((batch, completion_length), pad_token_id, jnp.int32),
         jnp.zeros((batch, completion_length), jnp.float32), jnp.zeros((batch,), bool),
         jnp.zeros((batch,), jnp.int32), first_tokens, first_log_probs)
 
     def keep_going(carry):
-        step, _, _, _, done, _ = carry
+        step, _, _, _, done, _, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def decode_step(carry):
-        step, cache, tokens, log_probs, done, lengths = carry
+        step, cache, tokens, log_probs, done, lengths, grammar = carry
         previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
         # Token j of the completion sits at RoPE position prompt_length + j in every row.
         positions = (prompt_lengths + step - 1)[:, None]
         hidden, cache = model.hidden_states(previous, positions, jnp.ones_like(previous), cache, **call_kwargs)
-        new_tokens, new_log_probs = sample(jax.random.fold_in(key, step), model.logits(hidden[:, 0]), params)
+        new_tokens, new_log_probs, grammar = draw(step, model.logits(hidden[:, 0]), grammar)
         tokens, log_probs, done, lengths = record(step, tokens, log_probs, done, lengths, new_tokens,
                                                   new_log_probs)
-        return step + 1, cache, tokens, log_probs, done, lengths
+        return step + 1, cache, tokens, log_probs, done, lengths, grammar
 
-    num_steps, cache, tokens, log_probs, done, lengths = jax.lax.while_loop(
-        keep_going, decode_step, (jnp.asarray(1, jnp.int32), cache, tokens, log_probs, done, lengths))
+    # Unconstrained, grammar is None: an empty pytree, so the loop carries exactly what it did before.
+    num_steps, cache, tokens, log_probs, done, lengths, _ = jax.lax.while_loop(
+        keep_going, decode_step, (jnp.asarray(1, jnp.int32), cache, tokens, log_probs, done, lengths, grammar))
     mask = jnp.arange(completion_length)[None, :] < lengths[:, None]
     # The final cache is returned so the donated input buffers alias it and the loop updates them in place.
     return dict(tokens=tokens, log_probs=log_probs, mask=mask, lengths=lengths, finished=done,
                 num_steps=num_steps), cache
+
+
+def _check_constraint(constraint: ChoiceConstraint, batch: int, vocab_size: int, eos: tuple[int, ...],
+                      max_new_tokens: int) -> None:
+    if not isinstance(constraint, ChoiceConstraint):
+        raise TypeError(f"generate: constraint must be a ChoiceConstraint, found {type(constraint).__name__}")
+    if constraint.batch_size != batch:
+        raise ValueError(f"generate: the constraint has {constraint.batch_size} rows for {batch} prompts")
+    if constraint.vocab_size != vocab_size:
+        raise ValueError(f"generate: the constraint covers {constraint.vocab_size} token ids but the model's "
+                         f"vocab_size is {vocab_size}")
+    end = int(constraint.end_token_id)
+    if end not in eos:
+        raise ValueError(f"generate: the constraint ends messages with token {end}, which is not among the eos tokens "
+                         f"{eos}; rows would never stop")
+    if constraint.max_length() > max_new_tokens:
+        raise ValueError(f"generate: the constraint allows messages of {constraint.max_length()} tokens, more than "
+                         f"max_new_tokens={max_new_tokens}; messages cut short would not follow the grammar")
 
 
 def _pad_token(config, pad_token_id: int | None) -> int:

@@ -1,7 +1,9 @@
 """Scoring given completions: float32 per-token log-probs log pi(y_j | context, y_<j) of a right-padded batch
 of completions after a left-padded batch of contexts, from one full forward pass with the vocabulary
 projection applied only at completion positions, in sequence chunks. CoARS runs it twice on the same
-weights: the student pass (context = the prompt x) and the teacher pass (context = x plus hindsight d)."""
+weights: the student pass (context = the prompt x) and the teacher pass (context = x plus hindsight d). With a
+`constraints.ChoiceConstraint`, the grammar states along each completion are recomputed by a scan over its tokens
+and every position is scored under the same masked distribution the sampler drew from."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from coars_jax.models.decoder import Decoder
 from coars_jax.sampling import buckets as buckets_lib
 from coars_jax.sampling.buckets import LengthBuckets
 from coars_jax.sampling.compilation import record_trace
+from coars_jax.sampling.constraints import ChoiceConstraint, ConstraintState, mask_logits, states_along
 from coars_jax.sampling.distributions import SamplingParams, log_probs
 from coars_jax.sampling.model_inputs import (StaticKwargs, inference_view, model_kwargs, positions_from_mask,
                                              split_model_kwargs)
@@ -28,7 +31,7 @@ MODEL_DISTRIBUTION = SamplingParams()
 def completion_log_probs(model: Decoder, context_tokens: jax.Array, context_mask: jax.Array,
                          completion_tokens: jax.Array, completion_mask: jax.Array, *,
                          params: SamplingParams = MODEL_DISTRIBUTION, chunk_size: int | None = None,
-                         **model_call_kwargs: Any) -> jax.Array:
+                         constraint: ChoiceConstraint | None = None, **model_call_kwargs: Any) -> jax.Array:
     """Pure and differentiable, for use inside a jitted loss: log-probs [B, C] float32 of completion_tokens.
 
     context_tokens, context_mask: [B, X], left-padded, each row with at least one real token.
@@ -37,6 +40,8 @@ def completion_log_probs(model: Decoder, context_tokens: jax.Array, context_mask
       its behaviour log-probs; greedy params score under the model's own distribution, as the sampler reports).
     chunk_size: project at most this many completion positions onto the vocabulary at once (None: all), to
       bound the [B, chunk, V] float32 logits held in memory.
+    constraint: score under this output grammar, as `generate(..., constraint=)` sampled (the same constraint
+      object, one row per completion): a token the grammar forbids at its position scores -inf.
     """
     tokens = jnp.concatenate([context_tokens, completion_tokens], axis=1).astype(jnp.int32)
     mask = jnp.concatenate([context_mask, completion_mask], axis=1).astype(jnp.int32)
@@ -45,19 +50,24 @@ def completion_log_probs(model: Decoder, context_tokens: jax.Array, context_mask
     # slot X - 1 + j: the last context token for j = 0, then the completion itself.
     context_length, completion_length = context_tokens.shape[1], completion_tokens.shape[1]
     predicting = hidden[:, context_length - 1:context_length - 1 + completion_length]
-    scores = _target_log_probs(model, predicting, completion_tokens.astype(jnp.int32), params, chunk_size)
+    completion_tokens = completion_tokens.astype(jnp.int32)
+    grammar = None if constraint is None else states_along(constraint, completion_tokens)
+    scores = _target_log_probs(model, predicting, completion_tokens, params, chunk_size, constraint, grammar)
     return jnp.where(completion_mask != 0, scores, 0.0)
 
 
 def score(model: Decoder, context_tokens: np.ndarray | jax.Array, context_mask: np.ndarray | jax.Array,
           completion_tokens: np.ndarray | jax.Array, completion_mask: np.ndarray | jax.Array, *,
           params: SamplingParams = MODEL_DISTRIBUTION, buckets: LengthBuckets | None = None,
-          chunk_size: int | None = 256, pad_token_id: int = 0, **model_call_kwargs: Any) -> jax.Array:
+          chunk_size: int | None = 256, pad_token_id: int = 0, constraint: ChoiceConstraint | None = None,
+          **model_call_kwargs: Any) -> jax.Array:
     """Jitted `completion_log_probs` (no gradient) on host or device arrays, after checking the padding.
 
     buckets: if given, contexts are left-padded to a prompt bucket and completions right-padded to a
       completion bucket before the call, bounding the programs compiled; the result then has the bucket's
       width, with 0 past the input's columns (slicing it back would compile a new program per width).
+    constraint: the output grammar the completions were sampled under (see `completion_log_probs`); None scores
+      under the unconstrained distribution with the unconstrained program.
     model_call_kwargs: passed to the decoder call, e.g. an adapter selector (arrays traced, the rest static).
     Returns [B, C'] float32, C' = C or its bucket.
     """
@@ -78,40 +88,68 @@ def score(model: Decoder, context_tokens: np.ndarray | jax.Array, context_mask: 
             completion_tokens, completion_mask, buckets.completion_length(completion_tokens.shape[1]), pad_token_id)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"score: chunk_size must be positive or None, found {chunk_size}")
+    score_kwargs = {}
+    if constraint is not None:
+        if not isinstance(constraint, ChoiceConstraint):
+            raise TypeError(f"score: constraint must be a ChoiceConstraint, found {type(constraint).__name__}")
+        if constraint.batch_size != context_tokens.shape[0]:
+            raise ValueError(f"score: the constraint has {constraint.batch_size} rows for {context_tokens.shape[0]} "
+                             "completions")
+        # Left out when None, so the unconstrained call is the same jit call (and program) as before.
+        score_kwargs["constraint"] = constraint
     static_kwargs, array_kwargs = split_model_kwargs(model_call_kwargs, "score")
     graphdef, state = nnx.split(inference_view(model))
     return _score(graphdef, state, jnp.asarray(context_tokens), jnp.asarray(context_mask),
                   jnp.asarray(completion_tokens), jnp.asarray(completion_mask), array_kwargs,
-                  static_kwargs=static_kwargs, params=params, chunk_size=chunk_size)
+                  static_kwargs=static_kwargs, params=params, chunk_size=chunk_size, **score_kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static_kwargs", "params", "chunk_size"))
 def _score(graphdef: nnx.GraphDef, state: nnx.State, context_tokens: jax.Array, context_mask: jax.Array,
            completion_tokens: jax.Array, completion_mask: jax.Array, array_kwargs: dict[str, Any], *,
-           static_kwargs: StaticKwargs, params: SamplingParams, chunk_size: int | None) -> jax.Array:
+           static_kwargs: StaticKwargs, params: SamplingParams, chunk_size: int | None,
+           constraint: ChoiceConstraint | None = None) -> jax.Array:
     record_trace("scoring.score")
     model = nnx.merge(graphdef, state)
     return completion_log_probs(model, context_tokens, context_mask, completion_tokens, completion_mask,
-                                params=params, chunk_size=chunk_size, **model_kwargs(static_kwargs, array_kwargs))
+                                params=params, chunk_size=chunk_size, constraint=constraint,
+                                **model_kwargs(static_kwargs, array_kwargs))
 
 
 def _target_log_probs(model: Decoder, hidden: jax.Array, targets: jax.Array, params: SamplingParams,
-                      chunk_size: int | None) -> jax.Array:
-    """log pi(targets) [B, C] from hidden states [B, C, E], chunk_size positions at a time."""
+                      chunk_size: int | None, constraint: ChoiceConstraint | None = None,
+                      grammar: ConstraintState | None = None) -> jax.Array:
+    """log pi(targets) [B, C] from hidden states [B, C, E], chunk_size positions at a time; with a constraint,
+    `grammar` holds the states [B, C, ...] before each target, and the logits are masked by them."""
 
-    def chunk_log_probs(hidden_chunk, target_chunk):
-        scores = log_probs(model.logits(hidden_chunk), params)
+    def chunk_log_probs(hidden_chunk, target_chunk, grammar_chunk=None):
+        logits = model.logits(hidden_chunk)
+        if constraint is not None:
+            # Mapped over positions (axis 1): the masks are [B, chunk, V] like the logits, never [B, C, V].
+            logits = jax.vmap(functools.partial(mask_logits, constraint), in_axes=1, out_axes=1)(grammar_chunk, logits)
+        scores = log_probs(logits, params)
         return jnp.take_along_axis(scores, target_chunk[..., None], axis=-1)[..., 0]
 
     batch, length, embed = hidden.shape
     if chunk_size is None or length <= chunk_size:
-        return chunk_log_probs(hidden, targets)
+        return chunk_log_probs(hidden, targets, grammar)
     num_chunks = -(-length // chunk_size)
     padded = num_chunks * chunk_size
     hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, padded - length)))
     hidden_chunks = hidden.reshape(batch, num_chunks, chunk_size, embed).swapaxes(0, 1)
     target_chunks = targets.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
+    chunks = (hidden_chunks, target_chunks)
+    if constraint is not None:
+        chunks += (jax.tree.map(lambda leaf: _chunked(leaf, num_chunks, chunk_size), grammar),)
     # Rematerialised under differentiation, so the backward pass also holds one chunk of logits at a time.
-    scores = jax.lax.map(lambda chunk: jax.checkpoint(chunk_log_probs)(*chunk), (hidden_chunks, target_chunks))
+    scores = jax.lax.map(lambda chunk: jax.checkpoint(chunk_log_probs)(*chunk), chunks)
     return scores.swapaxes(0, 1).reshape(batch, padded)[:, :length]
+
+
+def _chunked(leaf: jax.Array, num_chunks: int, chunk_size: int) -> jax.Array:
+    """[B, C, ...] -> [num_chunks, B, chunk_size, ...], padding positions at the end with zeros (those
+    positions' scores are dropped)."""
+    padding = [(0, 0), (0, num_chunks * chunk_size - leaf.shape[1])] + [(0, 0)] * (leaf.ndim - 2)
+    leaf = jnp.pad(leaf, padding)
+    return leaf.reshape(leaf.shape[0], num_chunks, chunk_size, *leaf.shape[2:]).swapaxes(0, 1)
