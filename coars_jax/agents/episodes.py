@@ -22,7 +22,7 @@ from coars_jax.data.candidates import NUM_CANDIDATES, candidate_list
 from coars_jax.data.schema import Dataset
 from coars_jax.models.lora import ADAPTERS_OFF
 from coars_jax.models.tokenizer import END_OF_TURN_TOKENS, render_chat, special_token_ids
-from coars_jax.recsys.peer import peer_opinion, peer_similarity, top_candidate
+from coars_jax.recsys.peer import candidate_ranking, peer_opinion, peer_similarity, top_candidate
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, generate
 from coars_jax.sampling.constraints import token_classes
@@ -349,12 +349,18 @@ class Peer(Protocol):
     """float[B, C]: q in [-1, 1] between each user and each of their candidates."""
     ...
 
+  # Optional: `candidate_ranking(history, lengths, candidates) -> int[B, C]`, each list best first. With it the
+  # hint moves on to the best candidate not yet recommended; without it the hint stays on the top candidate.
+
 
 class SASRecPeer:
   """`Peer` from a trained SASRec (`recsys.SASRec`), via `recsys.peer`."""
 
   def __init__(self, model):
     self.model = model
+
+  def candidate_ranking(self, history, lengths, candidates):
+    return candidate_ranking(self.model, history, lengths, candidates)
 
   def top_candidates(self, history, lengths, candidates):
     return np.asarray(top_candidate(self.model, np.asarray(history, np.int32), np.asarray(lengths, np.int32),
@@ -381,8 +387,10 @@ class RolloutConfig:
     max_turns: T_u, the most turns an episode runs (default 5, as in AFL); it stops earlier on a click.
     candidate_seed: the seed of the candidate lists C (`data.candidate_list`); fixed so C is the same every run.
     num_candidates: |C| (20 in the protocol).
-    show_hint: whether the recommender's input x_rec_t includes SASRec's top candidate as a hint (the paper's
-      "optionally"); off by default, so the recommender's Hit@1 is its own.
+    show_hint: whether the recommender's input x_rec_t includes SASRec's top pick as a hint (the paper's
+      "optionally"); off by default, so the recommender's Hit@1 is its own. The hint at turn t is SASRec's
+      highest-scored candidate that this episode has not recommended yet (at t = 1, its top candidate), when the
+      peer can rank candidates (`SASRecPeer` can); otherwise SASRec's top candidate at every turn.
     show_peer_opinion: whether the user's input x_user_t includes the peer opinion p_t naming SASRec's top
       candidate (on, as the protocol has it).
     prompt: wording of both prompts; None takes `PromptConfig.for_dataset(dataset.name)`.
@@ -581,6 +589,19 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
       raise ValueError(f'peer top candidate {int(peer_items[row])} of window {indices[row]} is not in its candidate '
                        f'list; the hint and p_t must name a candidate')
 
+  ranking = None
+  if config.show_hint and hasattr(peer, 'candidate_ranking'):
+    ranking = np.asarray(peer.candidate_ranking(history, lengths, candidates)).astype(np.int64)
+    if ranking.shape != candidates.shape or (ranking[:, 0] != peer_items).any():
+      raise ValueError(f'peer candidate_ranking returned shape {ranking.shape} (expected {candidates.shape}) or a '
+                       f'first column that is not its top candidate')
+
+  def hint_item(e: int) -> int:
+    if ranking is None:
+      return int(peer_items[e])
+    shown = {turn.item for turn in turns[e]}
+    return int(next((item for item in ranking[e] if item not in shown), peer_items[e]))
+
   window_list = [windows.window(i) for i in indices]
   history_titles = [[titles[item] for item in window.history] for window in window_list]
   candidate_titles = [[titles[item] for item in row] for row in candidates]
@@ -591,7 +612,7 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
   for t in range(1, config.max_turns + 1):
     rec_prompts = [recommender_messages(
         history_titles=history_titles[e], candidate_titles=candidate_titles[e], memory=memories[e],
-        hint_title=titles[peer_items[e]] if config.show_hint else None, config=prompt_config) for e in live]
+        hint_title=titles[hint_item(e)] if config.show_hint else None, config=prompt_config) for e in live]
     rec_out = _checked(backend.generate(RECOMMENDER, rec_prompts, seed=turn_seed(seed, t, RECOMMENDER),
                                         episode_ids=live, turn=t, candidates=[candidate_titles[e] for e in live]),
                        len(live), RECOMMENDER)

@@ -190,7 +190,7 @@ def recommender_messages(*, history_titles: Sequence[str], candidate_titles: Seq
   ]
   if hint_title is not None:
     sections.append(f'Hint: a sequential recommender trained on past interactions ranks "{_title_line(hint_title)}" '
-                    f'first among the candidates.')
+                    f'first among the candidates not recommended yet in this dialogue.')
   return [{'role': 'system', 'content': recommender_system_prompt(config)},
           {'role': 'user', 'content': '\n\n'.join(sections)}]
 

@@ -65,6 +65,7 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
           'top_k': 0,  # 0 = off
           'top_p': 1.0,
       },
+      'constrained': False,  # decode Item:/Action: under the output grammar (ValidRatio 1 by construction)
       'recommender_max_new_tokens': 96,
       'user_max_new_tokens': 64,
       'prompt_buckets': LengthBuckets().prompt,
@@ -109,6 +110,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        ('user_f1.num_users', 0), ('user_f1.batch_size', 1), ('sampling.top_k', 0)):
     _require_int(config, field, least)
   configlib.require_int_list(config.seeds, 'seeds')
+  configlib.require(isinstance(config.constrained, bool), 'constrained', 'a bool', config.constrained)
   temperature, top_p = config.sampling.temperature, config.sampling.top_p
   configlib.require(isinstance(temperature, (int, float)) and temperature >= 0, 'sampling.temperature',
                     'a number >= 0', temperature)
@@ -138,7 +140,7 @@ def _backend_config(config) -> LLMBackendConfig:
                           top_p=float(sampling.top_p))
   return LLMBackendConfig(
       recommender_max_new_tokens=config.recommender_max_new_tokens, user_max_new_tokens=config.user_max_new_tokens,
-      sampling=params, buckets=LengthBuckets(prompt=tuple(int(n) for n in config.prompt_buckets),
+      sampling=params, constrained=bool(config.constrained), buckets=LengthBuckets(prompt=tuple(int(n) for n in config.prompt_buckets),
                                              completion=tuple(int(n) for n in config.completion_buckets)))
 
 
@@ -212,7 +214,8 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     row = dict(result.row)
     row.update({'checkpoint': config.checkpoint or None, 'windows_of_split': count,
                 'user_f1_users': None if sim is None else len(sim.cases), 'load_seconds': round(load_seconds, 1),
-                'temperature': float(config.sampling.temperature), 'sasrec_seed': config.sasrec_seed})
+                'temperature': float(config.sampling.temperature), 'sasrec_seed': config.sasrec_seed,
+                'constrained': bool(config.constrained)})
     rows.append(row)
     all_episodes += list(result.episodes)
   if config.trajectories:

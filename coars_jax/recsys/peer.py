@@ -5,6 +5,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from coars_jax.recsys.sasrec import SASRec
@@ -16,6 +17,22 @@ def top_candidate(model: SASRec, history: jax.Array, lengths: jax.Array, candida
   chex.assert_rank(candidates, 2)
   scores = jnp.take_along_axis(model(history, lengths), candidates, axis=1)
   return jnp.take_along_axis(candidates, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
+
+
+@nnx.jit
+def candidate_scores(model: SASRec, history: jax.Array, lengths: jax.Array, candidates: jax.Array) -> jax.Array:
+  """float32[B, C]: SASRec's score of each candidate of each list."""
+  chex.assert_rank(candidates, 2)
+  return jnp.take_along_axis(model(history, lengths), candidates, axis=1)
+
+
+def candidate_ranking(model: SASRec, history, lengths, candidates) -> np.ndarray:
+  """int[B, C]: each candidate list reordered by SASRec's score, best first; ties keep list order, as
+  `top_candidate`'s argmax does, so column 0 is `top_candidate`."""
+  candidates = np.asarray(candidates, np.int32)
+  scores = np.asarray(candidate_scores(model, jnp.asarray(history, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                                       jnp.asarray(candidates)))
+  return np.take_along_axis(candidates, np.argsort(-scores, axis=1, kind='stable'), axis=1)
 
 
 @nnx.jit

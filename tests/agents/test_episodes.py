@@ -235,6 +235,37 @@ def test_hint_and_peer_opinion_follow_the_config():
   assert plain.peer_item == hinted.peer_item == candidates_of(0)[3]
 
 
+class RankingPeer(TablePeer):
+  """TablePeer that also ranks: candidates in reverse list order, except that the 4th comes first."""
+
+  def candidate_ranking(self, history, lengths, candidates):
+    candidates = np.asarray(candidates)
+    rest = [c for c in range(candidates.shape[1] - 1, -1, -1) if c != 3]
+    return candidates[:, [3] + rest]
+
+
+def test_hint_moves_to_the_best_candidate_not_yet_recommended():
+  ranked = [candidates_of(1)[3]] + [candidates_of(1)[c] for c in range(19, -1, -1) if c != 3]
+  # Turn 1 recommends the hint (rank 1), turn 2 an item ranked below rank 2, turn 3 anything.
+  plan = {0: [(rec(title(ranked[0])), user('skip', 0.3)), (rec(title(ranked[5])), user('skip', 0.3)),
+              (rec(title(ranked[2])), user('skip', 0.3))]}
+  plan[0] = [(r.replace(title(target_of(1)), title(non_target(1))), u) for r, u in plan[0]]
+  (episode,) = run_episodes(DATASET, SPLIT, [1], plan_backend(plan), peer=RankingPeer(),
+                            config=RolloutConfig(show_hint=True, max_turns=3))
+  recommended = [turn.item for turn in episode.turns]
+  expected = []
+  for t in range(3):
+    expected.append(next(item for item in ranked if item not in recommended[:t]))
+  prompts = [turn.recommender.prompt_text for turn in episode.turns]
+  for t, (prompt, item) in enumerate(zip(prompts, expected)):
+    assert f'ranks "{title(item)}" first' in prompt, (t, title(item))
+  assert expected[0] == ranked[0] and expected[1] == ranked[1]
+  # A peer without a ranking keeps the top candidate as the hint on every turn.
+  (static,) = run_episodes(DATASET, SPLIT, [1], plan_backend(plan), peer=TablePeer(),
+                           config=RolloutConfig(show_hint=True, max_turns=3))
+  assert all(f'ranks "{title(ranked[0])}" first' in turn.recommender.prompt_text for turn in static.turns)
+
+
 def test_sasrec_peer_gives_top_candidate_and_cosine():
   model = SASRec(SASRecConfig(num_items=DATASET.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0),
                  rngs=nnx.Rngs(0))
