@@ -13,6 +13,7 @@ def get_config(arg: str = 'lastfm'):
   config.model = 'tiny'
   config.method = method or 'warm_start'
   config.checkpoint = f'runs/warm_start_tiny_{dataset}'
+  config.rollout.show_hint = True  # as in configs/warm_start_tiny.py
   config.batch_size = 64
   config.user_f1.batch_size = 256
   return config
