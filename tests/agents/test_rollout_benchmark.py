@@ -1,0 +1,109 @@
+"""Smoke test of the rollout benchmark (`coars_jax.agents.benchmark`) on the synthetic dataset with a micro model:
+the figures must be consistent with each other and with the episodes; speed is not checked."""
+
+import json
+
+import numpy as np
+import pytest
+
+from coars_jax.agents import benchmark
+from coars_jax.agents import episodes as ep
+from coars_jax.agents.episodes import LLMBackendConfig, RolloutConfig
+from coars_jax.models.tokenizer import render_chat
+from coars_jax.sampling import LengthBuckets, SamplingParams
+from coars_jax.sampling import sampler
+from tests.agents.test_episodes import DATASET, SPLIT, TablePeer, small_tokenizer, tiny_lora_model
+
+MAX_NEW_TOKENS = 6
+# The jitted programs as imported, before any measurement wrapped them.
+PREFILL, DECODE = sampler._prefill, sampler._decode
+
+
+@pytest.fixture(scope='module')
+def measured():
+  tokenizer = small_tokenizer()
+  model = tiny_lora_model(len(tokenizer))
+  config = LLMBackendConfig(recommender_max_new_tokens=MAX_NEW_TOKENS, user_max_new_tokens=MAX_NEW_TOKENS,
+                            sampling=SamplingParams(temperature=1.0),
+                            buckets=LengthBuckets(prompt=(512, 1024), completion=(8,)))
+  summary, episodes = benchmark.measure_rollouts(
+      model, tokenizer, DATASET, TablePeer(), split=SPLIT, window_indices=[0, 1, 2, 3],
+      rollout=RolloutConfig(max_turns=2), backend_config=config, adapters={'recommender': 'recommender', 'user': 1},
+      repeats=2, seed=3)
+  return summary, episodes, tokenizer
+
+
+def test_summary_is_consistent_with_the_episodes(measured):
+  summary, episodes, _ = measured
+  json.dumps(summary)  # the script writes it as JSON
+  assert summary['episodes'] == len(episodes) == summary['windows'] == 4
+  assert summary['turns'] == sum(e.num_turns for e in episodes)
+  assert summary['messages'] == 2 * summary['turns']
+  generated = sum(t.recommender.completion_ids.size + t.user.completion_ids.size for e in episodes for t in e.turns)
+  prompt = sum(t.recommender.prompt_ids.size + t.user.prompt_ids.size for e in episodes for t in e.turns)
+  assert summary['generated_tokens'] == generated > 0
+  assert summary['prompt_tokens'] == prompt > 0
+  assert summary['recommender_generated_tokens'] + summary['user_generated_tokens'] == generated
+  # The sampler's own count (real rows of each call) agrees with the episodes'.
+  assert sum(c['generated_tokens'] for c in summary['calls']) == generated
+  assert sum(c['prompt_tokens'] for c in summary['calls']) == prompt
+  # One call per agent per turn, with the live episodes of that turn.
+  assert summary['generate_calls'] == len(summary['calls']) == 2 * max(e.num_turns for e in episodes)
+  assert sum(c['live'] for c in summary['calls']) == summary['messages']
+  assert all(c['padded_batch'] >= c['live'] for c in summary['calls'])
+  assert summary['padded_prompt_tokens'] >= prompt
+  assert summary['repeats_replayed_same_tokens'] and summary['timed_compiles'] == 0
+  assert summary['stage_calls']['llm_prefill'] == summary['stage_calls']['llm_decode'] == summary['generate_calls']
+  assert summary['stage_calls']['detokenize'] == summary['messages']
+  assert summary['stage_calls']['tokenize'] == summary['stage_calls']['chat_template'] == summary['messages']
+  assert summary['stage_calls']['parse'] == summary['messages']
+  assert summary['stage_calls']['peer'] == 2
+
+
+def test_rates_and_shares_add_up(measured):
+  summary, _, _ = measured
+  wall = summary['wall_seconds']
+  assert wall == min(summary['wall_seconds_all_repeats']) > 0
+  assert summary['episodes_per_s'] == pytest.approx(summary['episodes'] / wall)
+  assert summary['generated_tokens_per_s'] == pytest.approx(summary['generated_tokens'] / wall)
+  seconds, shares = summary['seconds'], summary['shares']
+  assert set(seconds) == set(shares) == set(benchmark.STAGES)
+  assert all(value >= 0 for value in seconds.values())
+  assert sum(seconds.values()) == pytest.approx(wall, rel=1e-9)
+  assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
+  jit = seconds['llm_prefill'] + seconds['llm_decode']
+  assert summary['jit_seconds'] == pytest.approx(jit)
+  assert summary['outside_jit_share'] == pytest.approx(1 - jit / wall)
+  assert sum(summary['outside_jit_shares'].values()) == pytest.approx(1.0)
+  assert summary['meets_target'] == (summary['outside_jit_share'] <= benchmark.TARGET_OUTSIDE_JIT_SHARE)
+  assert summary['prefill_tokens_per_s'] == pytest.approx(summary['prompt_tokens'] / seconds['llm_prefill'])
+  assert summary['decode_tokens_per_s'] == pytest.approx(summary['generated_tokens'] / seconds['llm_decode'])
+  calls = summary['calls']
+  assert sum(c['prefill_seconds'] for c in calls) == pytest.approx(seconds['llm_prefill'])
+  assert sum(c['decode_seconds'] for c in calls) == pytest.approx(seconds['llm_decode'])
+
+
+def test_wrappers_are_removed_afterwards(measured):
+  _, _, tokenizer = measured
+  assert ep.generate is sampler.generate
+  assert ep.render_chat is render_chat
+  assert 'decode' not in vars(tokenizer)
+  assert sampler._prefill is PREFILL and sampler._decode is DECODE
+
+
+def test_stage_timer_charges_nested_time_once():
+  timer = benchmark.StageTimer()
+  inner = timer.wrap('inner', lambda: sum(range(20000)))
+  outer = timer.wrap('outer', lambda: [inner() for _ in range(3)])
+  outer()
+  assert timer.calls == {'inner': 3, 'outer': 1}
+  assert timer.seconds['inner'] > 0 and timer.seconds['outer'] >= 0
+
+
+def test_evenly_spaced_windows():
+  assert benchmark.evenly_spaced(3, 11) == [0, 5, 10]
+  assert benchmark.evenly_spaced(1, 4) == [0]
+  assert len(set(benchmark.evenly_spaced(64, 122))) == 64
+  with pytest.raises(ValueError, match='only 2'):
+    benchmark.evenly_spaced(3, 2)
+  np.testing.assert_array_equal(benchmark.evenly_spaced(4, 4), [0, 1, 2, 3])
