@@ -1,6 +1,8 @@
 """Per-segment rewards R_t of both agents (METHOD.md section 3): the CoARS interaction reward (Eq. 7 for the
-recommender, Eq. 8 for the user, coupled through hit_t and s_t) with its exclusion rule, and the outcome-RL
-baseline's terminal hit reward; `segment_rewards` picks one by name (`REWARD_KINDS`) for the trainer's config.
+recommender, Eq. 8 for the user, coupled through hit_t and s_t) with its exclusion rule, the outcome-RL
+baseline's terminal hit reward and the judge-RL baseline's terminal 2p - 1; `segment_rewards` picks one of the
+first two by name (`REWARD_KINDS`) for the trainer's config (the judge's p comes from a model pass, so the trainer
+calls `judge_rewards` itself).
 Pure jittable functions of per-segment arrays laid out as `agents.Trajectory` rows.
 """
 
@@ -99,6 +101,30 @@ def outcome_rewards(final_hit: jax.Array, agent: jax.Array, turn: jax.Array, las
   chex.assert_equal_shape([final_hit, agent, turn, last_turn])
   final_hit = jnp.asarray(final_hit).astype(jnp.float32)
   value = 2.0 * final_hit - 1.0 if signed else final_hit
+  rewarded = jnp.asarray(agent) == RECOMMENDER_ID
+  if assign == 'final':
+    rewarded = rewarded & (jnp.asarray(turn) == jnp.asarray(last_turn))
+  r_rec = jnp.where(rewarded, value, 0.0)
+  return r_rec, jnp.zeros_like(r_rec), rewarded
+
+
+def judge_rewards(judge_probability: jax.Array, agent: jax.Array, turn: jax.Array, last_turn: jax.Array, *,
+                  assign: str = 'final') -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The judge-RL baseline: a terminal reward for the recommender only, 2 p - 1 in [-1, 1], where p is the frozen
+  base model's probability that the finished dialogue found an item the user wants next (METHOD.md section 8,
+  "judge-based outcome rewards"; the trainer asks the base model, adapters off).
+
+  Args:
+    judge_probability: float[S], p of each segment's episode (the same value on all its segments).
+    agent, turn, last_turn, assign: as in `outcome_rewards`.
+  Returns:
+    (r_rec, r_user, included) laid out as `outcome_rewards` returns them.
+  """
+  if assign not in OUTCOME_ASSIGNMENTS:
+    raise ValueError(f'judge_rewards: assign must be one of {OUTCOME_ASSIGNMENTS}, found {assign!r}')
+  chex.assert_rank([judge_probability, agent, turn, last_turn], 1)
+  chex.assert_equal_shape([judge_probability, agent, turn, last_turn])
+  value = 2.0 * jnp.clip(jnp.asarray(judge_probability, jnp.float32), 0.0, 1.0) - 1.0
   rewarded = jnp.asarray(agent) == RECOMMENDER_ID
   if assign == 'final':
     rewarded = rewarded & (jnp.asarray(turn) == jnp.asarray(last_turn))

@@ -85,6 +85,23 @@ def test_outcome_rewards_terminal_hit_for_the_recommender_only():
     rw.outcome_rewards(final_hit, agent, turn, last_turn, assign='all')
 
 
+def test_judge_rewards_terminal_two_p_minus_one_for_the_recommender_only():
+  # Same layout as the outcome test; the judge's p is 0.8 for episode A and 0.1 for episode B.
+  probability = np.array([0.8] * 4 + [0.1] * 2, np.float32)
+  agent = np.array([0, 1, 0, 1, 0, 1])
+  turn = np.array([1, 1, 2, 2, 1, 1])
+  last_turn = np.array([2, 2, 2, 2, 1, 1])
+  r_rec, r_user, included = rw.judge_rewards(probability, agent, turn, last_turn)
+  np.testing.assert_allclose(r_rec, [0, 0, 0.6, 0, -0.8, 0], rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(r_user, 0)
+  np.testing.assert_array_equal(included, [False, False, True, False, True, False])
+  r_rec, _, included = rw.judge_rewards(probability, agent, turn, last_turn, assign='episode')
+  np.testing.assert_allclose(r_rec, [0.6, 0, 0.6, 0, -0.8, 0], rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(included, [True, False, True, False, True, False])
+  with pytest.raises(ValueError, match="assign must be one of"):
+    rw.judge_rewards(probability, agent, turn, last_turn, assign='all')
+
+
 def test_segment_rewards_switches_by_name():
   example = worked_example()
   common = dict(**example, agent=np.array([0, 1, 0, 1]), final_hit=np.array([True] * 4), last_turn=np.full(4, 2))

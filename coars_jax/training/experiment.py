@@ -1,0 +1,551 @@
+"""The training experiment behind `python -m experiments.train --config=configs/<dataset>_<model>.py[:method]`:
+SASRec (trained or loaded) -> the agents (the tiny preset's SFT warm start, trained or loaded; or fresh adapters on
+a pretrained base) -> RL iterations (`rl.RLTrainer`) with periodic greedy val evaluation, Orbax checkpoints and
+metrics -> a greedy test evaluation with the user-agent F1, written as rows to `<workdir>/results.json`.
+
+Methods (`METHODS`): 'zero_shot' and 'reflexion' train nothing and are evaluated only; 'outcome_rl', 'judge_rl'
+and 'coars' run the same RL loop with the same budget (iterations x windows x rollouts) and differ only in the
+reward, lambda_SD and which adapters learn, fields `validate` checks against the method. A checkpoint holds the
+adapters, the optimizer state, the RNG key and the data position, so `resume=True` continues exactly as if the
+run had never stopped; the final and best (by val Hit@1) adapters are also exported in the warm-start folder
+format that `experiments.evaluate --checkpoint=` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+from flax import nnx
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from coars_jax import configlib
+from coars_jax.agents import backbone
+from coars_jax.agents.episodes import AGENTS, LLMBackend, LLMBackendConfig, RolloutConfig, episode_metrics
+from coars_jax.agents.reflexion import ReflexionConfig
+from coars_jax.data import DATASETS, Dataset, load_dataset
+from coars_jax.data.user_sim import UserSimSet, user_sim_set
+from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic, play_windows
+from coars_jax.eval.user_f1 import UserF1Config
+from coars_jax.models import tokenizer as tokenizer_lib
+from coars_jax.models.decoder import Decoder
+from coars_jax.models.lora import BASE_PARAMS, LoRAConfig, add_lora
+from coars_jax.parallel.mesh import make_mesh, mesh_shape_from_config, validate_mesh_shape
+from coars_jax.recsys import experiment as sasrec_experiment
+from coars_jax.recsys.sasrec import SASRec
+from coars_jax.sampling import GREEDY, LengthBuckets, SamplingParams
+from coars_jax.training import rl
+from coars_jax.training import warm_start as warm_start_lib
+from coars_jax.training.metrics import MetricsWriter
+
+METHODS = ('zero_shot', 'reflexion', 'outcome_rl', 'judge_rl', 'coars')
+TRAINED_METHODS = ('outcome_rl', 'judge_rl', 'coars')
+# The fields a baseline method fixes: (rl.reward, rl.lambda_sd, rl.train_user_agent).
+METHOD_FIELDS = {'outcome_rl': ('outcome', 0.0, False), 'judge_rl': ('judge', 0.0, False)}
+# Warm-start fields that other groups own: the protocol (rollout), the adapters (lora), the buckets and the bar.
+_WARM_START_SHARED = ('max_turns', 'candidate_seed', 'show_hint', 'lora_rank', 'lora_alpha', 'buckets', 'progress')
+RESULTS_FILE, BEFORE_FILE, CONFIG_FILE = 'results.json', 'before.json', 'config.json'
+CHECKPOINT_DIR, WARM_START_DIR, FINAL_DIR, BEST_DIR = 'checkpoints', 'warm_start', 'final', 'best'
+BEST_METRIC = 'val_hit_at_1'
+
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = 'coars') -> ml_collections.ConfigDict:
+  """Defaults for `configs/<dataset>_<model>.py`; every field names what it stands for (paper symbols where there
+  is one). `method` also sets the fields that method fixes (`METHOD_FIELDS`)."""
+  rl_defaults, rollout, reflexion = rl.RLConfig(), RolloutConfig(), ReflexionConfig()
+  ws = warm_start_lib.WarmStartConfig()
+  config = ml_collections.ConfigDict({
+      'dataset': dataset,  # lastfm | movielens | instruments
+      'data_root': '',  # '' -> $COARS_DATA_DIR -> the per-user cache folder
+      'allow_download': True,  # fetch missing public originals (checksum-verified) when the network allows
+      'workdir': f'runs/train_{model}_{dataset}_{method}',  # results.json, metrics.jsonl, checkpoints/, final/, best/
+      'model': model,  # the shared base LLM: 'tiny', 'smollm2-135m', or an HF checkpoint folder
+      'tokenizer_vocab_size': tokenizer_lib.DEFAULT_VOCAB_SIZE,  # the tiny tokenizer's size (model='tiny' only)
+      'model_seed': 0,  # the tiny model's random initialisation
+      'sasrec_workdir': f'runs/sasrec_{dataset}',  # the peer's checkpoints (trained there if absent)
+      'sasrec_seed': 0,  # which SASRec training seed gives the hint, p_t, q_t and the ranks in d
+      'method': method,  # zero_shot | reflexion | outcome_rl | judge_rl | coars
+      'label': '',  # the rows' method name; '' = the method, with ablation suffixes for coars
+      'resume': False,  # continue from the latest checkpoint in workdir (same data order and RNG)
+      'stop_after': 0,  # stop this invocation after this many iterations (0 = run to rl.iterations); resume later
+      'progress': True,  # tqdm bars
+      'mesh': {'data': -1},  # device mesh axes -> sizes; -1 = every remaining local device
+      'lora': {
+          'rank': 8,  # r of both agents' adapters
+          'alpha': 16.0,  # LoRA alpha (delta scaled by alpha / r)
+          'seed': 0,  # the adapters' initialisation (when no warm start attaches them)
+      },
+      'warm_start': {
+          'enabled': model == backbone.TINY,  # SFT warm start before RL (the random tiny base needs it)
+          'folder': '',  # where it lives: loaded if complete, else trained there ('' = <workdir>/warm_start)
+          **{f.name: getattr(ws, f.name) for f in dataclasses.fields(ws) if f.name not in _WARM_START_SHARED},
+      },
+      'rollout': {
+          'max_turns': rollout.max_turns,  # T_u
+          'candidate_seed': rollout.candidate_seed,  # the seed of the candidate lists C
+          'show_hint': rollout.show_hint,  # SASRec's top candidate in x_rec_t
+          'show_peer_opinion': rollout.show_peer_opinion,  # p_t in x_user_t
+      },
+      'sampling': {  # the rollout policy's distribution (evaluation is greedy)
+          'temperature': 1.0,
+          'top_k': 0,  # 0 = off
+          'top_p': 1.0,
+      },
+      'recommender_max_new_tokens': rl_defaults.recommender_max_new_tokens,  # budget of m_rec_t
+      'user_max_new_tokens': rl_defaults.user_max_new_tokens,  # budget of m_user_t
+      'prompt_buckets': LengthBuckets().prompt,  # x_t, x_t + d and judge prompts are left-padded to these
+      'completion_buckets': LengthBuckets().completion,  # y_t is right-padded to these
+      'rl': {
+          'iterations': rl_defaults.iterations,  # RL iterations, one update of both adapters each
+          'windows_per_iteration': rl_defaults.windows_per_iteration,  # users u per iteration
+          'rollouts_per_window': rl_defaults.rollouts_per_window,  # G episodes per window
+          'group_baseline': rl_defaults.group_baseline,  # R_t minus the mean R over the G rollouts (off in paper)
+          'reward': rl_defaults.reward,  # interaction (Eq. 7-8) | outcome (hit_T) | judge (2p - 1)
+          'lambda_sd': rl_defaults.lambda_sd,  # lambda_SD of Eq. 11-12; 0 = without self-distillation
+          'train_user_agent': rl_defaults.train_user_agent,  # co-evolution: also update pi_user's adapter
+          'gamma': rl_defaults.gamma,  # D_t = gamma^(t-1) of Eq. 7
+          'alpha': rl_defaults.alpha,  # alpha of Eq. 8
+          'advantage_clip': rl_defaults.advantage_clip,  # the clip of A_{t,n} in Eq. 10
+          'outcome_assign': rl_defaults.outcome_assign,  # final | episode: which rec turns get a terminal R
+          'outcome_signed': rl_defaults.outcome_signed,  # terminal hit reward 2 hit_T - 1 (True) or hit_T
+          'kl_coef': rl_defaults.kl_coef,  # beta of a k3 KL penalty towards the base (0 = off, as in the paper)
+          'rows_per_microbatch': rl_defaults.rows_per_microbatch,  # R segments per microbatch of the update
+          'score_chunk_size': rl_defaults.score_chunk_size,  # completion positions per vocab projection
+          'learning_rate': rl_defaults.learning_rate,  # peak AdamW step size
+          'warmup_iterations': rl_defaults.warmup_iterations,  # linear warm-up, then cosine decay
+          'final_learning_rate_fraction': rl_defaults.final_learning_rate_fraction,  # end of the cosine decay
+          'weight_decay': rl_defaults.weight_decay,  # AdamW decoupled weight decay
+          'max_grad_norm': rl_defaults.max_grad_norm,  # global gradient-norm clip
+          'max_consecutive_nonfinite': rl_defaults.max_consecutive_nonfinite,  # skipped updates before stopping
+          'judge_answers': rl_defaults.judge_answers,  # (yes, no) completions the judge's p compares
+          'seed': rl_defaults.seed,  # window order and rollout sampling seeds
+      },
+      'eval': {
+          'every': 10,  # greedy val evaluation every this many iterations (0 = none); also before RL
+          'val_windows': 32,  # the first this many val windows (0 = all)
+          'test_windows': 0,  # the first this many test windows for the before / after rows (0 = all)
+          'batch_size': 32,  # episodes per batched generation
+          'user_f1': {
+              'enabled': True,  # the user-agent F1 on the test rows (METHOD.md section 6)
+              'num_users': 0,  # the first this many users of the user-simulation set (0 = all)
+              'batch_size': 64,  # judgements per generation call
+          },
+      },
+      'reflexion': {  # method='reflexion' only
+          'num_prior_episodes': reflexion.num_prior_episodes,  # P earlier episodes of the same user
+          'max_reflections': 0,  # 0 shows every earlier reflection
+          'show_to_user': reflexion.show_to_user,
+      },
+      'checkpoint': {
+          'every': 10,  # save every this many iterations (and at every val evaluation, the stop and the end)
+          'keep': 3,  # keep the latest this many, plus the best by val Hit@1
+      },
+  })
+  if method in METHOD_FIELDS:
+    config.rl.reward, config.rl.lambda_sd, config.rl.train_user_agent = METHOD_FIELDS[method]
+  return config
+
+
+def _require_int(config, field: str, least: int) -> None:
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  configlib.require(isinstance(value, int) and not isinstance(value, bool) and value >= least, field,
+                    f'an int >= {least}', value)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails on the first bad field, naming it; runs before any data, weights or devices are touched."""
+  configlib.check_keys(config, default_config(config.get('dataset', 'lastfm'), config.get('model', 'tiny')))
+  configlib.require(config.method in METHODS, 'method', f'one of {METHODS}', config.method)
+  configlib.require(isinstance(config.model, str) and backbone.is_known(config.model), 'model',
+                    f'one of {sorted(backbone.ALIASES)} or an existing HF checkpoint folder', config.model)
+  for name in ('workdir', 'sasrec_workdir'):
+    configlib.require(isinstance(config[name], str) and config[name] != '', name, 'a folder path', config[name])
+  configlib.require(isinstance(config.label, str), 'label', 'a string', config.label)
+  for name in ('resume', 'progress', 'allow_download', 'warm_start.enabled', 'eval.user_f1.enabled'):
+    value = config
+    for part in name.split('.'):
+      value = value[part]
+    configlib.require(isinstance(value, bool), name, 'a bool', value)
+  configlib.require(isinstance(config.warm_start.folder, str), 'warm_start.folder', 'a folder path or \'\'',
+                    config.warm_start.folder)
+  for field, least in (('stop_after', 0), ('sasrec_seed', 0), ('model_seed', 0), ('lora.rank', 1), ('lora.seed', 0),
+                       ('rollout.max_turns', 1), ('rollout.candidate_seed', 0), ('recommender_max_new_tokens', 1),
+                       ('user_max_new_tokens', 1), ('eval.every', 0), ('eval.val_windows', 0),
+                       ('eval.test_windows', 0), ('eval.batch_size', 1), ('eval.user_f1.num_users', 0),
+                       ('eval.user_f1.batch_size', 1), ('checkpoint.every', 1), ('checkpoint.keep', 1),
+                       ('reflexion.num_prior_episodes', 0), ('reflexion.max_reflections', 0), ('sampling.top_k', 0)):
+    _require_int(config, field, least)
+  temperature, top_p = config.sampling.temperature, config.sampling.top_p
+  configlib.require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature >= 0,
+                    'sampling.temperature', 'a number >= 0', temperature)
+  configlib.require(isinstance(top_p, (int, float)) and 0 < top_p <= 1, 'sampling.top_p', 'a number in (0, 1]', top_p)
+  try:
+    validate_mesh_shape(mesh_shape_from_config(config.mesh), jax.local_device_count())
+  except ValueError as error:
+    raise configlib.ConfigError(f'Config field {"mesh"!r}: {error}') from error
+  if config.method in METHOD_FIELDS:
+    for field, expected in zip(('reward', 'lambda_sd', 'train_user_agent'), METHOD_FIELDS[config.method]):
+      found = config.rl[field]
+      same = found is expected if isinstance(expected, bool) else (found == expected and not isinstance(found, bool))
+      configlib.require(same, f'rl.{field}', f'{expected!r} for method={config.method!r} (that baseline fixes it)',
+                        found)
+  if config.method == 'coars':
+    configlib.require(config.rl.reward in ('interaction', 'outcome'), 'rl.reward',
+                      "'interaction' or 'outcome' (the ablation without the interaction reward) for method='coars'",
+                      config.rl.reward)
+  for group, build in (('rl', rl_config), ('rollout', rollout_config), ('lora', lora_config),
+                       ('warm_start', warm_start_config), ('reflexion', reflexion_config)):
+    try:
+      build(config)
+    except (TypeError, ValueError) as error:
+      raise configlib.ConfigError(f'Config group {group!r}: {error}') from error
+
+
+def buckets(config) -> LengthBuckets:
+  return LengthBuckets(prompt=tuple(int(n) for n in config.prompt_buckets),
+                       completion=tuple(int(n) for n in config.completion_buckets))
+
+
+def sampling_params(config) -> SamplingParams:
+  return SamplingParams(temperature=float(config.sampling.temperature), top_k=int(config.sampling.top_k) or None,
+                        top_p=float(config.sampling.top_p))
+
+
+def rl_config(config) -> rl.RLConfig:
+  fields = config.rl.to_dict()
+  fields['judge_answers'] = tuple(fields['judge_answers'])
+  if fields['score_chunk_size'] == 0:
+    fields['score_chunk_size'] = None
+  return rl.RLConfig(**fields, sampling=sampling_params(config), buckets=buckets(config),
+                     recommender_max_new_tokens=config.recommender_max_new_tokens,
+                     user_max_new_tokens=config.user_max_new_tokens)
+
+
+def rollout_config(config) -> RolloutConfig:
+  return RolloutConfig(**config.rollout.to_dict())
+
+
+def lora_config(config) -> LoRAConfig:
+  return LoRAConfig(rank=config.lora.rank, alpha=float(config.lora.alpha))
+
+
+def warm_start_config(config) -> warm_start_lib.WarmStartConfig:
+  fields = {k: v for k, v in config.warm_start.to_dict().items() if k not in ('enabled', 'folder')}
+  return warm_start_lib.WarmStartConfig(
+      **fields, max_turns=config.rollout.max_turns, candidate_seed=config.rollout.candidate_seed,
+      show_hint=config.rollout.show_hint, lora_rank=config.lora.rank, lora_alpha=float(config.lora.alpha),
+      buckets=buckets(config), progress=config.progress)
+
+
+def reflexion_config(config) -> ReflexionConfig:
+  fields = config.reflexion.to_dict()
+  fields['max_reflections'] = fields['max_reflections'] or None
+  return ReflexionConfig(**fields)
+
+
+def row_label(config) -> str:
+  """The rows' method name: `label`, else the method, with the ablations of coars spelled out."""
+  if config.label:
+    return config.label
+  if config.method != 'coars':
+    return config.method
+  suffixes = []
+  if config.rl.reward != 'interaction':
+    suffixes.append(f'{config.rl.reward}_reward')
+  if config.rl.lambda_sd == 0:
+    suffixes.append('no_sd')
+  if not config.rl.train_user_agent:
+    suffixes.append('rec_only')
+  return '-'.join(['coars'] + suffixes)
+
+
+# --- the pieces of a run -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class Components:
+  """What `run` would otherwise load by name: for tests and notebooks that bring their own.
+
+  Attributes:
+    dataset: the windows and titles.
+    sasrec: the trained peer.
+    model: the base decoder (adapters are attached, or a warm start run, as the config says).
+    tokenizer: its tokenizer.
+    user_sim: the F1 set (None: built from the dataset when the config asks for the F1).
+    model_label: the rows' model name.
+    save_base: whether exported folders carry the base weights (True when the base cannot be rebuilt by name).
+  """
+
+  dataset: Dataset
+  sasrec: SASRec
+  model: Decoder
+  tokenizer: Any
+  user_sim: UserSimSet | None = None
+  model_label: str = 'custom'
+  save_base: bool = True
+
+
+def load_components(config) -> Components:
+  """The dataset, SASRec (`recsys.experiment.train_or_load`) and the backbone named by the config."""
+  dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
+  sasrec_config = sasrec_experiment.default_config(config.dataset)
+  sasrec_config.update({'data_root': config.data_root, 'allow_download': config.allow_download,
+                        'workdir': config.sasrec_workdir, 'progress': config.progress})
+  sasrec, _ = sasrec_experiment.train_or_load(sasrec_config, dataset, config.sasrec_seed)
+  spec = backbone.BackboneSpec(name=config.model, data_root=config.data_root or None,
+                               allow_download=config.allow_download, tiny_vocab_size=config.tokenizer_vocab_size,
+                               seed=config.model_seed)
+  model, tokenizer = backbone.load_backbone(spec)
+  return Components(dataset=dataset, sasrec=sasrec, model=model, tokenizer=tokenizer, model_label=spec.label,
+                    save_base=spec.canonical == backbone.TINY)
+
+
+def prepare_agents(config, parts: Components, workdir: pathlib.Path) -> tuple[Decoder, dict[str, Any]]:
+  """The model the run starts from, and what it is: the warm start (loaded from `warm_start.folder`, default
+  `<workdir>/warm_start`, when that folder holds a complete one, else trained and saved there; every method's
+  config can point at the same folder so all of them start from one warm start), or the base with fresh adapters
+  (B = 0: the agents start as the base model). Zero-shot and Reflexion without a warm start keep the bare base."""
+  model = parts.model
+  if config.warm_start.enabled:
+    folder = pathlib.Path(config.warm_start.folder or workdir / WARM_START_DIR).absolute()
+    if (folder / warm_start_lib.META_FILE).is_file():
+      model, meta = warm_start_lib.load_warm_start(folder, model)
+      logging.info('Loaded the warm start from %s', folder)
+      return model, {'stage': 'warm_start', 'folder': str(folder), 'base_saved': bool(meta['base_saved'])}
+    settings = warm_start_config(config)
+    result = warm_start_lib.warm_start_agents(model, parts.tokenizer, parts.dataset, parts.sasrec, settings)
+    history = result.train.history
+    summary = {'steps': len(history), 'first_loss': history[0]['loss'], 'final_loss': history[-1]['loss'],
+               'train_seconds': round(result.train.seconds, 1), 'dialogue_metrics': result.dialogue_metrics}
+    warm_start_lib.save_warm_start(model, folder, save_base=settings.train_base,
+                                   metadata={'config': config.warm_start.to_dict(), 'summary': summary})
+    return model, {'stage': 'warm_start', 'folder': str(folder), 'base_saved': settings.train_base,
+                   'summary': summary}
+  if config.method in TRAINED_METHODS and not model.adapter_names:
+    add_lora(model, lora_config(config), list(AGENTS), rngs=nnx.Rngs(config.lora.seed))
+  return model, {'stage': 'zero_shot', 'base_saved': False}
+
+
+def greedy_backend(model: Decoder, tokenizer, config) -> LLMBackend:
+  adapters = {agent: agent for agent in AGENTS} if model.adapter_names else None
+  return LLMBackend(model, tokenizer, adapters=adapters, config=LLMBackendConfig(
+      recommender_max_new_tokens=config.recommender_max_new_tokens,
+      user_max_new_tokens=config.user_max_new_tokens, sampling=GREEDY, buckets=buckets(config)))
+
+
+def _first(count: int, total: int) -> tuple[int, ...]:
+  return tuple(range(min(count, total) if count else total))
+
+
+def evaluate_rows(config, parts: Components, model: Decoder, *, method: str, stage: str,
+                  user_sim: UserSimSet | None) -> dict[str, Any]:
+  """A greedy test row (`eval.agentic.evaluate_agentic`, with the user-agent F1 when configured)."""
+  total = len(parts.dataset.split('test'))
+  eval_config = AgenticEvalConfig(
+      split='test', window_indices=_first(config.eval.test_windows, total), batch_size=config.eval.batch_size,
+      rollout=rollout_config(config), reflexion=reflexion_config(config) if config.method == 'reflexion' else None,
+      user_f1=UserF1Config(batch_size=config.eval.user_f1.batch_size), progress=config.progress)
+  result = evaluate_agentic(parts.dataset, greedy_backend(model, parts.tokenizer, config), peer=parts.sasrec,
+                            method=method, model=parts.model_label, seed=0, config=eval_config, user_sim=user_sim)
+  row = dict(result.row)
+  row.update({'stage': stage, 'windows_of_split': total,
+              'user_f1_users': None if user_sim is None else len(user_sim.cases)})
+  return row
+
+
+def evaluate_val(config, parts: Components, model: Decoder) -> dict[str, float]:
+  """Greedy Hit@1, ValidRatio and average turns on the first `eval.val_windows` val windows."""
+  indices = _first(config.eval.val_windows, len(parts.dataset.split('val')))
+  episodes = play_windows(parts.dataset, greedy_backend(model, parts.tokenizer, config), peer=parts.sasrec,
+                          split='val', window_indices=indices, rollout=rollout_config(config),
+                          batch_size=config.eval.batch_size, seed=0)
+  metrics = episode_metrics(episodes)
+  return {'val/hit_at_1': metrics['hit_at_1'], 'val/valid_ratio': metrics['valid_ratio'],
+          'val/average_turns': metrics['average_turns'], 'val/user_valid_ratio': metrics['user_valid_ratio']}
+
+
+def row_metrics(row: dict[str, Any]) -> dict[str, Any]:
+  """A test row's metrics as metrics.jsonl / TensorBoard names."""
+  return {f'test/{key.replace("@", "_at_")}': row.get(key) for key in ('hit@1', 'valid_ratio', 'avg_turns',
+                                                                          'user_f1', 'click_rate')}
+
+
+def base_fingerprint(model: Decoder) -> float:
+  """The sum of |w| over the frozen base weights: a resume refuses a checkpoint trained on another base."""
+  return float(sum(np.abs(np.asarray(leaf, np.float64)).sum()
+                   for leaf in jax.tree.leaves(nnx.state(model, BASE_PARAMS))))
+
+
+def _user_sim(config, parts: Components) -> UserSimSet | None:
+  if not config.eval.user_f1.enabled:
+    return None
+  sim = parts.user_sim or user_sim_set(parts.dataset, config.data_root or None, allow_download=config.allow_download)
+  if config.eval.user_f1.num_users:
+    sim = dataclasses.replace(sim, cases=sim.cases[:config.eval.user_f1.num_users])
+  return sim
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+  tmp = path.with_suffix(path.suffix + '.tmp')
+  tmp.write_text(json.dumps(value, indent=2, default=str))
+  tmp.replace(path)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+def checkpoint_manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+  """Orbax manager of `<workdir>/checkpoints` (absolute): the latest `keep` steps plus the best by val Hit@1."""
+  policy = preservation_policy.AnyPreservationPolicy(policies=[
+      preservation_policy.LatestN(n=keep),
+      preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=False, n=1,
+                                keep_checkpoints_without_metrics=False)])
+  return ocp.CheckpointManager(
+      (workdir / CHECKPOINT_DIR).absolute(),
+      options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, trainer: rl.RLTrainer, progress: dict[str, Any],
+                    val_hit: float | None) -> None:
+  """Step = iteration: arrays (adapters, optimizer state, RNG) and JSON (trainer state, best so far)."""
+  meta = {'trainer': trainer.state.to_json(), **progress}
+  manager.save(trainer.state.iteration, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(trainer.checkpoint_tree()), meta=ocp.args.JsonSave(meta)),
+      metrics=None if val_hit is None else {BEST_METRIC: float(val_hit)}, force=True)
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, trainer: rl.RLTrainer,
+                       step: int | None = None) -> dict[str, Any]:
+  """Loads `step` (default the latest) into `trainer`; returns the JSON part (trainer state and progress)."""
+  step = manager.latest_step() if step is None else step
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.checkpoint_tree())
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                            meta=ocp.args.JsonRestore()))
+  meta = dict(restored['meta'])
+  trainer.restore(restored['state'], rl.TrainerState.from_json(meta['trainer']))
+  return meta
+
+
+def read_checkpoint(workdir: str | pathlib.Path, trainer: rl.RLTrainer, step: int | None = None) -> dict[str, Any]:
+  """Loads a run's checkpoint into `trainer` (for inspection and tests)."""
+  workdir = pathlib.Path(workdir).absolute()
+  with checkpoint_manager(workdir, keep=1_000_000) as manager:
+    return restore_checkpoint(manager, trainer, step)
+
+
+def export_adapters(model: Decoder, folder: pathlib.Path, *, save_base: bool, metadata: dict[str, Any]) -> None:
+  """The adapters (and the base, when it cannot be rebuilt by name) in the warm-start folder format."""
+  warm_start_lib.save_warm_start(model, folder, save_base=save_base, metadata=metadata)
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+
+def make_trainer(config, parts: Components, model: Decoder) -> rl.RLTrainer:
+  return rl.RLTrainer(model, parts.tokenizer, parts.dataset, parts.sasrec, rl_config(config),
+                      rollout=rollout_config(config), mesh=make_mesh(mesh_shape_from_config(config.mesh)))
+
+
+def run(config: ml_collections.ConfigDict, *, components: Components | None = None) -> list[dict[str, Any]]:
+  """The whole experiment (see the module docstring); returns the rows it also writes to results.json."""
+  validate(config)
+  workdir = pathlib.Path(config.workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  _write_json(workdir / CONFIG_FILE, config.to_dict())
+  parts = components or load_components(config)
+  model, origin = prepare_agents(config, parts, workdir)
+  user_sim = _user_sim(config, parts)
+  label = row_label(config)
+  save_base = parts.save_base or bool(origin.get('base_saved'))
+
+  if config.method not in TRAINED_METHODS:
+    row = evaluate_rows(config, parts, model, method=label, stage='after', user_sim=user_sim)
+    row['start'] = origin['stage']
+    _write_json(workdir / RESULTS_FILE, [row])
+    return [row]
+
+  trainer = make_trainer(config, parts, model)
+  settings = trainer.config
+  budget = {'iterations': settings.iterations, 'windows_per_iteration': settings.windows_per_iteration,
+            'rollouts_per_window': settings.rollouts_per_window,
+            'episodes': settings.iterations * settings.episodes_per_iteration}
+  progress: dict[str, Any] = {'best_val_hit_at_1': None, 'best_iteration': None,
+                              'base_fingerprint': base_fingerprint(model)}
+  with checkpoint_manager(workdir, config.checkpoint.keep) as manager:
+    latest = manager.latest_step()
+    resumed = config.resume and latest is not None
+    if latest is not None and not config.resume:
+      raise FileExistsError(f'{workdir / CHECKPOINT_DIR} already holds checkpoints (latest: iteration {latest}); '
+                            f'pass --config.resume=True to continue that run, or choose another --config.workdir')
+    if config.resume and not resumed:
+      logging.warning('resume=True but %s holds no checkpoint; starting from iteration 0', workdir / CHECKPOINT_DIR)
+    if resumed:
+      meta = restore_checkpoint(manager, trainer)
+      if not np.isclose(meta['base_fingerprint'], progress['base_fingerprint'], rtol=1e-12, atol=0):
+        raise ValueError(f'the base model differs from the one the checkpoint in {workdir} was trained on (its '
+                         f'warm start {origin.get("folder")} or backbone changed); resuming would mix two runs')
+      progress = {k: meta[k] for k in progress}
+      logging.info('Resumed %s at iteration %d', workdir, trainer.state.iteration)
+
+    with MetricsWriter(workdir, keep_up_to=trainer.state.iteration if resumed else None) as writer:
+      before_path = workdir / BEFORE_FILE
+      if resumed and before_path.is_file():
+        before = json.loads(before_path.read_text())
+      else:
+        before = evaluate_rows(config, parts, model, method=origin['stage'], stage='before', user_sim=user_sim)
+        _write_json(before_path, before)
+        start_record = row_metrics(before)
+        if config.eval.every:
+          start_record.update(evaluate_val(config, parts, model))
+          progress.update(best_val_hit_at_1=start_record['val/hit_at_1'], best_iteration=0)
+          export_adapters(model, workdir / BEST_DIR, save_base=save_base,
+                          metadata={'method': label, 'iteration': 0, **start_record})
+        writer.write(0, start_record)
+      first = trainer.state.iteration
+      last = settings.iterations if not config.stop_after else min(settings.iterations, first + config.stop_after)
+      bar = tqdm.trange(first, last, initial=first, total=settings.iterations, desc=f'RL {label}',
+                        disable=not config.progress, dynamic_ncols=True)
+      for _ in bar:
+        metrics = trainer.iteration()
+        number = trainer.state.iteration
+        val_hit = None
+        if config.eval.every and (number % config.eval.every == 0 or number == settings.iterations):
+          start = time.perf_counter()
+          val = evaluate_val(config, parts, model)
+          metrics.update(val, **{'time/eval_seconds': time.perf_counter() - start})
+          val_hit = val['val/hit_at_1']
+          if progress['best_val_hit_at_1'] is None or val_hit > progress['best_val_hit_at_1']:
+            progress.update(best_val_hit_at_1=val_hit, best_iteration=number)
+            export_adapters(model, workdir / BEST_DIR, save_base=save_base,
+                            metadata={'method': label, 'iteration': number, **val})
+        if val_hit is not None or number % config.checkpoint.every == 0 or number == last:
+          save_checkpoint(manager, trainer, progress, val_hit)
+        writer.write(number, metrics)
+        bar.set_postfix(loss=f'{metrics.get("loss/total", float("nan")):.3f}',
+                        hit=f'{metrics["rollout/hit_at_1"]:.2f}', valid=f'{metrics["rollout/valid_ratio"]:.2f}')
+
+      if trainer.state.iteration < settings.iterations:
+        logging.info('Stopped after iteration %d of %d (stop_after=%d); resume with --config.resume=True',
+                     trainer.state.iteration, settings.iterations, config.stop_after)
+        return [before]
+      export_adapters(model, workdir / FINAL_DIR, save_base=save_base,
+                      metadata={'method': label, 'iteration': trainer.state.iteration, 'budget': budget})
+      after = evaluate_rows(config, parts, model, method=label, stage='after', user_sim=user_sim)
+      after.update({'checkpoint': str(workdir / FINAL_DIR), 'best_checkpoint': str(workdir / BEST_DIR),
+                    **{f'rl_{k}': v for k, v in budget.items()},
+                    **{k: v for k, v in progress.items() if k != 'base_fingerprint'}})
+      writer.write(trainer.state.iteration, {'stage': 'after', **row_metrics(after)})
+  rows = [before, after]
+  _write_json(workdir / RESULTS_FILE, rows)
+  return rows

@@ -1,0 +1,40 @@
+"""RL training of both agents, then the test rows: `python -m experiments.train --config=configs/lastfm_tiny.py`.
+
+The config's argument picks the method (`configs/lastfm_tiny.py:outcome_rl`; default coars); override any field
+as `--config.rl.iterations=2`. Writes `<workdir>/results.json` (the 'before' and 'after' rows), metrics.jsonl,
+TensorBoard logs, Orbax checkpoints, and the final and best adapters as folders that
+`python -m experiments.evaluate --config=configs/eval_tiny.py:<dataset> --checkpoint=<workdir>/final` reads.
+`--config.resume=True` continues from the latest checkpoint. zero_shot and reflexion are evaluated only.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from coars_jax.eval import agentic
+from coars_jax.eval.experiment import summary_line
+from coars_jax.training import experiment
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/<dataset>_<model>.py[:method] file.',
+                                          lock_config=True)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  rows = experiment.run(config)
+  for row in rows:
+    print(f'[{row["stage"]}] {summary_line(row)}')
+  if not any(row['stage'] == 'after' for row in rows):
+    print(f'\nStopped before the last iteration (stop_after={config.stop_after}); continue with '
+          f'--config.resume=True')
+    return
+  print()
+  print(agentic.format_markdown(rows))
+  print(f'\nRows written to {config.workdir}/{experiment.RESULTS_FILE}')
+
+
+if __name__ == '__main__':
+  # Orbax and JAX log every read and write at INFO; pass --verbosity=0 to see them.
+  flags.FLAGS.set_default('verbosity', -1)
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

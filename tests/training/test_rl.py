@@ -1,0 +1,232 @@
+"""The RL trainer on the synthetic dataset with a micro decoder (2 layers, width 32) and the small test tokenizer."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from coars_jax.agents.episodes import AGENTS, RolloutConfig, encode_prompt
+from coars_jax.agents.trajectory import Trajectory
+from coars_jax.coars.reference import REFERENCE_HEADER
+from coars_jax.models import BASE_PARAMS, Decoder, LoRAConfig, add_lora, get_preset
+from coars_jax.models.lora import targeted_linears
+from coars_jax.parallel.mesh import DATA_AXIS
+from coars_jax.sampling import LengthBuckets, trace_counts
+from coars_jax.training import rl
+from coars_jax.training import warm_start as ws
+from tests.training.test_warm_start import DATASET, micro_sasrec, small_tokenizer
+
+# Student prompts of 2-turn synthetic dialogues fit 512 tokens, teacher prompts x + d 1024.
+BUCKETS = LengthBuckets(prompt=(512, 1024), completion=(16,))
+ROLLOUT = RolloutConfig(max_turns=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _micro_base(seed: int) -> Decoder:
+  config = get_preset('tiny', vocab_size=len(small_tokenizer()), embed_dim=32, mlp_dim=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, max_position_embeddings=2048)
+  return Decoder(config, rngs=nnx.Rngs(seed))
+
+
+def micro_base(seed: int = 0) -> Decoder:
+  """2 layers, width 32, no adapters; a fresh copy each call (eager initialisation costs a second per model)."""
+  return nnx.clone(_micro_base(seed))
+
+
+def micro_model(seed: int = 0) -> Decoder:
+  """`micro_base` with both agents' adapters, their B random (so each adapter changes the scores)."""
+  model = add_lora(micro_base(seed), LoRAConfig(rank=4, alpha=8.0), list(AGENTS), rngs=nnx.Rngs(seed + 1))
+  rng = np.random.default_rng(seed + 2)  # numpy draws: eager jax.random would compile a program per shape
+  for _, linear in targeted_linears(model, model.lora_config.target_modules):
+    b = linear.lora.b.get_value()
+    linear.lora.b.set_value(jnp.asarray(0.3 * rng.standard_normal(b.shape), b.dtype))
+  return model
+
+
+def rl_config(**overrides) -> rl.RLConfig:
+  fields = dict(iterations=4, windows_per_iteration=2, recommender_max_new_tokens=16, user_max_new_tokens=16,
+                buckets=BUCKETS, rows_per_microbatch=4, learning_rate=1e-3, warmup_iterations=0)
+  return rl.RLConfig(**{**fields, **overrides})
+
+
+def trainer(config: rl.RLConfig, seed: int = 0) -> rl.RLTrainer:
+  return rl.RLTrainer(micro_model(seed), small_tokenizer(), DATASET, micro_sasrec(), config, rollout=ROLLOUT)
+
+
+def values(model, filter_) -> dict:
+  return {path: np.array(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, filter_))}
+
+
+def step_and_reward_traces() -> tuple[int, int]:
+  counts = trace_counts()
+  return counts.get(rl.STEP_TRACE_NAME, 0), counts.get(rl.REWARDS_TRACE_NAME, 0)
+
+
+@pytest.fixture(scope='module')
+def coars_run():
+  """Two CoARS iterations (interaction reward, lambda_SD 0.1, both agents) with snapshots around each."""
+  run = trainer(rl_config())
+  snapshots = [(values(run.model, BASE_PARAMS), values(run.model, nnx.LoRAParam), step_and_reward_traces())]
+  metrics = []
+  for _ in range(2):
+    metrics.append(run.iteration())
+    snapshots.append((values(run.model, BASE_PARAMS), values(run.model, nnx.LoRAParam), step_and_reward_traces()))
+  return run, snapshots, metrics
+
+
+def test_iteration_trains_both_adapters_and_nothing_else(coars_run):
+  run, snapshots, metrics = coars_run
+  (base_0, lora_0, _), (base_1, lora_1, _) = snapshots[0], snapshots[1]
+  first = metrics[0]
+  assert first['update/skipped'] is False and np.isfinite(first['loss/total'])
+  assert first['rollout/episodes'] == 2 and first['update/loss_rows'] > 0
+  assert first['reward/recommender_segments'] > 0 and first['reward/user_segments'] > 0
+  assert first['update/microbatches'] == -(-first['update/loss_rows'] // 4)
+  assert first['update/learning_rate'] == pytest.approx(1e-3)
+  assert set(base_0) == set(base_1)
+  for path, value in base_0.items():
+    np.testing.assert_array_equal(base_1[path], value, err_msg=str(path))
+  for index, agent in enumerate(AGENTS):  # the adapters are stacked on axis 0 in AGENTS order
+    assert any(not np.array_equal(lora_1[p][index], v[index]) for p, v in lora_0.items()), agent
+  # The step runs on the configured mesh: parameters replicated over the 'data' axis.
+  leaf = jax.tree.leaves(run.lora)[0]
+  assert leaf.sharding.mesh.axis_names == (DATA_AXIS,) and leaf.sharding.spec == jax.sharding.PartitionSpec()
+  assert run.optimizer_count() == 2 and run.state.iteration == 2 and run.state.next_window == 4
+
+
+def test_second_iteration_compiles_no_new_update_or_reward_program(coars_run):
+  _, snapshots, metrics = coars_run
+  before, after_first, after_second = (s[2] for s in snapshots)
+  assert after_first[0] - before[0] <= 1 and after_first[1] - before[1] <= 1
+  assert after_second == after_first
+  assert metrics[1]['update/skipped'] is False
+  assert metrics[1]['windows'] != metrics[0]['windows']  # the data stream moved on
+
+
+def test_recommender_only_leaves_the_user_adapter_bit_identical():
+  run = trainer(rl_config(train_user_agent=False))
+  lora_0, base_0 = values(run.model, nnx.LoRAParam), values(run.model, BASE_PARAMS)
+  metrics = run.iteration()
+  lora_1 = values(run.model, nnx.LoRAParam)
+  assert metrics['reward/user_segments'] == 0 and metrics['reward/recommender_segments'] > 0
+  for path, value in lora_0.items():
+    np.testing.assert_array_equal(lora_1[path][1], value[1], err_msg=str(path))
+  assert any(not np.array_equal(lora_1[p][0], v[0]) for p, v in lora_0.items())
+  for path, value in base_0.items():
+    np.testing.assert_array_equal(values(run.model, BASE_PARAMS)[path], value)
+
+
+def test_judge_rl_rewards_the_final_recommender_turn_with_the_base_models_judgement():
+  run = trainer(rl_config(reward='judge', lambda_sd=0.0, train_user_agent=False))
+  metrics = run.iteration()
+  assert 0.0 < metrics['reward/judge_probability'] < 1.0
+  # One rewarded segment per episode (the final recommender turn), none for the user.
+  assert metrics['update/loss_rows'] == 2 and metrics['reward/user_segments'] == 0
+  assert metrics['update/skipped'] is False
+
+  # The judge is the base model: the adapters do not change its p.
+  episodes = ws.scripted_dialogues(DATASET, micro_sasrec(), small_tokenizer(), [0, 5], rollout=ROLLOUT)
+  judge = functools.partial(rl.judge_probabilities, tokenizer=small_tokenizer(), episodes=episodes,
+                            answers=('Yes', 'No'), buckets=BUCKETS, dataset_name=DATASET.name)
+  before = judge(run.model)
+  lora = nnx.state(run.model, nnx.LoRAParam)
+  nnx.update(run.model, jax.tree.map(lambda x: x + 1.0, lora))
+  np.testing.assert_allclose(judge(run.model), before, rtol=1e-6)
+  assert before.shape == (2,) and np.all((before > 0) & (before < 1))
+
+
+@pytest.fixture
+def fresh_step_cache():
+  rl.build_update_step.cache_clear()
+  yield
+  rl.build_update_step.cache_clear()
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(monkeypatch, fresh_step_cache):
+  real = rl.coars_objective
+
+  def nan_objective(model, batch, **kwargs):
+    loss, metrics = real(model, batch, **kwargs)
+    return loss * jnp.nan, metrics
+
+  monkeypatch.setattr(rl, 'coars_objective', nan_objective)
+  run = trainer(rl_config(max_consecutive_nonfinite=2, lambda_sd=0.0))
+  lora_0 = values(run.model, nnx.LoRAParam)
+  metrics = run.iteration()
+  assert metrics['update/skipped'] is True and 'loss' in metrics['update/nonfinite_metrics']
+  assert run.state.consecutive_nonfinite == 1 and run.optimizer_count() == 0
+  for path, value in values(run.model, nnx.LoRAParam).items():
+    np.testing.assert_array_equal(value, lora_0[path])
+  windows = rl.windows_at(len(DATASET.split('train')), 0, 2, 2).tolist()
+  with pytest.raises(rl.NonFiniteUpdateError, match=r'RL iteration 2: non-finite loss.*max_consecutive_nonfinite'
+                                                    r' = 2') as error:
+    run.iteration()
+  assert str(windows) in str(error.value)
+
+
+def test_rollout_rewards_group_baseline_centres_within_window_and_agent():
+  # Two windows x two rollouts, one turn each: rows (episode, agent) = (0,r) (0,u) (1,r) (1,u) ... plus padding.
+  hit = np.array([1, 1, 0, 0, 0, 0, 1, 1, 0, 0], bool)
+  real = np.array([1] * 8 + [0, 0], bool)
+  rows = {
+      'hit': hit, 'acceptance_score': np.array([.9, .9, .2, .2, .4, .4, .8, .8, 0, 0], np.float32),
+      'peer_similarity': np.zeros(10, np.float32), 'action': np.array([3, 3, 0, 0, 1, 1, 3, 3, 0, 0], np.int32),
+      'turn': np.ones(10, np.int32), 'agent': np.array([0, 1] * 5, np.int32), 'final_hit': hit,
+      'last_turn': np.ones(10, np.int32), 'judge_probability': np.zeros(10, np.float32),
+      'group': np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 0], np.int32), 'real': real}
+  common = dict(kind='interaction', gamma=0.9, alpha=0.1, assign='final', signed=True, num_groups=2)
+  reward, weight, included = (np.asarray(a) for a in rl.rollout_rewards(rows, group_baseline=False, **common))
+  np.testing.assert_array_equal(weight, reward)
+  np.testing.assert_array_equal(included, real)
+  _, centred, _ = (np.asarray(a) for a in rl.rollout_rewards(rows, group_baseline=True, **common))
+  for group in (0, 1):
+    for agent in (0, 1):
+      mine = real & (rows['group'] == group) & (rows['agent'] == agent)
+      np.testing.assert_allclose(centred[mine], reward[mine] - reward[mine].mean(), rtol=1e-6)
+  assert np.all(reward[~real] == 0)
+
+
+def test_teacher_prompts_rebuild_the_student_prompt_and_append_d():
+  tokenizer = small_tokenizer()
+  episodes = ws.scripted_dialogues(DATASET, micro_sasrec(), tokenizer, [1, 2, 3], rollout=ROLLOUT)
+  trajectory = Trajectory.from_episodes(episodes)
+  rows = np.arange(trajectory.num_segments)
+  teachers = rl.teacher_prompts(tokenizer, episodes, trajectory, rows, ranks=None, rollout=ROLLOUT,
+                                dataset_name=DATASET.name)
+  assert len(teachers) == len(rows)
+  for row, ids in zip(rows, teachers):
+    episode = episodes[trajectory.episode[row]]
+    agent, turn = AGENTS[trajectory.agent[row]], int(trajectory.turn[row])
+    student = rl.student_messages(episode, turn, agent, rollout=ROLLOUT, dataset_name=DATASET.name)
+    text, student_ids = encode_prompt(tokenizer, student)
+    assert text == trajectory.prompt_texts[row]
+    teacher_text = tokenizer.decode(ids)
+    assert REFERENCE_HEADER in teacher_text and episode.target_title in teacher_text
+    assert len(ids) > len(student_ids)
+    # d goes inside the last user message: everything before that message's content is unchanged.
+    assert teacher_text.startswith(tokenizer.decode(student_ids[:len(student_ids) // 2]))
+
+
+def test_windows_stream_is_resumable_and_each_epoch_is_a_permutation():
+  whole = rl.windows_at(10, 3, 0, 25)
+  np.testing.assert_array_equal(np.concatenate([rl.windows_at(10, 3, 0, 7), rl.windows_at(10, 3, 7, 18)]), whole)
+  for epoch in range(2):
+    assert sorted(whole[10 * epoch:10 * (epoch + 1)].tolist()) == list(range(10))
+  assert not np.array_equal(whole[:10], whole[10:20])
+
+
+def test_rl_config_is_validated():
+  with pytest.raises(ValueError, match=r"RLConfig.reward must be one of \('interaction', 'outcome', 'judge'\)"):
+    rl_config(reward='hit')
+  with pytest.raises(ValueError, match="RLConfig.train_user_agent must be False with reward='outcome'"):
+    rl_config(reward='outcome')
+  with pytest.raises(ValueError, match='RLConfig.rows_per_microbatch must be an int >= 1'):
+    rl_config(rows_per_microbatch=0)
+  with pytest.raises(ValueError, match=r'RLConfig.lambda_sd must be a number in \[0.0, inf\]'):
+    rl_config(lambda_sd=-0.1)
+  # K is sized for the longest possible rollout: E x T_u segments per trained agent (E for terminal rewards).
+  assert rl_config().num_microbatches(max_turns=2) == 2
+  assert rl_config(reward='outcome', train_user_agent=False, windows_per_iteration=9).num_microbatches(5) == 3
