@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from coars_jax.models import (Decoder, DecoderConfig, LoRAConfig, add_lora, load_adapters, load_hf_checkpoint,
                               save_adapters, save_hf_checkpoint)
+from coars_jax.models.adapter_checkpoint import ADAPTERS_ITEM
 from coars_jax.models.lora import targeted_linears
 
 CONFIG = DecoderConfig(architecture="llama", vocab_size=48, embed_dim=24, mlp_dim=40, num_layers=2, num_heads=4,
@@ -66,10 +68,19 @@ def test_restoring_into_a_model_with_matching_adapters_overwrites_them(saved):
 
 def test_checkpoint_holds_adapters_and_metadata_only(saved):
     _, adapters, _ = saved
-    size = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(adapters)
-               for name in names)
-    base_bytes = 4 * sum(x.size for x in jax.tree.leaves(nnx.state(Decoder(CONFIG, rngs=nnx.Rngs(0)), nnx.Param)))
-    assert size < base_bytes  # the tied embedding alone is 48 x 24 floats; adapters are far smaller
+    # The stored array tree is exactly the LoRA parameters: same paths, same shapes, no base weight. (Comparing
+    # folder sizes with the base instead would count Orbax's own metadata, whose size varies with the path.)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        stored = checkpointer.restore(adapters, args=ocp.args.Composite(
+            **{ADAPTERS_ITEM: ocp.args.StandardRestore()}))[ADAPTERS_ITEM]
+    stored_shapes = {tuple(str(getattr(k, "key", k)) for k in path): np.shape(leaf)
+                     for path, leaf in jax.tree_util.tree_leaves_with_path(stored)}
+    reference = add_lora(Decoder(CONFIG, rngs=nnx.Rngs(0)), LORA, NAMES, rngs=nnx.Rngs(1))
+    lora_shapes = {tuple(str(k) for k in path): variable.get_value().shape
+                   for path, variable in nnx.to_flat_state(nnx.state(reference, nnx.LoRAParam))}
+    assert stored_shapes == lora_shapes
+    base_elements = sum(x.size for x in jax.tree.leaves(nnx.state(reference, nnx.Param)))
+    assert sum(np.prod(shape) for shape in stored_shapes.values()) < base_elements
     metadata_files = [os.path.join(folder, name) for folder, _, names in os.walk(adapters) for name in names
                       if folder.endswith("lora_metadata")]
     assert metadata_files
