@@ -40,3 +40,12 @@ def require_int_list(values: Iterable, field: str, minimum: int = 0) -> tuple[in
                                   for v in values),
           field, f'a non-empty list of integers >= {minimum}', values)
   return values
+
+
+def require_int_field(config: ml_collections.ConfigDict, field: str, least: int) -> None:
+  """The dotted `field` of `config` ('rl.iterations') is an int >= `least` (bools refused)."""
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  require(isinstance(value, int) and not isinstance(value, bool) and value >= least, field, f'an int >= {least}',
+          value)

@@ -85,14 +85,6 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
   })
 
 
-def _require_int(config, field: str, least: int) -> None:
-  value = config
-  for part in field.split('.'):
-    value = value[part]
-  configlib.require(isinstance(value, int) and not isinstance(value, bool) and value >= least, field,
-                    f'an int >= {least}', value)
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails on the first bad field, naming it; runs before any data or weights are read."""
   configlib.check_keys(config, default_config(config.get('dataset', 'lastfm')))
@@ -108,7 +100,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        ('user_max_new_tokens', 1), ('rollout.max_turns', 1), ('rollout.candidate_seed', 0),
                        ('reflexion.num_prior_episodes', 0), ('reflexion.max_reflections', 0),
                        ('user_f1.num_users', 0), ('user_f1.batch_size', 1), ('sampling.top_k', 0)):
-    _require_int(config, field, least)
+    configlib.require_int_field(config, field, least)
   configlib.require_int_list(config.seeds, 'seeds')
   configlib.require(isinstance(config.constrained, bool), 'constrained', 'a bool', config.constrained)
   temperature, top_p = config.sampling.temperature, config.sampling.top_p

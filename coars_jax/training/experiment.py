@@ -157,12 +157,28 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
   return config
 
 
-def _require_int(config, field: str, least: int) -> None:
-  value = config
-  for part in field.split('.'):
-    value = value[part]
-  configlib.require(isinstance(value, int) and not isinstance(value, bool) and value >= least, field,
-                    f'an int >= {least}', value)
+def tiny_config(dataset: str, method: str = 'coars') -> ml_collections.ConfigDict:
+  """The `configs/<dataset>_tiny.py` settings: every method starts from the warm start that
+  `configs/warm_start_tiny.py:<dataset>` writes (trained there with the same settings if absent), with SASRec's
+  moving hint on, and the RL methods share one budget."""
+  config = default_config(dataset, 'tiny', method or 'coars')
+  # The tiny base is a random initialisation: the warm start also trains it (see configs/warm_start_tiny.py).
+  config.warm_start.enabled = True
+  config.warm_start.folder = f'runs/warm_start_tiny_{dataset}'
+  config.warm_start.train_base = True
+  config.warm_start.num_dialogues = 256
+  config.warm_start.steps = 400
+  config.warm_start.batch_size = 8
+  config.warm_start.learning_rate = 1e-3
+  config.rollout.show_hint = True
+  config.rl.iterations = 200
+  config.rl.windows_per_iteration = 16
+  config.rl.learning_rate = 1e-4
+  config.eval.every = 20
+  config.eval.val_windows = 32
+  config.eval.batch_size = 64
+  config.eval.user_f1.batch_size = 256
+  return config
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -187,7 +203,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        ('eval.test_windows', 0), ('eval.batch_size', 1), ('eval.user_f1.num_users', 0),
                        ('eval.user_f1.batch_size', 1), ('checkpoint.every', 1), ('checkpoint.keep', 1),
                        ('reflexion.num_prior_episodes', 0), ('reflexion.max_reflections', 0), ('sampling.top_k', 0)):
-    _require_int(config, field, least)
+    configlib.require_int_field(config, field, least)
   temperature, top_p = config.sampling.temperature, config.sampling.top_p
   configlib.require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature >= 0,
                     'sampling.temperature', 'a number >= 0', temperature)
