@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -36,3 +38,16 @@ def require_files(*relpaths: str) -> pathlib.Path:
 @pytest.fixture
 def synthetic_dataset():
   return synthetic.synthetic_dataset()
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_module(*args: str, env_root: pathlib.Path, timeout: int = 1200) -> str:
+  """Runs `python -m <args>` from the repository root as a user would, with the data root set; returns stdout
+  and fails the test with the end of stderr when the command fails."""
+  env = dict(os.environ, COARS_DATA_DIR=str(env_root), JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout

@@ -3,48 +3,38 @@ the evaluation table from the saved checkpoint, each as a user runs it (`python 
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 from coars_jax.data import instruments
 from coars_jax.eval.agentic import ROW_KEYS
-from tests.conftest import require_files
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _run(*args, env_root):
-  env = dict(os.environ, COARS_DATA_DIR=str(env_root), JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1200)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+from tests.conftest import REPO, require_files, run_module
 
 
 def test_warm_start_then_rollout_then_evaluation(tmp_path):
   root = require_files(instruments.RATINGS_FILE, instruments.META_FILE)
   sasrec = tmp_path / 'sasrec'
-  _run('experiments.evaluate', '--config=configs/sasrec_instruments.py', '--config.train_seeds=(0,)',
-       '--config.candidate_seeds=(0,)', '--config.train.max_epochs=1', '--config.progress=False',
-       f'--config.workdir={sasrec}', env_root=root)
+  run_module('experiments.evaluate', '--config=configs/sasrec_instruments.py', '--config.train_seeds=(0,)',
+             '--config.candidate_seeds=(0,)', '--config.train.max_epochs=1', '--config.progress=False',
+             f'--config.workdir={sasrec}', env_root=root)
 
   warm = tmp_path / 'warm_start'
-  out = _run('experiments.warm_start', '--config=configs/warm_start_tiny.py:instruments',
-             f'--config.workdir={warm}', f'--config.sasrec_workdir={sasrec}', '--config.warm_start.steps=3',
-             '--config.warm_start.warmup_steps=1', '--config.warm_start.num_dialogues=4',
-             '--config.warm_start.max_turns=2', '--config.eval.num_windows=0', '--config.warm_start.progress=False',
-             env_root=root)
+  out = run_module('experiments.warm_start', '--config=configs/warm_start_tiny.py:instruments',
+                   f'--config.workdir={warm}', f'--config.sasrec_workdir={sasrec}', '--config.warm_start.steps=3',
+                   '--config.warm_start.warmup_steps=1', '--config.warm_start.num_dialogues=4',
+                   '--config.warm_start.max_turns=2', '--config.eval.num_windows=0',
+                   '--config.warm_start.progress=False',
+                   env_root=root)
   summary = json.loads(out[out.index('{'):])
   assert summary['steps'] == 3 and summary['dialogues'] == 4
   assert (warm / 'warm_start.json').is_file()
 
   rows_file, episodes_file = tmp_path / 'rows.json', tmp_path / 'episodes.jsonl'
-  out = _run('experiments.evaluate', '--config=configs/eval_tiny.py:instruments', f'--checkpoint={warm}',
-             f'--config.sasrec_workdir={sasrec}', '--config.num_windows=3', '--config.rollout.max_turns=2',
-             '--config.recommender_max_new_tokens=16', '--config.user_max_new_tokens=16',
-             '--config.user_f1.num_users=2', '--config.progress=False', f'--config.trajectories={episodes_file}',
-             f'--output={rows_file}', env_root=root)
+  out = run_module('experiments.evaluate', '--config=configs/eval_tiny.py:instruments', f'--checkpoint={warm}',
+                   f'--config.sasrec_workdir={sasrec}', '--config.num_windows=3', '--config.rollout.max_turns=2',
+                   '--config.recommender_max_new_tokens=16', '--config.user_max_new_tokens=16',
+                   '--config.user_f1.num_users=2', '--config.progress=False', f'--config.trajectories={episodes_file}',
+                   f'--output={rows_file}', env_root=root)
   assert '| instruments | warm_start | tiny |' in out
   rows = json.loads(rows_file.read_text())
   assert len(rows) == 1

@@ -2,28 +2,16 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
-
 from coars_jax.data import instruments
-from tests.conftest import require_files
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _run(*args, env_root):
-  env = dict(os.environ, COARS_DATA_DIR=str(env_root), JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+from tests.conftest import REPO, require_files, run_module
 
 
 def test_describe_data_prints_source_md_figures():
   root = require_files(instruments.RATINGS_FILE, instruments.META_FILE)
-  out = _run('experiments.describe_data', '--dataset=instruments', '--json', env_root=root)
+  out = run_module('experiments.describe_data', '--dataset=instruments', '--json', env_root=root)
   stats = json.loads(out)
   assert stats['users'] == 1429 and stats['items'] == 900 and stats['ratings'] == 10261
 
@@ -34,7 +22,7 @@ def test_evaluate_trains_checkpoints_and_writes_rows(tmp_path):
   args = ['experiments.evaluate', '--config=configs/sasrec_instruments.py', '--config.train_seeds=(0,)',
           '--config.candidate_seeds=(0,1)', '--config.train.max_epochs=2', '--config.progress=False',
           f'--config.workdir={tmp_path / "work"}', f'--output={output}']
-  out = _run(*args, env_root=root)
+  out = run_module(*args, env_root=root)
   assert '| instruments | sasrec |' in out
   rows = json.loads(output.read_text())
   assert [r['method'] for r in rows] == ['random', 'popularity', 'sasrec']
@@ -42,7 +30,7 @@ def test_evaluate_trains_checkpoints_and_writes_rows(tmp_path):
   meta = json.loads((tmp_path / 'work' / 'seed_0' / 'meta.json').read_text())
   assert meta['epochs_run'] == 2
   # A second run loads the checkpoint instead of training, and reports the same numbers.
-  _run(*args, env_root=root)
+  run_module(*args, env_root=root)
   assert json.loads(output.read_text()) == rows
 
 

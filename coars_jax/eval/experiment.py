@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from coars_jax import configlib
 from coars_jax.agents import backbone
@@ -224,7 +223,3 @@ def summary_line(row: dict) -> str:
           f"ValidRatio {row['valid_ratio']:.4f}, avg turns {row['avg_turns']:.2f}, user F1 "
           f"{'—' if f1 is None else f'{f1:.4f}'} ({row['num_windows']} windows, {row['wall_seconds']:.0f} s)")
 
-
-def mean_metric(rows, key: str) -> float:
-  values = [r[key] for r in rows if r.get(key) is not None]
-  return float(np.mean(values)) if values else float('nan')

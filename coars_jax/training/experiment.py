@@ -32,7 +32,7 @@ from coars_jax import configlib
 from coars_jax.agents import backbone
 from coars_jax.agents.episodes import AGENTS, LLMBackend, LLMBackendConfig, RolloutConfig, episode_metrics
 from coars_jax.agents.reflexion import ReflexionConfig
-from coars_jax.data import DATASETS, Dataset, load_dataset
+from coars_jax.data import Dataset, load_dataset
 from coars_jax.data.user_sim import UserSimSet, user_sim_set
 from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic, play_windows
 from coars_jax.eval.user_f1 import UserF1Config
