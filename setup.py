@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     'platformdirs==4.14.8',
     'tqdm==4.70.1',
     'tensorboardX==2.6.5',
+    'matplotlib==3.11.2',  # experiments/report.py's learning curves (Agg backend, no display)
 ]
 
 EXTRAS_REQUIRE = {

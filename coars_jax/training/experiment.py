@@ -376,7 +376,8 @@ def evaluate_rows(config, parts: Components, model: Decoder, *, method: str, sta
   result = evaluate_agentic(parts.dataset, greedy_backend(model, parts.tokenizer, config), peer=parts.sasrec,
                             method=method, model=parts.model_label, seed=0, config=eval_config, user_sim=user_sim)
   row = dict(result.row)
-  row.update({'stage': stage, 'windows_of_split': total,
+  # `seed` is the evaluation's (greedy, so moot); `train_seed` tells the report which training run this is.
+  row.update({'stage': stage, 'windows_of_split': total, 'train_seed': int(config.rl.seed),
               'user_f1_users': None if user_sim is None else len(user_sim.cases)})
   return row
 
