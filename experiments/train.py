@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from coars_jax.eval import agentic
 from coars_jax.eval.experiment import summary_line
+from coars_jax.parallel import distributed
 from coars_jax.training import experiment
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/<dataset>_<model>.py[:method] file.',
@@ -21,6 +22,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/<dataset>_<
 def main(argv):
   del argv
   config = _CONFIG.value
+  # Multi-host runs (config.distributed.enabled) join the other hosts before anything touches a device.
+  distributed.initialize(config.get('distributed'))
   rows = experiment.run(config)
   for row in rows:
     print(f'[{row["stage"]}] {summary_line(row)}')

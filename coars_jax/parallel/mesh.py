@@ -1,9 +1,11 @@
-"""The device mesh of a run and the `NamedSharding`s its jitted steps name explicitly.
+"""The device mesh of a run and the simplest `NamedSharding`s its jitted steps name explicitly.
 
-A mesh is built from a config mapping of axis name to size (`{'data': -1}`: every local device on one data axis,
-the default). Batches are split along the 'data' axis on their row dimension; parameters, optimizer state and
-metrics are replicated. Steps take these shardings as `in_shardings` / `out_shardings`, so adding a model axis
-later (fsdp, tensor) means adding a mesh axis and the parameter rules here, not touching the steps.
+A mesh is built from a config mapping of axis name to size over the axes 'data' (batch rows), 'fsdp' (batch rows
+and parameter shards) and 'tensor' (heads, MLP and vocabulary shards). `{'data': -1}` (every local device on one
+data axis) is the default; an axis the config leaves out has size 1 and is simply absent from the mesh, which the
+logical-axis rules (`parallel.rules`, `parallel.sharding`) treat exactly like a size-1 axis. Axes are always laid
+out in the order data, fsdp, tensor, so 'tensor' groups neighbouring devices, where its frequent collectives are
+cheapest.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
-KNOWN_AXES = (DATA_AXIS,)
+FSDP_AXIS = 'fsdp'
+TENSOR_AXIS = 'tensor'
+KNOWN_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
 
 
 def validate_mesh_shape(shape: Mapping[str, int], num_devices: int, field: str = 'mesh') -> dict[str, int]:
-  """The mesh shape with a -1 entry resolved to the remaining devices; raises naming `field` when the axes are
-  unknown, malformed, or do not multiply to `num_devices`."""
+  """The mesh shape, in the order of `KNOWN_AXES`, with a -1 entry resolved to the remaining devices; raises
+  naming `field` when the axes are unknown, malformed, or do not multiply to `num_devices`."""
   shape = dict(shape)
   unknown = sorted(set(shape) - set(KNOWN_AXES))
   if unknown or not shape:
@@ -40,7 +44,7 @@ def validate_mesh_shape(shape: Mapping[str, int], num_devices: int, field: str =
     shape[free[0]] = num_devices // fixed
   if math.prod(shape.values()) != num_devices:
     raise ValueError(f'{field}: axes {shape} use {math.prod(shape.values())} devices but {num_devices} are present')
-  return shape
+  return {name: shape[name] for name in KNOWN_AXES if name in shape}
 
 
 def mesh_shape_from_config(config) -> dict[str, int]:
@@ -49,22 +53,30 @@ def mesh_shape_from_config(config) -> dict[str, int]:
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
-  """A `jax.sharding.Mesh` over `devices` (default: all local devices) with the given axis sizes."""
+  """A `jax.sharding.Mesh` over `devices` (default: all local devices) with the given axis sizes, axes ordered
+  data, fsdp, tensor whatever the order of `shape`."""
   devices = list(jax.local_devices() if devices is None else devices)
   resolved = validate_mesh_shape({DATA_AXIS: -1} if shape is None else shape, len(devices))
   grid = np.asarray(devices, dtype=object).reshape(tuple(resolved.values()))
   return Mesh(grid, tuple(resolved))
 
 
+def axis_size(mesh: Mesh, name: str) -> int:
+  """The size of mesh axis `name`; 1 for an axis the mesh does not have."""
+  return dict(mesh.shape).get(name, 1)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
-  """Every device holds the whole array (parameters, optimizer state, scalars)."""
+  """Every device holds the whole array (scalars, small tables)."""
   return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh, ndim: int, row_axis: int = 0) -> NamedSharding:
-  """Rows (dimension `row_axis` of an `ndim`-dimensional array) split over the 'data' axis, the rest whole."""
+  """Rows (dimension `row_axis` of an `ndim`-dimensional array) split over the 'data' axis (whole when the mesh
+  has none), the rest whole. `sharding.Partitioning.batch` splits rows by the rules instead (over data and fsdp by
+  default, falling back where the row count does not divide)."""
   if not 0 <= row_axis < ndim:
     raise ValueError(f'batch_sharding: row_axis {row_axis} is outside an array of rank {ndim}')
   spec = [None] * ndim
-  spec[row_axis] = DATA_AXIS
+  spec[row_axis] = DATA_AXIS if DATA_AXIS in mesh.axis_names else None
   return NamedSharding(mesh, PartitionSpec(*spec))

@@ -15,9 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.kv_cache import KVCache, init_cache
+from coars_jax.models.logical_axes import BATCH, VOCAB
+from coars_jax.parallel.rules import Rules
+from coars_jax.parallel.sharding import Partitioning, activation_scope, sharded_jit
 from coars_jax.sampling import buckets as buckets_lib
 from coars_jax.sampling.buckets import LengthBuckets
 from coars_jax.sampling.compilation import record_trace
@@ -27,8 +31,11 @@ from coars_jax.sampling.model_inputs import (StaticKwargs, inference_view, model
                                              split_model_kwargs)
 
 # Position of the cache among `_decode`'s arguments: donated, so each generation reuses the prefill's
-# buffers in place instead of holding a second cache-sized copy.
+# buffers in place instead of holding a second cache-sized copy. The sharded decode takes the five static
+# arguments first (positionally: a jit given in_shardings takes no keyword arguments), then the same ones.
 _DECODE_CACHE_ARGNUM = 2
+_PROGRAM_STATIC = (0, 1, 2, 3, 4)
+_SHARDED_DECODE_CACHE_ARGNUM = len(_PROGRAM_STATIC) + 1
 
 
 @struct.dataclass
@@ -63,7 +70,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
              params: SamplingParams = SamplingParams(), buckets: LengthBuckets = LengthBuckets(),
              eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
              seed: int | jax.Array = 0, cache_dtype: str | None = None,
-             constraint: ChoiceConstraint | None = None, **model_call_kwargs: Any) -> GenerationOutput:
+             constraint: ChoiceConstraint | None = None, mesh: Mesh | None = None, rules: Rules | None = None,
+             **model_call_kwargs: Any) -> GenerationOutput:
     """Samples up to `max_new_tokens` tokens after each prompt.
 
     prompts: ragged token lists, or a left-padded [B, L] array with `prompt_mask` [B, L] (1 = real token,
@@ -80,6 +88,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
       max_new_tokens. Sampling then draws from the masked, renormalised distribution (top-k / top-p over the
       allowed tokens), and log_probs are under it; `score(..., constraint=)` recomputes them. None (default)
       runs exactly the unconstrained programs.
+    mesh, rules: run sharded on `mesh` (`parallel.Partitioning`: rules default to `parallel.DEFAULT_RULES`): the
+      model state, the prompts, the KV cache and the outputs get explicit shardings, and the decoder's activation
+      constraints follow the rules. The model's arrays are moved there first if they live elsewhere
+      (`parallel.shard_model` places them once). None (default) runs the unsharded programs.
     model_call_kwargs: passed to every decoder call, e.g. an adapter selector; arrays are traced, other
       values are static (each distinct value compiles its own programs).
     """
@@ -95,21 +107,32 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
         raise ValueError(f"generate: prompt + max_new_tokens reaches position {longest}, beyond the model's "
                          f"max_position_embeddings {config.max_position_embeddings}")
     key = jax.random.key(int(seed)) if isinstance(seed, (int, np.integer)) else seed
-    decode_kwargs = {}
     if constraint is not None:
         _check_constraint(constraint, tokens.shape[0], config.vocab_size, eos, max_new_tokens)
-        decode_kwargs["constraint"] = constraint
 
     static_kwargs, array_kwargs = split_model_kwargs(model_call_kwargs, "generate")
     graphdef, state = nnx.split(inference_view(model))
     cache_length = tokens.shape[1] + completion_length
-    logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), array_kwargs,
-                             static_kwargs=static_kwargs, cache_length=cache_length,
-                             cache_dtype=cache_dtype or config.compute_dtype)
-    outputs, _ = _decode(graphdef, state, cache, logits, jnp.asarray(mask.sum(axis=1), jnp.int32),
-                         jnp.asarray(max_new_tokens, jnp.int32), key, jnp.asarray(eos, jnp.int32),
-                         jnp.asarray(pad, jnp.int32), array_kwargs, static_kwargs=static_kwargs, params=params,
-                         completion_length=completion_length, **decode_kwargs)
+    cache_dtype = cache_dtype or config.compute_dtype
+    prompt_lengths = jnp.asarray(mask.sum(axis=1), jnp.int32)
+    decode_args = (prompt_lengths, jnp.asarray(max_new_tokens, jnp.int32), key, jnp.asarray(eos, jnp.int32),
+                   jnp.asarray(pad, jnp.int32), array_kwargs)
+    if mesh is None:
+        decode_kwargs = {} if constraint is None else {"constraint": constraint}
+        logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), array_kwargs,
+                                 static_kwargs=static_kwargs, cache_length=cache_length, cache_dtype=cache_dtype)
+        outputs, _ = _decode(graphdef, state, cache, logits, *decode_args, static_kwargs=static_kwargs, params=params,
+                             completion_length=completion_length, **decode_kwargs)
+    else:
+        partitioning = Partitioning.create(mesh, rules)
+        state_shardings = partitioning.state(state)
+        state = partitioning.put(state, state_shardings)
+        prefill, decode = _sharded_programs(partitioning, state_shardings, array_kwargs, config, tokens.shape[0],
+                                            cache_length, cache_dtype, completion_length)
+        logits, cache = prefill(graphdef, static_kwargs, cache_length, cache_dtype, partitioning, state,
+                                jnp.asarray(tokens), jnp.asarray(mask), array_kwargs)
+        outputs, _ = decode(graphdef, static_kwargs, params, completion_length, partitioning, state, cache, logits,
+                            *decode_args, constraint)
     return GenerationOutput(**outputs, prompt_tokens=tokens, prompt_mask=mask)
 
 
@@ -141,19 +164,48 @@ def prepare_prompts(prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
     return buckets_lib.left_pad(prompts, buckets.prompt_length(max(lengths)), pad_token_id)
 
 
+def _prefill_program(graphdef: nnx.GraphDef, static_kwargs: StaticKwargs, cache_length: int, cache_dtype: str,
+                     partitioning: Partitioning | None, state: nnx.State, tokens: jax.Array, mask: jax.Array,
+                     array_kwargs: dict[str, Any]) -> tuple[jax.Array, KVCache]:
+    """Runs the prompts [B, P] through a fresh cache: (float32 logits [B, V] after the last prompt token, cache)."""
+    record_trace("sampler.prefill")
+    model = nnx.merge(graphdef, state)
+    with activation_scope(partitioning, model.config, tokens.shape[0]):
+        cache = init_cache(model.config, tokens.shape[0], cache_length, cache_dtype)
+        hidden, cache = model.hidden_states(tokens, positions_from_mask(mask), mask, cache,
+                                            **model_kwargs(static_kwargs, array_kwargs))
+        # Left padding puts every row's last prompt token in the last slot, so only that slot is projected onto
+        # the vocabulary: the other P - 1 projections would be discarded.
+        return model.logits(hidden[:, -1]).astype(jnp.float32), cache
+
+
+def _decode_program(graphdef: nnx.GraphDef, static_kwargs: StaticKwargs, params: SamplingParams,
+                    completion_length: int, partitioning: Partitioning | None, state: nnx.State, cache: KVCache,
+                    logits: jax.Array, prompt_lengths: jax.Array, max_new_tokens: jax.Array, key: jax.Array,
+                    eos_token_ids: jax.Array, pad_token_id: jax.Array, array_kwargs: dict[str, Any],
+                    constraint: ChoiceConstraint | None) -> tuple[dict[str, jax.Array], KVCache]:
+    """Samples token 0 from the prefill logits, then decodes one token per loop iteration while any row is
+    unfinished and fewer than max_new_tokens were sampled. With a constraint, each step masks the logits by the
+    rows' grammar states and advances them by the sampled tokens; without one (None, an empty pytree) the
+    program is the unconstrained one.
+
+    A `while_loop` rather than a Python loop of jitted steps: the stop test runs on the device, so there is
+    no host round trip per token, and the whole decode is one program per (batch, bucket) shape.
+    """
+    record_trace("sampler.decode")
+    model = nnx.merge(graphdef, state)
+    with activation_scope(partitioning, model.config, logits.shape[0]):
+        return _decode_loop(model, cache, logits, prompt_lengths, max_new_tokens, key, eos_token_ids, pad_token_id,
+                            array_kwargs, static_kwargs, params, completion_length, constraint)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "static_kwargs", "cache_length", "cache_dtype"))
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array,
              array_kwargs: dict[str, Any], *, static_kwargs: StaticKwargs, cache_length: int, cache_dtype: str
              ) -> tuple[jax.Array, KVCache]:
-    """Runs the prompts [B, P] through a fresh cache: (float32 logits [B, V] after the last prompt token, cache)."""
-    record_trace("sampler.prefill")
-    model = nnx.merge(graphdef, state)
-    cache = init_cache(model.config, tokens.shape[0], cache_length, cache_dtype)
-    hidden, cache = model.hidden_states(tokens, positions_from_mask(mask), mask, cache,
-                                        **model_kwargs(static_kwargs, array_kwargs))
-    # Left padding puts every row's last prompt token in the last slot, so only that slot is projected onto
-    # the vocabulary: the other P - 1 projections would be discarded.
-    return model.logits(hidden[:, -1]).astype(jnp.float32), cache
+    """The unsharded prefill program."""
+    return _prefill_program(graphdef, static_kwargs, cache_length, cache_dtype, None, state, tokens, mask,
+                            array_kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static_kwargs", "params", "completion_length"),
@@ -163,16 +215,38 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, logits: ja
             array_kwargs: dict[str, Any], *, static_kwargs: StaticKwargs, params: SamplingParams,
             completion_length: int, constraint: ChoiceConstraint | None = None
             ) -> tuple[dict[str, jax.Array], KVCache]:
-    """Samples token 0 from the prefill logits, then decodes one token per loop iteration while any row is
-    unfinished and fewer than max_new_tokens were sampled. With a constraint, each step masks the logits by the
-    rows' grammar states and advances them by the sampled tokens; without one (the argument left out) the
-    program is the unconstrained one.
+    """The unsharded decode program (the constraint left out when None, so that call is the unconstrained one)."""
+    return _decode_program(graphdef, static_kwargs, params, completion_length, None, state, cache, logits,
+                           prompt_lengths, max_new_tokens, key, eos_token_ids, pad_token_id, array_kwargs, constraint)
 
-    A `while_loop` rather than a Python loop of jitted steps: the stop test runs on the device, so there is
-    no host round trip per token, and the whole decode is one program per (batch, bucket) shape.
-    """
-    record_trace("sampler.decode")
-    model = nnx.merge(graphdef, state)
+
+def _sharded_programs(partitioning: Partitioning, state_shardings: nnx.State, array_kwargs: dict[str, Any],
+                      config, batch: int, cache_length: int, cache_dtype: str, completion_length: int):
+    """The prefill and decode programs jitted with explicit shardings: the state by the rules, prompts, per-row
+    model arguments, logits and outputs by rows, the cache by its logical names (the same going in and out of
+    the decode, so the donated buffers are reused)."""
+    whole = partitioning.replicated()
+    rows = partitioning.batch((batch,))
+    logits = partitioning.sharding((BATCH, VOCAB), (batch, config.vocab_size))
+    cache = partitioning.cache(jax.eval_shape(lambda: init_cache(config, batch, cache_length, cache_dtype)))
+    row_kwargs = partitioning.rows(array_kwargs, batch)
+    prompts = partitioning.batch((batch, 1))
+    prefill = sharded_jit(_prefill_program, (state_shardings, prompts, prompts, row_kwargs), (logits, cache),
+                          static_argnums=_PROGRAM_STATIC)
+    per_token = partitioning.batch((batch, completion_length))
+    outputs = dict(tokens=per_token, log_probs=per_token, mask=per_token, lengths=rows, finished=rows,
+                   num_steps=whole)
+    decode = sharded_jit(_decode_program, (state_shardings, cache, logits, rows, whole, whole, whole, whole,
+                                           row_kwargs, whole), (outputs, cache),
+                         static_argnums=_PROGRAM_STATIC, donate_argnums=(_SHARDED_DECODE_CACHE_ARGNUM,))
+    return prefill, decode
+
+
+def _decode_loop(model: Decoder, cache: KVCache, logits: jax.Array, prompt_lengths: jax.Array,
+                 max_new_tokens: jax.Array, key: jax.Array, eos_token_ids: jax.Array, pad_token_id: jax.Array,
+                 array_kwargs: dict[str, Any], static_kwargs: StaticKwargs, params: SamplingParams,
+                 completion_length: int, constraint: ChoiceConstraint | None
+                 ) -> tuple[dict[str, jax.Array], KVCache]:
     call_kwargs = model_kwargs(static_kwargs, array_kwargs)
     batch = logits.shape[0]
 

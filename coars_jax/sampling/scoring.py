@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from coars_jax.models.decoder import Decoder
+from coars_jax.parallel.rules import Rules
+from coars_jax.parallel.sharding import Partitioning, activation_scope, sharded_jit
 from coars_jax.sampling import buckets as buckets_lib
 from coars_jax.sampling.buckets import LengthBuckets
 from coars_jax.sampling.compilation import record_trace
@@ -60,7 +63,7 @@ def score(model: Decoder, context_tokens: np.ndarray | jax.Array, context_mask: 
           completion_tokens: np.ndarray | jax.Array, completion_mask: np.ndarray | jax.Array, *,
           params: SamplingParams = MODEL_DISTRIBUTION, buckets: LengthBuckets | None = None,
           chunk_size: int | None = 256, pad_token_id: int = 0, constraint: ChoiceConstraint | None = None,
-          **model_call_kwargs: Any) -> jax.Array:
+          mesh: Mesh | None = None, rules: Rules | None = None, **model_call_kwargs: Any) -> jax.Array:
     """Jitted `completion_log_probs` (no gradient) on host or device arrays, after checking the padding.
 
     buckets: if given, contexts are left-padded to a prompt bucket and completions right-padded to a
@@ -68,6 +71,9 @@ def score(model: Decoder, context_tokens: np.ndarray | jax.Array, context_mask: 
       width, with 0 past the input's columns (slicing it back would compile a new program per width).
     constraint: the output grammar the completions were sampled under (see `completion_log_probs`); None scores
       under the unconstrained distribution with the unconstrained program.
+    mesh, rules: score sharded on `mesh` (`parallel.Partitioning`; rules default to `parallel.DEFAULT_RULES`): the
+      model state by the rules, rows and the result by the batch rule, activations constrained by the rules.
+      None (default) runs the unsharded program.
     model_call_kwargs: passed to the decoder call, e.g. an adapter selector (arrays traced, the rest static).
     Returns [B, C'] float32, C' = C or its bucket.
     """
@@ -88,20 +94,48 @@ def score(model: Decoder, context_tokens: np.ndarray | jax.Array, context_mask: 
             completion_tokens, completion_mask, buckets.completion_length(completion_tokens.shape[1]), pad_token_id)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"score: chunk_size must be positive or None, found {chunk_size}")
-    score_kwargs = {}
     if constraint is not None:
         if not isinstance(constraint, ChoiceConstraint):
             raise TypeError(f"score: constraint must be a ChoiceConstraint, found {type(constraint).__name__}")
         if constraint.batch_size != context_tokens.shape[0]:
             raise ValueError(f"score: the constraint has {constraint.batch_size} rows for {context_tokens.shape[0]} "
                              "completions")
-        # Left out when None, so the unconstrained call is the same jit call (and program) as before.
-        score_kwargs["constraint"] = constraint
     static_kwargs, array_kwargs = split_model_kwargs(model_call_kwargs, "score")
     graphdef, state = nnx.split(inference_view(model))
-    return _score(graphdef, state, jnp.asarray(context_tokens), jnp.asarray(context_mask),
-                  jnp.asarray(completion_tokens), jnp.asarray(completion_mask), array_kwargs,
-                  static_kwargs=static_kwargs, params=params, chunk_size=chunk_size, **score_kwargs)
+    arrays = (jnp.asarray(context_tokens), jnp.asarray(context_mask), jnp.asarray(completion_tokens),
+              jnp.asarray(completion_mask), array_kwargs)
+    if mesh is None:
+        # The constraint is left out when None, so the unconstrained call is the same jit call (and program).
+        score_kwargs = {} if constraint is None else {"constraint": constraint}
+        return _score(graphdef, state, *arrays, static_kwargs=static_kwargs, params=params, chunk_size=chunk_size,
+                      **score_kwargs)
+    partitioning = Partitioning.create(mesh, rules)
+    state_shardings = partitioning.state(state)
+    state = partitioning.put(state, state_shardings)
+    rows = partitioning.batch((context_tokens.shape[0], 1))
+    program = sharded_jit(_score_program, (state_shardings, rows, rows, rows, rows,
+                                           partitioning.rows(array_kwargs, context_tokens.shape[0]),
+                                           partitioning.replicated()),
+                          rows, static_argnums=_SCORE_STATIC)
+    return program(graphdef, static_kwargs, params, chunk_size, partitioning, state, *arrays, constraint)
+
+
+def _score_program(graphdef: nnx.GraphDef, static_kwargs: StaticKwargs, params: SamplingParams,
+                   chunk_size: int | None, partitioning: Partitioning | None, state: nnx.State,
+                   context_tokens: jax.Array, context_mask: jax.Array, completion_tokens: jax.Array,
+                   completion_mask: jax.Array, array_kwargs: dict[str, Any],
+                   constraint: ChoiceConstraint | None) -> jax.Array:
+    record_trace("scoring.score")
+    model = nnx.merge(graphdef, state)
+    with activation_scope(partitioning, model.config, context_tokens.shape[0]):
+        return completion_log_probs(model, context_tokens, context_mask, completion_tokens, completion_mask,
+                                    params=params, chunk_size=chunk_size, constraint=constraint,
+                                    **model_kwargs(static_kwargs, array_kwargs))
+
+
+# The sharded program takes its static arguments first, positionally (a jit given in_shardings takes no keyword
+# arguments); a None constraint is an empty pytree, so the unconstrained call runs the unconstrained program.
+_SCORE_STATIC = (0, 1, 2, 3, 4)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static_kwargs", "params", "chunk_size"))
@@ -109,11 +143,9 @@ def _score(graphdef: nnx.GraphDef, state: nnx.State, context_tokens: jax.Array, 
            completion_tokens: jax.Array, completion_mask: jax.Array, array_kwargs: dict[str, Any], *,
            static_kwargs: StaticKwargs, params: SamplingParams, chunk_size: int | None,
            constraint: ChoiceConstraint | None = None) -> jax.Array:
-    record_trace("scoring.score")
-    model = nnx.merge(graphdef, state)
-    return completion_log_probs(model, context_tokens, context_mask, completion_tokens, completion_mask,
-                                params=params, chunk_size=chunk_size, constraint=constraint,
-                                **model_kwargs(static_kwargs, array_kwargs))
+    """The unsharded scoring program."""
+    return _score_program(graphdef, static_kwargs, params, chunk_size, None, state, context_tokens, context_mask,
+                          completion_tokens, completion_mask, array_kwargs, constraint)
 
 
 def _target_log_probs(model: Decoder, hidden: jax.Array, targets: jax.Array, params: SamplingParams,

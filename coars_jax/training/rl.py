@@ -9,10 +9,12 @@ of segments a rollout can have), scans over them with a `lax.cond` that skips al
 teacher (stop-gradient, current parameters) and the student of each microbatch, sums the gradients (each
 microbatch's loss is already divided by the rollout's episode count E, so the sum is the rollout's gradient), and
 applies one optax AdamW update (warm-up + cosine schedule, global-norm clip) to the LoRA parameters only. The step
-is compiled with explicit `in_shardings` / `out_shardings` on a mesh (rows split over 'data', parameters
-replicated) and donates the adapters and the optimizer state. Shapes depend only on (K, R) and the length buckets,
-so a run compiles at most one step per bucket triple (student prompt, teacher prompt, completion); a non-finite
-loss or gradient norm keeps the old adapters and optimizer state inside the step, and the host counts such skips.
+is compiled with explicit `in_shardings` / `out_shardings` on a mesh by logical-axis rules (`parallel.Partitioning`:
+rows over data and fsdp; base weights, adapters and their Adam moments by their logical names; on a data-only mesh
+that is rows over 'data' and everything else replicated) and donates the adapters and the optimizer state. Shapes
+depend only on (K, R) and the length buckets, so a run compiles at most one step per bucket triple (student prompt,
+teacher prompt, completion); a non-finite loss or gradient norm keeps the old adapters and optimizer state inside
+the step, and the host counts such skips.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from coars_jax.data.schema import Dataset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import ADAPTERS_OFF
-from coars_jax.parallel.mesh import DATA_AXIS, batch_sharding, make_mesh, replicated
+from coars_jax.parallel.mesh import DATA_AXIS, make_mesh
+from coars_jax.parallel.rules import Rules
+from coars_jax.parallel.sharding import Partitioning, activation_scope, sharded_jit
 from coars_jax.recsys.peer import peer_opinion
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, score
@@ -296,9 +300,11 @@ def judge_messages(episode: Episode, prompt_config: PromptConfig) -> list[Messag
 
 
 def judge_probabilities(model: Decoder, tokenizer, episodes: Sequence[Episode], *, answers: tuple[str, str],
-                        buckets: LengthBuckets, dataset_name: str, chunk_size: int | None = None) -> np.ndarray:
+                        buckets: LengthBuckets, dataset_name: str, chunk_size: int | None = None,
+                        mesh: Mesh | None = None, rules: Rules | None = None) -> np.ndarray:
   """float64[E]: p = P(yes) / (P(yes) + P(no)) of each finished dialogue under the frozen base model (adapters
-  off, id -1), from one `sampling.score` pass over the two answers; no generation is needed."""
+  off, id -1), from one `sampling.score` pass over the two answers (sharded on `mesh` when given); no generation
+  is needed."""
   prompt_config = PromptConfig.for_dataset(dataset_name)
   contexts = [encode_prompt(tokenizer, judge_messages(e, prompt_config))[1] for e in episodes]
   answer_ids = [list(tokenizer(a, add_special_tokens=False)['input_ids']) for a in answers]
@@ -312,7 +318,7 @@ def judge_probabilities(model: Decoder, tokenizer, episodes: Sequence[Episode], 
   adapter = np.full(2 * len(contexts), ADAPTERS_OFF, np.int32) if model.adapter_names else None
   kwargs = {} if adapter is None else {'adapter': adapter}
   scores = np.asarray(score(model, context_tokens, context_mask, completion_tokens, completion_mask, buckets=buckets,
-                            chunk_size=chunk_size, pad_token_id=pad, **kwargs), np.float64)
+                            chunk_size=chunk_size, pad_token_id=pad, mesh=mesh, rules=rules, **kwargs), np.float64)
   totals = scores.sum(axis=1)
   yes, no = totals[:len(contexts)], totals[len(contexts):]
   return 1.0 / (1.0 + np.exp(no - yes))
@@ -499,19 +505,54 @@ def _update_body(lora: nnx.State, frozen: nnx.State, opt_state: optax.OptState, 
 
 
 @functools.lru_cache(maxsize=16)
-def build_update_step(graphdef: nnx.GraphDef, settings: StepSettings, mesh: Mesh, teacher_keys: bool):
+def build_update_step(graphdef: nnx.GraphDef, settings: StepSettings, mesh: Mesh, teacher_keys: bool,
+                      rules: Rules | None = None) -> 'UpdateStep':
   """The jitted update step `(lora, frozen, opt_state, batch, num_episodes, adapter_update_mask, learning_rate)
-  -> (lora, opt_state, metrics)`, with explicit shardings on `mesh` (batch rows over 'data', the rest
-  replicated) and the adapters and optimizer state donated. Cached on its static inputs, so trainers with equal
-  settings share it."""
-  whole = replicated(mesh)
-  keys = BATCH_KEYS + (TEACHER_KEYS if teacher_keys else ())
-  ndims = {'prompt_tokens': 3, 'prompt_mask': 3, 'completion_tokens': 3, 'completion_mask': 3,
-           'teacher_prompt_tokens': 3, 'teacher_prompt_mask': 3}
-  rows = {key: batch_sharding(mesh, ndims.get(key, 2), row_axis=1) for key in keys}
+  -> (lora, opt_state, metrics)`, with explicit shardings on `mesh` by `rules` (default `parallel.DEFAULT_RULES`)
+  and the adapters and optimizer state donated. Cached on its static inputs, so trainers with equal settings
+  share it."""
+  partitioning = Partitioning.create(mesh, rules)
   body = functools.partial(_update_body, graphdef=graphdef, settings=settings)
-  return jax.jit(body, in_shardings=(whole, whole, whole, rows, whole, whole, whole),
-                 out_shardings=(whole, whole, whole), donate_argnums=(0, 2))
+
+  def scoped_body(lora, frozen, opt_state, batch, *scalars):
+    config = nnx.merge(graphdef, lora, frozen).config  # trace time only
+    with activation_scope(partitioning, config, batch['prompt_tokens'].shape[1]):
+      return body(lora, frozen, opt_state, batch, *scalars)
+
+  return UpdateStep(scoped_body, partitioning, BATCH_KEYS + (TEACHER_KEYS if teacher_keys else ()))
+
+
+class UpdateStep:
+  """A callable update step: the shardings of the arguments are derived on each call from their logical names
+  (adapters and base weights by the rules, the Adam moments like the adapters they track, batch rows [K, R, ...]
+  by the batch rule on R, scalars replicated), and the step jitted with them is memoised (`parallel.sharded_jit`),
+  so equal shapes reuse one compiled program."""
+
+  def __init__(self, body, partitioning: Partitioning, batch_keys: tuple[str, ...]):
+    self.body, self.partitioning, self.batch_keys = body, partitioning, batch_keys
+
+  def shardings(self, lora: nnx.State, frozen: nnx.State, opt_state: optax.OptState,
+                batch: Mapping[str, Any]) -> tuple[tuple, tuple]:
+    """(in_shardings, out_shardings) of the step for these arguments."""
+    placing = self.partitioning
+    whole = placing.replicated()
+    lora_shardings, opt_shardings = placing.state(lora), placing.optimizer(opt_state, lora)
+    rows = {key: placing.batch(np.shape(batch[key]), row_axis=1) for key in self.batch_keys}
+    return ((lora_shardings, placing.state(frozen), opt_shardings, rows, whole, whole, whole),
+            (lora_shardings, opt_shardings, whole))
+
+  def jitted(self, lora, frozen, opt_state, batch):
+    in_shardings, out_shardings = self.shardings(lora, frozen, opt_state, batch)
+    return sharded_jit(self.body, in_shardings, out_shardings, donate_argnums=(0, 2))
+
+  def __call__(self, lora, frozen, opt_state, batch, num_episodes, adapter_update_mask, learning_rate):
+    return self.jitted(lora, frozen, opt_state, batch)(lora, frozen, opt_state, batch, num_episodes,
+                                                       adapter_update_mask, learning_rate)
+
+  def lower(self, lora, frozen, opt_state, batch, num_episodes, adapter_update_mask, learning_rate):
+    """`jax.stages.Lowered` of the step for these arguments (for memory and cost analysis)."""
+    return self.jitted(lora, frozen, opt_state, batch).lower(lora, frozen, opt_state, batch, num_episodes,
+                                                             adapter_update_mask, learning_rate)
 
 
 def step_traces() -> int:
@@ -562,10 +603,12 @@ class RLTrainer:
     config: the RL settings.
     rollout: the dialogue protocol.
     mesh: where the update step runs; default all local devices on one 'data' axis.
+    rules: the logical-axis rules placing parameters, optimizer state and batches on `mesh` (default
+      `parallel.DEFAULT_RULES`).
   """
 
   def __init__(self, model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRec, config: RLConfig, *,
-               rollout: RolloutConfig = RolloutConfig(), mesh: Mesh | None = None):
+               rollout: RolloutConfig = RolloutConfig(), mesh: Mesh | None = None, rules: Rules | None = None):
     if not isinstance(config, RLConfig):
       raise TypeError(f'config must be an RLConfig, found {type(config).__name__}')
     missing = [agent for agent in AGENTS if agent not in model.adapter_names]
@@ -575,6 +618,8 @@ class RLTrainer:
     self.model, self.tokenizer, self.dataset, self.sasrec = model, tokenizer, dataset, sasrec
     self.config, self.rollout = config, rollout
     self.mesh = make_mesh() if mesh is None else mesh
+    self.rules = rules
+    self.partitioning = Partitioning.create(self.mesh, rules)
     data_devices = dict(zip(self.mesh.axis_names, self.mesh.devices.shape)).get(DATA_AXIS, 1)
     if config.rows_per_microbatch % data_devices:
       raise ValueError(f'RLConfig.rows_per_microbatch ({config.rows_per_microbatch}) must be a multiple of the '
@@ -592,14 +637,17 @@ class RLTrainer:
     self.settings = StepSettings.from_config(config, self.pad_id)
     self.schedule = learning_rate_schedule(config)
 
-    whole = replicated(self.mesh)
+    placing = self.partitioning
     self.graphdef, lora, frozen = nnx.split(inference_view(model), nnx.LoRAParam, ...)
     # The model is pointed at the placed arrays, so rollouts and the step share them (no second copy of the base).
-    self.frozen = jax.device_put(frozen, whole)
-    self.lora = jax.device_put(lora, whole)
+    self.frozen = placing.put(frozen, placing.state(frozen))
+    self.lora = placing.put(lora, placing.state(lora))
     nnx.update(model, self.frozen, self.lora)
-    self.opt_state = jax.device_put(self.settings.make_optimizer().init(self.lora), whole)
-    self._step = build_update_step(self.graphdef, self.settings, self.mesh, self.settings.teacher)
+    init = self.settings.make_optimizer().init
+    # Created in place on its shardings: the Adam moments never exist whole on one device.
+    self.opt_state = jax.jit(init, out_shardings=placing.optimizer(jax.eval_shape(init, self.lora), self.lora))(
+        self.lora)
+    self._step = build_update_step(self.graphdef, self.settings, self.mesh, self.settings.teacher, rules)
     self.state = TrainerState(iteration=0, next_window=0,
                               rng=np.asarray(jax.random.key_data(jax.random.key(config.seed)), np.uint32))
 
@@ -613,18 +661,18 @@ class RLTrainer:
 
   def restore(self, tree: Mapping[str, Any], state: TrainerState) -> None:
     """Puts a checkpoint's arrays and trainer state back (the inverse of `checkpoint_tree` / `TrainerState`)."""
-    whole = replicated(self.mesh)
+    placing = self.partitioning
     lora = jax.tree.map(lambda x: x, self.lora)
     nnx.replace_by_pure_dict(lora, tree['adapters'])
-    self.lora = jax.device_put(lora, whole)
+    self.lora = placing.put(lora, placing.state(lora))
     nnx.update(self.model, self.lora)
     leaves, treedef = jax.tree.flatten(self.opt_state)
     saved = tree['optimizer']
     if len(saved) != len(leaves):
       raise ValueError(f'the checkpoint has {len(saved)} optimizer arrays but this optimizer has {len(leaves)}; it '
                        f'was written with other optimizer settings')
-    self.opt_state = jax.device_put(jax.tree.unflatten(treedef, [jnp.asarray(saved[str(i)]) for i in
-                                                                 range(len(leaves))]), whole)
+    opt_state = jax.tree.unflatten(treedef, [jnp.asarray(saved[str(i)]) for i in range(len(leaves))])
+    self.opt_state = placing.put(opt_state, placing.optimizer(opt_state, self.lora))
     self.state = dataclasses.replace(state, rng=np.asarray(tree['rng'], np.uint32))
 
   # -- one iteration ----------------------------------------------------------------------------------------------
@@ -733,7 +781,7 @@ class RLTrainer:
     if config.reward == 'judge':
       judge = judge_probabilities(self.model, self.tokenizer, episodes, answers=config.judge_answers,
                                   buckets=config.buckets, dataset_name=self.dataset.name,
-                                  chunk_size=config.score_chunk_size)
+                                  chunk_size=config.score_chunk_size, mesh=self.mesh, rules=self.rules)
     reward, weight, included, carries_loss = self._rewards(trajectory, judge, groups)
     rows = np.flatnonzero(carries_loss)
     teacher_ids = None
