@@ -14,6 +14,9 @@ def get_config(dataset: str = 'lastfm'):
   config.model = 'tiny'
   config.workdir = f'runs/warm_start_tiny_{dataset}'
   config.warm_start.train_base = True
+  # The random base first learns to copy (random tokens, then the same tokens again): without it the warm start
+  # teaches the format but the Item line names one frequent title whatever the prompt shows.
+  config.warm_start.copy_pretrain_steps = 300
   # The hint names SASRec's best candidate not yet recommended, and the scripted recommender follows SASRec's
   # ranking, so every scripted Item line copies a title the prompt shows: a copy task a 4-layer model can learn.
   config.warm_start.show_hint = True

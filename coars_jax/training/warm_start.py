@@ -47,6 +47,7 @@ from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import GREEDY, LengthBuckets, completion_log_probs
 from coars_jax.sampling.buckets import left_pad, right_pad
 from coars_jax.sampling.compilation import record_trace, trace_counts
+from coars_jax.training.copy_pretrain import CopyPretrainConfig, copy_pretrain
 
 # The name `record_trace` counts the update step under (`sampling.trace_counts()`).
 STEP_TRACE_NAME = 'training.warm_start.step'
@@ -81,6 +82,8 @@ class WarmStartConfig:
     train_base: also train the base weights, shared by both agents. Off for pretrained bases (the paper trains
       adapters only); on for a randomly initialised base such as the `tiny` preset, which has no language to
       adapt and whose frozen random (tied) embedding would otherwise fix the output projection.
+    copy_pretrain_steps: updates of the copy task (`training.copy_pretrain`) on the bare base before the
+      adapters are attached and the SFT starts (0 = none). For a random base only: it needs `train_base`.
     seed: the dialogue draw, the batch order and the adapters' initial values.
     buckets: prompt and completion lengths batches are padded up to; a run compiles at most one update program
       per (prompt bucket, completion bucket) pair its batches use.
@@ -101,13 +104,15 @@ class WarmStartConfig:
   lora_rank: int = 8
   lora_alpha: float = 16.0
   train_base: bool = False
+  copy_pretrain_steps: int = 0
   seed: int = 0
   buckets: LengthBuckets = LengthBuckets()
   progress: bool = True
 
   def __post_init__(self):
     for name, least in (('num_dialogues', 1), ('max_turns', 1), ('candidate_seed', 0), ('steps', 1),
-                        ('batch_size', 1), ('warmup_steps', 0), ('lora_rank', 1), ('seed', 0)):
+                        ('batch_size', 1), ('warmup_steps', 0), ('lora_rank', 1), ('seed', 0),
+                        ('copy_pretrain_steps', 0)):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f'WarmStartConfig.{name} must be an int >= {least}, found {value!r}')
@@ -125,6 +130,12 @@ class WarmStartConfig:
     if self.warmup_steps >= self.steps:
       raise ValueError(f'WarmStartConfig.warmup_steps ({self.warmup_steps}) must be smaller than steps '
                        f'({self.steps})')
+    if self.copy_pretrain_steps and not self.train_base:
+      raise ValueError('WarmStartConfig.copy_pretrain_steps > 0 changes the base, so it needs train_base=True (the '
+                       'base is then saved with the adapters)')
+    if self.copy_pretrain_steps and self.copy_pretrain_steps <= CopyPretrainConfig().warmup_steps:
+      raise ValueError(f'WarmStartConfig.copy_pretrain_steps must exceed the copy task\'s '
+                       f'{CopyPretrainConfig().warmup_steps} warm-up steps, found {self.copy_pretrain_steps}')
     if not isinstance(self.buckets, LengthBuckets):
       raise TypeError(f'WarmStartConfig.buckets must be a sampling.LengthBuckets, found '
                       f'{type(self.buckets).__name__}')
@@ -133,6 +144,10 @@ class WarmStartConfig:
   def rollout(self) -> RolloutConfig:
     """The protocol the scripted episodes are played under."""
     return RolloutConfig(max_turns=self.max_turns, candidate_seed=self.candidate_seed, show_hint=self.show_hint)
+
+  @property
+  def copy_pretrain(self) -> CopyPretrainConfig:
+    return CopyPretrainConfig(steps=self.copy_pretrain_steps, seed=self.seed, progress=self.progress)
 
   @property
   def lora(self) -> LoRAConfig:
@@ -494,17 +509,30 @@ class WarmStartResult:
     examples: their agent messages as SFT rows.
     train: the optimizer run.
     dialogue_metrics: `episode_metrics` of the scripted dialogues (their Hit@1 is SASRec's on those windows).
+    copy_history: per-step metrics of the copy pre-training (empty when it was off).
   """
 
   episodes: tuple[Episode, ...]
   examples: SFTExamples
   train: TrainResult
   dialogue_metrics: dict[str, float]
+  copy_history: tuple[dict[str, float], ...] = ()
 
   def max_new_tokens(self, agent: str, margin: int = 8) -> int:
     """A token budget for greedy evaluation: the longest scripted message of `agent` plus `margin`; a model that
     imitates the script never needs more."""
     return self.examples.max_completion_tokens(agent) + margin
+
+
+def copy_summary(history) -> dict[str, Any]:
+  """The copy pre-training's size, end point (mean of its last 20 steps) and wall time; {} when it was off."""
+  if not history:
+    return {}
+  tail = history[-min(len(history), 20):]
+  return {'copy_pretrain_steps': len(history),
+          'copy_pretrain_final_loss': float(np.mean([h['loss'] for h in tail])),
+          'copy_pretrain_final_accuracy': float(np.mean([h['copy_accuracy'] for h in tail])),
+          'copy_pretrain_seconds': round(history[-1].get('seconds', 0.0), 1)}
 
 
 def prepare_model(model: Decoder, config: WarmStartConfig) -> Decoder:
@@ -520,8 +548,10 @@ def warm_start_agents(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRe
                config: WarmStartConfig = WarmStartConfig()) -> WarmStartResult:
   """Scripted dialogues on `config.num_dialogues` training windows, then SFT of `model` on them, in place.
 
-  `model` gets the two agents' adapters if it has none (`prepare_model`).
+  `model` gets the two agents' adapters if it has none (`prepare_model`), after `config.copy_pretrain_steps` of
+  copy pre-training of its bare base when that is on.
   """
+  copy_history = copy_pretrain(model, config.copy_pretrain) if config.copy_pretrain_steps else []
   prepare_model(model, config)
   if len(tokenizer) > model.config.vocab_size:
     raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model\'s vocab_size is '
@@ -533,7 +563,7 @@ def warm_start_agents(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRe
   logging.info('warm start: %d dialogues, %d agent messages', len(episodes), len(examples))
   train = train_sft(model, examples, config, pad_token_id=pad_id)
   return WarmStartResult(episodes=tuple(episodes), examples=examples, train=train,
-                         dialogue_metrics=episode_metrics(episodes))
+                         dialogue_metrics=episode_metrics(episodes), copy_history=tuple(copy_history))
 
 
 def evaluate_dialogues(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRec, window_indices: Sequence[int],
@@ -686,6 +716,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'scripted_dialogue_metrics': result.dialogue_metrics, 'steps': len(history),
       'first_loss': history[0]['loss'], 'final_loss_mean_last_20': float(np.mean([h['loss'] for h in tail])),
       'train_seconds': round(result.train.seconds, 1), 'update_step_traces': result.train.traces,
+      **copy_summary(result.copy_history),
   }
   if config.eval.num_windows:
     count = min(config.eval.num_windows, len(dataset.split(config.eval.split)))
