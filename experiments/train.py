@@ -7,7 +7,7 @@ TensorBoard logs, Orbax checkpoints, and the final and best adapters as folders 
 `--config.resume=True` continues from the latest checkpoint. zero_shot and reflexion are evaluated only.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from coars_jax.eval import agentic
@@ -24,7 +24,12 @@ def main(argv):
   config = _CONFIG.value
   # Multi-host runs (config.distributed.enabled) join the other hosts before anything touches a device.
   distributed.initialize(config.get('distributed'))
+  if not distributed.is_primary():
+    # Every process computes the same run; process 0 alone reports it, the others only their errors.
+    logging.set_verbosity(logging.ERROR)
   rows = experiment.run(config)
+  if not distributed.is_primary():
+    return
   for row in rows:
     print(f'[{row["stage"]}] {summary_line(row)}')
   if not any(row['stage'] == 'after' for row in rows):

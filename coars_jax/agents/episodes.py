@@ -12,6 +12,7 @@ import dataclasses
 from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
+from jax.sharding import Mesh
 
 from coars_jax.agents.output_constraints import recommender_constraint, user_constraint
 from coars_jax.agents.parsing import (ParseConfig, RecommenderParse, UserParse, parse_recommender_output,
@@ -22,6 +23,8 @@ from coars_jax.data.candidates import NUM_CANDIDATES, candidate_list
 from coars_jax.data.schema import Dataset
 from coars_jax.models.lora import ADAPTERS_OFF
 from coars_jax.models.tokenizer import END_OF_TURN_TOKENS, render_chat, special_token_ids
+from coars_jax.parallel.distributed import fetch
+from coars_jax.parallel.rules import Rules
 from coars_jax.recsys.peer import candidate_ranking, peer_opinion, peer_similarity, top_candidate
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, generate
@@ -237,11 +240,16 @@ class LLMBackend:
       None (for the whole mapping or for one agent) runs the base model, as zero-shot agents do. Adapters are
       passed as a per-row int32 array, so both agents share one set of compiled programs.
     config: token budgets, sampling and buckets.
+    mesh, rules: run every call's prefill and decode sharded on `mesh` by the logical-axis `rules`
+      (`sampling.generate`'s arguments; rules default to `parallel.DEFAULT_RULES`), as an `RLTrainer` does with
+      its own mesh so that rollouts use the arrays its update step placed. None (default) runs the unsharded
+      programs. On a mesh that spans processes, every process must make the same calls; each gets every row back.
   """
 
   def __init__(self, model, tokenizer, *, adapters: Mapping[str, str | int | None] | None = None,
-               config: LLMBackendConfig = LLMBackendConfig()):
+               config: LLMBackendConfig = LLMBackendConfig(), mesh: Mesh | None = None, rules: Rules | None = None):
     self.model, self.tokenizer, self.config = model, tokenizer, config
+    self.mesh, self.rules = mesh, rules
     self.special = special_token_ids(tokenizer)
     if len(tokenizer) > model.config.vocab_size:
       raise ValueError(f'LLMBackend: the tokenizer has {len(tokenizer)} tokens but the model\'s vocab_size is '
@@ -322,9 +330,10 @@ class LLMBackend:
       kwargs['constraint'] = self.constraint(agent, batch, candidates)
     output = generate(self.model, token_lists, max_new_tokens=self.config.max_new_tokens(agent),
                       params=self.config.sampling, buckets=self.config.buckets,
-                      eos_token_ids=self.special.eos_ids, pad_token_id=self.special.pad_id, seed=seed, **kwargs)
-    tokens, log_probs = np.asarray(output.tokens), np.asarray(output.log_probs)
-    lengths, finished = np.asarray(output.lengths), np.asarray(output.finished)
+                      eos_token_ids=self.special.eos_ids, pad_token_id=self.special.pad_id, seed=seed,
+                      mesh=self.mesh, rules=self.rules, **kwargs)
+    # Rows sharded over other processes' devices are gathered: every process parses every message.
+    tokens, log_probs, lengths, finished = fetch((output.tokens, output.log_probs, output.lengths, output.finished))
     generations = []
     for row, (prompt_text, prompt_ids) in enumerate(encoded):
       completion = tokens[row, :lengths[row]]

@@ -19,8 +19,9 @@ def _absolute(path: str | os.PathLike) -> pathlib.Path:
 
 
 def save_sharded(path: str | os.PathLike, tree: Any) -> pathlib.Path:
-  """Writes the arrays of `tree` (nested dicts / lists of jax or numpy arrays) to the new folder `path`; every
-  process writes its own shards. Returns the absolute folder."""
+  """Writes the arrays of `tree` (nested dicts / lists of jax or numpy arrays) to the new folder `path`; returns
+  the absolute folder. A collective in a multi-host run: every process calls it with the same tree, each writes
+  the shards it holds, and Orbax commits the folder once all have (numpy leaves are written by the primary)."""
   folder = _absolute(path)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(folder, tree)
@@ -31,7 +32,8 @@ def save_sharded(path: str | os.PathLike, tree: Any) -> pathlib.Path:
 def restore_sharded(path: str | os.PathLike, abstract_tree: Any, shardings: Any) -> Any:
   """The arrays saved at `path`, shaped like `abstract_tree` (arrays or `jax.ShapeDtypeStruct`s: only shape and
   dtype are read) and placed on `shardings` (a matching tree of `jax.sharding.Sharding`s, e.g. from
-  `Partitioning.state` / `Partitioning.optimizer` on the new mesh)."""
+  `Partitioning.state` / `Partitioning.optimizer` on the new mesh). The mesh and process count may differ from
+  the writer's; on a mesh that spans processes every process calls it and reads only its own shards."""
   folder = _absolute(path)
   if not folder.is_dir():
     raise FileNotFoundError(f'restore_sharded: no checkpoint folder at {folder}')

@@ -1,7 +1,9 @@
-"""Multi-host start-up: `initialize` calls `jax.distributed.initialize` once per process, before anything touches
-a device, with settings from the config's `distributed` group or, where a field is left empty, from the
-environment (COARS_COORDINATOR_ADDRESS, COARS_NUM_PROCESSES, COARS_PROCESS_ID), and otherwise from what JAX detects
-itself on Cloud TPU pods and SLURM clusters, where every host runs the same command with no settings at all."""
+"""Multi-host runs: `initialize` calls `jax.distributed.initialize` once per process, before anything touches a
+device, with settings from the config's `distributed` group or, where a field is left empty, from the environment
+(COARS_COORDINATOR_ADDRESS, COARS_NUM_PROCESSES, COARS_PROCESS_ID), and otherwise from what JAX detects itself on
+Cloud TPU pods and SLURM clusters, where every host runs the same command with no settings at all. Every process
+then runs the same deterministic program on the same host data; `is_primary` picks the one process that writes
+logs and files, and `fetch` brings arrays that span processes back to every host as numpy."""
 
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import logging
 import os
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from coars_jax import configlib
 
@@ -63,9 +68,34 @@ def initialize(settings: ml_collections.ConfigDict | None) -> bool:
   arguments = initialize_arguments(settings)
   if arguments is None:
     return False
-  import jax
-
   jax.distributed.initialize(**arguments)
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (logs, metrics, exports): process 0 only, since every process
+  holds the same values and concurrent writers would clobber each other. Collective writes (Orbax checkpoints)
+  are the exception: every process must call them."""
+  return jax.process_index() == 0
+
+
+def fetch(tree: Any) -> Any:
+  """`tree` with every array as a host numpy array holding its GLOBAL value. An array sharded over devices of
+  other processes is all-gathered first, a collective: every process must call `fetch` on the same arrays in the
+  same order (they do, running the same program). Single-process, this is `np.asarray` leaf by leaf."""
+
+  def host(leaf):
+    if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
+      return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+
+  return jax.tree.map(host, tree)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier `name` (returns at once in a single-process run), e.g. so
+  that no process writes into a folder before the primary has finished clearing it."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -1,11 +1,11 @@
 """The device mesh of a run and the simplest `NamedSharding`s its jitted steps name explicitly.
 
 A mesh is built from a config mapping of axis name to size over the axes 'data' (batch rows), 'fsdp' (batch rows
-and parameter shards) and 'tensor' (heads, MLP and vocabulary shards). `{'data': -1}` (every local device on one
-data axis) is the default; an axis the config leaves out has size 1 and is simply absent from the mesh, which the
-logical-axis rules (`parallel.rules`, `parallel.sharding`) treat exactly like a size-1 axis. Axes are always laid
-out in the order data, fsdp, tensor, so 'tensor' groups neighbouring devices, where its frequent collectives are
-cheapest.
+and parameter shards) and 'tensor' (heads, MLP and vocabulary shards). `{'data': -1}` (every device of the run, all
+hosts' together, on one data axis) is the default; an axis the config leaves out has size 1 and is simply absent
+from the mesh, which the logical-axis rules (`parallel.rules`, `parallel.sharding`) treat exactly like a size-1
+axis. Axes are always laid out in the order data, fsdp, tensor, so 'tensor' groups neighbouring devices, where its
+frequent collectives are cheapest.
 """
 
 from __future__ import annotations
@@ -53,9 +53,11 @@ def mesh_shape_from_config(config) -> dict[str, int]:
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
-  """A `jax.sharding.Mesh` over `devices` (default: all local devices) with the given axis sizes, axes ordered
-  data, fsdp, tensor whatever the order of `shape`."""
-  devices = list(jax.local_devices() if devices is None else devices)
+  """A `jax.sharding.Mesh` over `devices` (default: every device of the run, `jax.devices()`, which spans all
+  processes of a multi-host run) with the given axis sizes, axes ordered data, fsdp, tensor whatever the order of
+  `shape`. On CPU and GPU `jax.devices()` lists each process's devices together, so the minor axes (tensor, then
+  fsdp) stay within a host wherever they fit and only the major ones cross the slower links between hosts."""
+  devices = list(jax.devices() if devices is None else devices)
   resolved = validate_mesh_shape({DATA_AXIS: -1} if shape is None else shape, len(devices))
   grid = np.asarray(devices, dtype=object).reshape(tuple(resolved.values()))
   return Mesh(grid, tuple(resolved))

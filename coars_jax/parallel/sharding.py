@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -128,8 +129,8 @@ class Partitioning:
     return jax.tree.map(place, tree)
 
   def put(self, tree: Any, shardings: Any) -> Any:
-    """`tree` placed on `shardings` (a no-op for arrays already there)."""
-    return jax.device_put(tree, shardings)
+    """`tree` placed on `shardings` (a no-op for arrays already there); multi-process too (`place`)."""
+    return place(tree, shardings)
 
   # -- activations ------------------------------------------------------------------------------------------------
 
@@ -188,16 +189,47 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nn
   return model
 
 
+def place(tree: Any, shardings: Any) -> Any:
+  """`tree` on `shardings` (a matching tree, or a prefix of it: one sharding for a whole subtree).
+
+  Single-process this is `jax.device_put`. When a sharding spans devices of other processes, `device_put` would
+  refuse a committed process-local array and check every host value with a collective, and jit refuses numpy
+  inputs outright; so host values (numpy, scalars, arrays on this process's devices) are assembled into global
+  arrays with `jax.make_array_from_callback`, each process filling its own devices from its full copy. That is
+  correct because every process runs the same deterministic program and holds the same full value. Arrays that
+  already span processes are resharded by `device_put`.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  return jax.tree.map(lambda sharding, subtree: jax.tree.map(functools.partial(_place_leaf, sharding=sharding),
+                                                            subtree),
+                      shardings, tree, is_leaf=lambda node: isinstance(node, jax.sharding.Sharding))
+
+
+def _place_leaf(leaf, sharding: jax.sharding.Sharding):
+  if sharding.is_fully_addressable or (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable):
+    return jax.device_put(leaf, sharding)
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    data = _place_leaf(jax.random.key_data(leaf), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+  host = np.asarray(leaf)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def sharded_jit(fun: Callable, in_shardings: Any, out_shardings: Any, *, static_argnums: tuple[int, ...] = (),
                 donate_argnums: tuple[int, ...] = ()) -> Callable:
   """`jax.jit(fun, in_shardings=, out_shardings=, ...)`, memoised on the shardings' values, so a caller that
   recomputes equal shardings on every call reuses one jitted function (and its compiled programs). Positional
   arguments only (jit refuses keyword arguments once in_shardings are given); `in_shardings` covers the
-  non-static ones."""
+  non-static ones. In a multi-process run the arguments are first `place`d on `in_shardings`, since jit takes
+  only global arrays for shardings that span processes; single-process they go to jit as they are."""
   in_leaves, in_tree = jax.tree.flatten(in_shardings)
   out_leaves, out_tree = jax.tree.flatten(out_shardings)
-  return _jit(fun, tuple(in_leaves), in_tree, tuple(out_leaves), out_tree, tuple(static_argnums),
-              tuple(donate_argnums))
+  jitted = _jit(fun, tuple(in_leaves), in_tree, tuple(out_leaves), out_tree, tuple(static_argnums),
+                tuple(donate_argnums))
+  if jax.process_count() == 1:
+    return jitted
+  return _PlacingJit(jitted, jax.tree.unflatten(in_tree, in_leaves), tuple(static_argnums))
 
 
 @functools.lru_cache(maxsize=256)
@@ -205,6 +237,25 @@ def _jit(fun, in_leaves, in_tree, out_leaves, out_tree, static_argnums, donate_a
   return jax.jit(fun, in_shardings=jax.tree.unflatten(in_tree, in_leaves),
                  out_shardings=jax.tree.unflatten(out_tree, out_leaves), static_argnums=static_argnums,
                  donate_argnums=donate_argnums)
+
+
+class _PlacingJit:
+  """A jitted function whose non-static positional arguments are `place`d on its in_shardings first."""
+
+  def __init__(self, jitted, in_shardings, static_argnums: tuple[int, ...]):
+    self.jitted, self.in_shardings, self.static_argnums = jitted, in_shardings, static_argnums
+
+  def _placed(self, args: tuple) -> tuple:
+    static = set(self.static_argnums)
+    dynamic = place(tuple(arg for i, arg in enumerate(args) if i not in static), tuple(self.in_shardings))
+    dynamic_iter = iter(dynamic)
+    return tuple(arg if i in static else next(dynamic_iter) for i, arg in enumerate(args))
+
+  def __call__(self, *args):
+    return self.jitted(*self._placed(args))
+
+  def lower(self, *args):
+    return self.jitted.lower(*self._placed(args))
 
 
 def _shape(leaf) -> tuple[int, ...]:

@@ -91,7 +91,9 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
     mesh, rules: run sharded on `mesh` (`parallel.Partitioning`: rules default to `parallel.DEFAULT_RULES`): the
       model state, the prompts, the KV cache and the outputs get explicit shardings, and the decoder's activation
       constraints follow the rules. The model's arrays are moved there first if they live elsewhere
-      (`parallel.shard_model` places them once). None (default) runs the unsharded programs.
+      (`parallel.shard_model` places them once). None (default) runs the unsharded programs. On a mesh that spans
+      processes every process makes the same call with the same prompts, and the outputs are global arrays
+      (`parallel.distributed.fetch` brings them to each host).
     model_call_kwargs: passed to every decoder call, e.g. an adapter selector; arrays are traced, other
       values are static (each distinct value compiles its own programs).
     """

@@ -73,7 +73,8 @@ def score(model: Decoder, context_tokens: np.ndarray | jax.Array, context_mask: 
       under the unconstrained distribution with the unconstrained program.
     mesh, rules: score sharded on `mesh` (`parallel.Partitioning`; rules default to `parallel.DEFAULT_RULES`): the
       model state by the rules, rows and the result by the batch rule, activations constrained by the rules.
-      None (default) runs the unsharded program.
+      None (default) runs the unsharded program. On a mesh that spans processes every process passes the same
+      inputs and gets a global array back (`parallel.distributed.fetch` brings it to each host).
     model_call_kwargs: passed to the decoder call, e.g. an adapter selector (arrays traced, the rest static).
     Returns [B, C'] float32, C' = C or its bucket.
     """

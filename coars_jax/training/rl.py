@@ -46,6 +46,7 @@ from coars_jax.data.schema import Dataset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import ADAPTERS_OFF
+from coars_jax.parallel.distributed import fetch
 from coars_jax.parallel.mesh import DATA_AXIS, make_mesh
 from coars_jax.parallel.rules import Rules
 from coars_jax.parallel.sharding import Partitioning, activation_scope, sharded_jit
@@ -317,8 +318,8 @@ def judge_probabilities(model: Decoder, tokenizer, episodes: Sequence[Episode], 
                                                  max(len(a) for a in answer_ids), pad)
   adapter = np.full(2 * len(contexts), ADAPTERS_OFF, np.int32) if model.adapter_names else None
   kwargs = {} if adapter is None else {'adapter': adapter}
-  scores = np.asarray(score(model, context_tokens, context_mask, completion_tokens, completion_mask, buckets=buckets,
-                            chunk_size=chunk_size, pad_token_id=pad, mesh=mesh, rules=rules, **kwargs), np.float64)
+  scores = fetch(score(model, context_tokens, context_mask, completion_tokens, completion_mask, buckets=buckets,
+                       chunk_size=chunk_size, pad_token_id=pad, mesh=mesh, rules=rules, **kwargs)).astype(np.float64)
   totals = scores.sum(axis=1)
   yes, no = totals[:len(contexts)], totals[len(contexts):]
   return 1.0 / (1.0 + np.exp(no - yes))
@@ -602,7 +603,9 @@ class RLTrainer:
     sasrec: the peer (hint, p_t, q_t) and the ranks in d.
     config: the RL settings.
     rollout: the dialogue protocol.
-    mesh: where the update step runs; default all local devices on one 'data' axis.
+    mesh: where rollouts, judge scoring and the update step run; default every device (of every process, after
+      `parallel.distributed.initialize`) on one 'data' axis. A mesh spanning processes needs every process to
+      build the same trainer and call `iteration` together: they play the same rollouts from the same seeds.
     rules: the logical-axis rules placing parameters, optimizer state and batches on `mesh` (default
       `parallel.DEFAULT_RULES`).
   """
@@ -617,6 +620,7 @@ class RLTrainer:
                        f'agents\' adapters (training.warm_start.prepare_model) first')
     self.model, self.tokenizer, self.dataset, self.sasrec = model, tokenizer, dataset, sasrec
     self.config, self.rollout = config, rollout
+    self.last_batch: dict[str, np.ndarray] | None = None
     self.mesh = make_mesh() if mesh is None else mesh
     self.rules = rules
     self.partitioning = Partitioning.create(self.mesh, rules)
@@ -626,8 +630,9 @@ class RLTrainer:
                        f"mesh's '{DATA_AXIS}' axis ({data_devices} devices)")
     self.num_train_windows = len(dataset.split(TRAIN_SPLIT))
     self.pad_id = tokenizer_lib.special_token_ids(tokenizer).pad_id
+    # Rollouts run on the same mesh and rules as the update step, so they read the arrays placed below in place.
     self.backend = LLMBackend(model, tokenizer, adapters={RECOMMENDER: RECOMMENDER, USER: USER},
-                              config=config.backend_config())
+                              config=config.backend_config(), mesh=self.mesh, rules=rules)
     self.adapter_of_agent = np.asarray([model.adapter_names.index(agent) for agent in AGENTS], np.int32)
     mask = np.zeros(len(model.adapter_names), np.float32)
     for agent in config.trained_agents:
@@ -789,6 +794,7 @@ class RLTrainer:
       teacher_ids = teacher_prompts(self.tokenizer, episodes, trajectory, rows, ranks=self._ranks(episodes),
                                     rollout=self.rollout, dataset_name=self.dataset.name)
     batch = self._pack(trajectory, rows, weight, teacher_ids) if len(rows) else None
+    self.last_batch = batch  # the host arrays of this update, for benchmarks and inspection
     scoring_seconds = time.perf_counter() - start
 
     start = time.perf_counter()

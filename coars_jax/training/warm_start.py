@@ -42,6 +42,7 @@ from coars_jax.models.adapter_checkpoint import load_adapters, save_adapters
 from coars_jax.models.config import DecoderConfig, RopeScaling
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import BASE_PARAMS, LoRAConfig, add_lora, adapter_index
+from coars_jax.parallel import distributed
 from coars_jax.recsys import experiment as sasrec_experiment
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import GREEDY, LengthBuckets, completion_log_probs
@@ -587,22 +588,29 @@ BASE_DIR, ADAPTERS_DIR, META_FILE = 'base', 'adapters', 'warm_start.json'
 def save_warm_start(model: Decoder, directory: str | os.PathLike, *, save_base: bool,
                     metadata: dict[str, Any] | None = None) -> pathlib.Path:
   """Writes the adapters (`models.save_adapters`) and, if `save_base`, the base weights (Orbax) with the decoder
-  config, under `directory`; `META_FILE` is written last, so a folder without it is an interrupted save."""
+  config, under `directory`; `META_FILE` is written last, so a folder without it is an interrupted save. In a
+  multi-host run every process calls it (the Orbax saves are collective); the primary alone clears the old files
+  and writes `META_FILE`."""
   directory = pathlib.Path(directory).absolute()  # Orbax requires absolute paths.
-  directory.mkdir(parents=True, exist_ok=True)
   meta_path = directory / META_FILE
-  meta_path.unlink(missing_ok=True)
+  if distributed.is_primary():
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+  distributed.barrier(f'warm-start-cleared-{directory}')
   save_adapters(model, directory / ADAPTERS_DIR, overwrite=True)
-  if (directory / BASE_DIR).exists():
+  if distributed.is_primary() and (directory / BASE_DIR).exists():
     shutil.rmtree(directory / BASE_DIR)
+  distributed.barrier(f'warm-start-base-cleared-{directory}')
   if save_base:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / BASE_DIR, nnx.to_pure_dict(nnx.state(model, BASE_PARAMS)))
     checkpointer.wait_until_finished()
   meta = {'decoder_config': dataclasses.asdict(model.config), 'base_saved': bool(save_base), **(metadata or {})}
-  tmp = directory / (META_FILE + '.tmp')
-  tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-  os.replace(tmp, meta_path)
+  if distributed.is_primary():
+    tmp = directory / (META_FILE + '.tmp')
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, meta_path)
+  distributed.barrier(f'warm-start-saved-{directory}')
   return directory
 
 

@@ -1,4 +1,8 @@
-"""Multi-host start-up settings: config first, then the environment, else left to JAX's own detection."""
+"""Multi-host start-up settings (config first, then the environment, else left to JAX's own detection) and the
+helpers in one process; `test_multihost` runs them across two processes."""
+
+import jax.numpy as jnp
+import numpy as np
 
 from coars_jax.parallel import distributed
 
@@ -24,3 +28,11 @@ def test_config_wins_over_the_environment_and_empty_fields_are_detected():
       'coordinator_address': '10.0.0.1:1234', 'num_processes': 2, 'process_id': 0}
   # On a TPU pod nothing is set: jax.distributed.initialize() reads the slice's metadata itself.
   assert distributed.initialize_arguments(settings(enabled=True), {}) == {}
+
+
+def test_one_process_is_the_primary_and_fetch_is_a_host_copy():
+  assert distributed.is_primary()
+  distributed.barrier('alone')  # returns at once: no other process to wait for
+  fetched = distributed.fetch({'array': jnp.arange(3), 'scalars': [np.float32(2.0)]})
+  assert isinstance(fetched['array'], np.ndarray) and isinstance(fetched['scalars'][0], np.ndarray)
+  np.testing.assert_array_equal(fetched['array'], [0, 1, 2])

@@ -26,7 +26,7 @@ def test_bad_mesh_shapes_name_the_field(shape, message):
 
 def test_make_mesh_keeps_the_configured_axes_and_absent_axes_have_size_one():
   default = mesh_lib.make_mesh()
-  assert default.axis_names == ('data',) and mesh_lib.axis_size(default, 'data') == jax.local_device_count()
+  assert default.axis_names == ('data',) and mesh_lib.axis_size(default, 'data') == jax.device_count()
   assert mesh_lib.axis_size(default, 'tensor') == mesh_lib.axis_size(default, 'fsdp') == 1
   full = mesh_lib.make_mesh({'tensor': 1, 'fsdp': 1, 'data': -1})
   assert full.axis_names == ('data', 'fsdp', 'tensor')

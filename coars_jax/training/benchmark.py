@@ -1,0 +1,73 @@
+"""Where an RL iteration's time goes (project issue 5's `experiments/bench_train.py`).
+
+An iteration is a rollout, then the rewards and teacher prompts (host work), then one jitted update step. The
+update step holds three passes over the same rows: the teacher's log-probs (x + d, no gradient), the student's
+forward pass and its backward pass. To split them, the benchmark also times, on the very arrays the update
+consumed, a forward-only scoring pass of the student (x) and of the teacher (x + d), each jitted and compiled
+before timing. "Scoring" is those two passes; the issue's target is scoring <= 0.5x the rollout.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from coars_jax.sampling import score
+from coars_jax.training.rl import RLTrainer
+
+
+def _flat(batch: dict[str, np.ndarray], key: str) -> np.ndarray:
+  value = np.asarray(batch[key])
+  return value.reshape((-1,) + value.shape[2:])
+
+
+def scoring_seconds(trainer: RLTrainer, batch: dict[str, np.ndarray], *, repeats: int = 2) -> dict[str, float]:
+  """Best-of-`repeats` seconds of the student's and the teacher's forward-only scoring of `batch` (the packed
+  [K, R, ...] arrays of one update), after one untimed call that compiles."""
+  completion, completion_mask = _flat(batch, 'completion_tokens'), _flat(batch, 'completion_mask')
+  adapter = _flat(batch, 'adapter')
+  passes = {'student': (_flat(batch, 'prompt_tokens'), _flat(batch, 'prompt_mask'))}
+  if 'teacher_prompt_tokens' in batch:
+    passes['teacher'] = (_flat(batch, 'teacher_prompt_tokens'), _flat(batch, 'teacher_prompt_mask'))
+  chunk = trainer.config.score_chunk_size
+  result = {}
+  for name, (context, context_mask) in passes.items():
+    def run():
+      return jax.block_until_ready(score(trainer.model, context, context_mask, completion, completion_mask,
+                                         adapter=adapter, chunk_size=chunk, pad_token_id=trainer.pad_id))
+    run()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - start)
+    result[f'{name}_scoring_seconds'] = min(times)
+    result[f'{name}_context_length'] = int(context.shape[1])
+  result['rows'] = int(completion.shape[0])
+  result['completion_length'] = int(completion.shape[1])
+  return result
+
+
+def bench_iterations(trainer: RLTrainer, *, iterations: int, warmup: int = 1, repeats: int = 2) -> dict[str, Any]:
+  """Runs `warmup` untimed iterations (they compile), then `iterations` timed ones; returns per-iteration rows
+  and a summary of medians, with scoring / rollout as the issue's ratio."""
+  for _ in range(warmup):
+    trainer.iteration()
+  rows = []
+  for _ in range(iterations):
+    metrics = trainer.iteration()
+    row = {'iteration': metrics['iteration'], 'rollout_seconds': metrics['time/rollout_seconds'],
+           'host_rewards_and_prompts_seconds': metrics['time/scoring_seconds'],
+           'update_seconds': metrics['time/update_seconds'], 'episodes': metrics['rollout/episodes'],
+           'generated_tokens': metrics['rollout/generated_tokens'], 'loss_rows': metrics['update/loss_rows']}
+    if trainer.last_batch is not None:
+      row.update(scoring_seconds(trainer, trainer.last_batch, repeats=repeats))
+    row['scoring_seconds'] = row.get('student_scoring_seconds', 0.0) + row.get('teacher_scoring_seconds', 0.0)
+    row['scoring_over_rollout'] = row['scoring_seconds'] / max(row['rollout_seconds'], 1e-9)
+    rows.append(row)
+  keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and k != 'iteration']
+  summary = {f'median_{k}': float(np.median([r.get(k, np.nan) for r in rows])) for k in keys}
+  return {'iterations': rows, 'summary': summary}
