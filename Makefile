@@ -8,7 +8,7 @@ SHARED_DATA := $(abspath ../shared/data)
 export COARS_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow venv clean
+.PHONY: demo test test-slow test-faults venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,20 @@ $(VENV)/.installed: setup.py | $(PY)
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m experiments.evaluate --config=configs/demo_cpu.py
+	$(PY) -m experiments.train --config=configs/demo_cpu.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow tests
+
+# Micro training runs killed (SIGKILL, SIGTERM, a full disk, a corrupt checkpoint) at seeded random points, resumed,
+# and compared bit for bit with an uninterrupted run; prints the fault table. FAULT_SCENARIOS / FAULT_SEED vary it.
+FAULT_SCENARIOS ?= 8
+FAULT_SEED ?= 0
+test-faults: $(VENV)/.installed
+	$(PY) -m tests.training.fault_suite --scenarios $(FAULT_SCENARIOS) --seed $(FAULT_SEED)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

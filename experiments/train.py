@@ -33,7 +33,8 @@ def main(argv):
   for row in rows:
     print(f'[{row["stage"]}] {summary_line(row)}')
   if not any(row['stage'] == 'after' for row in rows):
-    print(f'\nStopped before the last iteration (stop_after={config.stop_after}); continue with '
+    reason = f'stop_after={config.stop_after}' if config.stop_after else 'SIGTERM'
+    print(f'\nStopped before the last iteration ({reason}) after writing a checkpoint; continue with '
           f'--config.resume=True')
     return
   print()

@@ -16,7 +16,7 @@ from flax import nnx
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.gguf_checkpoint import load_gguf, smollm2_gguf_path
-from coars_jax.models.hf_checkpoint import load_hf_checkpoint
+from coars_jax.models.hf_checkpoint import check_checkpoint_folder, load_hf_checkpoint
 from coars_jax.models.presets import get_preset
 
 TINY = 'tiny'
@@ -76,14 +76,34 @@ def load_tokenizer_for(spec: BackboneSpec):
   return tokenizer_lib.load_tokenizer(canonical)
 
 
+def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:
+  """Raises ValueError, saying what does not match, when `tokenizer` can produce an id the model has no embedding
+  for: more tokens than `vocab_size`, or a special (bos / eos / end-of-turn / pad) id beyond it."""
+  if len(tokenizer) > vocab_size:
+    raise ValueError(f'{where}: the tokenizer has {len(tokenizer)} tokens but the model\'s vocab_size is '
+                     f'{vocab_size}; the tokenizer files and the weights come from different models')
+  special = tokenizer_lib.special_token_ids(tokenizer)
+  named = {'bos': special.bos_id, 'pad': special.pad_id, 'unk': special.unk_id,
+           **{f'eos/end-of-turn #{i}': token for i, token in enumerate(special.eos_ids)}}
+  beyond = {name: token for name, token in named.items() if token is not None and not 0 <= token < vocab_size}
+  if beyond:
+    raise ValueError(f'{where}: the tokenizer\'s special ids {beyond} are outside the model\'s vocab_size '
+                     f'{vocab_size}; the tokenizer files and the weights come from different models')
+
+
 def load_backbone(spec: BackboneSpec, *, with_weights: bool = True) -> tuple[Decoder | None, Any]:
   """(decoder, tokenizer) for `spec`; the decoder is None when `with_weights` is False (a caller that restores a
-  full checkpoint of its own). Raises FileNotFoundError for a name that is neither a preset nor a folder."""
+  full checkpoint of its own). Raises FileNotFoundError for a name that is neither a preset nor a folder, or a
+  folder without config.json or its weights files, and ValueError when the tokenizer does not fit the model; for
+  a folder both are checked before any weight is read."""
   canonical = spec.canonical
   if canonical not in (TINY, SMOLLM2) and not pathlib.Path(canonical).is_dir():
     raise FileNotFoundError(f'backbone {spec.name!r} is neither a preset ({sorted(ALIASES)}) nor an existing HF '
                             f'checkpoint folder')
+  folder_config = None if canonical in (TINY, SMOLLM2) else check_checkpoint_folder(canonical)
   tokenizer = load_tokenizer_for(spec)
+  if folder_config is not None:
+    check_tokenizer_fits(tokenizer, folder_config.vocab_size, f'backbone folder {canonical} (config.json)')
   if not with_weights:
     return None, tokenizer
   if canonical == TINY:
@@ -91,8 +111,6 @@ def load_backbone(spec: BackboneSpec, *, with_weights: bool = True) -> tuple[Dec
   elif canonical == SMOLLM2:
     model = load_gguf(smollm2_gguf_path())
   else:
-    model = load_hf_checkpoint(canonical)
-  if len(tokenizer) > model.config.vocab_size:
-    raise ValueError(f'backbone {spec.name!r}: the tokenizer has {len(tokenizer)} tokens but the model\'s '
-                     f'vocab_size is {model.config.vocab_size}')
+    model = load_hf_checkpoint(canonical, config=folder_config)
+  check_tokenizer_fits(tokenizer, model.config.vocab_size, f'backbone {spec.name!r}')
   return model, tokenizer

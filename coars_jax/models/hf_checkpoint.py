@@ -86,11 +86,24 @@ def _split_into_shards(tensors: dict, max_shard_bytes: int | None) -> list[dict]
     return shards
 
 
-def _checkpoint_tensors(folder: str) -> list[HFTensor]:
+def check_checkpoint_folder(folder: str | os.PathLike) -> DecoderConfig:
+    """The config of the HF checkpoint in `folder`, after checking that every weights file it needs is there; reads
+    no tensor, so a caller can compare the config with a tokenizer before loading gigabytes."""
+    folder = os.fspath(folder)
+    config = DecoderConfig.from_hf(folder)
+    _weight_files(folder)
+    return config
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The safetensors files of `folder`: the shards its index lists (each must exist), or the single file."""
     index_path = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index_path):
-        with open(index_path) as handle:
-            weight_map = json.load(handle).get("weight_map")
+        try:
+            with open(index_path) as handle:
+                weight_map = json.load(handle).get("weight_map")
+        except (json.JSONDecodeError, AttributeError) as error:
+            raise ValueError(f"{index_path}: not a JSON object with a 'weight_map' ({error})") from error
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_path}: expected a non-empty 'weight_map' of tensor name -> file")
         files = sorted(set(weight_map.values()))
@@ -102,9 +115,12 @@ def _checkpoint_tensors(folder: str) -> list[HFTensor]:
     else:
         present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "the folder does not exist"
         raise FileNotFoundError(f"{folder}: expected {SINGLE_FILE} or {INDEX_FILE}; found {present}")
+    return files
 
+
+def _checkpoint_tensors(folder: str) -> list[HFTensor]:
     tensors = []
-    for filename in files:
+    for filename in _weight_files(folder):
         path = os.path.join(folder, filename)
         with safe_open(path, framework="flax") as handle:
             for name in handle.keys():

@@ -9,6 +9,12 @@ reward, lambda_SD and which adapters learn, fields `validate` checks against the
 adapters, the optimizer state, the RNG key and the data position, so `resume=True` continues exactly as if the
 run had never stopped; the final and best (by val Hit@1) adapters are also exported in the warm-start folder
 format that `experiments.evaluate --checkpoint=` reads.
+
+Preemption: SIGTERM stops the run at its next safe point (between generation calls, or after the update in flight)
+with a checkpoint, and `run` returns normally. A checkpoint is sealed by a manifest of its files' sizes and sha256
+once Orbax has committed it; a resume restores the newest checkpoint that verifies and sets the others aside under
+`<workdir>/checkpoints_rejected`, so a SIGKILL at any moment, a truncated file or a full disk costs at most the
+iterations since the last good checkpoint, never a wrong resume.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -32,20 +41,23 @@ from coars_jax import configlib
 from coars_jax.agents import backbone
 from coars_jax.agents.episodes import AGENTS, LLMBackend, LLMBackendConfig, RolloutConfig, episode_metrics
 from coars_jax.agents.reflexion import ReflexionConfig
-from coars_jax.data import Dataset, load_dataset
+from coars_jax.data import DATASETS, Dataset, load_dataset
+from coars_jax.data.files import sha256_of
 from coars_jax.data.user_sim import UserSimSet, user_sim_set
 from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic, play_windows
 from coars_jax.eval.user_f1 import UserF1Config
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import BASE_PARAMS, LoRAConfig, add_lora
+from coars_jax.parallel import distributed, planner
 from coars_jax.parallel.mesh import make_mesh, mesh_shape_from_config, validate_mesh_shape
+from coars_jax.parallel.rules import DEFAULT_RULES, make_rules
 from coars_jax.recsys import experiment as sasrec_experiment
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import GREEDY, LengthBuckets, SamplingParams
-from coars_jax.training import rl
+from coars_jax.training import faults, rl
 from coars_jax.training import warm_start as warm_start_lib
-from coars_jax.training.metrics import MetricsWriter
+from coars_jax.training.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, json_value
 
 METHODS = ('zero_shot', 'reflexion', 'outcome_rl', 'judge_rl', 'coars')
 TRAINED_METHODS = ('outcome_rl', 'judge_rl', 'coars')
@@ -56,6 +68,12 @@ _WARM_START_SHARED = ('max_turns', 'candidate_seed', 'show_hint', 'lora_rank', '
 RESULTS_FILE, BEFORE_FILE, CONFIG_FILE = 'results.json', 'before.json', 'config.json'
 CHECKPOINT_DIR, WARM_START_DIR, FINAL_DIR, BEST_DIR = 'checkpoints', 'warm_start', 'final', 'best'
 BEST_METRIC = 'val_hit_at_1'
+# Written into a checkpoint's folder after Orbax commits it: every file's size and sha256 (see `seal_checkpoint`).
+MANIFEST_FILE = 'coars_manifest.json'
+REJECTED_DIR = 'checkpoints_rejected'  # checkpoints a resume found incomplete or corrupt, kept for inspection
+# What a run writes under its workdir; each must stay inside it (`run_paths`).
+RUN_OUTPUTS = (CONFIG_FILE, RESULTS_FILE, BEFORE_FILE, CHECKPOINT_DIR, REJECTED_DIR, WARM_START_DIR, FINAL_DIR,
+               BEST_DIR, METRICS_FILE, TENSORBOARD_DIR)
 
 
 # --- config ------------------------------------------------------------------------------------------------------
@@ -75,12 +93,18 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
       'model_seed': 0,  # the tiny model's random initialisation
       'sasrec_workdir': f'runs/sasrec_{dataset}',  # the peer's checkpoints (trained there if absent)
       'sasrec_seed': 0,  # which SASRec training seed gives the hint, p_t, q_t and the ranks in d
+      'sasrec_max_epochs': 0,  # cap on SASRec's epochs when it is trained here (0 = its own default, early-stopped)
       'method': method,  # zero_shot | reflexion | outcome_rl | judge_rl | coars
       'label': '',  # the rows' method name; '' = the method, with ablation suffixes for coars
       'resume': False,  # continue from the latest checkpoint in workdir (same data order and RNG)
       'stop_after': 0,  # stop this invocation after this many iterations (0 = run to rl.iterations); resume later
       'progress': True,  # tqdm bars
-      'mesh': {'data': -1},  # device mesh axes -> sizes; -1 = every remaining local device
+      'mesh': {'data': -1, 'fsdp': 1, 'tensor': 1},  # device mesh axes -> sizes; -1 = every remaining device
+      # Logical axis -> the mesh axes that split it, comma-separated ('' = kept whole); parallel.DEFAULT_RULES.
+      # E.g. --config.sharding_rules.vocab='' keeps the vocabulary whole.
+      'sharding_rules': {name: ','.join(axes) for name, axes in DEFAULT_RULES},
+      'plan': planner.plan_defaults(),  # the device the run is sized for (experiments.plan_memory)
+      'distributed': distributed.distributed_defaults(),  # multi-host start-up (jax.distributed.initialize)
       'lora': {
           'rank': 8,  # r of both agents' adapters
           'alpha': 16.0,  # LoRA alpha (delta scaled by alpha / r)
@@ -166,6 +190,7 @@ def tiny_config(dataset: str, method: str = 'coars') -> ml_collections.ConfigDic
   config.warm_start.enabled = True
   config.warm_start.folder = f'runs/warm_start_tiny_{dataset}'
   config.warm_start.train_base = True
+  config.warm_start.copy_pretrain_steps = 300
   config.warm_start.num_dialogues = 256
   config.warm_start.steps = 400
   config.warm_start.batch_size = 8
@@ -183,13 +208,23 @@ def tiny_config(dataset: str, method: str = 'coars') -> ml_collections.ConfigDic
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails on the first bad field, naming it; runs before any data, weights or devices are touched."""
-  configlib.check_keys(config, default_config(config.get('dataset', 'lastfm'), config.get('model', 'tiny')))
+  defaults = default_config(str(config.get('dataset', 'lastfm')), str(config.get('model', 'tiny')))
+  configlib.check_keys(config, defaults)
+  configlib.check_types(config, defaults)
+  configlib.require(config.dataset in DATASETS, 'dataset', f'one of {DATASETS}', config.dataset)
   configlib.require(config.method in METHODS, 'method', f'one of {METHODS}', config.method)
   configlib.require(isinstance(config.model, str) and backbone.is_known(config.model), 'model',
                     f'one of {sorted(backbone.ALIASES)} or an existing HF checkpoint folder', config.model)
-  for name in ('workdir', 'sasrec_workdir'):
-    configlib.require(isinstance(config[name], str) and config[name] != '', name, 'a folder path', config[name])
+  _validate_folders(config)
   configlib.require(isinstance(config.label, str), 'label', 'a string', config.label)
+  least_vocab = len(tokenizer_lib.RESERVED_TOKENS) + tokenizer_lib.NUM_BYTE_PIECES + 1
+  configlib.require_int_field(config, 'tokenizer_vocab_size', least_vocab)
+  for name in ('prompt_buckets', 'completion_buckets'):
+    configlib.require_int_list(config[name], name, 1)
+  try:
+    buckets(config)
+  except (TypeError, ValueError) as error:
+    raise configlib.ConfigError(f'Config fields prompt_buckets / completion_buckets: {error}') from error
   for name in ('resume', 'progress', 'allow_download', 'warm_start.enabled', 'eval.user_f1.enabled'):
     value = config
     for part in name.split('.'):
@@ -197,7 +232,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     configlib.require(isinstance(value, bool), name, 'a bool', value)
   configlib.require(isinstance(config.warm_start.folder, str), 'warm_start.folder', 'a folder path or \'\'',
                     config.warm_start.folder)
-  for field, least in (('stop_after', 0), ('sasrec_seed', 0), ('model_seed', 0), ('lora.rank', 1), ('lora.seed', 0),
+  for field, least in (('stop_after', 0), ('sasrec_seed', 0), ('sasrec_max_epochs', 0), ('model_seed', 0),
+                       ('lora.rank', 1), ('lora.seed', 0),
                        ('rollout.max_turns', 1), ('rollout.candidate_seed', 0), ('recommender_max_new_tokens', 1),
                        ('user_max_new_tokens', 1), ('eval.every', 0), ('eval.val_windows', 0),
                        ('eval.test_windows', 0), ('eval.batch_size', 1), ('eval.user_f1.num_users', 0),
@@ -209,9 +245,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     'sampling.temperature', 'a number >= 0', temperature)
   configlib.require(isinstance(top_p, (int, float)) and 0 < top_p <= 1, 'sampling.top_p', 'a number in (0, 1]', top_p)
   try:
-    validate_mesh_shape(mesh_shape_from_config(config.mesh), jax.local_device_count())
+    # The mesh spans every process of a multi-host run (distributed.initialize has run by now).
+    validate_mesh_shape(mesh_shape_from_config(config.mesh), jax.device_count())
   except ValueError as error:
     raise configlib.ConfigError(f'Config field {"mesh"!r}: {error}') from error
+  planner.validate_fields(config)
+  distributed.validate_fields(config)
+  try:
+    sharding_rules(config)
+  except (TypeError, ValueError) as error:
+    raise configlib.ConfigError(f'Config field \'sharding_rules\': {error}') from error
   if config.method in METHOD_FIELDS:
     for field, expected in zip(('reward', 'lambda_sd', 'train_user_agent'), METHOD_FIELDS[config.method]):
       found = config.rl[field]
@@ -230,6 +273,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise configlib.ConfigError(f'Config group {group!r}: {error}') from error
 
 
+def _validate_folders(config) -> None:
+  """The folders a run writes: `workdir` (every output under a fixed name, see `RUN_OUTPUTS`), and the two shared
+  artifacts named by full paths, `sasrec_workdir` and `warm_start.folder`; neither of those may be the workdir,
+  lie inside one of its outputs, or (the warm start, whose save replaces a `base` subfolder) hold the workdir."""
+  workdir = configlib.require_folder('workdir', config.workdir)
+  sasrec = configlib.require_folder('sasrec_workdir', config.sasrec_workdir)
+  warm = configlib.require_folder('warm_start.folder', config.warm_start.folder, allow_empty=True)
+  configlib.require(isinstance(config.data_root, str) and '\x00' not in config.data_root, 'data_root',
+                    "a folder path or ''", config.data_root)
+  outputs = {workdir / name: f'the run output <workdir>/{name}' for name in RUN_OUTPUTS if name != WARM_START_DIR}
+  for field, path in (('sasrec_workdir', sasrec), ('warm_start.folder', warm)):
+    if path is None:
+      continue
+    clash = 'the workdir' if path == workdir else next(
+        (what for place, what in outputs.items() if path == place or place in path.parents), None)
+    configlib.require(clash is None, field, 'a folder apart from the run\'s own outputs', f'{path} ({clash})')
+  if warm is not None:
+    configlib.require(warm not in workdir.parents, 'warm_start.folder', 'a folder that does not hold the workdir',
+                      str(warm))
+
+
+def run_paths(workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+  """The run's outputs under `workdir`, each checked to resolve inside it: a symlink that leads elsewhere is
+  refused, so nothing a run writes lands outside its workdir."""
+  root = workdir.resolve()
+  paths = {}
+  for name in RUN_OUTPUTS:
+    path = workdir / name
+    if root not in path.resolve().parents:
+      raise ValueError(f'{path} resolves to {path.resolve()}, outside the workdir {root}; a run writes only inside '
+                       f'its workdir (put the whole workdir on the other disk instead of linking part of it)')
+    paths[name] = path
+  return paths
+
+
 def buckets(config) -> LengthBuckets:
   return LengthBuckets(prompt=tuple(int(n) for n in config.prompt_buckets),
                        completion=tuple(int(n) for n in config.completion_buckets))
@@ -238,6 +316,12 @@ def buckets(config) -> LengthBuckets:
 def sampling_params(config) -> SamplingParams:
   return SamplingParams(temperature=float(config.sampling.temperature), top_k=int(config.sampling.top_k) or None,
                         top_p=float(config.sampling.top_p))
+
+
+def sharding_rules(config):
+  """The config's logical-axis rules (`parallel.make_rules`): each entry's comma-separated mesh axes."""
+  return make_rules({name: tuple(axis for axis in str(axes).split(',') if axis) or None
+                     for name, axes in config.sharding_rules.items()})
 
 
 def rl_config(config) -> rl.RLConfig:
@@ -319,6 +403,8 @@ def load_components(config) -> Components:
   sasrec_config = sasrec_experiment.default_config(config.dataset)
   sasrec_config.update({'data_root': config.data_root, 'allow_download': config.allow_download,
                         'workdir': config.sasrec_workdir, 'progress': config.progress})
+  if config.sasrec_max_epochs:
+    sasrec_config.train.max_epochs = config.sasrec_max_epochs
   sasrec, _ = sasrec_experiment.train_or_load(sasrec_config, dataset, config.sasrec_seed)
   spec = backbone.BackboneSpec(name=config.model, data_root=config.data_root or None,
                                allow_download=config.allow_download, tiny_vocab_size=config.tokenizer_vocab_size,
@@ -344,7 +430,8 @@ def prepare_agents(config, parts: Components, workdir: pathlib.Path) -> tuple[De
     result = warm_start_lib.warm_start_agents(model, parts.tokenizer, parts.dataset, parts.sasrec, settings)
     history = result.train.history
     summary = {'steps': len(history), 'first_loss': history[0]['loss'], 'final_loss': history[-1]['loss'],
-               'train_seconds': round(result.train.seconds, 1), 'dialogue_metrics': result.dialogue_metrics}
+               'train_seconds': round(result.train.seconds, 1), 'dialogue_metrics': result.dialogue_metrics,
+               **warm_start_lib.copy_summary(result.copy_history)}
     warm_start_lib.save_warm_start(model, folder, save_base=settings.train_base,
                                    metadata={'config': config.warm_start.to_dict(), 'summary': summary})
     return model, {'stage': 'warm_start', 'folder': str(folder), 'base_saved': settings.train_base,
@@ -354,11 +441,16 @@ def prepare_agents(config, parts: Components, workdir: pathlib.Path) -> tuple[De
   return model, {'stage': 'zero_shot', 'base_saved': False}
 
 
-def greedy_backend(model: Decoder, tokenizer, config) -> LLMBackend:
+def greedy_backend(model: Decoder, tokenizer, config, guard: 'PreemptionGuard | None' = None) -> LLMBackend:
+  """The evaluation backend; with `guard`, a SIGTERM makes its next generation call raise `Preempted`."""
   adapters = {agent: agent for agent in AGENTS} if model.adapter_names else None
-  return LLMBackend(model, tokenizer, adapters=adapters, config=LLMBackendConfig(
+  # Multi-host, the trainer has placed the model's arrays over every process's devices, which only the sharded
+  # programs take; a single-process run keeps the unsharded programs it always ran.
+  mesh = make_mesh(mesh_shape_from_config(config.mesh)) if jax.process_count() > 1 else None
+  backend = LLMBackend(model, tokenizer, adapters=adapters, config=LLMBackendConfig(
       recommender_max_new_tokens=config.recommender_max_new_tokens,
-      user_max_new_tokens=config.user_max_new_tokens, sampling=GREEDY, buckets=buckets(config)))
+      user_max_new_tokens=config.user_max_new_tokens, sampling=GREEDY, buckets=buckets(config)), mesh=mesh)
+  return backend if guard is None else guard.watch(backend)
 
 
 def _first(count: int, total: int) -> tuple[int, ...]:
@@ -366,14 +458,14 @@ def _first(count: int, total: int) -> tuple[int, ...]:
 
 
 def evaluate_rows(config, parts: Components, model: Decoder, *, method: str, stage: str,
-                  user_sim: UserSimSet | None) -> dict[str, Any]:
+                  user_sim: UserSimSet | None, guard: 'PreemptionGuard | None' = None) -> dict[str, Any]:
   """A greedy test row (`eval.agentic.evaluate_agentic`, with the user-agent F1 when configured)."""
   total = len(parts.dataset.split('test'))
   eval_config = AgenticEvalConfig(
       split='test', window_indices=_first(config.eval.test_windows, total), batch_size=config.eval.batch_size,
       rollout=rollout_config(config), reflexion=reflexion_config(config) if config.method == 'reflexion' else None,
       user_f1=UserF1Config(batch_size=config.eval.user_f1.batch_size), progress=config.progress)
-  result = evaluate_agentic(parts.dataset, greedy_backend(model, parts.tokenizer, config), peer=parts.sasrec,
+  result = evaluate_agentic(parts.dataset, greedy_backend(model, parts.tokenizer, config, guard), peer=parts.sasrec,
                             method=method, model=parts.model_label, seed=0, config=eval_config, user_sim=user_sim)
   row = dict(result.row)
   # `seed` is the evaluation's (greedy, so moot); `train_seed` tells the report which training run this is.
@@ -382,10 +474,14 @@ def evaluate_rows(config, parts: Components, model: Decoder, *, method: str, sta
   return row
 
 
-def evaluate_val(config, parts: Components, model: Decoder) -> dict[str, float]:
-  """Greedy Hit@1, ValidRatio and average turns on the first `eval.val_windows` val windows."""
+def evaluate_val(config, parts: Components, model: Decoder, *, guard: 'PreemptionGuard | None' = None,
+                 iteration: int = 0) -> dict[str, float]:
+  """Greedy Hit@1, ValidRatio and average turns on the first `eval.val_windows` val windows (after RL iteration
+  `iteration`, which only fault injection reads)."""
   indices = _first(config.eval.val_windows, len(parts.dataset.split('val')))
-  episodes = play_windows(parts.dataset, greedy_backend(model, parts.tokenizer, config), peer=parts.sasrec,
+  backend = greedy_backend(model, parts.tokenizer, config, guard)
+  faults.instrument_eval(backend, iteration)
+  episodes = play_windows(parts.dataset, backend, peer=parts.sasrec,
                           split='val', window_indices=indices, rollout=rollout_config(config),
                           batch_size=config.eval.batch_size, seed=0)
   metrics = episode_metrics(episodes)
@@ -415,6 +511,9 @@ def _user_sim(config, parts: Components) -> UserSimSet | None:
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:
+  """Writes `path` atomically, from the primary process only (the others hold the same value)."""
+  if not distributed.is_primary():
+    return
   tmp = path.with_suffix(path.suffix + '.tmp')
   tmp.write_text(json.dumps(value, indent=2, default=str))
   tmp.replace(path)
@@ -422,43 +521,181 @@ def _write_json(path: pathlib.Path, value: Any) -> None:
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
-def checkpoint_manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManager:
-  """Orbax manager of `<workdir>/checkpoints` (absolute): the latest `keep` steps plus the best by val Hit@1."""
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written, or no checkpoint of a run could be restored."""
+
+
+def checkpoint_manager(workdir: pathlib.Path, keep: int, *, cleanup: bool = True) -> ocp.CheckpointManager:
+  """Orbax manager of `<workdir>/checkpoints` (absolute): the latest `keep` steps plus the best by val Hit@1.
+
+  Orbax writes each step into a temporary folder and renames it when complete; the temporary folders a killed
+  save leaves behind are removed when the next manager opens the directory (`cleanup`; off for a reader, which
+  must not remove the folder a running save is writing)."""
+  faults.instrument_orbax()
   policy = preservation_policy.AnyPreservationPolicy(policies=[
       preservation_policy.LatestN(n=keep),
       preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=False, n=1,
                                 keep_checkpoints_without_metrics=False)])
   return ocp.CheckpointManager(
       (workdir / CHECKPOINT_DIR).absolute(),
-      options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True))
+      options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True,
+                                           cleanup_tmp_directories=cleanup))
+
+
+def step_folder(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+  return pathlib.Path(str(manager.directory)) / str(step)
+
+
+def _file_digests(folder: pathlib.Path) -> dict[str, list]:
+  return {path.relative_to(folder).as_posix(): [path.stat().st_size, sha256_of(path)]
+          for path in sorted(folder.rglob('*')) if path.is_file() and not path.name.startswith(MANIFEST_FILE)}
+
+
+def seal_checkpoint(folder: pathlib.Path) -> None:
+  """Writes `MANIFEST_FILE` (every file's size and sha256) into a committed checkpoint folder, atomically."""
+  manifest = {'format': 1, 'files': _file_digests(folder)}
+  tmp = folder / (MANIFEST_FILE + '.tmp')
+  with open(tmp, 'w', encoding='utf-8') as handle:
+    json.dump(manifest, handle, indent=1, sort_keys=True)
+    handle.flush()
+    os.fsync(handle.fileno())
+  os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def checkpoint_problem(folder: pathlib.Path) -> str | None:
+  """Why the checkpoint in `folder` disagrees with its manifest (a file missing, truncated or changed, or the
+  manifest unreadable), or None when it agrees. A folder without a manifest is 'unsealed': Orbax committed it but
+  the process stopped before the manifest was written (or an older version wrote it)."""
+  path = folder / MANIFEST_FILE
+  if not path.is_file():
+    return 'unsealed'
+  try:
+    listed = json.loads(path.read_text(encoding='utf-8'))['files']
+    listed = {str(name): (int(size), str(digest)) for name, (size, digest) in listed.items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    return f'its manifest {path} is unreadable ({type(error).__name__}: {error})'
+  for name, (size, digest) in listed.items():
+    file = folder / name
+    if not file.is_file():
+      return f'{name} is missing (listed in its manifest)'
+    found = file.stat().st_size
+    if found != size:
+      return f'{name} is {found} bytes, its manifest says {size} (truncated or overwritten)'
+    if sha256_of(file) != digest:
+      return f'{name} has another sha256 than its manifest records (corrupted)'
+  return None
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, trainer: rl.RLTrainer, progress: dict[str, Any],
-                    val_hit: float | None) -> None:
-  """Step = iteration: arrays (adapters, optimizer state, RNG) and JSON (trainer state, best so far)."""
+                    val_hit: float | None, *, pending_record: dict[str, Any] | None = None) -> None:
+  """Step = iteration: arrays (adapters, optimizer state, RNG) and JSON (trainer state, best so far), then the
+  manifest. `pending_record`: the iteration's metrics when its val evaluation was cut short by SIGTERM; a resume
+  runs that evaluation before anything else.
+
+  Raises `CheckpointError` when the write fails (a full disk, say): Orbax never committed the step, so the
+  previous checkpoint is the latest and is untouched (older ones are only deleted after a commit)."""
+  step = trainer.state.iteration
   meta = {'trainer': trainer.state.to_json(), **progress}
-  manager.save(trainer.state.iteration, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(trainer.checkpoint_tree()), meta=ocp.args.JsonSave(meta)),
-      metrics=None if val_hit is None else {BEST_METRIC: float(val_hit)}, force=True)
-  manager.wait_until_finished()
+  if pending_record is not None:
+    meta['pending_record'] = pending_record
+  directory = pathlib.Path(str(manager.directory))
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(trainer.checkpoint_tree()), meta=ocp.args.JsonSave(meta)),
+        metrics=None if val_hit is None else {BEST_METRIC: float(val_hit)}, force=True)
+    manager.wait_until_finished()
+  except Exception as error:
+    # Its temporary folder stays until the next start's manager removes it: writes of other items of the step may
+    # still be in flight here.
+    manager.reload()
+    previous = [s for s in manager.all_steps() if s != step]
+    kept = (f'the previous checkpoint, iteration {max(previous)}, is intact' if previous
+            else 'no earlier checkpoint exists')
+    raise CheckpointError(f'writing checkpoint {step} into {directory} failed ({type(error).__name__}: {error}); '
+                          f'nothing of it will be used and {kept}. Free space or fix the file system, then rerun '
+                          f'with --config.resume=True') from error
+  folder = step_folder(manager, step)
+  faults.point('seal', step, folder)
+  try:
+    if distributed.is_primary():
+      seal_checkpoint(folder)
+  except OSError as error:
+    raise CheckpointError(f'checkpoint {folder} was written but its manifest could not be ({error}); a resume '
+                          f'still uses it if Orbax can read it. Free space, then rerun with --config.resume=True') \
+        from error
+  faults.point('sealed', step, folder)
+
+
+def _read(manager: ocp.CheckpointManager, trainer: rl.RLTrainer, step: int) -> tuple[Any, dict[str, Any]]:
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.checkpoint_tree())
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                            meta=ocp.args.JsonRestore()))
+  return restored['state'], dict(restored['meta'])
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, trainer: rl.RLTrainer,
                        step: int | None = None) -> dict[str, Any]:
   """Loads `step` (default the latest) into `trainer`; returns the JSON part (trainer state and progress)."""
   step = manager.latest_step() if step is None else step
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.checkpoint_tree())
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                            meta=ocp.args.JsonRestore()))
-  meta = dict(restored['meta'])
-  trainer.restore(restored['state'], rl.TrainerState.from_json(meta['trainer']))
+  tree, meta = _read(manager, trainer, step)
+  trainer.restore(tree, rl.TrainerState.from_json(meta['trainer']))
   return meta
+
+
+def _set_aside(folder: pathlib.Path, reason: str) -> pathlib.Path:
+  """Moves a rejected checkpoint out of the manager's sight (a new save of its step would collide with it) to
+  `<workdir>/checkpoints_rejected/<step>-<n>`, with the reason beside it."""
+  root = folder.parent.parent / REJECTED_DIR
+  root.mkdir(exist_ok=True)
+  number = 0
+  while (root / f'{folder.name}-{number}').exists():
+    number += 1
+  target = root / f'{folder.name}-{number}'
+  os.replace(folder, target)
+  (root / f'{target.name}.reason.txt').write_text(reason + '\n', encoding='utf-8')
+  return target
+
+
+def restore_latest(manager: ocp.CheckpointManager, trainer: rl.RLTrainer) -> dict[str, Any] | None:
+  """Restores the newest checkpoint that agrees with its manifest and that Orbax can read, into `trainer`, and
+  returns its JSON part; None when there is no checkpoint. Newer ones that fail are set aside with a warning that
+  names them; an unsealed one (killed between the commit and the manifest) is used when Orbax reads it.
+
+  Raises `CheckpointError` when checkpoints exist but none of them can be used (nothing is moved then)."""
+  rejected = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    folder = step_folder(manager, step)
+    problem = checkpoint_problem(folder)
+    if problem in (None, 'unsealed'):
+      try:
+        tree, meta = _read(manager, trainer, step)
+      except Exception as error:  # Orbax's errors for a damaged folder vary (KeyError, ValueError, OSError, ...)
+        problem = f'Orbax could not read it ({type(error).__name__}: {str(error)[:300]})'
+      else:
+        if problem == 'unsealed':
+          logging.warning('Checkpoint %s has no manifest (the process stopped between its commit and its '
+                          'manifest); Orbax reads it, so it is used', folder)
+        trainer.restore(tree, rl.TrainerState.from_json(meta['trainer']))
+        if distributed.is_primary():
+          for bad_folder, reason in rejected:
+            logging.warning('Set aside checkpoint %s as %s', bad_folder, _set_aside(bad_folder, reason))
+        if rejected:
+          distributed.barrier(f'checkpoints-set-aside-{step}')
+          manager.reload()
+        return meta
+    logging.warning('Skipping checkpoint %s: %s; trying the one before it', folder, problem)
+    rejected.append((folder, problem))
+  if rejected:
+    listing = '\n  '.join(f'{folder}: {problem}' for folder, problem in rejected)
+    raise CheckpointError(f'no checkpoint in {manager.directory} can be restored:\n  {listing}\nMove them away to '
+                          f'start over, or restore a backup')
+  return None
 
 
 def read_checkpoint(workdir: str | pathlib.Path, trainer: rl.RLTrainer, step: int | None = None) -> dict[str, Any]:
   """Loads a run's checkpoint into `trainer` (for inspection and tests)."""
   workdir = pathlib.Path(workdir).absolute()
-  with checkpoint_manager(workdir, keep=1_000_000) as manager:
+  with checkpoint_manager(workdir, keep=1_000_000, cleanup=False) as manager:
     return restore_checkpoint(manager, trainer, step)
 
 
@@ -467,18 +704,92 @@ def export_adapters(model: Decoder, folder: pathlib.Path, *, save_base: bool, me
   warm_start_lib.save_warm_start(model, folder, save_base=save_base, metadata=metadata)
 
 
+# --- preemption --------------------------------------------------------------------------------------------------
+
+class Preempted(Exception):
+  """Raised at a safe point after SIGTERM, to leave a long phase (a rollout, an evaluation) early."""
+
+
+class PreemptionGuard:
+  """SIGTERM handling for a run (a context manager; in the main thread only, where Python delivers signals).
+
+  The first SIGTERM only sets `requested`: the run stops at its next safe point, which is the next generation call
+  of a rollout or an evaluation (`watch`) or the end of the update in flight, checkpoints and returns. A second
+  SIGTERM ends the process at once, as SIGTERM would without the guard; the last checkpoint still resumes exactly.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._installed = False
+
+  def __enter__(self) -> 'PreemptionGuard':
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+      self._installed = False
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.requested:
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    self.requested = True
+    logging.warning('SIGTERM: stopping at the next safe point with a checkpoint; send it again to stop at once')
+
+  def check(self) -> None:
+    if self.requested:
+      raise Preempted()
+
+  def watch(self, backend):
+    """Makes `backend.generate` raise `Preempted` once SIGTERM has arrived; returns `backend`."""
+    generate = backend.generate
+
+    def guarded(*args, **kwargs):
+      self.check()
+      return generate(*args, **kwargs)
+
+    backend.generate = guarded
+    return backend
+
+
+def _iteration(trainer: rl.RLTrainer) -> dict[str, Any]:
+  """`trainer.iteration()`; when SIGTERM cuts its rollout short, the trainer is put back as it was before and
+  `Preempted` propagates. A rollout changes nothing but the RNG key; the update comes after it."""
+  state = dataclasses.replace(trainer.state, rng=np.array(trainer.state.rng, copy=True))
+  lora, opt_state = trainer.lora, trainer.opt_state
+  try:
+    return trainer.iteration()
+  except Preempted:
+    if trainer.lora is not lora or trainer.opt_state is not opt_state:
+      raise RuntimeError('SIGTERM interrupted an RL iteration after its update; its state cannot be rolled back')
+    trainer.state = state
+    raise
+
+
 # --- the run -----------------------------------------------------------------------------------------------------
 
 def make_trainer(config, parts: Components, model: Decoder) -> rl.RLTrainer:
   return rl.RLTrainer(model, parts.tokenizer, parts.dataset, parts.sasrec, rl_config(config),
-                      rollout=rollout_config(config), mesh=make_mesh(mesh_shape_from_config(config.mesh)))
+                      rollout=rollout_config(config), mesh=make_mesh(mesh_shape_from_config(config.mesh)),
+                      rules=sharding_rules(config))
 
 
 def run(config: ml_collections.ConfigDict, *, components: Components | None = None) -> list[dict[str, Any]]:
-  """The whole experiment (see the module docstring); returns the rows it also writes to results.json."""
+  """The whole experiment (see the module docstring); returns the rows it also writes to results.json (only the
+  'before' row, or none, when it stops early: `stop_after` or SIGTERM)."""
   validate(config)
+  if config.plan.device or config.plan.device_memory_gib:
+    planner.check(config)  # refuses a run that cannot fit, before any weights are read
   workdir = pathlib.Path(config.workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  run_paths(workdir)
   _write_json(workdir / CONFIG_FILE, config.to_dict())
   parts = components or load_components(config)
   model, origin = prepare_agents(config, parts, workdir)
@@ -493,72 +804,123 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
     return [row]
 
   trainer = make_trainer(config, parts, model)
+  faults.instrument_trainer(trainer)
   settings = trainer.config
   budget = {'iterations': settings.iterations, 'windows_per_iteration': settings.windows_per_iteration,
             'rollouts_per_window': settings.rollouts_per_window,
             'episodes': settings.iterations * settings.episodes_per_iteration}
   progress: dict[str, Any] = {'best_val_hit_at_1': None, 'best_iteration': None,
                               'base_fingerprint': base_fingerprint(model)}
-  with checkpoint_manager(workdir, config.checkpoint.keep) as manager:
-    latest = manager.latest_step()
-    resumed = config.resume and latest is not None
-    if latest is not None and not config.resume:
-      raise FileExistsError(f'{workdir / CHECKPOINT_DIR} already holds checkpoints (latest: iteration {latest}); '
-                            f'pass --config.resume=True to continue that run, or choose another --config.workdir')
+  with checkpoint_manager(workdir, config.checkpoint.keep) as manager, PreemptionGuard() as guard:
+    guard.watch(trainer.backend)
+    if manager.all_steps() and not config.resume:
+      raise FileExistsError(f'{workdir / CHECKPOINT_DIR} already holds checkpoints (latest: iteration '
+                            f'{manager.latest_step()}); pass --config.resume=True to continue that run, or choose '
+                            f'another --config.workdir')
+    meta = restore_latest(manager, trainer) if config.resume else None
+    resumed = meta is not None
     if config.resume and not resumed:
       logging.warning('resume=True but %s holds no checkpoint; starting from iteration 0', workdir / CHECKPOINT_DIR)
+    pending = None
     if resumed:
-      meta = restore_checkpoint(manager, trainer)
       if not np.isclose(meta['base_fingerprint'], progress['base_fingerprint'], rtol=1e-12, atol=0):
         raise ValueError(f'the base model differs from the one the checkpoint in {workdir} was trained on (its '
                          f'warm start {origin.get("folder")} or backbone changed); resuming would mix two runs')
       progress = {k: meta[k] for k in progress}
+      pending = meta.get('pending_record')
       logging.info('Resumed %s at iteration %d', workdir, trainer.state.iteration)
+    saved = trainer.state.iteration if resumed else None  # the step of the newest checkpoint
+    # A pending record's line is written again when its evaluation finishes, so an earlier copy is dropped.
+    keep_up_to = None if not resumed else trainer.state.iteration - (pending is not None)
 
-    with MetricsWriter(workdir, keep_up_to=trainer.state.iteration if resumed else None) as writer:
+    with MetricsWriter(workdir, keep_up_to=keep_up_to) as writer:
       before_path = workdir / BEFORE_FILE
-      if resumed and before_path.is_file():
+      if resumed:
+        if not before_path.is_file():
+          raise FileNotFoundError(f'{before_path} is missing: it holds the row of the agents this run started '
+                                  f'from, written before its first checkpoint; restore it or start a new workdir')
         before = json.loads(before_path.read_text())
       else:
-        before = evaluate_rows(config, parts, model, method=origin['stage'], stage='before', user_sim=user_sim)
-        _write_json(before_path, before)
-        start_record = row_metrics(before)
-        if config.eval.every:
-          start_record.update(evaluate_val(config, parts, model))
-          progress.update(best_val_hit_at_1=start_record['val/hit_at_1'], best_iteration=0)
-          export_adapters(model, workdir / BEST_DIR, save_base=save_base,
-                          metadata={'method': label, 'iteration': 0, **start_record})
+        try:
+          before = evaluate_rows(config, parts, model, method=origin['stage'], stage='before', user_sim=user_sim,
+                                 guard=guard)
+          _write_json(before_path, before)
+          start_record = row_metrics(before)
+          if config.eval.every:
+            start_record.update(evaluate_val(config, parts, model, guard=guard))
+            progress.update(best_val_hit_at_1=start_record['val/hit_at_1'], best_iteration=0)
+            export_adapters(model, workdir / BEST_DIR, save_base=save_base,
+                            metadata={'method': label, 'iteration': 0, **start_record})
+        except Preempted:
+          logging.warning('Stopped on SIGTERM before the first RL iteration; nothing to resume from')
+          return []
         writer.write(0, start_record)
       first = trainer.state.iteration
       last = settings.iterations if not config.stop_after else min(settings.iterations, first + config.stop_after)
-      bar = tqdm.trange(first, last, initial=first, total=settings.iterations, desc=f'RL {label}',
-                        disable=not config.progress, dynamic_ncols=True)
-      for _ in bar:
-        metrics = trainer.iteration()
+
+      def conclude(metrics: dict[str, Any]) -> None:
+        """The rest of an iteration: its val evaluation (when due), the best export, its metrics line, then its
+        checkpoint. The line comes first: a kill between the two replays the iteration from an older checkpoint,
+        which drops the line, while the other order would lose it."""
+        nonlocal saved
         number = trainer.state.iteration
         val_hit = None
         if config.eval.every and (number % config.eval.every == 0 or number == settings.iterations):
           start = time.perf_counter()
-          val = evaluate_val(config, parts, model)
+          try:
+            val = evaluate_val(config, parts, model, guard=guard, iteration=number)
+          except Preempted:
+            if saved != number:
+              save_checkpoint(manager, trainer, progress, None, pending_record=json_value(metrics))
+              saved = number
+            raise
           metrics.update(val, **{'time/eval_seconds': time.perf_counter() - start})
           val_hit = val['val/hit_at_1']
           if progress['best_val_hit_at_1'] is None or val_hit > progress['best_val_hit_at_1']:
             progress.update(best_val_hit_at_1=val_hit, best_iteration=number)
             export_adapters(model, workdir / BEST_DIR, save_base=save_base,
                             metadata={'method': label, 'iteration': number, **val})
-        if val_hit is not None or number % config.checkpoint.every == 0 or number == last:
-          save_checkpoint(manager, trainer, progress, val_hit)
         writer.write(number, metrics)
-        bar.set_postfix(loss=f'{metrics.get("loss/total", float("nan")):.3f}',
-                        hit=f'{metrics["rollout/hit_at_1"]:.2f}', valid=f'{metrics["rollout/valid_ratio"]:.2f}')
+        faults.point('metrics', number)
+        due = val_hit is not None or number % config.checkpoint.every == 0 or number == last or guard.requested
+        if due and saved != number:
+          save_checkpoint(manager, trainer, progress, val_hit)
+          saved = number
 
+      bar = tqdm.tqdm(total=settings.iterations, initial=first, desc=f'RL {label}',
+                      disable=not (config.progress and distributed.is_primary()), dynamic_ncols=True)
+      try:
+        if pending is not None:
+          conclude(pending)
+        while trainer.state.iteration < last and not guard.requested:
+          metrics = _iteration(trainer)
+          conclude(metrics)
+          bar.update(1)
+          bar.set_postfix(loss=f'{metrics.get("loss/total", float("nan")):.3f}',
+                          hit=f'{metrics["rollout/hit_at_1"]:.2f}', valid=f'{metrics["rollout/valid_ratio"]:.2f}')
+      except Preempted:
+        pass
+      finally:
+        bar.close()
+
+      if guard.requested:
+        if saved != trainer.state.iteration:
+          save_checkpoint(manager, trainer, progress, None)
+        logging.warning('Stopped on SIGTERM after RL iteration %d of %d with a checkpoint; resume with '
+                        '--config.resume=True', trainer.state.iteration, settings.iterations)
+        return [before]
       if trainer.state.iteration < settings.iterations:
         logging.info('Stopped after iteration %d of %d (stop_after=%d); resume with --config.resume=True',
                      trainer.state.iteration, settings.iterations, config.stop_after)
         return [before]
-      export_adapters(model, workdir / FINAL_DIR, save_base=save_base,
-                      metadata={'method': label, 'iteration': trainer.state.iteration, 'budget': budget})
-      after = evaluate_rows(config, parts, model, method=label, stage='after', user_sim=user_sim)
+      try:
+        export_adapters(model, workdir / FINAL_DIR, save_base=save_base,
+                        metadata={'method': label, 'iteration': trainer.state.iteration, 'budget': budget})
+        after = evaluate_rows(config, parts, model, method=label, stage='after', user_sim=user_sim, guard=guard)
+      except Preempted:
+        logging.warning('Stopped on SIGTERM during the final test evaluation; the last checkpoint holds every '
+                        'iteration, resume with --config.resume=True to evaluate')
+        return [before]
       after.update({'checkpoint': str(workdir / FINAL_DIR), 'best_checkpoint': str(workdir / BEST_DIR),
                     **{f'rl_{k}': v for k, v in budget.items()},
                     **{k: v for k, v in progress.items() if k != 'base_fingerprint'}})

@@ -3,8 +3,10 @@ stopped, resumed and compared with an uninterrupted run."""
 
 import importlib
 import json
+import re
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -142,6 +144,16 @@ def test_config_validation_names_the_field(tmp_path):
     ex.validate(micro_config(tmp_path, **{'warm_start.steps': 0}))
   assert ex.row_label(micro_config(tmp_path, **{'rl.lambda_sd': 0.0, 'rl.train_user_agent': False})) == \
       'coars-no_sd-rec_only'
+  with pytest.raises(configlib.ConfigError, match="sharding_rules.vocab"):
+    ex.validate(micro_config(tmp_path, **{'sharding_rules.vocab': 'model'}))
+
+
+def test_sharding_rules_come_from_the_config(tmp_path):
+  from coars_jax.parallel.rules import DEFAULT_RULES
+  assert ex.sharding_rules(micro_config(tmp_path)) == DEFAULT_RULES
+  rules = dict(ex.sharding_rules(micro_config(tmp_path, **{'sharding_rules.vocab': '',
+                                                           'sharding_rules.embed': 'data,fsdp'})))
+  assert rules['vocab'] == () and rules['embed'] == ('data', 'fsdp') and rules['mlp'] == ('tensor',)
 
 
 @pytest.mark.parametrize('name', ['lastfm_tiny', 'movielens_tiny', 'instruments_tiny', 'lastfm_smollm2'])
@@ -153,3 +165,70 @@ def test_shipped_configs_validate_for_every_method(name):
     assert config.method == method
   assert module.get_config('outcome_rl').rl.reward == 'outcome'
   assert module.get_config('judge_rl').rl.train_user_agent is False
+
+
+def _leaves(config, prefix=''):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def test_every_field_is_type_checked_by_name(tmp_path):
+  checked = 0
+  for field, default in _leaves(micro_config(tmp_path)):
+    wrong = ('yes' if isinstance(default, bool) else 1.5 if isinstance(default, int) else
+             float('inf') if isinstance(default, float) else 3 if isinstance(default, str) else 'x')
+    config = micro_config(tmp_path)
+    group, _, name = field.rpartition('.')
+    target = config
+    for part in group.split('.') if group else ():
+      target = target[part]
+    with target.ignore_type():
+      target[name] = wrong
+    with pytest.raises(configlib.ConfigError, match=re.escape(f"'{field}'")):
+      ex.validate(config)
+    checked += 1
+  assert checked > 80
+
+
+def test_ranges_and_names_the_generic_checks_miss(tmp_path):
+  for overrides, message in (({'dataset': 'netflix'}, "'dataset': expected one of"),
+                             ({'tokenizer_vocab_size': 100}, "'tokenizer_vocab_size': expected an int >= 265"),
+                             ({'prompt_buckets': (64, -1)}, "'prompt_buckets': expected a non-empty list"),
+                             ({'completion_buckets': (64, 32)}, 'prompt_buckets / completion_buckets')):
+    with pytest.raises(configlib.ConfigError, match=re.escape(message)):
+      ex.validate(micro_config(tmp_path, **overrides))
+
+
+def test_a_run_writes_only_inside_its_workdir_and_the_two_shared_folders(tmp_path, monkeypatch):
+  clone = tmp_path / 'clone'
+  clone.mkdir()
+  monkeypatch.chdir(clone)
+  work = clone / 'runs' / 'x'
+  ex.validate(micro_config(work, sasrec_workdir='runs/sasrec', **{'warm_start.folder': 'runs/warm'}))
+  for overrides, message in (
+      ({'config.workdir': '/'}, "'workdir': expected a folder of its own"),
+      ({'config.workdir': '.'}, "'workdir': expected a folder of its own"),
+      ({'sasrec_workdir': str(work)}, "'sasrec_workdir': expected a folder apart from the run's own outputs"),
+      ({'sasrec_workdir': str(work / 'checkpoints' / 'sasrec')}, 'the run output <workdir>/checkpoints'),
+      ({'warm_start.folder': str(work / 'best')}, 'the run output <workdir>/best'),
+      ({'warm_start.folder': str(clone / 'runs')}, "'warm_start.folder': expected a folder that does not hold"),
+      ({'data_root': 'a\x00b'}, "'data_root'")):
+    config = micro_config(work, **{k: v for k, v in overrides.items() if k != 'config.workdir'})
+    config.workdir = overrides.get('config.workdir', config.workdir)
+    with pytest.raises(configlib.ConfigError, match=re.escape(message)):
+      ex.validate(config)
+  ex.validate(micro_config(work, **{'warm_start.folder': str(work / ex.WARM_START_DIR)}))  # the default place
+
+  # A symlink inside the workdir that leads out of it is refused before anything is written.
+  work.mkdir(parents=True)
+  outside = tmp_path / 'elsewhere'
+  outside.mkdir()
+  (work / ex.CHECKPOINT_DIR).symlink_to(outside)
+  with pytest.raises(ValueError, match=r'checkpoints resolves to .*elsewhere, outside the workdir'):
+    ex.run_paths(work)
+  with pytest.raises(ValueError, match='outside the workdir'):
+    ex.run(micro_config(work), components=None)
+  assert not (work / ex.CONFIG_FILE).exists() and list(outside.iterdir()) == []
