@@ -7,6 +7,8 @@ SHARED_DATA := $(abspath ../shared/data)
 # The data root: COARS_DATA_DIR if set, else ../shared/data beside the clone when it exists.
 export COARS_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 PYTEST_WORKERS ?= 2
+FAULT_SCENARIOS ?= 8
+FAULT_SEED ?= 0
 
 .PHONY: demo test test-slow test-faults venv clean
 
@@ -25,16 +27,16 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m experiments.train --config=configs/demo_cpu.py
 
+# The unit tests, then the fault suite (about 6 minutes on 2 cores, so CI runs it whole: issue 7's 10-minute rule).
 test: $(VENV)/.installed
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+	$(PY) -m tests.training.fault_suite --scenarios $(FAULT_SCENARIOS) --seed $(FAULT_SEED)
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow tests
 
 # Micro training runs killed (SIGKILL, SIGTERM, a full disk, a corrupt checkpoint) at seeded random points, resumed,
 # and compared bit for bit with an uninterrupted run; prints the fault table. FAULT_SCENARIOS / FAULT_SEED vary it.
-FAULT_SCENARIOS ?= 8
-FAULT_SEED ?= 0
 test-faults: $(VENV)/.installed
 	$(PY) -m tests.training.fault_suite --scenarios $(FAULT_SCENARIOS) --seed $(FAULT_SEED)
 
