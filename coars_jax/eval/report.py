@@ -106,7 +106,9 @@ def aggregate(rows: Sequence[Mapping[str, Any]], dataset: str, model: str | None
   for row in rows:
     if row['dataset'] != dataset:
       continue
-    if row['method'] not in REFERENCE_METHODS and model is not None and row.get('model') != model:
+    # Agentic rows decoded under the grammar name their model '<model>+constrained'.
+    row_model = str(row.get('model', '')).removesuffix('+constrained')
+    if row['method'] not in REFERENCE_METHODS and model is not None and row_model != model:
       continue
     key, seed = row_key(row), _seed(row)
     earlier = by_key[key].get(seed)

@@ -26,7 +26,8 @@ def test_cells_are_mean_and_population_std_over_seeds():
 
 def test_rows_are_ordered_filtered_by_model_and_grammar_rows_are_separate():
   rows = [_row('coars', 0, 0.3), _row('sasrec', 0, 0.4, model=None), _row('warm_start', 0, 0.1),
-          _row('warm_start', 0, 0.2, constrained=True), _row('zero_shot', 0, 0.0, model='smollm2-135m'),
+          _row('warm_start', 0, 0.2, constrained=True, model='tiny+constrained'),
+          _row('zero_shot', 0, 0.0, model='smollm2-135m'),
           {**_row('coars', 0, 0.9), 'dataset': 'movielens'}]
   table = report.aggregate(rows, 'lastfm', 'tiny')
   assert list(table) == ['sasrec', 'warm_start', 'warm_start+grammar', 'coars']
