@@ -7,14 +7,13 @@ is reported: episodes/s, generated tokens/s, prefill tokens/s, and the share of 
 LLM's jitted code, stage by stage (`coars_jax.agents.benchmark`). Prints a table and writes the JSON to --output.
 """
 
-import json
-import pathlib
 
 from absl import app, flags
 
 from coars_jax.agents import benchmark
 from coars_jax.data import DATASETS
 from coars_jax.sampling import SamplingParams
+from experiments import outputs
 
 _MODEL = flags.DEFINE_enum('model', 'tiny', benchmark.MODELS, 'The backbone both agents share.')
 _DATASET = flags.DEFINE_enum('dataset', 'lastfm', DATASETS, 'The dataset whose windows are played.')
@@ -44,10 +43,7 @@ def main(argv):
       data_root=_DATA_ROOT.value, sasrec_workdir=_SASREC_WORKDIR.value, constrained=_CONSTRAINED.value)
   print(benchmark.format_table(result), flush=True)
   if _OUTPUT.value:
-    path = pathlib.Path(_OUTPUT.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f'Wrote {path}')
+    outputs.write_json(_OUTPUT.value, result)
 
 
 if __name__ == '__main__':

@@ -14,13 +14,12 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
   os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FAKE_DEVICES}'.strip()
 
 import dataclasses  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from coars_jax.parallel import benchmark  # noqa: E402
+from experiments import outputs  # noqa: E402
 
 _MESHES = flags.DEFINE_list('meshes', ['8x1x1', '2x4x1', '2x2x2', '1x1x8'], 'data x fsdp x tensor meshes to time.')
 _PRESET = flags.DEFINE_string('preset', 'tiny', 'Decoder preset of the CPU mesh sweep.')
@@ -70,10 +69,7 @@ def main(argv):
           f'bf16 matmul rate; decode step {decode["seconds_per_step"] * 1e3:.2f} ms, '
           f'{decode["bandwidth_utilisation"]:.1%} of the measured copy bandwidth')
   if _OUTPUT.value:
-    path = pathlib.Path(_OUTPUT.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f'Wrote {path}')
+    outputs.write_json(_OUTPUT.value, result)
 
 
 if __name__ == '__main__':

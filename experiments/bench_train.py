@@ -8,7 +8,6 @@ student and teacher, in forward-only jitted passes (`coars_jax.training.benchmar
 ratio scoring / rollout (target <= 0.5), and writes the JSON to --output.
 """
 
-import json
 import pathlib
 
 from absl import app, flags
@@ -17,6 +16,7 @@ from ml_collections import config_flags
 from coars_jax.training import benchmark
 from coars_jax.training import experiment
 from coars_jax.training import warm_start as warm_start_lib
+from experiments import outputs
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A training config (configs/<dataset>_<model>.py).',
                                           lock_config=False)
@@ -52,10 +52,7 @@ def main(argv):
   ratio = result['summary']['median_scoring_over_rollout']
   print(f'\nMedian scoring / rollout: {ratio:.2f} (target <= 0.5: {"met" if ratio <= 0.5 else "not met"})')
   if _OUTPUT.value:
-    path = pathlib.Path(_OUTPUT.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f'Wrote {path}')
+    outputs.write_json(_OUTPUT.value, result)
 
 
 if __name__ == '__main__':
