@@ -27,11 +27,20 @@ def _flat(batch: dict[str, np.ndarray], key: str) -> np.ndarray:
 def scoring_seconds(trainer: RLTrainer, batch: dict[str, np.ndarray], *, repeats: int = 2) -> dict[str, float]:
   """Best-of-`repeats` seconds of the student's and the teacher's forward-only scoring of `batch` (the packed
   [K, R, ...] arrays of one update), after one untimed call that compiles."""
-  completion, completion_mask = _flat(batch, 'completion_tokens'), _flat(batch, 'completion_mask')
-  adapter = _flat(batch, 'adapter')
-  passes = {'student': (_flat(batch, 'prompt_tokens'), _flat(batch, 'prompt_mask'))}
+  # The update packs its loss rows first and skips microbatches of padding only, so the passes score the rows of
+  # the microbatches it actually ran: the real rows, rounded up to whole microbatches.
+  per_micro = np.asarray(batch['completion_tokens']).shape[1]
+  real = int(np.asarray(batch['completion_mask']).reshape(-1, np.asarray(batch['completion_mask']).shape[-1])
+             .any(axis=1).sum())
+  keep = max(per_micro, -(-real // per_micro) * per_micro)
+
+  def flat(key):
+    return _flat(batch, key)[:keep]
+
+  completion, completion_mask, adapter = flat('completion_tokens'), flat('completion_mask'), flat('adapter')
+  passes = {'student': (flat('prompt_tokens'), flat('prompt_mask'))}
   if 'teacher_prompt_tokens' in batch:
-    passes['teacher'] = (_flat(batch, 'teacher_prompt_tokens'), _flat(batch, 'teacher_prompt_mask'))
+    passes['teacher'] = (flat('teacher_prompt_tokens'), flat('teacher_prompt_mask'))
   chunk = trainer.config.score_chunk_size
   result = {}
   for name, (context, context_mask) in passes.items():
@@ -47,6 +56,7 @@ def scoring_seconds(trainer: RLTrainer, batch: dict[str, np.ndarray], *, repeats
     result[f'{name}_scoring_seconds'] = min(times)
     result[f'{name}_context_length'] = int(context.shape[1])
   result['rows'] = int(completion.shape[0])
+  result['loss_rows_scored'] = real
   result['completion_length'] = int(completion.shape[1])
   return result
 

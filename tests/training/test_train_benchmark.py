@@ -15,7 +15,10 @@ def test_bench_iterations_splits_scoring_from_the_update():
   assert row['iteration'] == 2  # one untimed warm-up iteration came first
   batch = run.last_batch
   assert batch is not None and batch['completion_tokens'].ndim == 3  # [K, R, C] microbatches
-  assert row['rows'] == batch['completion_tokens'].shape[0] * batch['completion_tokens'].shape[1]
+  # Only the microbatches the update ran are scored: the loss rows, rounded up to whole microbatches.
+  per_micro = batch['completion_tokens'].shape[1]
+  assert row['loss_rows_scored'] == row['loss_rows'] > 0
+  assert row['rows'] == max(per_micro, -(-row['loss_rows'] // per_micro) * per_micro)
   # The teacher reads x + d, a longer context than the student's x.
   assert row['teacher_context_length'] > row['student_context_length']
   for key in ('rollout_seconds', 'update_seconds', 'student_scoring_seconds', 'teacher_scoring_seconds'):
