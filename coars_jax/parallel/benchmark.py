@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -25,6 +25,7 @@ from flax import nnx
 from coars_jax.models import Decoder, DecoderConfig, LoRAConfig, add_lora, get_preset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.parallel import mesh as mesh_lib
+from coars_jax.sampling.benchmark import best_of
 from coars_jax.sampling.compilation import count_backend_compiles
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
@@ -40,15 +41,6 @@ class StepShape:
   rows: int = 8
   prompt_length: int = 64
   completion_length: int = 16
-
-
-def best_of(repeats: int, run: Callable[[], Any]) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 # --- an RLTrainer without data files ---------------------------------------------------------------------------
