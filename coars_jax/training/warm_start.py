@@ -34,7 +34,7 @@ from coars_jax.agents import backbone
 from coars_jax.agents.episodes import (AGENTS, RECOMMENDER, USER, Episode, LLMBackend, LLMBackendConfig,
                                        RolloutConfig, SASRecPeer, ScriptedBackend, episode_metrics, run_episodes)
 from coars_jax.agents.prompts import format_recommender_output, format_user_output
-from coars_jax.agents.protocol import ACTION_INTERVALS, is_single_line_title, single_line
+from coars_jax.agents.protocol import ACTION_INTERVALS, ITEM_LABEL, is_single_line_title, single_line
 from coars_jax.agents.trajectory import Trajectory
 from coars_jax.data import DATASETS, Dataset, candidate_list, load_dataset
 from coars_jax.models import tokenizer as tokenizer_lib
@@ -83,6 +83,9 @@ class WarmStartConfig:
     train_base: also train the base weights, shared by both agents. Off for pretrained bases (the paper trains
       adapters only); on for a randomly initialised base such as the `tiny` preset, which has no language to
       adapt and whose frozen random (tied) embedding would otherwise fix the output projection.
+    item_loss_weight: the weight of the recommender's `Item:` title tokens (and its end-of-turn token) in its
+      row's loss, against 1 for the other tokens; a row's loss is its weighted mean. The reason templates are
+      most of a recommender message, so at 1 the title the ValidRatio bar depends on is a small share of the loss.
     copy_pretrain_steps: updates of the copy task (`training.copy_pretrain`) on the bare base before the
       adapters are attached and the SFT starts (0 = none). For a random base only: it needs `train_base`.
     seed: the dialogue draw, the batch order and the adapters' initial values.
@@ -105,6 +108,7 @@ class WarmStartConfig:
   lora_rank: int = 8
   lora_alpha: float = 16.0
   train_base: bool = False
+  item_loss_weight: float = 1.0
   copy_pretrain_steps: int = 0
   seed: int = 0
   buckets: LengthBuckets = LengthBuckets()
@@ -117,7 +121,7 @@ class WarmStartConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f'WarmStartConfig.{name} must be an int >= {least}, found {value!r}')
-    for name in ('learning_rate', 'lora_alpha', 'max_grad_norm'):
+    for name in ('learning_rate', 'lora_alpha', 'max_grad_norm', 'item_loss_weight'):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f'WarmStartConfig.{name} must be a positive number, found {value!r}')
@@ -319,6 +323,8 @@ class SFTExamples:
   prompts: tuple[np.ndarray, ...]
   completions: tuple[np.ndarray, ...]
   agent: np.ndarray
+  # int[S]: where each row's Item-line title starts in its completion (-1: none, e.g. user rows); None = unknown.
+  item_start: np.ndarray | None = None
 
   def __post_init__(self):
     if not len(self.prompts) == len(self.completions) == len(self.agent):
@@ -326,6 +332,14 @@ class SFTExamples:
                        f'{len(self.agent)} agent ids; expected one of each per row')
     if not len(self.prompts):
       raise ValueError('SFTExamples needs at least one row')
+    if self.item_start is not None and len(self.item_start) != len(self.prompts):
+      raise ValueError(f'SFTExamples: {len(self.item_start)} item starts for {len(self.prompts)} rows')
+
+  def with_item_starts(self, tokenizer) -> 'SFTExamples':
+    """These rows with `item_start` found by decoding each recommender completion (`item_title_start`)."""
+    starts = np.asarray([item_title_start(tokenizer, completion) if agent == AGENTS.index(RECOMMENDER) else -1
+                         for completion, agent in zip(self.completions, self.agent)], np.int64)
+    return dataclasses.replace(self, item_start=starts)
 
   def __len__(self) -> int:
     return len(self.prompts)
@@ -341,6 +355,16 @@ class SFTExamples:
     """The longest completion of `agent`, end-of-turn token included (0 if it has no rows)."""
     rows = np.flatnonzero(self.agent == AGENTS.index(agent))
     return max((len(self.completions[row]) for row in rows), default=0)
+
+
+def item_title_start(tokenizer, completion: np.ndarray) -> int:
+  """The index of the first token after `Item:` in a recommender completion's ids (the title's first token), or
+  -1 when its text has no Item line."""
+  marker = f'\n{ITEM_LABEL}:'
+  for end in range(1, len(completion) + 1):
+    if marker in tokenizer.decode(completion[:end], skip_special_tokens=False):
+      return end if end < len(completion) else -1
+  return -1
 
 
 def batch_shapes(examples: SFTExamples, buckets: LengthBuckets) -> np.ndarray:
@@ -375,10 +399,11 @@ def batch_indices(examples: SFTExamples, batch_size: int, buckets: LengthBuckets
 
 
 def make_batch(examples: SFTExamples, rows: np.ndarray, buckets: LengthBuckets, adapter_of_agent: Sequence[int],
-               *, pad_token_id: int = 0) -> dict[str, np.ndarray]:
+               *, pad_token_id: int = 0, item_loss_weight: float = 1.0) -> dict[str, np.ndarray]:
   """Host arrays of one batch: left-padded prompts and right-padded completions at their buckets, the adapter
-  of each row (its agent's), the agent id, and an empty completion mask on filler rows (index -1), which copy
-  the first real row's tokens so every context has a real token."""
+  of each row (its agent's), the agent id, an empty completion mask on filler rows (index -1), which copy
+  the first real row's tokens so every context has a real token, and each completion token's loss weight
+  (`item_loss_weight` from a row's `item_start` on, 1 before; it needs `examples.item_start` unless it is 1)."""
   real = [int(row) for row in rows if row >= 0]
   if not real:
     raise ValueError('make_batch: the batch has no real rows')
@@ -389,9 +414,17 @@ def make_batch(examples: SFTExamples, rows: np.ndarray, buckets: LengthBuckets, 
   completion_tokens, completion_mask = right_pad([examples.completions[row] for row in filled], completion_length,
                                                  pad_token_id)
   completion_mask[np.asarray(rows) < 0] = 0
+  weight = np.ones(completion_mask.shape, np.float32)
+  if item_loss_weight != 1.0:
+    if examples.item_start is None:
+      raise ValueError('make_batch: item_loss_weight != 1 needs SFTExamples.item_start (with_item_starts)')
+    for position, row in enumerate(filled):
+      start = int(examples.item_start[row])
+      if start >= 0:
+        weight[position, start:] = item_loss_weight
   agent = examples.agent[filled].astype(np.int32)
   return {'prompt_tokens': prompt_tokens, 'prompt_mask': prompt_mask, 'completion_tokens': completion_tokens,
-          'completion_mask': completion_mask, 'agent': agent,
+          'completion_mask': completion_mask, 'completion_weight': weight * completion_mask, 'agent': agent,
           'adapter': np.asarray(adapter_of_agent, np.int32)[agent]}
 
 
@@ -401,14 +434,16 @@ def sft_loss(model: Decoder, batch: dict[str, jax.Array]) -> tuple[jax.Array, di
   """Token-level cross-entropy of each row's own completion under its own adapter.
 
   A row's loss is the mean of -log pi(y_n | x, y_<n) over its masked completion tokens (the tokens its agent
-  generated); the batch loss is the mean over rows with any masked token. Returns (loss, metrics) where metrics
-  hold each agent's mean row loss and row count.
+  generated), weighted by `completion_weight` where the batch has it (`make_batch`); the batch loss is the mean
+  over rows with any masked token. Returns (loss, metrics) where metrics hold each agent's mean row loss and row
+  count.
   """
   log_probs = completion_log_probs(model, batch['prompt_tokens'], batch['prompt_mask'], batch['completion_tokens'],
                                    batch['completion_mask'], adapter=batch['adapter'])
   mask = batch['completion_mask'].astype(jnp.float32)
+  weight = batch.get('completion_weight', mask).astype(jnp.float32) * mask
   tokens = mask.sum(axis=1)
-  row_loss = -(log_probs * mask).sum(axis=1) / jnp.maximum(tokens, 1.0)
+  row_loss = -(log_probs * weight).sum(axis=1) / jnp.maximum(weight.sum(axis=1), 1e-6)
   real = tokens > 0
 
   def mean_over(rows):
@@ -483,7 +518,8 @@ def train_sft(model: Decoder, examples: SFTExamples, config: WarmStartConfig, *,
   start = time.perf_counter()
   bar = tqdm.tqdm(range(total), desc='warm start', disable=not config.progress, dynamic_ncols=True)
   for _ in bar:
-    batch = make_batch(examples, next(order), config.buckets, adapters, pad_token_id=pad_token_id)
+    batch = make_batch(examples, next(order), config.buckets, adapters, pad_token_id=pad_token_id,
+                       item_loss_weight=config.item_loss_weight)
     state, metrics = _train_step(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()},
                                  train_base=config.train_base)
     history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
@@ -561,6 +597,8 @@ def warm_start_agents(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRe
   episodes = scripted_dialogues(dataset, sasrec, tokenizer, windows, rollout=config.rollout, seed=config.seed)
   pad_id = tokenizer_lib.special_token_ids(tokenizer).pad_id
   examples = SFTExamples.from_trajectory(Trajectory.from_episodes(episodes, pad_token_id=pad_id))
+  if config.item_loss_weight != 1.0:
+    examples = examples.with_item_starts(tokenizer)
   logging.info('warm start: %d dialogues, %d agent messages', len(episodes), len(examples))
   train = train_sft(model, examples, config, pad_token_id=pad_id)
   return WarmStartResult(episodes=tuple(episodes), examples=examples, train=train,

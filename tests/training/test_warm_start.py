@@ -208,6 +208,50 @@ def test_each_agent_is_trained_on_its_own_tokens_through_its_own_adapter():
   assert float(shifted['loss_user']) != pytest.approx(float(metrics['loss_user']), rel=1e-3)
 
 
+def test_item_title_start_finds_the_title_tokens():
+  tokenizer = small_tokenizer()
+  data = examples().with_item_starts(tokenizer)
+  for completion, agent, start in zip(data.completions, data.agent, data.item_start):
+    text = tokenizer.decode(completion, skip_special_tokens=True)
+    if agent == 1:
+      assert start == -1
+      continue
+    title = text.split('\nItem:', 1)[1].strip()
+    assert start > 0
+    assert tokenizer.decode(completion[:start], skip_special_tokens=True).endswith('\nItem:')
+    assert tokenizer.decode(completion[start:], skip_special_tokens=True).strip() == title
+  assert ws.item_title_start(tokenizer, np.asarray(tokenizer.encode('Reason: no item line', add_special_tokens=False))) == -1
+
+
+def test_item_loss_weight_reweights_the_title_tokens_of_recommender_rows():
+  tokenizer = small_tokenizer()
+  data = examples().with_item_starts(tokenizer)
+  model = randomized_adapters(ws.prepare_model(micro_model(), config()))
+  rows = np.arange(4)
+  plain = ws.make_batch(data, rows, BUCKETS, ws.agent_adapters(model))
+  weighted = ws.make_batch(data, rows, BUCKETS, ws.agent_adapters(model), item_loss_weight=4.0)
+  np.testing.assert_array_equal(plain['completion_weight'], plain['completion_mask'])
+  mask = weighted['completion_mask'].astype(bool)
+  for position, row in enumerate(rows):
+    start = data.item_start[row]
+    expected = np.where(np.arange(mask.shape[1]) >= start, 4.0, 1.0) if start >= 0 else np.ones(mask.shape[1])
+    np.testing.assert_array_equal(weighted['completion_weight'][position], expected * mask[position])
+  with pytest.raises(ValueError, match='item_start'):
+    ws.make_batch(examples(), rows, BUCKETS, ws.agent_adapters(model), item_loss_weight=4.0)
+
+  (loss, metrics), _ = loss_and_lora_grads(model, weighted)
+  log_probs = np.asarray(score(model, weighted['prompt_tokens'], weighted['prompt_mask'],
+                               weighted['completion_tokens'], weighted['completion_mask'], chunk_size=None,
+                               adapter=weighted['adapter']))
+  w = weighted['completion_weight']
+  row_loss = -(log_probs * w).sum(1) / w.sum(1)
+  np.testing.assert_allclose(float(loss), row_loss.mean(), rtol=1e-5)
+  # User rows have no Item line, so their loss is the plain mean.
+  (_, plain_metrics), _ = loss_and_lora_grads(model, plain)
+  assert float(metrics['loss_user']) == pytest.approx(float(plain_metrics['loss_user']), rel=1e-6)
+  assert float(metrics['loss_recommender']) != pytest.approx(float(plain_metrics['loss_recommender']), rel=1e-4)
+
+
 def flat_values(model, filter_):
   return {path: np.array(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, filter_))}
 
