@@ -65,6 +65,11 @@ class WarmStartConfig:
 
   Attributes:
     num_dialogues: how many training windows get a scripted dialogue (drawn without replacement, seeded).
+    shuffled_dialogues: how many more training windows (a second seeded draw) get a dialogue whose scripted
+      recommender, hint and peer follow a random order of the candidates instead of SASRec's. On training windows
+      SASRec's top candidate is nearly always the target, so its scripts are one turn long and their Item lines
+      skew towards what SASRec fits; random orders give five-turn dialogues with memory, moving hints and
+      rejections, and an Item line that only copying the hint predicts.
     max_turns: T_u of the scripted episodes; the script recommends SASRec's t-th ranked candidate at turn t, so
       a dialogue runs until the target's rank or T_u.
     candidate_seed: the seed of the candidate lists C (`data.candidate_list`), as in `agents.RolloutConfig`.
@@ -95,6 +100,7 @@ class WarmStartConfig:
   """
 
   num_dialogues: int = 512
+  shuffled_dialogues: int = 0
   max_turns: int = 5
   candidate_seed: int = 0
   show_hint: bool = False
@@ -115,7 +121,7 @@ class WarmStartConfig:
   progress: bool = True
 
   def __post_init__(self):
-    for name, least in (('num_dialogues', 1), ('max_turns', 1), ('candidate_seed', 0), ('steps', 1),
+    for name, least in (('num_dialogues', 1), ('shuffled_dialogues', 0), ('max_turns', 1), ('candidate_seed', 0), ('steps', 1),
                         ('batch_size', 1), ('warmup_steps', 0), ('lora_rank', 1), ('seed', 0),
                         ('copy_pretrain_steps', 0)):
       value = getattr(self, name)
@@ -210,12 +216,13 @@ def _candidate_scores(model: SASRec, history: jax.Array, lengths: jax.Array, can
 
 
 def dialogue_script(dataset: Dataset, sasrec: SASRec, split: str, window_indices: Sequence[int], *,
-                    rollout: RolloutConfig = RolloutConfig()) -> DialogueScript:
+                    rollout: RolloutConfig = RolloutConfig(), shuffle_seed: int | None = None) -> DialogueScript:
   """SASRec's ranking of each window's candidate list and the similarity q of every candidate.
 
   The candidate lists are `data.candidate_list` with the rollout's seed and size, the very lists `run_episodes`
   shows, and ties are broken towards the earlier candidate as `recsys.peer.top_candidate`'s argmax does, so the
-  script's first pick is the peer's top candidate.
+  script's first pick is the peer's top candidate. With `shuffle_seed`, each row's order is instead a random
+  permutation of its candidates (seeded by `shuffle_seed` and the window), and q still comes from SASRec.
   """
   indices = np.asarray([int(i) for i in window_indices], np.int64)
   windows = dataset.split(split)
@@ -224,11 +231,36 @@ def dialogue_script(dataset: Dataset, sasrec: SASRec, split: str, window_indices
   history = np.asarray(windows.history[indices], np.int32)
   lengths = np.asarray(windows.lengths[indices], np.int32)
   scores = np.asarray(_candidate_scores(sasrec, history, lengths, candidates))
-  order = np.argsort(-scores, axis=1, kind='stable')
+  if shuffle_seed is None:
+    order = np.argsort(-scores, axis=1, kind='stable')
+  else:
+    order = np.stack([np.random.default_rng([shuffle_seed, int(i), 0x5AF]).permutation(candidates.shape[1])
+                      for i in indices])
   similarity = np.asarray(SASRecPeer(sasrec).candidate_similarities(history, lengths, candidates), np.float32)
   return DialogueScript(split=split, window_indices=indices, ranked=np.take_along_axis(candidates, order, axis=1),
                         similarity=np.take_along_axis(similarity, order, axis=1),
                         target=np.asarray(windows.targets[indices], np.int32))
+
+
+class ScriptPeer:
+  """The `agents.Peer` of a shuffled script: its ranking (so the hint and p_t) is the script's order, and q is
+  SASRec's. It serves `run_episodes` on exactly the script's windows, in the script's order."""
+
+  def __init__(self, script: DialogueScript, sasrec: SASRec):
+    self.script, self.sasrec = script, SASRecPeer(sasrec)
+
+  def candidate_ranking(self, history, lengths, candidates):
+    candidates = np.asarray(candidates)
+    if candidates.shape != self.script.ranked.shape or not (
+        np.sort(candidates, axis=1) == np.sort(self.script.ranked, axis=1)).all():
+      raise ValueError('ScriptPeer serves only the candidate lists of its own script, in its order')
+    return self.script.ranked
+
+  def top_candidates(self, history, lengths, candidates):
+    return self.candidate_ranking(history, lengths, candidates)[:, 0]
+
+  def candidate_similarities(self, history, lengths, candidates):
+    return self.sasrec.candidate_similarities(history, lengths, candidates)
 
 
 def scripted_user_reaction(is_target: bool, similarity: float) -> tuple[str, float]:
@@ -305,12 +337,15 @@ def draw_windows(dataset: Dataset, count: int, *, seed: int, split: str = 'train
 
 def scripted_dialogues(dataset: Dataset, sasrec: SASRec, tokenizer, window_indices: Sequence[int], *,
                        rollout: RolloutConfig = RolloutConfig(), split: str = 'train',
-                       seed: int = 0) -> list[Episode]:
+                       seed: int = 0, shuffled: bool = False) -> list[Episode]:
   """Plays the scripted agents through `agents.run_episodes` (so prompts, memory and stopping are the real
-  loop's) on `window_indices` of `split`; one episode per window, in order."""
-  script = dialogue_script(dataset, sasrec, split, window_indices, rollout=rollout)
+  loop's) on `window_indices` of `split`; one episode per window, in order. `shuffled` scripts follow a random
+  order of the candidates (seeded by `seed`), which the hint and the peer opinion follow too (`ScriptPeer`)."""
+  script = dialogue_script(dataset, sasrec, split, window_indices, rollout=rollout,
+                           shuffle_seed=seed if shuffled else None)
   backend = ScriptedBackend(tokenizer, ScriptedAgents(dataset, script, seed=seed))
-  return run_episodes(dataset, split, list(script.window_indices), backend, peer=sasrec, config=rollout, seed=seed)
+  peer = ScriptPeer(script, sasrec) if shuffled else sasrec
+  return run_episodes(dataset, split, list(script.window_indices), backend, peer=peer, config=rollout, seed=seed)
 
 
 # --- SFT examples and fixed-shape batches ---------------------------------------------------------------------------
@@ -545,7 +580,8 @@ class WarmStartResult:
     episodes: the scripted dialogues trained on.
     examples: their agent messages as SFT rows.
     train: the optimizer run.
-    dialogue_metrics: `episode_metrics` of the scripted dialogues (their Hit@1 is SASRec's on those windows).
+    dialogue_metrics: `episode_metrics` of the SASRec-ordered scripted dialogues (their Hit@1 is SASRec's on those
+      windows); the shuffled ones are left out.
     copy_history: per-step metrics of the copy pre-training (empty when it was off).
   """
 
@@ -595,6 +631,10 @@ def warm_start_agents(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRe
                      f'{model.config.vocab_size}; use the model\'s own tokenizer')
   windows = draw_windows(dataset, config.num_dialogues, seed=config.seed)
   episodes = scripted_dialogues(dataset, sasrec, tokenizer, windows, rollout=config.rollout, seed=config.seed)
+  if config.shuffled_dialogues:
+    shuffled_windows = draw_windows(dataset, config.shuffled_dialogues, seed=config.seed + 1)
+    episodes += scripted_dialogues(dataset, sasrec, tokenizer, shuffled_windows, rollout=config.rollout,
+                                   seed=config.seed, shuffled=True)
   pad_id = tokenizer_lib.special_token_ids(tokenizer).pad_id
   examples = SFTExamples.from_trajectory(Trajectory.from_episodes(episodes, pad_token_id=pad_id))
   if config.item_loss_weight != 1.0:
@@ -602,7 +642,7 @@ def warm_start_agents(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRe
   logging.info('warm start: %d dialogues, %d agent messages', len(episodes), len(examples))
   train = train_sft(model, examples, config, pad_token_id=pad_id)
   return WarmStartResult(episodes=tuple(episodes), examples=examples, train=train,
-                         dialogue_metrics=episode_metrics(episodes), copy_history=tuple(copy_history))
+                         dialogue_metrics=episode_metrics(episodes[:len(windows)]), copy_history=tuple(copy_history))
 
 
 def evaluate_dialogues(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRec, window_indices: Sequence[int],

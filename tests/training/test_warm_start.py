@@ -102,6 +102,32 @@ def test_scripted_dialogues_follow_the_script():
       t.recommender.text + t.user.text for e in episodes for t in e.turns]
 
 
+def test_shuffled_dialogues_name_the_hint_in_a_random_order():
+  windows = ws.draw_windows(DATASET, 8, seed=3)
+  rollout = config(max_turns=5, show_hint=True).rollout
+  episodes = ws.scripted_dialogues(DATASET, micro_sasrec(), small_tokenizer(), windows, rollout=rollout, seed=3,
+                                   shuffled=True)
+  script = ws.dialogue_script(DATASET, micro_sasrec(), 'train', windows, rollout=rollout, shuffle_seed=3)
+  differs = 0
+  for row, episode in enumerate(episodes):
+    order = script.ranked[row].tolist()
+    candidates = candidate_list(DATASET, 'train', episode.window_index, seed=0)
+    assert sorted(order) == sorted(int(c) for c in candidates)
+    differs += order != sasrec_ranking('train', episode.window_index)
+    target_rank = order.index(episode.target) + 1
+    assert [turn.item for turn in episode.turns] == order[:episode.num_turns]
+    assert episode.num_turns == min(target_rank, 5)
+    for turn in episode.turns:
+      # The hint names the item the scripted recommender then recommends, so its Item line copies the hint.
+      prompt = turn.recommender.prompt_text
+      assert f'ranks "{DATASET.catalog.titles[turn.item]}" first' in prompt
+      assert turn.recommender_parse.valid
+      assert turn.action == ws.scripted_user_reaction(turn.item == episode.target, turn.peer_similarity)[0]
+  assert differs == len(episodes)
+  with pytest.raises(ValueError, match='ScriptPeer'):
+    ws.ScriptPeer(script, micro_sasrec()).candidate_ranking(None, None, script.ranked[:2])
+
+
 def test_scripted_user_reaction_maps_similarity_into_the_action_interval():
   assert ws.scripted_user_reaction(True, 1.0) == ('click', 1.0)
   assert ws.scripted_user_reaction(True, -1.0) == ('click', 0.75)
