@@ -93,6 +93,11 @@ class RLConfig:
     outcome_assign: which recommender segments get a terminal reward ('final': the last turn's; 'episode': all).
     outcome_signed: terminal hit reward 2 hit_T - 1 (True) or hit_T (False).
     kl_coef: beta of the optional k3 KL penalty towards the base model (0 = off, as in the paper).
+    ppo_epochs: optimizer updates per rollout (1, the paper's on-policy setting). More than 1 needs ppo_epsilon.
+    ppo_epsilon: eps of PPO-style ratio clipping (section 5's option; 0 = off): each token's term becomes
+      min(rho w, clip(rho, 1 - eps, 1 + eps) w), rho = pi_S / pi_old, with pi_old the rollout's own log-probs.
+      Those are under the sampling distribution, so it must have no top-k / top-p filter (the student is scored
+      under the temperature alone) and must not be greedy.
     sampling: the rollout distribution (temperature / top-k / top-p). The student is scored under its
       temperature alone (top-k / top-p filters would give -inf to teacher tokens), the distribution the policy
       gradient is taken of.
@@ -125,6 +130,8 @@ class RLConfig:
   outcome_assign: str = 'final'
   outcome_signed: bool = True
   kl_coef: float = 0.0
+  ppo_epochs: int = 1
+  ppo_epsilon: float = 0.0
   sampling: SamplingParams = SamplingParams(temperature=1.0)
   recommender_max_new_tokens: int = 96
   user_max_new_tokens: int = 64
@@ -143,7 +150,8 @@ class RLConfig:
   def __post_init__(self):
     for name, least in (('iterations', 1), ('windows_per_iteration', 1), ('rollouts_per_window', 1),
                         ('recommender_max_new_tokens', 1), ('user_max_new_tokens', 1), ('rows_per_microbatch', 1),
-                        ('warmup_iterations', 0), ('max_consecutive_nonfinite', 1), ('seed', 0)):
+                        ('warmup_iterations', 0), ('max_consecutive_nonfinite', 1), ('seed', 0),
+                        ('ppo_epochs', 1)):
       _require_int(self, name, least)
     if self.score_chunk_size is not None:
       _require_int(self, 'score_chunk_size', 1)
@@ -169,6 +177,15 @@ class RLConfig:
                        f'({self.iterations})')
     if not isinstance(self.sampling, SamplingParams):
       raise TypeError(f'RLConfig.sampling must be a SamplingParams, found {type(self.sampling).__name__}')
+    epsilon = self.ppo_epsilon
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 1:
+      raise ValueError(f'RLConfig.ppo_epsilon must be a number in [0, 1), found {epsilon!r}')
+    if self.ppo_epochs > 1 and not epsilon:
+      raise ValueError(f'RLConfig.ppo_epochs = {self.ppo_epochs} needs ppo_epsilon > 0: several updates on one '
+                       f'rollout without the ratio clip would move the policy without bound')
+    if epsilon and (self.sampling.greedy or self.sampling.top_k is not None or self.sampling.top_p < 1.0):
+      raise ValueError(f'RLConfig.ppo_epsilon needs sampling by temperature alone (no top_k / top_p, not greedy): '
+                       f'the ratio uses the rollout\'s log-probs as pi_old, found {self.sampling}')
     if not isinstance(self.buckets, LengthBuckets):
       raise TypeError(f'RLConfig.buckets must be a LengthBuckets, found {type(self.buckets).__name__}')
     answers = tuple(self.judge_answers)
@@ -399,13 +416,14 @@ class StepSettings:
   pad_token_id: int
   max_grad_norm: float
   weight_decay: float
+  ppo_epsilon: float | None = None
 
   @classmethod
   def from_config(cls, config: RLConfig, pad_token_id: int) -> 'StepSettings':
     return cls(lambda_sd=float(config.lambda_sd), advantage_clip=float(config.advantage_clip),
                kl_coef=float(config.kl_coef), score_params=config.score_params, chunk_size=config.score_chunk_size,
                pad_token_id=int(pad_token_id), max_grad_norm=float(config.max_grad_norm),
-               weight_decay=float(config.weight_decay))
+               weight_decay=float(config.weight_decay), ppo_epsilon=float(config.ppo_epsilon) or None)
 
   def make_optimizer(self) -> optax.GradientTransformation:
     return make_optimizer(self.max_grad_norm, self.weight_decay)
@@ -419,6 +437,7 @@ class StepSettings:
 BATCH_KEYS = ('prompt_tokens', 'prompt_mask', 'completion_tokens', 'completion_mask', 'adapter', 'agent', 'reward',
               'included')
 TEACHER_KEYS = ('teacher_prompt_tokens', 'teacher_prompt_mask')
+PPO_KEYS = ('behaviour_log_probs',)  # pi_old of the ratio clip, when it is on
 # Metrics summed over microbatches in the step, then turned into means on the host.
 _SUMMED = ('loss', 'loss_recommender', 'loss_user', 'segments_recommender', 'segments_user', 'tokens',
            'tokens_recommender', 'tokens_user', 'advantage_sum', 'advantage_square_sum', 'advantage_abs_recommender',
@@ -462,7 +481,7 @@ def _update_body(lora: nnx.State, frozen: nnx.State, opt_state: optax.OptState, 
   def objective(params, micro):
     return coars_objective(nnx.merge(graphdef, params, frozen), micro, lambda_sd=settings.lambda_sd,
                            advantage_clip=settings.advantage_clip, kl_coef=settings.kl_coef,
-                           pad_token_id=settings.pad_token_id, **scoring)
+                           ppo_epsilon=settings.ppo_epsilon, pad_token_id=settings.pad_token_id, **scoring)
 
   def microbatch(micro):
     micro = dict(micro, num_episodes=num_episodes)
@@ -520,7 +539,8 @@ def build_update_step(graphdef: nnx.GraphDef, settings: StepSettings, mesh: Mesh
     with activation_scope(partitioning, config, batch['prompt_tokens'].shape[1]):
       return body(lora, frozen, opt_state, batch, *scalars)
 
-  return UpdateStep(scoped_body, partitioning, BATCH_KEYS + (TEACHER_KEYS if teacher_keys else ()))
+  return UpdateStep(scoped_body, partitioning, BATCH_KEYS + (TEACHER_KEYS if teacher_keys else ()) +
+                    (PPO_KEYS if settings.ppo_epsilon else ()))
 
 
 class UpdateStep:
@@ -750,6 +770,13 @@ class RLTrainer:
     batch = {'prompt_tokens': prompt_tokens, 'prompt_mask': prompt_mask, 'completion_tokens': completion_tokens,
              'completion_mask': completion_mask, 'agent': agent, 'adapter': self.adapter_of_agent[agent],
              'reward': np.where(real, weight[rows][order], 0.0).astype(np.float32), 'included': real}
+    if self.settings.ppo_epsilon:
+      behaviour = np.zeros(completion_tokens.shape, np.float32)
+      for position, index in enumerate(order[:len(rows)]):
+        row = rows[index]
+        values = trajectory.behaviour_log_probs[row][trajectory.completion_mask[row]]
+        behaviour[position, :len(values)] = values
+      batch['behaviour_log_probs'] = behaviour
     if teacher_ids is not None:
       # Positions count real tokens only (padding is masked), so the limit applies to real lengths, not buckets.
       longest = max(len(t) + len(c) for t, c in zip(teacher_ids, completions))
@@ -799,14 +826,20 @@ class RLTrainer:
 
     start = time.perf_counter()
     update: dict[str, Any] = {}
-    learning_rate = float(self.schedule(self.optimizer_count()))
-    if batch is not None:
+    # The schedule counts rollouts: each of the ppo_epochs updates of one rollout uses the same step size.
+    learning_rate = float(self.schedule(self.optimizer_count() // config.ppo_epochs))
+    epochs_finite = []
+    for _ in range(config.ppo_epochs if batch is not None else 0):
       lora, opt_state, step_metrics = self._step(self.lora, self.frozen, self.opt_state, batch,
                                                  np.float32(config.episodes_per_iteration), self.adapter_update_mask,
                                                  np.float32(learning_rate))
       self.lora, self.opt_state = lora, opt_state
       nnx.update(self.model, self.lora)
+      # The metrics are the last epoch's; an epoch with a non-finite loss was skipped inside the step.
       update = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
+      epochs_finite.append(bool(update['finite']))
+    if len(epochs_finite) > 1:
+      update['finite'] = float(all(epochs_finite))
     update_seconds = time.perf_counter() - start
 
     metrics: dict[str, Any] = {'iteration': number, 'seed': seed, 'windows': windows.tolist()}

@@ -14,7 +14,7 @@ from coars_jax.coars.reference import REFERENCE_HEADER
 from coars_jax.models import BASE_PARAMS, Decoder, LoRAConfig, add_lora, get_preset
 from coars_jax.models.lora import targeted_linears
 from coars_jax.parallel.mesh import DATA_AXIS
-from coars_jax.sampling import LengthBuckets, trace_counts
+from coars_jax.sampling import LengthBuckets, SamplingParams, trace_counts
 from coars_jax.training import rl
 from coars_jax.training import warm_start as ws
 from tests.training.test_warm_start import DATASET, micro_sasrec, small_tokenizer
@@ -218,6 +218,30 @@ def test_windows_stream_is_resumable_and_each_epoch_is_a_permutation():
   assert not np.array_equal(whole[:10], whole[10:20])
 
 
+def test_ppo_epochs_update_several_times_per_rollout_and_start_at_ratio_one():
+  plain = trainer(rl_config())
+  plain.iteration()
+  # One epoch with the clip on: rho = pi_S / pi_old is 1 up to rounding (pi_old is the rollout's own log-probs),
+  # where the clipped objective's gradient equals the plain one.
+  clipped = trainer(rl_config(ppo_epsilon=0.2))
+  clipped.iteration()
+  batch = clipped.last_batch
+  assert batch['behaviour_log_probs'].shape == batch['completion_tokens'].shape
+  assert np.all(batch['behaviour_log_probs'][batch['completion_mask'] == 0] == 0)
+  assert np.all(batch['behaviour_log_probs'][batch['completion_mask'] != 0] < 0)
+  plain_lora, clipped_lora = values(plain.model, nnx.LoRAParam), values(clipped.model, nnx.LoRAParam)
+  for path, value in plain_lora.items():
+    np.testing.assert_allclose(clipped_lora[path], value, atol=1e-5, err_msg=str(path))
+  # Two epochs: two optimizer updates on the same rollout, the second moving the adapters further.
+  twice = trainer(rl_config(ppo_epsilon=0.2, ppo_epochs=2))
+  metrics = twice.iteration()
+  assert twice.optimizer_count() == 2 and twice.state.iteration == 1
+  assert metrics['update/skipped'] is False
+  assert metrics['update/learning_rate'] == pytest.approx(1e-3)
+  twice_lora = values(twice.model, nnx.LoRAParam)
+  assert any(not np.allclose(twice_lora[p], v, atol=1e-5) for p, v in plain_lora.items())
+
+
 def test_rl_config_is_validated():
   with pytest.raises(ValueError, match=r"RLConfig.reward must be one of \('interaction', 'outcome', 'judge'\)"):
     rl_config(reward='hit')
@@ -227,6 +251,12 @@ def test_rl_config_is_validated():
     rl_config(rows_per_microbatch=0)
   with pytest.raises(ValueError, match=r'RLConfig.lambda_sd must be a number in \[0.0, inf\]'):
     rl_config(lambda_sd=-0.1)
+  with pytest.raises(ValueError, match='ppo_epochs = 3 needs ppo_epsilon > 0'):
+    rl_config(ppo_epochs=3)
+  with pytest.raises(ValueError, match='ppo_epsilon must be a number in'):
+    rl_config(ppo_epsilon=1.5)
+  with pytest.raises(ValueError, match='ppo_epsilon needs sampling by temperature alone'):
+    rl_config(ppo_epsilon=0.2, sampling=SamplingParams(temperature=1.0, top_k=5))
   # K is sized for the longest possible rollout: E x T_u segments per trained agent (E for terminal rewards).
   assert rl_config().num_microbatches(max_turns=2) == 2
   assert rl_config(reward='outcome', train_user_agent=False, windows_per_iteration=9).num_microbatches(5) == 3
