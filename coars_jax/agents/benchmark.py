@@ -8,7 +8,8 @@ through module attributes (no library file is changed):
   followed by `jax.block_until_ready`, so the device time is counted where it is spent. This is "inside jit".
 - `sampler_host`: the rest of `sampling.generate` (left padding into buckets, `nnx.split`, the PRNG key).
 - `chat_template`: `render_chat` (the tokenizer's jinja chat template).
-- `tokenize`: the rest of `episodes.encode_prompt`, i.e. the tokenizer call on the rendered text.
+- `tokenize`: the rest of `episodes.encode_prompt` / `encode_prompts`, i.e. the tokenizer calls on the rendered
+  text (one batched call per generation).
 - `prompt_messages`: building each agent's chat messages (`recommender_messages`, `user_messages`).
 - `detokenize`: `tokenizer.decode` of each completion.
 - `parse`: `parse_recommender_output` and `parse_user_output`.
@@ -172,6 +173,7 @@ def _instrumented_rollout(backend: LLMBackend, run: Callable[[Any], list[Episode
       (episodes_lib, 'generate', generate),
       (episodes_lib, 'render_chat', timer.wrap('chat_template', episodes_lib.render_chat)),
       (episodes_lib, 'encode_prompt', timer.wrap('tokenize', episodes_lib.encode_prompt)),
+      (episodes_lib, 'encode_prompts', timer.wrap('tokenize', episodes_lib.encode_prompts)),
       (episodes_lib, 'recommender_messages', timer.wrap('prompt_messages', episodes_lib.recommender_messages)),
       (episodes_lib, 'user_messages', timer.wrap('prompt_messages', episodes_lib.user_messages)),
       (episodes_lib, 'parse_recommender_output', timer.wrap('parse', episodes_lib.parse_recommender_output)),

@@ -337,6 +337,16 @@ def tiny_lora_model(vocab_size):
   return model
 
 
+def test_encode_prompts_matches_one_call_per_prompt():
+  tokenizer = small_tokenizer()
+  titles = DATASET.catalog.titles
+  prompts = [ep.recommender_messages(history_titles=titles[1:1 + n], candidate_titles=titles[20:25])
+             for n in (1, 3, 7)]
+  prompts.append(ep.user_messages(history_titles=titles[3:6], recommended_title=titles[9], recommender_reason='fits'))
+  assert ep.encode_prompts(tokenizer, prompts) == [ep.encode_prompt(tokenizer, m) for m in prompts]
+  assert ep.encode_prompts(tokenizer, []) == []
+
+
 def test_llm_backend_runs_episodes_end_to_end_with_scorer_matching_log_probs():
   tokenizer = small_tokenizer()
   model = tiny_lora_model(len(tokenizer))
