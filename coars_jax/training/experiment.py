@@ -144,6 +144,7 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           'outcome_assign': rl_defaults.outcome_assign,  # final | episode: which rec turns get a terminal R
           'outcome_signed': rl_defaults.outcome_signed,  # terminal hit reward 2 hit_T - 1 (True) or hit_T
           'kl_coef': rl_defaults.kl_coef,  # beta of a k3 KL penalty towards the base (0 = off, as in the paper)
+          'constrained': rl_defaults.constrained,  # rollouts under the output grammars, scored under them too
           'ppo_epochs': rl_defaults.ppo_epochs,  # updates per rollout (1 = on-policy, as in the paper)
           'ppo_epsilon': rl_defaults.ppo_epsilon,  # PPO ratio clip eps (0 = off); needed for ppo_epochs > 1
           'rows_per_microbatch': rl_defaults.rows_per_microbatch,  # R segments per microbatch of the update

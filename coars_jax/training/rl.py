@@ -54,6 +54,7 @@ from coars_jax.recsys.peer import peer_opinion
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, score
 from coars_jax.sampling.buckets import left_pad, right_pad
+from coars_jax.sampling.constraints import ChoiceConstraint
 from coars_jax.sampling.compilation import record_trace, trace_counts
 from coars_jax.sampling.model_inputs import inference_view
 from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, completion_log_probs
@@ -93,6 +94,10 @@ class RLConfig:
     outcome_assign: which recommender segments get a terminal reward ('final': the last turn's; 'episode': all).
     outcome_signed: terminal hit reward 2 hit_T - 1 (True) or hit_T (False).
     kl_coef: beta of the optional k3 KL penalty towards the base model (0 = off, as in the paper).
+    constrained: sample the rollouts under the agents' output grammars (`LLMBackendConfig.constrained`: every
+      Item line names a candidate, every Action line one of the four actions) and score the student, the
+      teacher and the KL base under the same per-segment grammar, so that the log-probs of the loss are those
+      of the distribution that was sampled. Off by default.
     ppo_epochs: optimizer updates per rollout (1, the paper's on-policy setting). More than 1 needs ppo_epsilon.
     ppo_epsilon: eps of PPO-style ratio clipping (section 5's option; 0 = off): each token's term becomes
       min(rho w, clip(rho, 1 - eps, 1 + eps) w), rho = pi_S / pi_old, with pi_old the rollout's own log-probs.
@@ -130,6 +135,7 @@ class RLConfig:
   outcome_assign: str = 'final'
   outcome_signed: bool = True
   kl_coef: float = 0.0
+  constrained: bool = False
   ppo_epochs: int = 1
   ppo_epsilon: float = 0.0
   sampling: SamplingParams = SamplingParams(temperature=1.0)
@@ -155,7 +161,7 @@ class RLConfig:
       _require_int(self, name, least)
     if self.score_chunk_size is not None:
       _require_int(self, 'score_chunk_size', 1)
-    for name in ('group_baseline', 'train_user_agent', 'outcome_signed'):
+    for name in ('group_baseline', 'train_user_agent', 'outcome_signed', 'constrained'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'RLConfig.{name} must be a bool, found {getattr(self, name)!r}')
     if self.reward not in REWARDS:
@@ -216,7 +222,7 @@ class RLConfig:
   def backend_config(self) -> LLMBackendConfig:
     return LLMBackendConfig(recommender_max_new_tokens=self.recommender_max_new_tokens,
                             user_max_new_tokens=self.user_max_new_tokens, sampling=self.sampling,
-                            buckets=self.buckets)
+                            buckets=self.buckets, constrained=self.constrained)
 
   def max_loss_rows(self, max_turns: int) -> int:
     """The most segments of one rollout that can carry loss: the bound the microbatch count K is sized for."""
@@ -417,13 +423,15 @@ class StepSettings:
   max_grad_norm: float
   weight_decay: float
   ppo_epsilon: float | None = None
+  constrained: bool = False
 
   @classmethod
   def from_config(cls, config: RLConfig, pad_token_id: int) -> 'StepSettings':
     return cls(lambda_sd=float(config.lambda_sd), advantage_clip=float(config.advantage_clip),
                kl_coef=float(config.kl_coef), score_params=config.score_params, chunk_size=config.score_chunk_size,
                pad_token_id=int(pad_token_id), max_grad_norm=float(config.max_grad_norm),
-               weight_decay=float(config.weight_decay), ppo_epsilon=float(config.ppo_epsilon) or None)
+               weight_decay=float(config.weight_decay), ppo_epsilon=float(config.ppo_epsilon) or None,
+               constrained=bool(config.constrained))
 
   def make_optimizer(self) -> optax.GradientTransformation:
     return make_optimizer(self.max_grad_norm, self.weight_decay)
@@ -438,6 +446,58 @@ BATCH_KEYS = ('prompt_tokens', 'prompt_mask', 'completion_tokens', 'completion_m
               'included')
 TEACHER_KEYS = ('teacher_prompt_tokens', 'teacher_prompt_mask')
 PPO_KEYS = ('behaviour_log_probs',)  # pi_old of the ratio clip, when it is on
+# Each segment's output grammar (`sampling.constraints.ChoiceConstraint`), when rollouts are constrained: the
+# per-row fields, then the vocabulary-wide ones, which are repeated on every row so that all keys are [K, R, ...].
+CONSTRAINT_ROW_FIELDS = ('head', 'head_lengths', 'choices', 'choice_lengths', 'line_budget', 'final_free',
+                         'final_budget')
+CONSTRAINT_SHARED_FIELDS = ('free_ok', 'line_end', 'end_token_id')
+CONSTRAINT_KEYS = tuple(f'constraint_{name}' for name in CONSTRAINT_ROW_FIELDS + CONSTRAINT_SHARED_FIELDS)
+
+
+def segment_constraints(backend: LLMBackend, episodes: Sequence[Episode], trajectory: Trajectory,
+                        rows: Sequence[int]) -> dict[str, np.ndarray]:
+  """The grammar each segment of `rows` was sampled under (`LLMBackend.constraint`: the recommender's over its
+  episode's candidate titles, the user's over the four actions), as host arrays with one leading row per
+  segment under the `CONSTRAINT_KEYS` names. Choice slots are padded to the widest of the two agents (padding
+  slots have length 0 and are never alive, so the grammar is unchanged)."""
+  rows = np.asarray(rows, np.int64)
+  parts = {}
+  for index, agent in enumerate(AGENTS):
+    mine = rows[trajectory.agent[rows] == index]
+    if len(mine):
+      candidates = [episodes[int(trajectory.episode[r])].candidate_titles for r in mine] if agent == RECOMMENDER \
+          else None
+      parts[agent] = (mine, backend.constraint(agent, len(mine), candidates))
+  some = next(iter(parts.values()))[1]
+  num_choices = max(int(c.choices.shape[1]) for _, c in parts.values())
+  choice_length = max(int(c.choices.shape[2]) for _, c in parts.values())
+  head_length = max(int(c.head.shape[1]) for _, c in parts.values())
+  out = {name: None for name in CONSTRAINT_ROW_FIELDS}
+  position = {int(r): i for i, r in enumerate(rows)}
+  for mine, constraint in parts.values():
+    fields = {name: np.asarray(getattr(constraint, name)) for name in CONSTRAINT_ROW_FIELDS}
+    fields['head'] = np.pad(fields['head'], ((0, 0), (0, head_length - fields['head'].shape[1])))
+    fields['choices'] = np.pad(fields['choices'], ((0, 0), (0, num_choices - fields['choices'].shape[1]),
+                                                   (0, choice_length - fields['choices'].shape[2])))
+    fields['choice_lengths'] = np.pad(fields['choice_lengths'],
+                                      ((0, 0), (0, num_choices - fields['choice_lengths'].shape[1])))
+    where = np.asarray([position[int(r)] for r in mine])
+    for name, value in fields.items():
+      if out[name] is None:
+        out[name] = np.zeros((len(rows),) + value.shape[1:], value.dtype)
+      out[name][where] = value
+  batch = {f'constraint_{name}': value for name, value in out.items()}
+  for name in CONSTRAINT_SHARED_FIELDS:
+    value = np.asarray(getattr(some, name))
+    batch[f'constraint_{name}'] = np.broadcast_to(value, (len(rows),) + value.shape).copy()
+  return batch
+
+
+def microbatch_constraint(micro: Mapping[str, jax.Array]) -> ChoiceConstraint:
+  """The `ChoiceConstraint` of one microbatch's rows from its `CONSTRAINT_KEYS` arrays ([R, ...])."""
+  fields = {name: micro[f'constraint_{name}'] for name in CONSTRAINT_ROW_FIELDS}
+  fields.update({name: micro[f'constraint_{name}'][0] for name in CONSTRAINT_SHARED_FIELDS})
+  return ChoiceConstraint(**fields)
 # Metrics summed over microbatches in the step, then turned into means on the host.
 _SUMMED = ('loss', 'loss_recommender', 'loss_user', 'segments_recommender', 'segments_user', 'tokens',
            'tokens_recommender', 'tokens_user', 'advantage_sum', 'advantage_square_sum', 'advantage_abs_recommender',
@@ -478,24 +538,27 @@ def _update_body(lora: nnx.State, frozen: nnx.State, opt_state: optax.OptState, 
   tx = settings.make_optimizer()
   scoring = dict(params=settings.score_params, chunk_size=settings.chunk_size)
 
-  def objective(params, micro):
+  def objective(params, micro, grammar):
     return coars_objective(nnx.merge(graphdef, params, frozen), micro, lambda_sd=settings.lambda_sd,
                            advantage_clip=settings.advantage_clip, kl_coef=settings.kl_coef,
-                           ppo_epsilon=settings.ppo_epsilon, pad_token_id=settings.pad_token_id, **scoring)
+                           ppo_epsilon=settings.ppo_epsilon, pad_token_id=settings.pad_token_id, **grammar,
+                           **scoring)
 
   def microbatch(micro):
     micro = dict(micro, num_episodes=num_episodes)
     model = nnx.merge(graphdef, lora, frozen)
+    # Constrained rollouts: every log-prob is taken under the segment's own grammar, as the sampler drew it.
+    grammar = {'constraint': microbatch_constraint(micro)} if settings.constrained else {}
     if settings.teacher:
       # pi_T: the same adapter and the current parameters on x + d; a forward pass only (no gradient).
       micro['teacher_log_probs'] = jax.lax.stop_gradient(completion_log_probs(
           model, micro['teacher_prompt_tokens'], micro['teacher_prompt_mask'], micro['completion_tokens'],
-          micro['completion_mask'], adapter=micro['adapter'], **scoring))
+          micro['completion_mask'], adapter=micro['adapter'], **grammar, **scoring))
     if settings.kl_coef > 0:
       micro['base_log_probs'] = jax.lax.stop_gradient(completion_log_probs(
           model, micro['prompt_tokens'], micro['prompt_mask'], micro['completion_tokens'], micro['completion_mask'],
-          adapter=jnp.full_like(micro['adapter'], ADAPTERS_OFF), **scoring))
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(lora, micro)
+          adapter=jnp.full_like(micro['adapter'], ADAPTERS_OFF), **grammar, **scoring))
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(lora, micro, grammar)
     return grads, _microbatch_sums(dict(metrics, loss=loss), micro)
 
   def accumulate(carry, micro):
@@ -540,7 +603,7 @@ def build_update_step(graphdef: nnx.GraphDef, settings: StepSettings, mesh: Mesh
       return body(lora, frozen, opt_state, batch, *scalars)
 
   return UpdateStep(scoped_body, partitioning, BATCH_KEYS + (TEACHER_KEYS if teacher_keys else ()) +
-                    (PPO_KEYS if settings.ppo_epsilon else ()))
+                    (PPO_KEYS if settings.ppo_epsilon else ()) + (CONSTRAINT_KEYS if settings.constrained else ()))
 
 
 class UpdateStep:
@@ -747,7 +810,7 @@ class RLTrainer:
     return [candidate_ranks(row) for row in scores]
 
   def _pack(self, trajectory: Trajectory, rows: np.ndarray, weight: np.ndarray,
-            teacher_ids: list[list[int]] | None) -> dict[str, np.ndarray]:
+            teacher_ids: list[list[int]] | None, episodes: Sequence[Episode] = ()) -> dict[str, np.ndarray]:
     """The loss-carrying segments `rows` as [K, R, ...] microbatches at their length buckets; padding rows copy
     the first row's prompt and have an empty completion mask and included=False."""
     buckets, capacity = self.config.buckets, self.num_microbatches * self.config.rows_per_microbatch
@@ -777,6 +840,9 @@ class RLTrainer:
         values = trajectory.behaviour_log_probs[row][trajectory.completion_mask[row]]
         behaviour[position, :len(values)] = values
       batch['behaviour_log_probs'] = behaviour
+    if self.settings.constrained:
+      grammar = segment_constraints(self.backend, episodes, trajectory, rows)
+      batch.update({key: value[order] for key, value in grammar.items()})
     if teacher_ids is not None:
       # Positions count real tokens only (padding is masked), so the limit applies to real lengths, not buckets.
       longest = max(len(t) + len(c) for t, c in zip(teacher_ids, completions))
@@ -820,7 +886,7 @@ class RLTrainer:
     if self.settings.teacher and len(rows):
       teacher_ids = teacher_prompts(self.tokenizer, episodes, trajectory, rows, ranks=self._ranks(episodes),
                                     rollout=self.rollout, dataset_name=self.dataset.name)
-    batch = self._pack(trajectory, rows, weight, teacher_ids) if len(rows) else None
+    batch = self._pack(trajectory, rows, weight, teacher_ids, episodes) if len(rows) else None
     self.last_batch = batch  # the host arrays of this update, for benchmarks and inspection
     scoring_seconds = time.perf_counter() - start
 

@@ -14,7 +14,7 @@ from coars_jax.coars.reference import REFERENCE_HEADER
 from coars_jax.models import BASE_PARAMS, Decoder, LoRAConfig, add_lora, get_preset
 from coars_jax.models.lora import targeted_linears
 from coars_jax.parallel.mesh import DATA_AXIS
-from coars_jax.sampling import LengthBuckets, SamplingParams, trace_counts
+from coars_jax.sampling import LengthBuckets, SamplingParams, score, trace_counts
 from coars_jax.training import rl
 from coars_jax.training import warm_start as ws
 from tests.training.test_warm_start import DATASET, micro_sasrec, small_tokenizer
@@ -240,6 +240,36 @@ def test_ppo_epochs_update_several_times_per_rollout_and_start_at_ratio_one():
   assert metrics['update/learning_rate'] == pytest.approx(1e-3)
   twice_lora = values(twice.model, nnx.LoRAParam)
   assert any(not np.allclose(twice_lora[p], v, atol=1e-5) for p, v in plain_lora.items())
+
+
+def test_constrained_rollouts_are_scored_under_each_segments_own_grammar():
+  # The grammar needs room for the head, a reason line, the longest title and the Score line.
+  run = trainer(rl_config(constrained=True, ppo_epsilon=0.2, recommender_max_new_tokens=32, user_max_new_tokens=32,
+                          buckets=LengthBuckets(prompt=(512, 1024), completion=(32,))))
+  before = nnx.clone(run.model)  # with its own buffers: the update step donates the trainer's adapters
+  nnx.update(before, jax.tree.map(lambda x: jnp.array(np.asarray(x)), nnx.state(before, nnx.LoRAParam)))
+  metrics = run.iteration()
+  assert metrics['update/skipped'] is False and np.isfinite(metrics['loss/total'])
+  assert metrics['rollout/valid_ratio'] == 1.0  # every Item line names a candidate
+  batch = {key: np.asarray(value).reshape((-1,) + np.shape(value)[2:]) for key, value in run.last_batch.items()}
+  rows = int(metrics['update/loss_rows'])
+  agents = batch['agent'][:rows]
+  assert set(agents.tolist()) == {0, 1}
+  # Recommender rows carry their episode's 20 candidates, user rows the four actions.
+  assert set(batch['constraint_choice_lengths'][:rows][agents == 0].astype(bool).sum(1).tolist()) == {20}
+  assert set(batch['constraint_choice_lengths'][:rows][agents == 1].astype(bool).sum(1).tolist()) == {4}
+  # Scored under the rebuilt grammars with the parameters that sampled them, the completions get the
+  # sampler's own (constrained) log-probs back.
+  grammar = rl.microbatch_constraint({k: jnp.asarray(batch[k][:rows]) for k in rl.CONSTRAINT_KEYS})
+  scores = np.asarray(score(before, batch['prompt_tokens'][:rows], batch['prompt_mask'][:rows],
+                            batch['completion_tokens'][:rows], batch['completion_mask'][:rows], chunk_size=None,
+                            adapter=batch['adapter'][:rows], constraint=grammar))
+  mask = batch['completion_mask'][:rows] != 0
+  np.testing.assert_allclose(scores[mask], batch['behaviour_log_probs'][:rows][mask], atol=2e-4)
+  free = np.asarray(score(before, batch['prompt_tokens'][:rows], batch['prompt_mask'][:rows],
+                          batch['completion_tokens'][:rows], batch['completion_mask'][:rows], chunk_size=None,
+                          adapter=batch['adapter'][:rows]))
+  assert np.abs(free[mask] - scores[mask]).max() > 1e-2  # the grammar changes the distribution
 
 
 def test_rl_config_is_validated():
