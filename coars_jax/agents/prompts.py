@@ -189,8 +189,10 @@ def recommender_messages(*, history_titles: Sequence[str], candidate_titles: Seq
       f'Earlier turns of this dialogue:\n{render_memory(memory)}',
   ]
   if hint_title is not None:
-    sections.append(f'Hint: a sequential recommender trained on past interactions ranks "{_title_line(hint_title)}" '
-                    f'first among the candidates not recommended yet in this dialogue.')
+    # The hint ends in the very line the answer must end in ('Item: <title>'), so that a model can answer by
+    # copying what follows the last 'Item:' it has seen (an induction copy), not by learning where a quote is.
+    sections.append(f'Hint: a sequential recommender trained on past interactions ranks this candidate first among '
+                    f'those not recommended yet in this dialogue:\n{ITEM_LABEL}: {_title_line(hint_title)}')
   return [{'role': 'system', 'content': recommender_system_prompt(config)},
           {'role': 'user', 'content': '\n\n'.join(sections)}]
 

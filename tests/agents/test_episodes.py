@@ -230,7 +230,7 @@ def test_hint_and_peer_opinion_follow_the_config():
                            config=RolloutConfig(show_hint=True, show_peer_opinion=False))
   opinion = f'Peer opinion: People with a history like yours chose "{peer_title}".'
   assert 'Hint:' not in plain.turns[0].recommender.prompt_text and opinion in plain.turns[0].user.prompt_text
-  assert f'ranks "{peer_title}" first' in hinted.turns[0].recommender.prompt_text
+  assert f'in this dialogue:\nItem: {peer_title}' in hinted.turns[0].recommender.prompt_text
   assert 'Peer opinion' not in hinted.turns[0].user.prompt_text
   assert plain.peer_item == hinted.peer_item == candidates_of(0)[3]
 
@@ -258,12 +258,12 @@ def test_hint_moves_to_the_best_candidate_not_yet_recommended():
     expected.append(next(item for item in ranked if item not in recommended[:t]))
   prompts = [turn.recommender.prompt_text for turn in episode.turns]
   for t, (prompt, item) in enumerate(zip(prompts, expected)):
-    assert f'ranks "{title(item)}" first' in prompt, (t, title(item))
+    assert f'in this dialogue:\nItem: {title(item)}' in prompt, (t, title(item))
   assert expected[0] == ranked[0] and expected[1] == ranked[1]
   # A peer without a ranking keeps the top candidate as the hint on every turn.
   (static,) = run_episodes(DATASET, SPLIT, [1], plan_backend(plan), peer=TablePeer(),
                            config=RolloutConfig(show_hint=True, max_turns=3))
-  assert all(f'ranks "{title(ranked[0])}" first' in turn.recommender.prompt_text for turn in static.turns)
+  assert all(f'in this dialogue:\nItem: {title(ranked[0])}' in turn.recommender.prompt_text for turn in static.turns)
 
 
 def test_sasrec_peer_gives_top_candidate_and_cosine():

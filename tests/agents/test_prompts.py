@@ -30,7 +30,7 @@ def test_recommender_messages_hold_format_history_candidates_and_hint():
   numbered = '\n'.join(f'{n}. {t}' for n, t in enumerate(CANDIDATES, start=1))
   assert f'Candidate artists:\n{numbered}' in user  # titles verbatim, inner double spaces included
   assert '(none: this is the first turn)' in user
-  assert 'ranks "311" first among the candidates' in user
+  assert 'ranks this candidate first among those not recommended yet in this dialogue:\nItem: 311' in user
 
 
 def test_recommender_messages_refuse_a_hint_outside_the_candidates():

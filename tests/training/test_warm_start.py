@@ -120,7 +120,7 @@ def test_shuffled_dialogues_name_the_hint_in_a_random_order():
     for turn in episode.turns:
       # The hint names the item the scripted recommender then recommends, so its Item line copies the hint.
       prompt = turn.recommender.prompt_text
-      assert f'ranks "{DATASET.catalog.titles[turn.item]}" first' in prompt
+      assert f'in this dialogue:\nItem: {DATASET.catalog.titles[turn.item]}' in prompt
       assert turn.recommender_parse.valid
       assert turn.action == ws.scripted_user_reaction(turn.item == episode.target, turn.peer_similarity)[0]
   assert differs == len(episodes)
