@@ -20,13 +20,13 @@ def get_config():
   config.warm_start.num_dialogues = 128
   config.warm_start.steps = 120
   config.warm_start.warmup_steps = 10
-  config.rl.iterations = 6
+  config.rl.iterations = 4
   config.rl.windows_per_iteration = 8
   config.rl.warmup_iterations = 0
-  config.eval.every = 3
-  config.eval.val_windows = 16
-  config.eval.test_windows = 64
-  config.eval.user_f1.num_users = 20
-  config.checkpoint.every = 3
+  config.eval.every = 2
+  config.eval.val_windows = 8
+  config.eval.test_windows = 32
+  config.eval.user_f1.num_users = 12
+  config.checkpoint.every = 2
   config.resume = True  # a second `make demo` continues or re-evaluates instead of refusing the full workdir
   return config
