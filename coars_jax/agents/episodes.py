@@ -104,8 +104,8 @@ class AgentBackend(Protocol):
 def encode_prompt(tokenizer, messages: Sequence[Message]) -> tuple[str, list[int]]:
   """(rendered prompt text, token ids): the chat template (or plain fallback), tokenized without adding special
   tokens, since the template writes its own (a second BOS would make prompts differ from training data)."""
-  text = render_chat(tokenizer, messages)
-  return text, list(tokenizer(text, add_special_tokens=False)['input_ids'])
+  (encoded,) = encode_prompts(tokenizer, [messages])
+  return encoded
 
 
 def encode_prompts(tokenizer, prompts: Sequence[Sequence[Message]]) -> list[tuple[str, list[int]]]:

@@ -463,25 +463,23 @@ def segment_constraints(backend: LLMBackend, episodes: Sequence[Episode], trajec
   rows = np.asarray(rows, np.int64)
   parts = {}
   for index, agent in enumerate(AGENTS):
-    mine = rows[trajectory.agent[rows] == index]
-    if len(mine):
-      candidates = [episodes[int(trajectory.episode[r])].candidate_titles for r in mine] if agent == RECOMMENDER \
-          else None
-      parts[agent] = (mine, backend.constraint(agent, len(mine), candidates))
+    where = np.flatnonzero(trajectory.agent[rows] == index)  # positions in `rows` of this agent's segments
+    if len(where):
+      candidates = [episodes[int(trajectory.episode[r])].candidate_titles for r in rows[where]] \
+          if agent == RECOMMENDER else None
+      parts[agent] = (where, backend.constraint(agent, len(where), candidates))
   some = next(iter(parts.values()))[1]
   num_choices = max(int(c.choices.shape[1]) for _, c in parts.values())
   choice_length = max(int(c.choices.shape[2]) for _, c in parts.values())
   head_length = max(int(c.head.shape[1]) for _, c in parts.values())
   out = {name: None for name in CONSTRAINT_ROW_FIELDS}
-  position = {int(r): i for i, r in enumerate(rows)}
-  for mine, constraint in parts.values():
+  for where, constraint in parts.values():
     fields = {name: np.asarray(getattr(constraint, name)) for name in CONSTRAINT_ROW_FIELDS}
     fields['head'] = np.pad(fields['head'], ((0, 0), (0, head_length - fields['head'].shape[1])))
     fields['choices'] = np.pad(fields['choices'], ((0, 0), (0, num_choices - fields['choices'].shape[1]),
                                                    (0, choice_length - fields['choices'].shape[2])))
     fields['choice_lengths'] = np.pad(fields['choice_lengths'],
                                       ((0, 0), (0, num_choices - fields['choice_lengths'].shape[1])))
-    where = np.asarray([position[int(r)] for r in mine])
     for name, value in fields.items():
       if out[name] is None:
         out[name] = np.zeros((len(rows),) + value.shape[1:], value.dtype)
@@ -835,8 +833,7 @@ class RLTrainer:
              'reward': np.where(real, weight[rows][order], 0.0).astype(np.float32), 'included': real}
     if self.settings.ppo_epsilon:
       behaviour = np.zeros(completion_tokens.shape, np.float32)
-      for position, index in enumerate(order[:len(rows)]):
-        row = rows[index]
+      for position, row in enumerate(rows):  # the real rows come first, in `rows` order
         values = trajectory.behaviour_log_probs[row][trajectory.completion_mask[row]]
         behaviour[position, :len(values)] = values
       batch['behaviour_log_probs'] = behaviour

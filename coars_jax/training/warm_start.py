@@ -121,8 +121,8 @@ class WarmStartConfig:
   progress: bool = True
 
   def __post_init__(self):
-    for name, least in (('num_dialogues', 1), ('shuffled_dialogues', 0), ('max_turns', 1), ('candidate_seed', 0), ('steps', 1),
-                        ('batch_size', 1), ('warmup_steps', 0), ('lora_rank', 1), ('seed', 0),
+    for name, least in (('num_dialogues', 1), ('shuffled_dialogues', 0), ('max_turns', 1), ('candidate_seed', 0),
+                        ('steps', 1), ('batch_size', 1), ('warmup_steps', 0), ('lora_rank', 1), ('seed', 0),
                         ('copy_pretrain_steps', 0)):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < least:

@@ -246,7 +246,8 @@ def test_item_title_start_finds_the_title_tokens():
     assert start > 0
     assert tokenizer.decode(completion[:start], skip_special_tokens=True).endswith('\nItem:')
     assert tokenizer.decode(completion[start:], skip_special_tokens=True).strip() == title
-  assert ws.item_title_start(tokenizer, np.asarray(tokenizer.encode('Reason: no item line', add_special_tokens=False))) == -1
+  no_item = np.asarray(tokenizer.encode('Reason: no item line', add_special_tokens=False))
+  assert ws.item_title_start(tokenizer, no_item) == -1
 
 
 def test_item_loss_weight_reweights_the_title_tokens_of_recommender_rows():
