@@ -103,3 +103,12 @@ def require_folder(field: str, value: Any, *, allow_empty: bool = False) -> path
   require(path not in shared, field, 'a folder of its own for this run',
           f'{value} ({shared.get(path, "")}: {path})')
   return path
+
+
+def require_peer_fields(config: ml_collections.ConfigDict) -> None:
+  """The SASRec peer fields an agentic config shares: the training seed, the epoch cap and the cross-fitting."""
+  for field in ('sasrec_seed', 'sasrec_max_epochs', 'sasrec_fold_seed'):
+    require_int_field(config, field, 0)
+  folds = config.sasrec_folds
+  require(_is_int(folds) and (folds == 0 or folds >= 2), 'sasrec_folds',
+          '0 (training windows use the full SASRec, an oracle on them) or an int >= 2', folds)

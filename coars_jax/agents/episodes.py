@@ -25,7 +25,8 @@ from coars_jax.models.lora import ADAPTERS_OFF
 from coars_jax.models.tokenizer import END_OF_TURN_TOKENS, render_chat, special_token_ids
 from coars_jax.parallel.distributed import fetch
 from coars_jax.parallel.rules import Rules
-from coars_jax.recsys.peer import candidate_ranking, peer_opinion, peer_similarity, top_candidate
+from coars_jax.recsys.peer import (candidate_ranking, candidate_scores, candidate_similarities, peer_opinion,
+                                   top_candidate)
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, generate
 from coars_jax.sampling.constraints import token_classes
@@ -373,10 +374,14 @@ class Peer(Protocol):
 
 
 class SASRecPeer:
-  """`Peer` from a trained SASRec (`recsys.SASRec`), via `recsys.peer`."""
+  """`Peer` from one trained SASRec (`recsys.SASRec`), via `recsys.peer`."""
 
   def __init__(self, model):
     self.model = model
+
+  def candidate_scores(self, history, lengths, candidates):
+    return np.asarray(candidate_scores(self.model, np.asarray(history, np.int32), np.asarray(lengths, np.int32),
+                                       np.asarray(candidates, np.int32)))
 
   def candidate_ranking(self, history, lengths, candidates):
     return candidate_ranking(self.model, history, lengths, candidates)
@@ -386,14 +391,16 @@ class SASRecPeer:
                                     np.asarray(candidates, np.int32)))
 
   def candidate_similarities(self, history, lengths, candidates):
-    candidates = np.asarray(candidates, np.int32)
-    batch, width = candidates.shape
-    # q_t depends only on the user and the item, and i_t must be a candidate, so one call over every (user,
-    # candidate) pair before the first turn serves all turns; a call per turn would also recompile whenever the
-    # number of live episodes changes.
-    similarities = peer_similarity(self.model, np.repeat(np.asarray(history, np.int32), width, axis=0),
-                                   np.repeat(np.asarray(lengths, np.int32), width), candidates.reshape(-1))
-    return np.asarray(similarities).reshape(batch, width)
+    return candidate_similarities(self.model, history, lengths, candidates)
+
+
+def bind_peer(peer, split: str, users) -> Peer:
+  """The `Peer` of windows of `split` with these users: a cross-fitted peer (`recsys.CrossFittedPeer`) serves
+  each training window by its user's out-of-fold SASRec (METHOD.md section 2); a SASRec is wrapped in
+  `SASRecPeer`; any other `Peer` serves every row itself."""
+  if hasattr(peer, 'for_windows'):
+    return peer.for_windows(split, np.asarray(users))
+  return _as_peer(peer)
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
@@ -574,7 +581,8 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
     window_indices: the windows to play, one episode each, in this order (repeats allowed, e.g. G rollouts of a
       sample for a group baseline; repeats draw different messages, since sampling differs per row).
     backend: `LLMBackend`, `ScriptedBackend` or anything with the `AgentBackend` method.
-    peer: a `Peer` (e.g. `SASRecPeer`), or a `recsys.SASRec` model, which is wrapped in `SASRecPeer`.
+    peer: a `Peer` (e.g. `SASRecPeer`), a `recsys.SASRec` model (wrapped in `SASRecPeer`), or a
+      `recsys.CrossFittedPeer`, bound to these windows' users (`bind_peer`).
     config: the protocol settings.
     seed: the rollout's sampling seed (`turn_seed` derives each call's).
   Returns:
@@ -582,7 +590,6 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
   """
   if not isinstance(config, RolloutConfig):
     raise TypeError(f'config must be a RolloutConfig, found {type(config).__name__}')
-  peer = _as_peer(peer)
   windows = dataset.split(split)
   indices = [int(i) for i in window_indices]
   if not indices:
@@ -598,6 +605,7 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
   candidates = np.stack([candidate_list(dataset, split, i, config.candidate_seed, config.num_candidates)
                          for i in indices]).astype(np.int32)
   history, lengths = windows.history[indices], windows.lengths[indices]
+  peer = bind_peer(peer, split, windows.users[indices])
   peer_items = np.asarray(peer.top_candidates(history, lengths, candidates)).astype(np.int64)
   similarities = np.asarray(peer.candidate_similarities(history, lengths, candidates), np.float64)
   if peer_items.shape != (batch,) or similarities.shape != candidates.shape:

@@ -4,7 +4,7 @@ from coars_jax.data import instruments, lastfm, movielens
 from coars_jax.data.candidates import NUM_CANDIDATES, candidate_list, candidate_matrix
 from coars_jax.data.errors import ChecksumError, DataError, MalformedDataError, MissingDataError
 from coars_jax.data.files import DATA_DIR_ENV, candidate_roots, locate
-from coars_jax.data.schema import MAX_HISTORY, Dataset, ItemCatalog, Window, WindowSplit
+from coars_jax.data.schema import MAX_HISTORY, TRAIN_POOLS, Dataset, ItemCatalog, Window, WindowSplit
 from coars_jax.data.stats import describe, format_description
 from coars_jax.data.user_sim import UserSimCase, UserSimSet, user_sim_set
 
@@ -20,6 +20,7 @@ def load_dataset(name: str, data_root=None, *, allow_download: bool = True) -> D
 
 
 __all__ = [
+    'TRAIN_POOLS',
     'ChecksumError', 'DATASETS', 'DATA_DIR_ENV', 'DataError', 'Dataset', 'ItemCatalog', 'MAX_HISTORY',
     'MalformedDataError', 'MissingDataError', 'NUM_CANDIDATES', 'UserSimCase', 'UserSimSet', 'Window',
     'WindowSplit', 'candidate_list', 'candidate_matrix', 'candidate_roots', 'describe', 'format_description',

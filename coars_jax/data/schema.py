@@ -42,6 +42,10 @@ class Window:
   target: int
 
 
+# The training windows a trainer may draw from (`WindowSplit.pool`).
+TRAIN_POOLS = ('all', 'last_per_user')
+
+
 @dataclasses.dataclass(frozen=True)
 class WindowSplit:
   """A split's windows as arrays.
@@ -74,6 +78,19 @@ class WindowSplit:
     return Window(user=int(self.users[index]),
                   history=tuple(int(i) for i in self.history[index, :length]),
                   target=int(self.targets[index]))
+
+  def pool(self, name: str) -> np.ndarray:
+    """int64[P], ascending: the windows a trainer draws from (`TRAIN_POOLS`). 'all' is every window; 'last_per_user'
+    is each user's last window (the highest index among its windows, which are stored in time order), the shape of
+    the val and test splits: one window per held-out user, at the end of their sequence."""
+    if name == 'all':
+      return np.arange(len(self), dtype=np.int64)
+    if name == 'last_per_user':
+      last = {}
+      for index, user in enumerate(self.users.tolist()):
+        last[user] = index
+      return np.asarray(sorted(last.values()), np.int64)
+    raise ValueError(f'unknown window pool {name!r}; expected one of {TRAIN_POOLS}')
 
   def select(self, mask: np.ndarray) -> 'WindowSplit':
     return WindowSplit(users=self.users[mask], history=self.history[mask], lengths=self.lengths[mask],

@@ -46,6 +46,19 @@ def peer_similarity(model: SASRec, history: jax.Array, lengths: jax.Array, items
   return jnp.clip(jnp.sum(user * item, axis=-1) / jnp.maximum(norms, 1e-12), -1.0, 1.0)
 
 
+def candidate_similarities(model: SASRec, history, lengths, candidates) -> np.ndarray:
+  """float32[B, C]: q in [-1, 1] between each user and each of their candidates (`peer_similarity` per pair).
+
+  q_t depends only on the user and the item, and i_t must be a candidate, so one call over every (user, candidate)
+  pair before the first turn serves all turns; a call per turn would also recompile whenever the number of live
+  episodes changes."""
+  candidates = np.asarray(candidates, np.int32)
+  batch, width = candidates.shape
+  similarities = peer_similarity(model, np.repeat(np.asarray(history, np.int32), width, axis=0),
+                                 np.repeat(np.asarray(lengths, np.int32), width), candidates.reshape(-1))
+  return np.asarray(similarities).reshape(batch, width)
+
+
 def peer_opinion(title: str) -> str:
   """The sentence p_t shown to the user agent."""
   return f'People with a history like yours chose "{title}".'
