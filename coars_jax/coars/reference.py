@@ -91,13 +91,22 @@ def _check_turns(turns: Sequence[TurnHindsight]) -> None:
       raise TypeError(f'turns[{index}] must be a TurnHindsight, found {type(turn).__name__}')
 
 
+def _turn_line(turn: TurnHindsight, facts: str, verdict: str, omit_samples: bool) -> str:
+  """'Turn t: <facts>. <verdict>', or 'Turn t: <verdict>' when `omit_samples` drops the turn's sampled item and
+  reaction (the facts), so that d holds no sampled text the teacher could raise A by copying."""
+  return f'Turn {turn.turn}: {verdict}' if omit_samples else f'Turn {turn.turn}: {facts}. {verdict}'
+
+
 def recommender_reference(turns: Sequence[TurnHindsight], *, target_title: str, target_rank: int | None = None,
-                          num_candidates: int | None = None) -> str:
+                          num_candidates: int | None = None, omit_samples: bool = False) -> str:
   """d for the recommender: the ground truth, then per turn what was recommended, the user's reaction, whether
   the pick was right and what should have been recommended, e.g.
 
     Turn 1: you recommended "X" (SASRec rank 4 of 20); the user reacted skip with score 0.4. That was wrong: the
     user's true next item was "Y"; you should have recommended "Y".
+
+  With `omit_samples` each turn keeps its verdict only ("Turn 1: That was wrong: ..."): no sampled item, SASRec
+  rank of it, action or score.
   """
   _check_turns(turns)
   target = _quoted(target_title)
@@ -105,30 +114,30 @@ def recommender_reference(turns: Sequence[TurnHindsight], *, target_title: str, 
   for turn in turns:
     reaction = _reaction(turn, 'the user')
     if turn.item_title is None:
-      lines.append(f'Turn {turn.turn}: your message named no candidate; {reaction}. That was wrong: name exactly '
-                   f'one candidate title; the true next item was {target}, so you should have recommended {target}.')
-    elif turn.hit:
-      lines.append(f'Turn {turn.turn}: you recommended {_quoted(turn.item_title)}'
-                   f'{_rank_note(turn.sasrec_rank, num_candidates)}; {reaction}. That was right: it is the user\'s '
-                   f'true next item.')
-    elif turn.action in POSITIVE_ACTIONS:
-      lines.append(f'Turn {turn.turn}: you recommended {_quoted(turn.item_title)}'
-                   f'{_rank_note(turn.sasrec_rank, num_candidates)}; {reaction}. The user may really like it, but '
-                   f'it is not the true next item; you should have recommended {target}.')
+      facts = f'your message named no candidate; {reaction}'
+      verdict = (f'That was wrong: name exactly one candidate title; the true next item was {target}, so you should '
+                 f'have recommended {target}.')
     else:
-      lines.append(f'Turn {turn.turn}: you recommended {_quoted(turn.item_title)}'
-                   f'{_rank_note(turn.sasrec_rank, num_candidates)}; {reaction}. That was wrong: the user\'s true '
-                   f'next item was {target}; you should have recommended {target}.')
+      facts = f'you recommended {_quoted(turn.item_title)}{_rank_note(turn.sasrec_rank, num_candidates)}; {reaction}'
+      if turn.hit:
+        verdict = 'That was right: it is the user\'s true next item.'
+      elif turn.action in POSITIVE_ACTIONS:
+        verdict = (f'The user may really like it, but it is not the true next item; you should have recommended '
+                   f'{target}.')
+      else:
+        verdict = f'That was wrong: the user\'s true next item was {target}; you should have recommended {target}.'
+    lines.append(_turn_line(turn, facts, verdict, omit_samples))
   lines.append(f'The right recommendation at every turn was {target}.')
   return '\n'.join(lines)
 
 
 def user_reference(turns: Sequence[TurnHindsight], *, target_title: str, target_rank: int | None = None,
-                   num_candidates: int | None = None) -> str:
+                   num_candidates: int | None = None, omit_samples: bool = False) -> str:
   """d for the user agent: the ground truth, then per turn the item suggested, the reaction given, whether it was
   right and which reaction would have been: click with a high score for the true next item, a low score (skip
   or dislike) for any other; a non-target the user clicked or starred is not judged (the exclusion rule of
-  METHOD.md section 3)."""
+  METHOD.md section 3). With `omit_samples` each turn keeps its verdict only (no suggested item, action or
+  score)."""
   _check_turns(turns)
   target = _quoted(target_title)
   click_low = ACTION_INTERVALS['click'][0]
@@ -139,27 +148,28 @@ def user_reference(turns: Sequence[TurnHindsight], *, target_title: str, target_
     suggested = ('the recommender named no candidate' if turn.item_title is None else
                  f'the recommender suggested {_quoted(turn.item_title)}{_rank_note(turn.sasrec_rank, num_candidates)}')
     if turn.hit:
-      verdict = 'That was right' if turn.action == 'click' else 'That was wrong'
-      lines.append(f'Turn {turn.turn}: {suggested}; {reaction}. {verdict}: it is your true next item, so the right '
-                   f'reaction was click with a high score (at least {format_score(click_low)}).')
+      verdict = (f'{"That was right" if turn.action == "click" else "That was wrong"}: it is your true next item, so '
+                 f'the right reaction was click with a high score (at least {format_score(click_low)}).')
     elif turn.action in POSITIVE_ACTIONS:
-      lines.append(f'Turn {turn.turn}: {suggested}; {reaction}. It is not your true next item ({target}), but you '
-                   f'may really like it, so this reaction is not judged.')
+      verdict = (f'It is not your true next item ({target}), but you may really like it, so this reaction is not '
+                 f'judged.')
     else:
-      lines.append(f'Turn {turn.turn}: {suggested}; {reaction}. That was right: it is not your true next item '
-                   f'({target}), so the right reaction was a low score (skip or dislike, below '
-                   f'{format_score(skip_high)}); the lower, the better.')
+      verdict = (f'That was right: it is not your true next item ({target}), so the right reaction was a low score '
+                 f'(skip or dislike, below {format_score(skip_high)}); the lower, the better.')
+    lines.append(_turn_line(turn, f'{suggested}; {reaction}', verdict, omit_samples))
   return '\n'.join(lines)
 
 
 def reference_trajectory(agent: str, turns: Sequence[TurnHindsight], *, target_title: str,
-                         target_rank: int | None = None, num_candidates: int | None = None) -> str:
-  """The template d of `agent` ('recommender' or 'user')."""
+                         target_rank: int | None = None, num_candidates: int | None = None,
+                         omit_samples: bool = False) -> str:
+  """The template d of `agent` ('recommender' or 'user'); `omit_samples` as in `recommender_reference`."""
   if agent == 'recommender':
     return recommender_reference(turns, target_title=target_title, target_rank=target_rank,
-                                 num_candidates=num_candidates)
+                                 num_candidates=num_candidates, omit_samples=omit_samples)
   if agent == 'user':
-    return user_reference(turns, target_title=target_title, target_rank=target_rank, num_candidates=num_candidates)
+    return user_reference(turns, target_title=target_title, target_rank=target_rank, num_candidates=num_candidates,
+                          omit_samples=omit_samples)
   raise ValueError(f'agent must be one of {AGENTS}, found {agent!r}')
 
 
@@ -197,11 +207,14 @@ def hindsight_turns(episode: Any, ranks: Sequence[int] | None = None) -> tuple[l
   return turns, rank_of(int(episode.target))
 
 
-def episode_reference(episode: Any, agent: str, ranks: Sequence[int] | None = None) -> str:
-  """The template d of `agent` for a finished `agents.Episode` (ranks as in `hindsight_turns`)."""
+def episode_reference(episode: Any, agent: str, ranks: Sequence[int] | None = None, *,
+                      omit_samples: bool = False) -> str:
+  """The template d of `agent` for a finished `agents.Episode` (ranks as in `hindsight_turns`; `omit_samples` as
+  in `recommender_reference`)."""
   turns, target_rank = hindsight_turns(episode, ranks)
   return reference_trajectory(agent, turns, target_title=episode.target_title, target_rank=target_rank,
-                              num_candidates=len(episode.candidates) if ranks is not None else None)
+                              num_candidates=len(episode.candidates) if ranks is not None else None,
+                              omit_samples=omit_samples)
 
 
 def restated_instructions(agent: str) -> str:

@@ -1,8 +1,9 @@
 """Per-segment rewards R_t of both agents (METHOD.md section 3): the CoARS interaction reward (Eq. 7 for the
-recommender, Eq. 8 for the user, coupled through hit_t and s_t) with its exclusion rule, the outcome-RL
-baseline's terminal hit reward and the judge-RL baseline's terminal 2p - 1; `segment_rewards` picks one of the
-first two by name (`REWARD_KINDS`) for the trainer's config (the judge's p comes from a model pass, so the trainer
-calls `judge_rewards` itself).
+recommender, Eq. 8 for the user, coupled through hit_t and s_t) with its exclusion rule, the terminal hit reward
+(the outcome-RL baseline's, or CoARS's ablation without the interaction reward) and the judge-RL baseline's
+terminal 2p - 1; `segment_rewards` picks one of the first two by name (`REWARD_KINDS`) for the trainer's config
+(the judge's p comes from a model pass, so the trainer calls `judge_rewards` itself). Wherever the user agent is
+rewarded, its own invalid (unparseable) message gets the fixed penalty `invalid_user_reward` (METHOD.md section 2).
 Pure jittable functions of per-segment arrays laid out as `agents.Trajectory` rows.
 """
 
@@ -19,6 +20,7 @@ RECOMMENDER_ID, USER_ID = 0, 1  # as `agents.Trajectory.agent`
 POSITIVE_ACTION_IDS = (ACTIONS.index('star'), ACTIONS.index('click'))
 REWARD_KINDS = ('interaction', 'outcome')
 OUTCOME_ASSIGNMENTS = ('final', 'episode')
+INVALID_USER_REWARD = -1.0  # R_user of an invalid user message (METHOD.md section 2)
 
 
 def stage_weight(turn: jax.Array, gamma: float = 0.9) -> jax.Array:
@@ -27,8 +29,9 @@ def stage_weight(turn: jax.Array, gamma: float = 0.9) -> jax.Array:
 
 
 def interaction_rewards(hit: jax.Array, acceptance_score: jax.Array, peer_similarity: jax.Array,
-                        action: jax.Array, turn: jax.Array, *, gamma: float = 0.9,
-                        alpha: float = 0.1) -> tuple[jax.Array, jax.Array, jax.Array]:
+                        action: jax.Array, turn: jax.Array, *, gamma: float = 0.9, alpha: float = 0.1,
+                        valid: jax.Array | None = None, agent: jax.Array | None = None,
+                        invalid_user_reward: float = INVALID_USER_REWARD) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The interaction rewards of every segment's turn (Eq. 7, Eq. 8) and which segments enter the loss.
 
     R_rec_t  = (2 hit_t - 1) (0.5 + 0.5 s_t) D_t,                      D_t = gamma^(t-1)
@@ -37,10 +40,12 @@ def interaction_rewards(hit: jax.Array, acceptance_score: jax.Array, peer_simila
   A turn with hit_t = 0 whose user still clicked or starred is excluded from both agents' losses (the item may
   really be liked; logged data are incomplete).
 
-  Invalid messages need no case of their own: the rollout already records an invalid recommender message as a
-  miss (hit_t = 0, q_t = 0) and an invalid user message as a skip at s_t = .375 (METHOD.md section 2), and such
-  segments keep their (negative) reward so that breaking the format is penalised. `Trajectory.valid` is
-  therefore not an input.
+  Invalid messages (METHOD.md section 2). The rollout records an invalid recommender message as a miss (hit_t = 0,
+  q_t = 0) and an invalid user message as a skip at s_t = .375; that s_t is the user's effect on the dialogue, so
+  R_rec_t keeps using it. The user agent's OWN reward for an invalid message is the fixed `invalid_user_reward`
+  instead of Eq. 8: read as a skip, a miss would pay R_user = (-1)(2 * .375 - 1) = +.25, so breaking the format
+  would pay. The penalty is set on the user's own segment only (agent = user and not valid), which stays
+  included whatever the exclusion rule says of its turn.
 
   Args:
     hit: bool[S], hit_t = 1 iff i_t = i*.
@@ -50,6 +55,9 @@ def interaction_rewards(hit: jax.Array, acceptance_score: jax.Array, peer_simila
     turn: int[S], t from 1.
     gamma: the decay of D_t.
     alpha: the peer-similarity strength alpha of Eq. 8.
+    valid: bool[S] or None, whether each segment's own message parsed (`Trajectory.valid`); None: all valid.
+    agent: int[S], 0 recommender, 1 user; required with `valid` (only user segments are penalised).
+    invalid_user_reward: R_user of an invalid user segment (-1 by default).
   Returns:
     (r_rec, r_user, included): float32[S] R_rec_t, float32[S] R_user_t (each segment carries both of its turn's
     rewards; `agent_reward` picks the one of the segment's own agent), and bool[S] False on excluded turns.
@@ -64,7 +72,22 @@ def interaction_rewards(hit: jax.Array, acceptance_score: jax.Array, peer_simila
   r_rec = sign * (0.5 + 0.5 * score) * stage_weight(turn, gamma)
   r_user = sign * centred * (1.0 - alpha * similarity * centred)
   included = ~(~hit & is_positive_action(action))
-  return r_rec, r_user, included
+  return penalise_invalid_user(r_rec, r_user, included, valid, agent, invalid_user_reward)
+
+
+def penalise_invalid_user(r_rec: jax.Array, r_user: jax.Array, included: jax.Array, valid: jax.Array | None,
+                          agent: jax.Array | None, penalty: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(r_rec, r_user, included) with R_user = `penalty` and included = True on the user's own invalid segments
+  (agent = user and not valid); every other value unchanged. `valid` None: nothing to penalise."""
+  if valid is None:
+    return r_rec, r_user, included
+  if agent is None:
+    raise ValueError('penalise_invalid_user: `valid` needs `agent`, so that only the user\'s own segments are '
+                     'penalised')
+  chex.assert_equal_shape([r_user, included, valid, agent])
+  invalid_user = (jnp.asarray(agent) == USER_ID) & ~jnp.asarray(valid).astype(bool)
+  r_user = jnp.where(invalid_user, jnp.asarray(penalty, jnp.float32), r_user).astype(jnp.float32)
+  return r_rec, r_user, included | invalid_user
 
 
 def is_positive_action(action: jax.Array) -> jax.Array:
@@ -74,8 +97,12 @@ def is_positive_action(action: jax.Array) -> jax.Array:
 
 
 def outcome_rewards(final_hit: jax.Array, agent: jax.Array, turn: jax.Array, last_turn: jax.Array, *,
-                    assign: str = 'final', signed: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The outcome-RL baseline: a terminal hit reward for the recommender only (METHOD.md section 8).
+                    assign: str = 'final', signed: bool = True, reward_user: bool = False,
+                    every_turn: bool = False, valid: jax.Array | None = None,
+                    invalid_user_reward: float = INVALID_USER_REWARD) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A terminal hit reward: by default the outcome-RL baseline's, for the recommender only (METHOD.md section 8);
+  with `reward_user` and `every_turn`, CoARS's ablation without the interaction reward, where the reward is the
+  only thing that changes.
 
   The reward is whether the episode's recommendation i_T is the target i*, as 2 hit_T - 1 in {-1, +1} by
   default (`signed`), or hit_T in {0, 1}. Signed is the default because the loss is REINFORCE without a
@@ -87,13 +114,21 @@ def outcome_rewards(final_hit: jax.Array, agent: jax.Array, turn: jax.Array, las
     agent: int[S], 0 recommender, 1 user.
     turn: int[S], t from 1.
     last_turn: int[S], T of each segment's episode (`Trajectory.num_turns[Trajectory.episode]`).
-    assign: 'final' puts the reward on the final turn's recommender segment only (the brief's terminal reward;
-      earlier recommender turns get no loss); 'episode' gives every recommender segment of the episode the
-      terminal reward, the undiscounted return of a reward paid at the end.
+    assign: 'final' puts the reward on the final turn's segment of each rewarded agent only (the brief's
+      terminal reward); 'episode' gives every segment of a rewarded agent the terminal reward, the undiscounted
+      return of a reward paid at the end.
     signed: 2 hit_T - 1 when True, hit_T when False.
+    reward_user: the user agent's segments get the terminal reward too (False: the baseline, where the user
+      agent is not trained and gets 0).
+    every_turn: every segment stays included, with R = 0 where `assign` gives no reward, so that a
+      self-distillation term lambda_SD A still acts on every turn (False: the baseline, where only the rewarded
+      segments carry loss; with lambda_SD = 0 an unrewarded segment's weight is 0 anyway).
+    valid, invalid_user_reward: with `reward_user`, the user's invalid segments get R_user = invalid_user_reward
+      and are included, as in `interaction_rewards`.
   Returns:
     (r_rec, r_user, included): float32[S] the reward on the rewarded recommender segments and 0 elsewhere,
-    float32[S] zeros (the user agent is not trained), and bool[S] True exactly on the rewarded segments.
+    float32[S] the same on the rewarded user segments (zeros unless `reward_user`), and bool[S] True on the
+    rewarded segments (on all of them with `every_turn`).
   """
   if assign not in OUTCOME_ASSIGNMENTS:
     raise ValueError(f'outcome_rewards: assign must be one of {OUTCOME_ASSIGNMENTS}, found {assign!r}')
@@ -101,11 +136,16 @@ def outcome_rewards(final_hit: jax.Array, agent: jax.Array, turn: jax.Array, las
   chex.assert_equal_shape([final_hit, agent, turn, last_turn])
   final_hit = jnp.asarray(final_hit).astype(jnp.float32)
   value = 2.0 * final_hit - 1.0 if signed else final_hit
-  rewarded = jnp.asarray(agent) == RECOMMENDER_ID
-  if assign == 'final':
-    rewarded = rewarded & (jnp.asarray(turn) == jnp.asarray(last_turn))
-  r_rec = jnp.where(rewarded, value, 0.0)
-  return r_rec, jnp.zeros_like(r_rec), rewarded
+  agent = jnp.asarray(agent)
+  at_assigned_turn = jnp.asarray(turn) == jnp.asarray(last_turn) if assign == 'final' else jnp.ones(agent.shape, bool)
+  rec_rewarded = (agent == RECOMMENDER_ID) & at_assigned_turn
+  user_rewarded = (agent == USER_ID) & at_assigned_turn if reward_user else jnp.zeros(agent.shape, bool)
+  r_rec = jnp.where(rec_rewarded, value, 0.0)
+  r_user = jnp.where(user_rewarded, value, 0.0)
+  included = jnp.ones(agent.shape, bool) if every_turn else rec_rewarded | user_rewarded
+  if not reward_user:
+    return r_rec, r_user, included
+  return penalise_invalid_user(r_rec, r_user, included, valid, agent, invalid_user_reward)
 
 
 def judge_rewards(judge_probability: jax.Array, agent: jax.Array, turn: jax.Array, last_turn: jax.Array, *,
@@ -140,19 +180,26 @@ def agent_reward(r_rec: jax.Array, r_user: jax.Array, agent: jax.Array) -> jax.A
 
 def segment_rewards(kind: str, *, hit: jax.Array, acceptance_score: jax.Array, peer_similarity: jax.Array,
                     action: jax.Array, turn: jax.Array, agent: jax.Array, final_hit: jax.Array,
-                    last_turn: jax.Array, gamma: float = 0.9, alpha: float = 0.1,
-                    outcome_assign: str = 'final', outcome_signed: bool = True) -> tuple[jax.Array, jax.Array]:
+                    last_turn: jax.Array, valid: jax.Array | None = None, gamma: float = 0.9, alpha: float = 0.1,
+                    invalid_user_reward: float = INVALID_USER_REWARD, outcome_assign: str = 'final',
+                    outcome_signed: bool = True, outcome_reward_user: bool = False,
+                    outcome_every_turn: bool = False) -> tuple[jax.Array, jax.Array]:
   """(R[S], included[S]) for the reward named by config (`REWARD_KINDS`): each segment's own agent's reward.
 
   'interaction' is Eq. 7-8 with the exclusion rule (`interaction_rewards`); 'outcome' the terminal hit reward
-  of the baseline (`outcome_rewards`; its arguments `outcome_assign` and `outcome_signed`).
+  (`outcome_rewards`; its arguments `outcome_assign`, `outcome_signed`, `outcome_reward_user` and
+  `outcome_every_turn`). `valid` (`Trajectory.valid`; None: all valid) and `invalid_user_reward` set the user's
+  reward on its own invalid segments wherever the user agent is rewarded.
   """
   if kind == 'interaction':
     r_rec, r_user, included = interaction_rewards(hit, acceptance_score, peer_similarity, action, turn,
-                                                  gamma=gamma, alpha=alpha)
+                                                  gamma=gamma, alpha=alpha, valid=valid, agent=agent,
+                                                  invalid_user_reward=invalid_user_reward)
   elif kind == 'outcome':
     r_rec, r_user, included = outcome_rewards(final_hit, agent, turn, last_turn, assign=outcome_assign,
-                                              signed=outcome_signed)
+                                              signed=outcome_signed, reward_user=outcome_reward_user,
+                                              every_turn=outcome_every_turn, valid=valid,
+                                              invalid_user_reward=invalid_user_reward)
   else:
     raise ValueError(f'segment_rewards: kind must be one of {REWARD_KINDS}, found {kind!r}')
   return agent_reward(r_rec, r_user, agent), included

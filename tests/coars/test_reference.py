@@ -60,6 +60,32 @@ def test_invalid_turn_and_float32_scores():
     ref.reference_trajectory('judge', [invalid], target_title='Muse')
 
 
+def test_reference_can_omit_each_turns_sampled_item_and_reaction():
+  invalid = ref.TurnHindsight(turn=3, item_title=None, sasrec_rank=None, hit=False, action='skip',
+                              acceptance_score=0.375)
+  text = ref.recommender_reference([MISS, HIT, invalid], **TARGET, omit_samples=True)
+  assert text == '\n'.join([
+      ref.REFERENCE_HEADER,
+      'The user\'s true next item was "Muse" (SASRec rank 2 of 20).',
+      'Turn 1: That was wrong: the user\'s true next item was "Muse"; you should have recommended "Muse".',
+      'Turn 2: That was right: it is the user\'s true next item.',
+      'Turn 3: That was wrong: name exactly one candidate title; the true next item was "Muse", so you should have '
+      'recommended "Muse".',
+      'The right recommendation at every turn was "Muse".',
+  ])
+  user = ref.reference_trajectory('user', [MISS, HIT], **TARGET, omit_samples=True)
+  assert user.splitlines()[2:] == [
+      'Turn 1: That was right: it is not your true next item ("Muse"), so the right reaction was a low score (skip or '
+      'dislike, below 0.5); the lower, the better.',
+      'Turn 2: That was right: it is your true next item, so the right reaction was click with a high score (at '
+      'least 0.75).']
+  for agent in ('recommender', 'user'):
+    omitted = ref.reference_trajectory(agent, [MISS, HIT], **TARGET, omit_samples=True)
+    # No sampled title (Radiohead), its SASRec rank, action or score; the default d (unchanged) has them all.
+    for sampled in ('Radiohead', 'rank 4', 'reacted', '0.3', '0.9'):
+      assert sampled not in omitted and sampled in ref.reference_trajectory(agent, [MISS, HIT], **TARGET)
+
+
 def test_turn_hindsight_validates():
   with pytest.raises(ValueError, match='acceptance_score must lie in'):
     ref.TurnHindsight(turn=1, item_title='A', sasrec_rank=1, hit=False, action='skip', acceptance_score=1.5)
