@@ -23,9 +23,13 @@ from coars_jax.eval.user_f1 import UserF1Config, UserF1Result, evaluate_user_f1
 
 # The keys every row has, in the order the JSON shows them; extras follow.
 ROW_KEYS = ('dataset', 'method', 'model', 'hit@1', 'valid_ratio', 'avg_turns', 'user_f1', 'seed')
-# (row key, column header) of the markdown summary.
+# (row key, column header) of the markdown summary. User precision and AUC sit beside the F1 because F1 alone cannot
+# show discrimination on the 1:1 sets (accepting everything scores 2/3).
 TABLE_METRICS = (('hit@1', 'Hit@1'), ('valid_ratio', 'ValidRatio'), ('avg_turns', 'avg turns'),
-                 ('click_rate', 'click rate'), ('user_f1', 'user F1 (micro)'), ('user_f1_macro', 'user F1 (macro)'))
+                 ('click_rate', 'click rate'), ('user_f1', 'user F1 (micro)'), ('user_f1_macro', 'user F1 (macro)'),
+                 ('user_precision', 'user P'), ('user_auc', 'user AUC'))
+# The prefix of the user-agent keys of the F1 pass without the peer opinion p_t (`user_f1_both_peer_settings`).
+NO_PEER_PREFIX = 'no_peer_'
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +45,11 @@ class AgenticEvalConfig:
     reflexion: None plays each window on its own (zero-shot or trained agents); a `ReflexionConfig` plays the
       Reflexion memory baseline, whose prior episodes are not counted in the metrics.
     user_f1: how the user-agent F1 is asked for; it runs only when a user-simulation set is given.
+    user_f1_both_peer_settings: run the F1 twice on the same set and seed: with the peer opinion p_t from the
+      peer (the input layout the user agent is trained on; its keys are the row's main `user_*` keys, the
+      headline) and without it (its `user_*` keys prefixed `no_peer_`), overriding `user_f1.show_peer_opinion`.
+      False runs one pass as `user_f1.show_peer_opinion` says. The row's `user_f1_peer_opinion` records which
+      setting the main keys used.
     progress: tqdm bars.
   """
 
@@ -50,6 +59,7 @@ class AgenticEvalConfig:
   rollout: RolloutConfig = RolloutConfig()
   reflexion: ReflexionConfig | None = None
   user_f1: UserF1Config = UserF1Config()
+  user_f1_both_peer_settings: bool = False
   progress: bool = True
 
   def __post_init__(self):
@@ -70,8 +80,9 @@ class AgenticEvalConfig:
     if self.reflexion is not None and not isinstance(self.reflexion, ReflexionConfig):
       raise TypeError(f'AgenticEvalConfig.reflexion must be a ReflexionConfig or None, found '
                       f'{type(self.reflexion).__name__}')
-    if not isinstance(self.progress, bool):
-      raise ValueError(f'AgenticEvalConfig.progress must be a bool, found {self.progress!r}')
+    for name in ('user_f1_both_peer_settings', 'progress'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'AgenticEvalConfig.{name} must be a bool, found {getattr(self, name)!r}')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -81,14 +92,17 @@ class AgenticEvalResult:
   Attributes:
     row: the JSON-ready row (`ROW_KEYS` first, then extras).
     episodes: the counted episodes, in window order.
-    user_f1: the F1 result with every judgement, or None when no user-simulation set was given.
+    user_f1: the F1 result with every judgement (the row's main `user_*` keys), or None when no
+      user-simulation set was given.
     reflexion: the Reflexion run with its chains and prior episodes, or None for plain episodes.
+    user_f1_no_peer: the F1 pass without p_t when `user_f1_both_peer_settings` is on, else None.
   """
 
   row: dict
   episodes: tuple[Episode, ...]
   user_f1: UserF1Result | None
   reflexion: ReflexionRun | None
+  user_f1_no_peer: UserF1Result | None = None
 
 
 def play_windows(dataset: Dataset, backend: AgentBackend, *, peer, split: str, window_indices: Sequence[int],
@@ -139,9 +153,16 @@ def evaluate_agentic(dataset: Dataset, backend: AgentBackend, *, peer, method: s
                                        progress=config.progress)
     episodes = list(reflexion.episodes)
   episode_seconds = time.perf_counter() - start
-  f1 = None
+  f1 = no_peer_f1 = None
+  f1_config = config.user_f1
+  if config.user_f1_both_peer_settings:
+    f1_config = dataclasses.replace(config.user_f1, show_peer_opinion=True)
   if user_sim is not None:
-    f1 = evaluate_user_f1(dataset, user_sim, backend, config=config.user_f1, peer=peer, seed=seed)
+    f1 = evaluate_user_f1(dataset, user_sim, backend, config=f1_config, peer=peer, seed=seed)
+    if config.user_f1_both_peer_settings:
+      # Same set and seed as the main pass, so the two F1s differ only by p_t.
+      no_peer_f1 = evaluate_user_f1(dataset, user_sim, backend, peer=peer, seed=seed,
+                                    config=dataclasses.replace(config.user_f1, show_peer_opinion=False))
 
   metrics = episode_metrics(episodes)
   row = {
@@ -153,11 +174,18 @@ def evaluate_agentic(dataset: Dataset, backend: AgentBackend, *, peer, method: s
       'candidate_seed': config.rollout.candidate_seed, 'show_hint': config.rollout.show_hint,
       'prior_episodes': 0 if reflexion is None else reflexion.num_prior_episodes,
       'episode_seconds': episode_seconds,
+      # Per window, in `window_indices` order: what paired comparisons between rows resample (`paired_bootstrap`).
+      'window_indices': [int(i) for i in indices], 'window_hits': [int(e.final_hit) for e in episodes],
   }
   if f1 is not None:
+    row['user_f1_peer_opinion'] = f1_config.show_peer_opinion
     row.update(f1.as_dict())
+  if no_peer_f1 is not None:
+    # Only the user agent's keys: the set's references (accept-all, SASRec) are the same in both passes.
+    row.update({NO_PEER_PREFIX + key: value for key, value in no_peer_f1.as_dict().items() if key.startswith('user_')})
   row['wall_seconds'] = time.perf_counter() - start
-  return AgenticEvalResult(row=row, episodes=tuple(episodes), user_f1=f1, reflexion=reflexion)
+  return AgenticEvalResult(row=row, episodes=tuple(episodes), user_f1=f1, reflexion=reflexion,
+                           user_f1_no_peer=no_peer_f1)
 
 
 def _cell(values: Sequence[float | None]) -> str:
@@ -187,5 +215,7 @@ def format_markdown(rows: Sequence[dict]) -> str:
     cells = ' | '.join(_cell([r.get(key)]) for key, _ in TABLE_METRICS)
     lines.append(f'| {r["dataset"]} | {r["method"]} | {r["model"]} | {r["seed"]} | {cells} |')
   lines += ['', 'Values: mean ± standard deviation over sampling seeds; Hit@1 counts the final item i_T; '
-                'user F1 treats click and star as positive.']
+                'user F1 treats click and star as positive; user P is its micro precision and user AUC ranks the '
+                'judgements by the acceptance score s (accepting everything gets F1 2/3 and P 1/2; a constant s gets '
+                'AUC 1/2).']
   return '\n'.join(lines)

@@ -49,6 +49,7 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
       'model_label': '',  # the row's model name; '' derives it from `model`
       'sasrec_workdir': f'runs/sasrec_{dataset}',  # SASRec checkpoints (trained there if absent)
       'sasrec_seed': 0,  # which SASRec training seed is the peer
+      'sasrec_max_epochs': 0,  # the epoch cap it was (or is) trained with; reuse needs the same (0 = the default's)
       'split': 'test',  # val | test
       'num_windows': 0,  # the first this many windows of the split; 0 plays them all
       'batch_size': 32,  # episodes per batched generation
@@ -95,7 +96,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   configlib.require(isinstance(config.method, str) and config.method.strip() != '', 'method', 'a non-empty name',
                     config.method)
   configlib.require(config.split in ('val', 'test'), 'split', "'val' or 'test'", config.split)
-  for field, least in (('num_windows', 0), ('batch_size', 1), ('sasrec_seed', 0), ('recommender_max_new_tokens', 1),
+  for field, least in (('num_windows', 0), ('batch_size', 1), ('sasrec_seed', 0), ('sasrec_max_epochs', 0),
+                       ('recommender_max_new_tokens', 1),
                        ('user_max_new_tokens', 1), ('rollout.max_turns', 1), ('rollout.candidate_seed', 0),
                        ('reflexion.num_prior_episodes', 0), ('reflexion.max_reflections', 0),
                        ('user_f1.num_users', 0), ('user_f1.batch_size', 1), ('sampling.top_k', 0)):
@@ -183,10 +185,11 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """Plays the configured evaluation once per seed; returns the rows (also written where the config says)."""
   validate(config)
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
-  sasrec_config = sasrec_experiment.default_config(config.dataset)
-  sasrec_config.update({'data_root': config.data_root, 'allow_download': config.allow_download,
-                        'workdir': config.sasrec_workdir, 'progress': config.progress})
-  sasrec, _ = sasrec_experiment.train_or_load(sasrec_config, dataset, config.sasrec_seed)
+  # Val and test windows: the SASRec trained on every training window (no cross-fitting needed).
+  sasrec, _ = sasrec_experiment.train_or_load(
+      sasrec_experiment.peer_config(config.dataset, workdir=config.sasrec_workdir, data_root=config.data_root,
+                                    allow_download=config.allow_download, progress=config.progress,
+                                    max_epochs=config.sasrec_max_epochs), dataset, config.sasrec_seed)
   start = time.perf_counter()
   model, tokenizer, adapters = load_agents(config)
   load_seconds = time.perf_counter() - start
@@ -217,9 +220,18 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
 
 def summary_line(row: dict) -> str:
-  """One line per row for logs."""
-  f1 = row.get('user_f1')
-  return (f"{row['dataset']} {row['method']} {row['model']} seed {row['seed']}: Hit@1 {row['hit@1']:.4f}, "
-          f"ValidRatio {row['valid_ratio']:.4f}, avg turns {row['avg_turns']:.2f}, user F1 "
-          f"{'—' if f1 is None else f'{f1:.4f}'} ({row['num_windows']} windows, {row['wall_seconds']:.0f} s)")
+  """One line per row for logs: Hit@1 (with its paired difference from a reference row when the row has one),
+  ValidRatio, turns, and the user agent's F1 beside its precision, recall and score AUC."""
+  line = (f"{row['dataset']} {row['method']} {row['model']} seed {row['seed']}: Hit@1 {row['hit@1']:.4f}")
+  for key, value in row.items():
+    if key.startswith('hit@1_vs_') and isinstance(value, dict):
+      line += f" ({value['diff']:+.3f} vs {key[len('hit@1_vs_'):]}, 95% CI [{value['low']:+.3f}, {value['high']:+.3f}])"
+  line += f", ValidRatio {row['valid_ratio']:.4f}, avg turns {row['avg_turns']:.2f}"
+  if row.get('user_f1') is None:
+    line += ', user F1 —'
+  else:
+    auc = row.get('user_auc')
+    line += (f", user F1 {row['user_f1']:.3f} (P {row['user_precision']:.3f}, R {row['user_recall']:.3f}, AUC "
+             f"{'—' if auc is None else f'{auc:.3f}'})")
+  return line + f" ({row['num_windows']} windows, {row['wall_seconds']:.0f} s)"
 

@@ -1,4 +1,5 @@
-"""Ranking metrics over candidate lists: pure functions of score arrays.
+"""Ranking metrics over candidate lists (pure functions of score arrays), and the paired bootstrap interval of a
+Hit@1 difference between two rows over the same windows.
 
 Ties are broken by candidate position. Candidate lists are shuffled, so this is a random tie-break that is
 still deterministic, and a method that gives every candidate the same score gets Hit@1 = 1/20 on average,
@@ -10,6 +11,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.jit
@@ -45,3 +47,29 @@ def ranking_metrics(scores: jax.Array, target_index: jax.Array) -> dict[str, flo
   rank = target_rank(scores, target_index)
   return {'hit@1': float(jnp.mean(hit_at_k(rank, 1))), 'hit@5': float(jnp.mean(hit_at_k(rank, 5))),
           'ndcg@5': float(jnp.mean(ndcg_at_k(rank, 5)))}
+
+
+def paired_bootstrap(hits: np.ndarray, reference_hits: np.ndarray, *, resamples: int = 10_000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+  """The Hit@1 difference of a row from a reference row over the same windows, with its paired bootstrap interval.
+
+  Windows are resampled with replacement (the same draw for both rows, so the pairing is kept) `resamples` times;
+  the interval is the percentile interval of the resampled mean differences.
+
+  Args:
+    hits: bool or {0, 1} [N], this row's hit per window.
+    reference_hits: [N], the reference's hit on the same windows, in the same order.
+  Returns:
+    {'diff': mean(hits - reference_hits), 'low': lower bound, 'high': upper bound, 'windows': N}.
+  """
+  hits, reference_hits = np.asarray(hits, np.float64), np.asarray(reference_hits, np.float64)
+  if hits.shape != reference_hits.shape or hits.ndim != 1 or not len(hits):
+    raise ValueError(f'paired_bootstrap needs two equal-length non-empty hit vectors over the same windows, found '
+                     f'shapes {hits.shape} and {reference_hits.shape}')
+  difference = hits - reference_hits
+  rng = np.random.default_rng(seed)
+  draws = rng.integers(0, len(difference), size=(resamples, len(difference)))
+  means = difference[draws].mean(axis=1)
+  tail = (1.0 - level) / 2.0
+  low, high = np.quantile(means, [tail, 1.0 - tail])
+  return {'diff': float(difference.mean()), 'low': float(low), 'high': float(high), 'windows': int(len(hits))}

@@ -4,6 +4,11 @@ empty memory; click or star is a positive prediction, and precision, recall and 
 micro-averaged over all judgements with the macro average over users beside them. The metric itself is a pure
 function of per-user label and prediction lists (`f1_scores`); `evaluate_user_f1` builds the prompts, batches them
 through the backend's user agent and parses the answers (an invalid answer reads as a skip, so a negative).
+
+F1 alone cannot show discrimination on a 1:1 set: a user that accepts everything gets P = 1/2, R = 1, F1 = 2/3. So
+the result also reports the AUC of the user agent's acceptance score s over all judgements (`roc_auc`), its accept
+rate, the accept-all F1 of the set, and, when the peer can score items, SASRec's own AUC on the same items and the
+F1 of a user that accepts SASRec's top k of each case's 2k items (`top_k_predictions`).
 """
 
 from __future__ import annotations
@@ -75,6 +80,54 @@ def _f1(precision: float, recall: float) -> float:
   return _ratio(2 * precision * recall, precision + recall)
 
 
+def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float:
+  """The area under the ROC curve of `scores` against binary `labels` (the Mann-Whitney U over n+ n- pairs):
+
+    AUC = 1 / (n+ n-) * sum_{i: label} sum_{j: not label} ([s_i > s_j] + [s_i = s_j] / 2),
+
+  so a tie counts 1/2: 0.5 is chance (and what any constant score gets), 1 ranks every positive above every
+  negative. Computed from mid-ranks (tied scores share their average rank) in O(n log n) rather than over pairs.
+
+  Raises:
+    ValueError: shapes differ, a label is not boolean, a score is not finite, or only one class is present (the
+      AUC is then undefined).
+  """
+  labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+  if labels.ndim != 1 or labels.shape != scores.shape:
+    raise ValueError(f'roc_auc needs two equal-length 1-d sequences, found labels {labels.shape} and scores '
+                     f'{scores.shape}')
+  if not np.isin(labels, (0, 1)).all():
+    raise ValueError('roc_auc labels must be booleans (or 0/1)')
+  if not np.isfinite(scores).all():
+    raise ValueError('roc_auc scores must be finite numbers')
+  labels = labels.astype(bool)
+  positives = int(labels.sum())
+  negatives = len(labels) - positives
+  if not positives or not negatives:
+    raise ValueError(f'roc_auc needs both classes but found {positives} positives and {negatives} negatives; the '
+                     f'AUC is undefined with one class')
+  order = np.argsort(scores, kind='stable')
+  ordered = scores[order]
+  starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+  counts = np.diff(np.r_[starts, len(ordered)])
+  ranks = np.empty(len(ordered), np.float64)
+  ranks[order] = np.repeat(starts + (counts + 1) / 2, counts)  # 1-based mid-ranks: a tie's pairs count 1/2
+  u = ranks[labels].sum() - positives * (positives + 1) / 2
+  return float(u / (positives * negatives))
+
+
+def top_k_predictions(scores: Sequence[float], k: int) -> list[bool]:
+  """Accepts the k highest-scored items of one case. Ties go to the earlier item in the case's order, which
+  carries no label (`data.user_sim` shuffles each case's items)."""
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim != 1 or isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= len(scores):
+    raise ValueError(f'top_k_predictions needs a 1-d score list and 0 <= k <= its length, found k={k!r} for shape '
+                     f'{scores.shape}')
+  accepted = np.zeros(len(scores), bool)
+  accepted[np.argsort(-scores, kind='stable')[:k]] = True
+  return accepted.tolist()
+
+
 def f1_scores(labels: Sequence[Sequence[bool]], predictions: Sequence[Sequence[bool]]) -> dict[str, float]:
   """Precision, recall and F1 of positive predictions against labels, micro and macro.
 
@@ -124,6 +177,8 @@ class Judgement:
     item: the item id judged; `label` whether it is a true future item.
     generation: the user agent's message with its prompt.
     parse: the parsed answer (invalid reads as a skip at s = .375).
+    peer_score: SASRec's score of the item given the case's history (the peer's `candidate_scores`); None when no
+      peer that can score items was given.
   """
 
   case: int
@@ -132,6 +187,7 @@ class Judgement:
   label: bool
   generation: Generation
   parse: UserParse
+  peer_score: float | None = None
 
   @property
   def positive(self) -> bool:
@@ -159,22 +215,79 @@ class UserF1Result:
   def num_invalid(self) -> int:
     return sum(not j.parse.valid for j in self.judgements)
 
+  def _labels(self) -> list[list[bool]]:
+    labels = [[] for _ in range(self.num_users)]
+    for judgement in self.judgements:
+      labels[judgement.case].append(judgement.label)
+    return labels
+
+  def _auc(self, scores: Sequence[float]) -> float | None:
+    # None rather than an error for a set with one class (no real set: each case holds k >= 1 of each), so a
+    # hand-cut set still reports its F1.
+    labels = [j.label for j in self.judgements]
+    return roc_auc(labels, scores) if 0 < sum(labels) < len(labels) else None
+
+  @property
+  def user_auc(self) -> float | None:
+    """The AUC of the user agent's acceptance score s (invalid answers at .375) against the labels."""
+    return self._auc([j.parse.score for j in self.judgements])
+
+  @property
+  def accept_rate(self) -> float:
+    """The share of judgements the user agent accepted (click or star)."""
+    return float(np.mean([j.positive for j in self.judgements]))
+
+  @property
+  def accept_all_scores(self) -> dict[str, float]:
+    """`f1_scores` of a user that accepts every item: the floor F1 must beat (2/3 on a 1:1 set)."""
+    labels = self._labels()
+    return f1_scores(labels, [[True] * len(case) for case in labels])
+
+  @property
+  def has_peer_scores(self) -> bool:
+    return all(j.peer_score is not None for j in self.judgements)
+
+  @property
+  def sasrec_auc(self) -> float | None:
+    """The AUC of SASRec's score on the same judgements; None without peer scores."""
+    return self._auc([j.peer_score for j in self.judgements]) if self.has_peer_scores else None
+
+  @property
+  def sasrec_top_half_scores(self) -> dict[str, float] | None:
+    """`f1_scores` of a user that, per case, accepts the top k of the case's items by SASRec score, k being the
+    number of true future items. The protocol fixes k (it draws k negatives for the k positives, so k is half the
+    case), not the labels: the rule is set before looking at which items are true and nothing is fit to them.
+    None without peer scores."""
+    if not self.has_peer_scores:
+      return None
+    labels, scores = self._labels(), [[] for _ in range(self.num_users)]
+    for judgement in self.judgements:
+      scores[judgement.case].append(judgement.peer_score)
+    return f1_scores(labels, [top_k_predictions(s, sum(l)) for l, s in zip(labels, scores)])
+
   def as_dict(self) -> dict:
-    """The numbers for a report row (prefixed `user_` so they sit beside episode metrics)."""
+    """The numbers for a report row (the user agent's prefixed `user_` so they sit beside episode metrics; the
+    set's references `accept_all_*` and `sasrec_*`, the latter None without peer scores)."""
+    accept_all, top_half = self.accept_all_scores, self.sasrec_top_half_scores
     return {
         'user_f1': self.scores['micro_f1'], 'user_precision': self.scores['micro_precision'],
         'user_recall': self.scores['micro_recall'], 'user_f1_macro': self.scores['macro_f1'],
         'user_precision_macro': self.scores['macro_precision'], 'user_recall_macro': self.scores['macro_recall'],
+        'user_auc': self.user_auc, 'user_accept_rate': self.accept_rate,
         'user_f1_judgements': len(self.judgements), 'user_f1_invalid': self.num_invalid,
         'user_f1_users': self.num_users, 'user_f1_users_left_out': self.users_left_out,
         'user_f1_seconds': self.wall_seconds,
+        'accept_all_f1': accept_all['micro_f1'], 'accept_all_precision': accept_all['micro_precision'],
+        'sasrec_auc': self.sasrec_auc,
+        'sasrec_top_half_f1': None if top_half is None else top_half['micro_f1'],
+        'sasrec_top_half_precision': None if top_half is None else top_half['micro_precision'],
+        'sasrec_top_half_recall': None if top_half is None else top_half['micro_recall'],
     }
 
 
-def _peer_items(dataset: Dataset, sim_set: UserSimSet, peer) -> list[int]:
-  """SASRec's top item among each case's items, one peer call per distinct case size (the peer takes a
-  rectangular [B, C] candidate array, and cases hold 2k items with k varying by user)."""
-  tops = [0] * len(sim_set.cases)
+def _case_batches(dataset: Dataset, sim_set: UserSimSet):
+  """(case indices, history, lengths, items) per distinct case size: a peer takes a rectangular [B, C] candidate
+  array, and cases hold 2k items with k varying by user, so one peer call per size."""
   by_size: dict[int, list[int]] = {}
   for index, case in enumerate(sim_set.cases):
     by_size.setdefault(len(case.items), []).append(index)
@@ -185,7 +298,30 @@ def _peer_items(dataset: Dataset, sim_set: UserSimSet, peer) -> list[int]:
       items = sim_set.cases[index].history[-MAX_HISTORY:]
       history[row, :len(items)] = items
       lengths[row] = len(items)
-    candidates = np.asarray([sim_set.cases[i].items for i in rows], np.int32)
+    yield rows, history, lengths, np.asarray([sim_set.cases[i].items for i in rows], np.int32)
+
+
+def peer_scores(dataset: Dataset, sim_set: UserSimSet, peer) -> list[list[float]]:
+  """SASRec's score of each item of each case given the case's history, via `peer.candidate_scores` (a
+  `recsys.SASRec` wrapped in `episodes.SASRecPeer`, or any object with that method), one call per case size."""
+  if not hasattr(peer, 'top_candidates'):
+    peer = SASRecPeer(peer)  # a bare SASRec model, as evaluate_user_f1 accepts it
+  if not hasattr(peer, 'candidate_scores'):
+    raise TypeError(f'peer_scores needs a recsys.SASRec or a peer with candidate_scores; found {type(peer).__name__}')
+  out: list[list[float]] = [[] for _ in sim_set.cases]
+  for rows, history, lengths, candidates in _case_batches(dataset, sim_set):
+    scores = np.asarray(peer.candidate_scores(history, lengths, candidates), np.float64)
+    if scores.shape != candidates.shape:
+      raise ValueError(f'the peer scored {scores.shape} items for {candidates.shape} candidates')
+    for row, index in enumerate(rows):
+      out[index] = [float(s) for s in scores[row]]
+  return out
+
+
+def _peer_items(dataset: Dataset, sim_set: UserSimSet, peer) -> list[int]:
+  """SASRec's top item among each case's items, one peer call per distinct case size."""
+  tops = [0] * len(sim_set.cases)
+  for rows, history, lengths, candidates in _case_batches(dataset, sim_set):
     picks = np.asarray(peer.top_candidates(history, lengths, candidates)).reshape(-1)
     for row, index in enumerate(rows):
       if int(picks[row]) not in sim_set.cases[index].items:
@@ -233,7 +369,9 @@ def evaluate_user_f1(dataset: Dataset, sim_set: UserSimSet, backend: AgentBacken
     backend: any `AgentBackend`; only its user agent is called. Calls are logged as turn 1, with the judgement
       index (over the whole set) as the episode id.
     config: prompt and batching settings.
-    peer: a `Peer` (e.g. `episodes.SASRecPeer`), needed only when `config.show_peer_opinion` is on.
+    peer: a `recsys.SASRec` or a `Peer` (e.g. `episodes.SASRecPeer`), needed when `config.show_peer_opinion` is
+      on. When it has `candidate_scores` (SASRec and `SASRecPeer` do), each judgement also records SASRec's score
+      of its item, from which the result reports SASRec's AUC and top-half F1 on the same set.
     seed: sampling seed; call c uses `episodes.turn_seed(seed, c + 1, 'user')`.
   """
   if not isinstance(config, UserF1Config):
@@ -254,11 +392,13 @@ def evaluate_user_f1(dataset: Dataset, sim_set: UserSimSet, backend: AgentBacken
     if len(out) != len(chunk):
       raise ValueError(f'the backend returned {len(out)} user messages for {len(chunk)} prompts')
     generations += out
+  scores = peer_scores(dataset, sim_set, peer) if hasattr(peer, 'candidate_scores') else None
   judgements = []
   for (index, position, _), generation in zip(prompts, generations):
     case = sim_set.cases[index]
     judgements.append(Judgement(case=index, user=case.user, item=case.items[position], label=case.labels[position],
-                                generation=generation, parse=parse_user_output(generation.text, config.parse)))
+                                generation=generation, parse=parse_user_output(generation.text, config.parse),
+                                peer_score=None if scores is None else scores[index][position]))
   labels = [list(case.labels) for case in sim_set.cases]
   predictions = [[] for _ in sim_set.cases]
   for judgement in judgements:

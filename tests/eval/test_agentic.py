@@ -9,6 +9,7 @@ from coars_jax.agents.reflexion import ReflexionConfig, batch_seed
 from coars_jax.data import synthetic, user_sim_set
 from coars_jax.eval import agentic
 from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic, format_markdown
+from coars_jax.eval.user_f1 import UserF1Config, roc_auc
 from tests.eval.test_user_f1 import scripted_tokenizer, shown_history
 
 DATASET = synthetic.synthetic_dataset()
@@ -102,17 +103,21 @@ def test_reflexion_rows_count_only_the_evaluation_windows():
 
 def test_markdown_summarises_over_seeds_and_marks_missing_metrics():
   base = {'dataset': 'synthetic', 'model': 'tiny', 'valid_ratio': 1.0, 'avg_turns': 2.0, 'click_rate': 0.5}
-  rows = [{**base, 'method': 'coars', 'seed': 0, 'hit@1': 0.2, 'user_f1': 0.5, 'user_f1_macro': 0.4},
-          {**base, 'method': 'coars', 'seed': 1, 'hit@1': 0.4, 'user_f1': 0.7, 'user_f1_macro': 0.6},
+  rows = [{**base, 'method': 'coars', 'seed': 0, 'hit@1': 0.2, 'user_f1': 0.5, 'user_f1_macro': 0.4,
+           'user_precision': 0.5, 'user_auc': 0.6},
+          {**base, 'method': 'coars', 'seed': 1, 'hit@1': 0.4, 'user_f1': 0.7, 'user_f1_macro': 0.6,
+           'user_precision': 0.7, 'user_auc': 0.8},
           {**base, 'method': 'zero-shot', 'seed': 0, 'hit@1': 0.1, 'user_f1': None}]
   table = format_markdown(rows)
   lines = table.splitlines()
   assert lines[0] == ('| dataset | method | model | Hit@1 | ValidRatio | avg turns | click rate | user F1 (micro) | '
-                      'user F1 (macro) | seeds |')
+                      'user F1 (macro) | user P | user AUC | seeds |')
   assert lines[2] == ('| synthetic | coars | tiny | 0.3000 ± 0.1000 | 1.0000 ± 0.0000 | 2.0000 ± 0.0000 | '
-                      '0.5000 ± 0.0000 | 0.6000 ± 0.1000 | 0.5000 ± 0.1000 | [0, 1] |')
-  assert lines[3] == '| synthetic | zero-shot | tiny | 0.1000 | 1.0000 | 2.0000 | 0.5000 | — | — | [0] |'
-  assert '| synthetic | coars | tiny | 1 | 0.4000 | 1.0000 | 2.0000 | 0.5000 | 0.7000 | 0.6000 |' in lines
+                      '0.5000 ± 0.0000 | 0.6000 ± 0.1000 | 0.5000 ± 0.1000 | 0.6000 ± 0.1000 | 0.7000 ± 0.1000 | '
+                      '[0, 1] |')
+  assert lines[3] == '| synthetic | zero-shot | tiny | 0.1000 | 1.0000 | 2.0000 | 0.5000 | — | — | — | — | [0] |'
+  assert ('| synthetic | coars | tiny | 1 | 0.4000 | 1.0000 | 2.0000 | 0.5000 | 0.7000 | 0.6000 | '
+          '0.7000 | 0.8000 |') in lines
   with pytest.raises(ValueError, match='at least one row'):
     format_markdown([])
 
@@ -124,8 +129,71 @@ def test_config_and_names_are_validated():
     AgenticEvalConfig(batch_size=0)
   with pytest.raises(ValueError, match='AgenticEvalConfig.window_indices must be None or a non-empty'):
     AgenticEvalConfig(window_indices=())
+  with pytest.raises(ValueError, match='AgenticEvalConfig.user_f1_both_peer_settings must be a bool'):
+    AgenticEvalConfig(user_f1_both_peer_settings=1)
   with pytest.raises(TypeError, match='AgenticEvalConfig.reflexion must be a ReflexionConfig'):
     AgenticEvalConfig(reflexion={'num_prior_episodes': 2})
   assert AgenticEvalConfig(window_indices=[np.int64(3)]).window_indices == (3,)
   with pytest.raises(ValueError, match='method must be a non-empty str'):
     evaluate_agentic(DATASET, scripted_agents(), peer=ColumnPeer(), method=' ', model='m')
+
+
+class ScoringPeer(ColumnPeer):
+  """ColumnPeer that can also score items: SASRec's score of item i is -i whatever the history."""
+
+  def candidate_scores(self, history, lengths, candidates):
+    return -np.asarray(candidates, np.float32)
+
+
+def peer_minded_agents():
+  """Recommender: the first candidate. User: click exactly when its prompt carries the peer opinion p_t."""
+  def respond(agent, episode, turn, messages):
+    content = messages[-1]['content']
+    if agent == 'user':
+      return ('Reason: peers\nAction: click\nScore: 0.9' if 'Peer opinion: People with a history like yours chose'
+              in content else 'Reason: alone\nAction: skip\nScore: 0.3')
+    first = content.split('Candidate items:\n')[1].splitlines()[0].split('. ', 1)[1]
+    return f'Reason: fits\nItem: {first}'
+  return ScriptedBackend(scripted_tokenizer(), respond)
+
+
+def test_both_peer_settings_report_with_p_t_as_the_main_f1_and_without_it_prefixed():
+  sim = user_sim_set(DATASET)
+  scripted = peer_minded_agents()
+  # The user-f1 config says off; the two-pass mode still makes the main pass the one with p_t.
+  config = AgenticEvalConfig(window_indices=(0, 1), rollout=RolloutConfig(max_turns=1), progress=False,
+                             user_f1=UserF1Config(show_peer_opinion=False), user_f1_both_peer_settings=True)
+  result = evaluate_agentic(DATASET, scripted, peer=ScoringPeer(), method='coars', model='scripted', config=config,
+                            user_sim=sim)
+  row = result.row
+  assert row['user_f1_peer_opinion'] is True
+  # With p_t every item is clicked: the accept-all values. Without it nothing is.
+  assert row['user_f1'] == pytest.approx(2 / 3) and row['user_precision'] == 0.5 and row['user_recall'] == 1.0
+  assert row['user_accept_rate'] == 1.0 and row['user_auc'] == 0.5
+  assert row['no_peer_user_f1'] == 0.0 and row['no_peer_user_recall'] == 0.0 and row['no_peer_user_accept_rate'] == 0
+  assert row['no_peer_user_auc'] == 0.5 and row['no_peer_user_f1_judgements'] == 84
+  assert result.user_f1.scores['micro_f1'] == row['user_f1']
+  assert result.user_f1_no_peer.scores['micro_f1'] == row['no_peer_user_f1']
+  # The set's references appear once, unprefixed, from the scoring peer.
+  labels = [j.label for j in result.user_f1.judgements]
+  assert row['sasrec_auc'] == pytest.approx(roc_auc(labels, [-j.item for j in result.user_f1.judgements]))
+  assert row['accept_all_f1'] == pytest.approx(2 / 3)
+  assert not any(k.startswith('no_peer_') and not k.startswith('no_peer_user_') for k in row)
+  json.dumps(row)
+  # Two F1 calls after the episodes, the main pass's prompts showing p_t and the other's not.
+  f1_calls = [c for c in scripted.calls if c.batch_size == 84]
+  assert len(f1_calls) == 2 and scripted.calls[-2:] == f1_calls
+  assert all('Peer opinion:' in j.generation.prompt_text for j in result.user_f1.judgements)
+  assert not any('Peer opinion:' in j.generation.prompt_text for j in result.user_f1_no_peer.judgements)
+
+
+def test_single_pass_records_its_peer_setting_and_has_no_prefixed_keys():
+  sim = user_sim_set(DATASET)
+  for show, expected_f1 in ((False, 0.0), (True, 2 / 3)):
+    config = AgenticEvalConfig(window_indices=(0,), rollout=RolloutConfig(max_turns=1), progress=False,
+                               user_f1=UserF1Config(show_peer_opinion=show))
+    result = evaluate_agentic(DATASET, peer_minded_agents(), peer=ColumnPeer(), method='coars', model='scripted',
+                              config=config, user_sim=sim)
+    assert result.row['user_f1_peer_opinion'] is show and result.row['user_f1'] == pytest.approx(expected_f1)
+    assert result.user_f1_no_peer is None and not any(k.startswith('no_peer_') for k in result.row)
+    assert result.row['sasrec_auc'] is None  # ColumnPeer cannot score items

@@ -2,14 +2,20 @@ import functools
 import re
 import tempfile
 
+import numpy as np
 import pytest
+from flax import nnx
 
 from coars_jax.agents.episodes import ScriptedBackend, turn_seed
 from coars_jax.agents.prompts import recommender_system_prompt, user_system_prompt
 from coars_jax.data import synthetic, user_sim_set
-from coars_jax.data.user_sim import UserSimSet
-from coars_jax.eval.user_f1 import NEUTRAL_REASON, UserF1Config, evaluate_user_f1, f1_scores, judgement_prompts
+from coars_jax.data.schema import MAX_HISTORY
+from coars_jax.data.user_sim import UserSimCase, UserSimSet
+from coars_jax.eval.user_f1 import (NEUTRAL_REASON, UserF1Config, evaluate_user_f1, f1_scores, judgement_prompts,
+                                    peer_scores, roc_auc, top_k_predictions)
 from coars_jax.models import tokenizer as tokenizer_lib
+from coars_jax.recsys import peer as peer_lib
+from coars_jax.recsys.sasrec import SASRec, SASRecConfig
 
 DATASET = synthetic.synthetic_dataset()
 SIM_SET = user_sim_set(DATASET)
@@ -199,3 +205,162 @@ def test_inputs_and_config_are_validated():
     UserF1Config(batch_size=0)
   with pytest.raises(ValueError, match='UserF1Config.recommender_reason must be a non-empty str'):
     UserF1Config(recommender_reason='  ')
+
+
+# --- discrimination: AUC, accept rate and the references beside F1 (issue 13) ------------------------------------
+
+def pairwise_auc(labels, scores):
+  """The AUC straight from its definition, over every (positive, negative) pair, a tie counting 1/2."""
+  pos = [s for s, l in zip(scores, labels) if l]
+  neg = [s for s, l in zip(scores, labels) if not l]
+  return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def test_roc_auc_hand_computed_with_and_without_ties():
+  # Positives 0.2, 0.8 against negatives 0.3, 0.1, 0.5: 0.2 beats only 0.1 (1), 0.8 beats all three (3) -> 4/6.
+  assert roc_auc([True, False, False, True, False], [0.2, 0.3, 0.1, 0.8, 0.5]) == pytest.approx(2 / 3)
+  # Positives 0.9, 0.4 against negatives 0.1, 0.4: 1 + 1 + 1 + 1/2 (the tie) -> 3.5/4.
+  assert roc_auc([1, 0, 1, 0], [0.9, 0.1, 0.4, 0.4]) == pytest.approx(0.875)
+  # A three-way tie across classes: positives 0.5, 0.5, 0.7 against negatives 0.5, 0.2:
+  # 0.5 vs (0.5, 0.2) -> 1.5 twice, 0.7 -> 2; 5/6.
+  assert roc_auc([True, True, True, False, False], [0.5, 0.5, 0.7, 0.5, 0.2]) == pytest.approx(5 / 6)
+  assert roc_auc([True, False, True, False], [0.3] * 4) == 0.5  # a constant score is chance
+  assert roc_auc([True, False], [1.0, 0.0]) == 1.0 and roc_auc([True, False], [0.0, 1.0]) == 0.0
+
+
+def test_roc_auc_matches_the_pairwise_definition_on_heavily_tied_scores():
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    labels = rng.random(30) < 0.4
+    labels[:2] = True, False
+    scores = np.round(rng.random(30), 1)  # few distinct values, so many ties within and across classes
+    assert roc_auc(labels, scores) == pytest.approx(pairwise_auc(labels, scores))
+
+
+def test_roc_auc_rejects_one_class_and_bad_inputs():
+  with pytest.raises(ValueError, match='needs both classes but found 3 positives and 0 negatives'):
+    roc_auc([True, True, True], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match='needs both classes but found 0 positives and 2 negatives'):
+    roc_auc([False, False], [0.1, 0.2])
+  with pytest.raises(ValueError, match='equal-length'):
+    roc_auc([True, False], [0.1])
+  with pytest.raises(ValueError, match='finite'):
+    roc_auc([True, False], [0.1, float('nan')])
+  with pytest.raises(ValueError, match='booleans'):
+    roc_auc([2, 0], [0.1, 0.2])
+
+
+def test_top_k_predictions_takes_the_highest_scores_and_breaks_ties_by_order():
+  assert top_k_predictions([0.1, 0.9, 0.5, 0.7], 2) == [False, True, False, True]
+  assert top_k_predictions([0.5, 0.5, 0.5, 0.1], 2) == [True, True, False, False]
+  assert top_k_predictions([0.2, 0.3], 0) == [False, False]
+  with pytest.raises(ValueError, match='0 <= k <= its length'):
+    top_k_predictions([0.2, 0.3], 3)
+
+
+# Two hand-made cases of different sizes (4 items, then 2), so the peer is called once per size.
+SMALL_SET = UserSimSet(dataset='synthetic', users_left_out=1, cases=(
+    UserSimCase(user=3, history=(1, 2, 3), items=(10, 11, 12, 13), labels=(True, False, True, False)),
+    UserSimCase(user=8, history=(5, 6), items=(20, 21), labels=(False, True))))
+# The user's answer per item: 12's garbage is invalid and reads as s = .375.
+SMALL_ACTIONS = {10: 'click', 11: 'star', 12: 'garbage', 13: 'dislike', 20: 'skip', 21: 'skip'}
+# SASRec's score per item; 20 and 21 tie, and the earlier (20, a negative) wins the one slot of case 1.
+SMALL_PEER_SCORES = {10: 3.0, 11: 1.0, 12: 2.0, 13: 0.0, 20: 0.5, 21: 0.5}
+
+
+def item_backend(actions):
+  scores = {'click': 0.9, 'star': 0.6, 'skip': 0.3, 'dislike': 0.1}
+
+  def respond(agent, episode, turn, messages):
+    action = actions[shown_item(messages)]
+    return 'no idea, honestly' if action == 'garbage' else user_answer(action, scores[action])
+
+  return ScriptedBackend(scripted_tokenizer(), respond)
+
+
+class TablePeer:
+  """Scores items from a fixed table, checking it is handed each case's own history; records its calls."""
+
+  def __init__(self, table):
+    self.table, self.shapes = table, []
+
+  def top_candidates(self, history, lengths, candidates):
+    raise AssertionError('the peer opinion is off, so no top item is asked for')
+
+  def candidate_scores(self, history, lengths, candidates):
+    self.shapes.append(candidates.shape)
+    for row, items in enumerate(candidates):
+      case = next(c for c in SMALL_SET.cases if c.items == tuple(items))
+      assert tuple(history[row, :lengths[row]]) == case.history
+      assert (history[row, lengths[row]:] == DATASET.catalog.pad_id).all()
+    return np.vectorize(self.table.get)(candidates).astype(np.float32)
+
+
+def test_small_set_reports_user_auc_accept_rate_and_references_exactly():
+  peer = TablePeer(SMALL_PEER_SCORES)
+  result = evaluate_user_f1(DATASET, SMALL_SET, item_backend(SMALL_ACTIONS), peer=peer)
+  assert sorted(peer.shapes) == [(1, 2), (1, 4)]
+  row = result.as_dict()
+  # User: accepts 10 (+) and 11 (-): TP 1, FP 1, FN 2 -> P 1/2, R 1/3, F1 2 (1/6) / (5/6) = 2/5; accept rate 2/6.
+  assert (row['user_precision'], row['user_recall']) == (0.5, pytest.approx(1 / 3))
+  assert row['user_f1'] == pytest.approx(0.4) and row['user_accept_rate'] == pytest.approx(1 / 3)
+  # User AUC: positives s = .9, .375 (invalid), .3 against negatives .6, .1, .3: 3 + 2 + (0 + 1 + 1/2) -> 6.5/9.
+  assert result.num_invalid == 1 and row['user_auc'] == pytest.approx(6.5 / 9)
+  # Accept-all: 3 of 6 true -> P 1/2, R 1, F1 2/3 (from the labels, whatever the user did).
+  assert row['accept_all_f1'] == pytest.approx(2 / 3) and row['accept_all_precision'] == 0.5
+  # SASRec AUC: positives 3, 2, .5 against negatives 1, 0, .5: 3 + 3 + (0 + 1 + 1/2) -> 7.5/9.
+  assert row['sasrec_auc'] == pytest.approx(7.5 / 9)
+  # Top half: case 0 accepts 10, 12 (both true); case 1 accepts 20 (the tie's earlier item, false), misses 21:
+  # TP 2, FP 1, FN 1 -> P = R = F1 = 2/3.
+  assert row['sasrec_top_half_precision'] == pytest.approx(2 / 3)
+  assert row['sasrec_top_half_recall'] == pytest.approx(2 / 3)
+  assert row['sasrec_top_half_f1'] == pytest.approx(2 / 3)
+  assert [j.peer_score for j in result.judgements] == [3.0, 1.0, 2.0, 0.0, 0.5, 0.5]
+  assert row['user_f1_users_left_out'] == 1
+
+
+def test_references_are_none_without_a_scoring_peer():
+  row = evaluate_user_f1(DATASET, SMALL_SET, item_backend(SMALL_ACTIONS)).as_dict()
+  assert row['user_auc'] == pytest.approx(6.5 / 9) and row['accept_all_f1'] == pytest.approx(2 / 3)
+  for key in ('sasrec_auc', 'sasrec_top_half_f1', 'sasrec_top_half_precision', 'sasrec_top_half_recall'):
+    assert row[key] is None, key
+  # A peer that can only name its top item (no candidate_scores) gives the peer opinion but no references.
+  row = evaluate_user_f1(DATASET, SIM_SET, policy_backend(lambda label, item: 'skip'),
+                         config=UserF1Config(show_peer_opinion=True), peer=FirstItemPeer()).as_dict()
+  assert row['sasrec_auc'] is None and row['user_auc'] == 0.5
+
+
+def test_user_auc_and_accept_rate_on_the_protocol_set():
+  oracle = evaluate_user_f1(DATASET, SIM_SET, policy_backend(lambda label, item: 'click' if label else 'dislike'))
+  assert oracle.user_auc == 1.0 and oracle.accept_rate == 0.5
+  # Accepting everything at one score: F1 2/3 as the accept-all reference says, yet AUC 1/2 (no discrimination).
+  accept = evaluate_user_f1(DATASET, SIM_SET, policy_backend(lambda label, item: 'star')).as_dict()
+  assert accept['user_f1'] == pytest.approx(accept['accept_all_f1']) == pytest.approx(2 / 3)
+  assert accept['user_auc'] == 0.5 and accept['user_accept_rate'] == 1.0
+  inverted = evaluate_user_f1(DATASET, SIM_SET, policy_backend(lambda label, item: 'skip' if label else 'click'))
+  assert inverted.user_auc == 0.0 and inverted.accept_rate == 0.5
+
+
+def test_sasrec_references_equal_the_directly_computed_sasrec_scores():
+  model = SASRec(SASRecConfig(num_items=DATASET.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0),
+                 rngs=nnx.Rngs(3))
+  result = evaluate_user_f1(DATASET, SIM_SET, policy_backend(lambda label, item: 'skip'), peer=model)  # bare SASRec
+  labels, scores, top_half = [], [], []
+  for case in SIM_SET.cases:
+    history = np.full((1, MAX_HISTORY), DATASET.catalog.pad_id, np.int32)
+    history[0, :len(case.history)] = case.history
+    row = np.asarray(peer_lib.candidate_scores(model, history, np.asarray([len(case.history)], np.int32),
+                                               np.asarray([case.items], np.int32)))[0]
+    labels += case.labels
+    scores += row.tolist()
+    keep = np.zeros(len(row), bool)
+    keep[np.argsort(-row)[:sum(case.labels)]] = True
+    top_half.append(keep.tolist())
+  assert [j.peer_score for j in result.judgements] == pytest.approx(scores, abs=1e-5)
+  assert len(set(np.round(scores, 4))) == len(scores)  # precondition: no ties, so the ranking is unambiguous
+  row = result.as_dict()
+  assert row['sasrec_auc'] == pytest.approx(roc_auc(labels, scores))
+  expected = f1_scores([list(c.labels) for c in SIM_SET.cases], top_half)
+  assert row['sasrec_top_half_f1'] == pytest.approx(expected['micro_f1'])
+  assert row['sasrec_top_half_precision'] == pytest.approx(expected['micro_precision'])
+  assert np.allclose(peer_scores(DATASET, SIM_SET, model), np.reshape(scores, (6, 14)), atol=1e-5)
