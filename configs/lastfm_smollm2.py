@@ -1,29 +1,16 @@
-"""RL of both agents on SmolLM2-135M-Instruct (LastFM):
-`python -m experiments.train --config=configs/lastfm_smollm2.py`.
+"""The research model on LastFM: both agents as LoRA adapters on the frozen SmolLM2-135M-Instruct GGUF.
 
-No warm start: both agents get fresh LoRA adapters (B = 0, so they start as the zero-shot base) on the frozen GGUF
-weights, and only the adapters are trained and exported (the base is reloaded by name). The argument picks the method
-as in `configs/lastfm_tiny.py`. On 2 CPU cores a 5-turn SmolLM2 episode costs seconds of CPU per turn, so the
-evaluation sets are capped; raise them on an accelerator.
+`python -m experiments.train --config=configs/lastfm_smollm2.py[:method]`. The argument picks the method: coars
+(default), outcome_rl, judge_rl, zero_shot or reflexion, or an ablation of coars that changes one field
+(`experiment.ABLATIONS`): coars-outcome_reward, coars-no_sd, coars-rec_only, coars-constant_d or
+coars-d_without_samples, e.g. `--config=configs/lastfm_smollm2.py:coars-no_sd` (each gets its own default workdir
+and row label). Every method starts from the warm start of `configs/warm_start_smollm2.py:lastfm`
+(`runs/warm_start_smollm2_lastfm`, trained there if absent), and the RL methods share one budget (rl.iterations x
+rl.windows_per_iteration x rl.rollouts_per_window); the settings are `coars_jax.training.experiment.smollm2_config`.
 """
 
-from coars_jax.training.experiment import default_config
+from coars_jax.training.experiment import smollm2_config
 
 
 def get_config(method: str = 'coars'):
-  config = default_config('lastfm', 'smollm2-135m', method or 'coars')
-  config.warm_start.enabled = False
-  config.lora.rank = 8
-  config.lora.alpha = 16.0
-  config.rl.iterations = 100
-  config.rl.windows_per_iteration = 8
-  config.rl.rows_per_microbatch = 8
-  config.rl.learning_rate = 1e-4
-  config.eval.every = 20
-  config.eval.val_windows = 16
-  config.eval.test_windows = 32
-  config.eval.batch_size = 32
-  config.eval.user_f1.num_users = 10
-  config.eval.user_f1.batch_size = 50
-  config.reflexion.num_prior_episodes = 1
-  return config
+  return smollm2_config('lastfm', method)

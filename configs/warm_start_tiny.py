@@ -1,4 +1,5 @@
-"""SFT warm start of the `tiny` preset: scripted dialogues on training windows, then SFT of both agents.
+"""SFT warm start of the random `tiny` preset: the unit tests' fast path (`tests/test_end_to_end.py`: this warm
+start, then `configs/eval_tiny.py`), not a research recipe (the research model's is `configs/warm_start_smollm2.py`).
 
 `python -m experiments.warm_start --config=configs/warm_start_tiny.py:movielens` (the argument picks the dataset
 and the workdirs; lastfm by default). The tiny base is a random initialisation, so `train_base` is on: with a
@@ -14,9 +15,6 @@ def get_config(dataset: str = 'lastfm'):
   config.model = 'tiny'
   config.workdir = f'runs/warm_start_tiny_{dataset}'
   config.warm_start.train_base = True
-  # The random base first learns to copy (random tokens, then the same tokens again): without it the warm start
-  # teaches the format but the Item line names one frequent title whatever the prompt shows.
-  config.warm_start.copy_pretrain_steps = 300
   # The hint names SASRec's best candidate not yet recommended, and the scripted recommender follows SASRec's
   # ranking, so every scripted Item line copies a title the prompt shows: a copy task a 4-layer model can learn.
   config.warm_start.show_hint = True

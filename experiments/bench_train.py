@@ -1,5 +1,5 @@
 """Time per RL iteration, split into rollout, scoring and update:
-`python -m experiments.bench_train --config=configs/lastfm_tiny.py [--iterations=3] [--output=FILE]`.
+`python -m experiments.bench_train --config=configs/lastfm_smollm2.py [--iterations=3] [--output=FILE]`.
 
 The config is a training config (any method). Its warm start is loaded when `warm_start.folder` holds one;
 otherwise the base gets fresh adapters (B = 0) and nothing is trained beforehand (`--allow_warm_start_training`

@@ -1,6 +1,6 @@
-"""RL training of both agents, then the test rows: `python -m experiments.train --config=configs/lastfm_tiny.py`.
+"""RL training of both agents, then the test rows: `python -m experiments.train --config=configs/lastfm_smollm2.py`.
 
-The config's argument picks the method (`configs/lastfm_tiny.py:outcome_rl`; default coars); override any field
+The config's argument picks the method (`configs/lastfm_smollm2.py:outcome_rl`; default coars); override any field
 as `--config.rl.iterations=2`. Writes `<workdir>/results.json` (the 'before' and 'after' rows), metrics.jsonl,
 TensorBoard logs, Orbax checkpoints, and the final and best adapters as folders that
 `python -m experiments.evaluate --config=configs/eval_tiny.py:<dataset> --checkpoint=<workdir>/final` reads.
@@ -37,6 +37,13 @@ def main(argv):
     print(f'\nStopped before the last iteration ({reason}) after writing a checkpoint; continue with '
           f'--config.resume=True')
     return
+  reference = next((row for row in rows if row.get('accept_all_f1') is not None), None)
+  if reference is not None:
+    sasrec_auc, sasrec_f1 = reference.get('sasrec_auc'), reference.get('sasrec_top_half_f1')
+    print(f"User-F1 references on the same {reference['user_f1_judgements']} judgements: accept everything F1 "
+          f"{reference['accept_all_f1']:.3f}; SASRec's scores AUC "
+          f"{'—' if sasrec_auc is None else f'{sasrec_auc:.3f}'}, its top half per user F1 "
+          f"{'—' if sasrec_f1 is None else f'{sasrec_f1:.3f}'}")
   print()
   print(agentic.format_markdown(rows))
   print(f'\nRows written to {config.workdir}/{experiment.RESULTS_FILE}')

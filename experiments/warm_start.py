@@ -1,4 +1,4 @@
-"""SFT warm start of both agents: `python -m experiments.warm_start --config=configs/warm_start_tiny.py`.
+"""SFT warm start of both agents: `python -m experiments.warm_start --config=configs/warm_start_smollm2.py`.
 
 Trains SASRec first if its checkpoint is absent, saves the adapters (and the base, when trained) under the
 config's workdir, then prints greedy ValidRatio / Hit@1 / average turns on the first few val windows.

@@ -1,6 +1,6 @@
 """The training experiment behind `python -m experiments.train --config=configs/<dataset>_<model>.py[:method]`:
-SASRec (trained or loaded) -> the agents (the tiny preset's SFT warm start, trained or loaded; or fresh adapters on
-a pretrained base) -> RL iterations (`rl.RLTrainer`) with periodic greedy val evaluation, Orbax checkpoints and
+SASRec (trained or loaded) -> the agents (the SFT warm start, trained or loaded; or fresh adapters on the base)
+-> RL iterations (`rl.RLTrainer`) with periodic greedy val evaluation, Orbax checkpoints and
 metrics -> a greedy test evaluation with the user-agent F1, written as rows to `<workdir>/results.json`.
 
 Methods (`METHODS`): 'zero_shot' and 'reflexion' train nothing and are evaluated only; 'outcome_rl', 'judge_rl'
@@ -45,6 +45,7 @@ from coars_jax.data import DATASETS, Dataset, load_dataset
 from coars_jax.data.files import sha256_of
 from coars_jax.data.user_sim import UserSimSet, user_sim_set
 from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic, play_windows
+from coars_jax.eval.metrics import paired_bootstrap
 from coars_jax.eval.user_f1 import UserF1Config
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
@@ -63,16 +64,28 @@ METHODS = ('zero_shot', 'reflexion', 'outcome_rl', 'judge_rl', 'coars')
 TRAINED_METHODS = ('outcome_rl', 'judge_rl', 'coars')
 # The fields a baseline method fixes: (rl.reward, rl.lambda_sd, rl.train_user_agent).
 METHOD_FIELDS = {'outcome_rl': ('outcome', 0.0, False), 'judge_rl': ('judge', 0.0, False)}
+# The ablations of coars (METHOD.md section 8 and issue 13), as data: each sets exactly ONE field of the coars
+# config (dotted name -> value), so that its row differs from CoARS's by that one thing. Picked by the config
+# files' argument as 'coars-<name>' (`parse_method`); the rows are labelled the same way (`row_label`).
+ABLATIONS = {
+    'outcome_reward': {'rl.reward': 'outcome'},  # terminal 2 hit_T - 1 instead of Eq. 7-8, both agents, SD kept
+    'no_sd': {'rl.lambda_sd': 0.0},  # without self-distillation
+    'rec_only': {'rl.train_user_agent': False},  # without co-evolution: the recommender alone learns
+    'constant_d': {'rl.gamma': 1.0},  # D_t = 1 on every turn instead of gamma^(t-1)
+    'd_without_samples': {'rl.reference_omits_samples': True},  # d without the sampled items and reactions
+}
+ABLATION_SEPARATOR = '-'
 # Warm-start fields that other groups own: the protocol (rollout), the adapters (lora), the buckets and the bar.
-_WARM_START_SHARED = ('max_turns', 'candidate_seed', 'show_hint', 'lora_rank', 'lora_alpha', 'buckets', 'progress')
-RESULTS_FILE, BEFORE_FILE, CONFIG_FILE = 'results.json', 'before.json', 'config.json'
+_WARM_START_SHARED = ('max_turns', 'candidate_seed', 'show_hint', 'lora_rank', 'lora_alpha', 'buckets', 'progress',
+                      'train_pool')
+RESULTS_FILE, BEFORE_FILE, CONFIG_FILE, ZERO_SHOT_FILE = 'results.json', 'before.json', 'config.json', 'zero_shot.json'
 CHECKPOINT_DIR, WARM_START_DIR, FINAL_DIR, BEST_DIR = 'checkpoints', 'warm_start', 'final', 'best'
 BEST_METRIC = 'val_hit_at_1'
 # Written into a checkpoint's folder after Orbax commits it: every file's size and sha256 (see `seal_checkpoint`).
 MANIFEST_FILE = 'coars_manifest.json'
 REJECTED_DIR = 'checkpoints_rejected'  # checkpoints a resume found incomplete or corrupt, kept for inspection
 # What a run writes under its workdir; each must stay inside it (`run_paths`).
-RUN_OUTPUTS = (CONFIG_FILE, RESULTS_FILE, BEFORE_FILE, CHECKPOINT_DIR, REJECTED_DIR, WARM_START_DIR, FINAL_DIR,
+RUN_OUTPUTS = (CONFIG_FILE, RESULTS_FILE, BEFORE_FILE, ZERO_SHOT_FILE, CHECKPOINT_DIR, REJECTED_DIR, WARM_START_DIR, FINAL_DIR,
                BEST_DIR, METRICS_FILE, TENSORBOARD_DIR)
 
 
@@ -80,7 +93,9 @@ RUN_OUTPUTS = (CONFIG_FILE, RESULTS_FILE, BEFORE_FILE, CHECKPOINT_DIR, REJECTED_
 
 def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = 'coars') -> ml_collections.ConfigDict:
   """Defaults for `configs/<dataset>_<model>.py`; every field names what it stands for (paper symbols where there
-  is one). `method` also sets the fields that method fixes (`METHOD_FIELDS`)."""
+  is one). `method` also sets the fields that method fixes (`METHOD_FIELDS`); 'coars-<ablation>' (`ABLATIONS`,
+  e.g. 'coars-no_sd') is coars with that ablation's one field set (`with_ablation`)."""
+  base, ablations = parse_method(method)
   rl_defaults, rollout, reflexion = rl.RLConfig(), RolloutConfig(), ReflexionConfig()
   ws = warm_start_lib.WarmStartConfig()
   config = ml_collections.ConfigDict({
@@ -94,7 +109,10 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
       'sasrec_workdir': f'runs/sasrec_{dataset}',  # the peer's checkpoints (trained there if absent)
       'sasrec_seed': 0,  # which SASRec training seed gives the hint, p_t, q_t and the ranks in d
       'sasrec_max_epochs': 0,  # cap on SASRec's epochs when it is trained here (0 = its own default, early-stopped)
-      'method': method,  # zero_shot | reflexion | outcome_rl | judge_rl | coars
+      'sasrec_folds': 5,  # K user folds: training windows get an out-of-fold SASRec (0 = the full one, an oracle)
+      'sasrec_fold_seed': 0,  # the permutation that deals training users into folds
+      'train_pool': 'all',  # training windows the warm start and RL draw from: all | last_per_user (data.TRAIN_POOLS)
+      'method': base,  # zero_shot | reflexion | outcome_rl | judge_rl | coars
       'label': '',  # the rows' method name; '' = the method, with ablation suffixes for coars
       'resume': False,  # continue from the latest checkpoint in workdir (same data order and RNG)
       'stop_after': 0,  # stop this invocation after this many iterations (0 = run to rl.iterations); resume later
@@ -136,7 +154,11 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           'rollouts_per_window': rl_defaults.rollouts_per_window,  # G episodes per window
           'group_baseline': rl_defaults.group_baseline,  # R_t minus the mean R over the G rollouts (off in paper)
           'reward': rl_defaults.reward,  # interaction (Eq. 7-8) | outcome (hit_T) | judge (2p - 1)
+          # R_user of the user's own invalid message, instead of Eq. 8 (METHOD.md section 2; <= 0: never pays)
+          'invalid_user_reward': rl_defaults.invalid_user_reward,
           'lambda_sd': rl_defaults.lambda_sd,  # lambda_SD of Eq. 11-12; 0 = without self-distillation
+          # d without each turn's sampled item and reaction (ground truth and verdicts only): nothing to copy
+          'reference_omits_samples': rl_defaults.reference_omits_samples,
           'train_user_agent': rl_defaults.train_user_agent,  # co-evolution: also update pi_user's adapter
           'gamma': rl_defaults.gamma,  # D_t = gamma^(t-1) of Eq. 7
           'alpha': rl_defaults.alpha,  # alpha of Eq. 8
@@ -163,10 +185,15 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           'val_windows': 32,  # the first this many val windows (0 = all)
           'test_windows': 0,  # the first this many test windows for the before / after rows (0 = all)
           'batch_size': 32,  # episodes per batched generation
+          'zero_shot': False,  # also a test row of the bare base (adapters off) before the warm start, as a reference
           'user_f1': {
               'enabled': True,  # the user-agent F1 on the test rows (METHOD.md section 6)
               'num_users': 0,  # the first this many users of the user-simulation set (0 = all)
               'batch_size': 64,  # judgements per generation call
+              # p_t (the full SASRec's top item of the case) in each judgement's prompt, as in the dialogues the
+              # user agent trains on; the bar's setting
+              'peer_opinion': True,
+              'also_without_peer': True,  # with peer_opinion, a second pass without p_t (keys prefixed no_peer_)
           },
       },
       'reflexion': {  # method='reflexion' only
@@ -179,33 +206,60 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           'keep': 3,  # keep the latest this many, plus the best by val Hit@1
       },
   })
-  if method in METHOD_FIELDS:
-    config.rl.reward, config.rl.lambda_sd, config.rl.train_user_agent = METHOD_FIELDS[method]
+  if base in METHOD_FIELDS:
+    config.rl.reward, config.rl.lambda_sd, config.rl.train_user_agent = METHOD_FIELDS[base]
+  for name in ablations:
+    config = with_ablation(config, name)
   return config
 
 
-def tiny_config(dataset: str, method: str = 'coars') -> ml_collections.ConfigDict:
-  """The `configs/<dataset>_tiny.py` settings: every method starts from the warm start that
-  `configs/warm_start_tiny.py:<dataset>` writes (trained there with the same settings if absent), with SASRec's
-  moving hint on, and the RL methods share one budget."""
-  config = default_config(dataset, 'tiny', method or 'coars')
-  # The tiny base is a random initialisation: the warm start also trains it (see configs/warm_start_tiny.py).
+def parse_method(method: str) -> tuple[str, tuple[str, ...]]:
+  """'coars-no_sd' -> ('coars', ('no_sd',)); a plain method -> (method, ()). Ablations apply to coars only."""
+  base, *ablations = str(method).split(ABLATION_SEPARATOR)
+  if ablations and base != 'coars':
+    raise ValueError(f'method {method!r}: ablations ({ABLATION_SEPARATOR!r}-suffixes) apply to coars only')
+  for name in ablations:
+    if name not in ABLATIONS:
+      raise ValueError(f'method {method!r}: unknown ablation {name!r}; expected one of {tuple(ABLATIONS)}')
+  return base, tuple(ablations)
+
+
+def with_ablation(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of the coars `config` with ablation `name`'s one field set (`ABLATIONS`); `row_label` names it."""
+  if name not in ABLATIONS:
+    raise ValueError(f'unknown ablation {name!r}; expected one of {tuple(ABLATIONS)}')
+  if config.method != 'coars':
+    raise ValueError(f'ablation {name!r} applies to method=\'coars\', found method={config.method!r}')
+  config = config.copy_and_resolve_references()
+  for field, value in ABLATIONS[name].items():
+    group, _, leaf = field.rpartition('.')
+    (config.get(group) if group else config)[leaf] = value
+  return config
+
+
+def smollm2_config(dataset: str, method: str = 'coars') -> ml_collections.ConfigDict:
+  """The research configs `configs/<dataset>_smollm2.py`: both agents are LoRA adapters on the frozen
+  SmolLM2-135M-Instruct GGUF, every method starts from the warm start `configs/warm_start_smollm2.py:<dataset>`
+  writes (`warm_start.SMOLLM2_WARM_START`; trained there if absent), SASRec's moving hint is on, training windows
+  get out-of-fold peers, and the RL methods share one budget sized for 2 CPU cores."""
+  config = default_config(dataset, 'smollm2-135m', method or 'coars')
+  config.update(warm_start_lib.SMOLLM2_SASREC)
+  config.train_pool = warm_start_lib.SMOLLM2_TRAIN_POOL
   config.warm_start.enabled = True
-  config.warm_start.folder = f'runs/warm_start_tiny_{dataset}'
-  config.warm_start.train_base = True
-  config.warm_start.copy_pretrain_steps = 300
-  config.warm_start.num_dialogues = 256
-  config.warm_start.steps = 400
-  config.warm_start.batch_size = 8
-  config.warm_start.learning_rate = 1e-3
+  config.warm_start.folder = f'runs/warm_start_smollm2_{dataset}'
+  config.warm_start.update(warm_start_lib.SMOLLM2_WARM_START)
   config.rollout.show_hint = True
-  config.rl.iterations = 200
-  config.rl.windows_per_iteration = 16
+  config.rl.iterations = 20
+  config.rl.windows_per_iteration = 8
+  config.rl.warmup_iterations = 2
+  config.rl.rows_per_microbatch = 2  # one ~1,000-token SmolLM2 row peaks at about 8.4 GB on the CPU
   config.rl.learning_rate = 1e-4
-  config.eval.every = 20
-  config.eval.val_windows = 32
-  config.eval.batch_size = 64
-  config.eval.user_f1.batch_size = 256
+  config.eval.every = 5
+  config.eval.val_windows = 16
+  config.eval.test_windows = 0  # every test window
+  config.eval.batch_size = 16
+  config.eval.user_f1.batch_size = 40
+  config.reflexion.num_prior_episodes = 1
   return config
 
 
@@ -220,6 +274,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f'one of {sorted(backbone.ALIASES)} or an existing HF checkpoint folder', config.model)
   _validate_folders(config)
   configlib.require(isinstance(config.label, str), 'label', 'a string', config.label)
+  configlib.require_peer_fields(config)
   least_vocab = len(tokenizer_lib.RESERVED_TOKENS) + tokenizer_lib.NUM_BYTE_PIECES + 1
   configlib.require_int_field(config, 'tokenizer_vocab_size', least_vocab)
   for name in ('prompt_buckets', 'completion_buckets'):
@@ -228,14 +283,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     buckets(config)
   except (TypeError, ValueError) as error:
     raise configlib.ConfigError(f'Config fields prompt_buckets / completion_buckets: {error}') from error
-  for name in ('resume', 'progress', 'allow_download', 'warm_start.enabled', 'eval.user_f1.enabled'):
+  for name in ('resume', 'progress', 'allow_download', 'warm_start.enabled', 'eval.user_f1.enabled',
+               'eval.zero_shot', 'eval.user_f1.peer_opinion', 'eval.user_f1.also_without_peer'):
     value = config
     for part in name.split('.'):
       value = value[part]
     configlib.require(isinstance(value, bool), name, 'a bool', value)
   configlib.require(isinstance(config.warm_start.folder, str), 'warm_start.folder', 'a folder path or \'\'',
                     config.warm_start.folder)
-  for field, least in (('stop_after', 0), ('sasrec_seed', 0), ('sasrec_max_epochs', 0), ('model_seed', 0),
+  for field, least in (('stop_after', 0), ('model_seed', 0),
                        ('lora.rank', 1), ('lora.seed', 0),
                        ('rollout.max_turns', 1), ('rollout.candidate_seed', 0), ('recommender_max_new_tokens', 1),
                        ('user_max_new_tokens', 1), ('eval.every', 0), ('eval.val_windows', 0),
@@ -333,7 +389,7 @@ def rl_config(config) -> rl.RLConfig:
   if fields['score_chunk_size'] == 0:
     fields['score_chunk_size'] = None
   return rl.RLConfig(**fields, sampling=sampling_params(config), buckets=buckets(config),
-                     recommender_max_new_tokens=config.recommender_max_new_tokens,
+                     train_pool=config.train_pool, recommender_max_new_tokens=config.recommender_max_new_tokens,
                      user_max_new_tokens=config.user_max_new_tokens)
 
 
@@ -350,6 +406,7 @@ def warm_start_config(config) -> warm_start_lib.WarmStartConfig:
   return warm_start_lib.WarmStartConfig(
       **fields, max_turns=config.rollout.max_turns, candidate_seed=config.rollout.candidate_seed,
       show_hint=config.rollout.show_hint, lora_rank=config.lora.rank, lora_alpha=float(config.lora.alpha),
+      train_pool=config.train_pool,
       buckets=buckets(config), progress=config.progress)
 
 
@@ -360,19 +417,20 @@ def reflexion_config(config) -> ReflexionConfig:
 
 
 def row_label(config) -> str:
-  """The rows' method name: `label`, else the method, with the ablations of coars spelled out."""
+  """The rows' method name: `label`, else the method, with the ablations of coars (`ABLATIONS`) whose field the
+  config sets spelled out, e.g. 'coars-no_sd'."""
   if config.label:
     return config.label
   if config.method != 'coars':
     return config.method
-  suffixes = []
-  if config.rl.reward != 'interaction':
-    suffixes.append(f'{config.rl.reward}_reward')
-  if config.rl.lambda_sd == 0:
-    suffixes.append('no_sd')
-  if not config.rl.train_user_agent:
-    suffixes.append('rec_only')
-  return '-'.join(['coars'] + suffixes)
+
+  def value(field):
+    group, _, leaf = field.rpartition('.')
+    return (config.get(group) if group else config)[leaf]
+
+  suffixes = [name for name, fields in ABLATIONS.items()
+              if all(value(field) == wanted for field, wanted in fields.items())]
+  return ABLATION_SEPARATOR.join(['coars'] + suffixes)
 
 
 # --- the pieces of a run -----------------------------------------------------------------------------------------
@@ -383,7 +441,7 @@ class Components:
 
   Attributes:
     dataset: the windows and titles.
-    sasrec: the trained peer.
+    sasrec: the SASRec trained on every training window: the peer of val and test windows.
     model: the base decoder (adapters are attached, or a warm start run, as the config says).
     tokenizer: its tokenizer.
     user_sim: the F1 set (None: built from the dataset when the config asks for the F1).
@@ -398,23 +456,29 @@ class Components:
   user_sim: UserSimSet | None = None
   model_label: str = 'custom'
   save_base: bool = True
+  train_peer: Any = None  # the peer of training windows (`recsys.CrossFittedPeer`); None = `sasrec`
+
+  @property
+  def peer(self):
+    """The peer of every split: cross-fitted on training windows when `train_peer` is, else `sasrec`."""
+    return self.sasrec if self.train_peer is None else self.train_peer
 
 
 def load_components(config) -> Components:
-  """The dataset, SASRec (`recsys.experiment.train_or_load`) and the backbone named by the config."""
+  """The dataset, SASRec and its cross-fitted fold models (`recsys.experiment.train_or_load_peer`) and the
+  backbone named by the config."""
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
-  sasrec_config = sasrec_experiment.default_config(config.dataset)
-  sasrec_config.update({'data_root': config.data_root, 'allow_download': config.allow_download,
-                        'workdir': config.sasrec_workdir, 'progress': config.progress})
-  if config.sasrec_max_epochs:
-    sasrec_config.train.max_epochs = config.sasrec_max_epochs
-  sasrec, _ = sasrec_experiment.train_or_load(sasrec_config, dataset, config.sasrec_seed)
+  sasrec, peer = sasrec_experiment.train_or_load_peer(
+      sasrec_experiment.peer_config(config.dataset, workdir=config.sasrec_workdir, data_root=config.data_root,
+                                    allow_download=config.allow_download, progress=config.progress,
+                                    max_epochs=config.sasrec_max_epochs),
+      dataset, config.sasrec_seed, num_folds=config.sasrec_folds, fold_seed=config.sasrec_fold_seed)
   spec = backbone.BackboneSpec(name=config.model, data_root=config.data_root or None,
                                allow_download=config.allow_download, tiny_vocab_size=config.tokenizer_vocab_size,
                                seed=config.model_seed)
   model, tokenizer = backbone.load_backbone(spec)
   return Components(dataset=dataset, sasrec=sasrec, model=model, tokenizer=tokenizer, model_label=spec.label,
-                    save_base=spec.canonical == backbone.TINY)
+                    save_base=spec.canonical == backbone.TINY, train_peer=peer)
 
 
 def prepare_agents(config, parts: Components, workdir: pathlib.Path) -> tuple[Decoder, dict[str, Any]]:
@@ -430,11 +494,10 @@ def prepare_agents(config, parts: Components, workdir: pathlib.Path) -> tuple[De
       logging.info('Loaded the warm start from %s', folder)
       return model, {'stage': 'warm_start', 'folder': str(folder), 'base_saved': bool(meta['base_saved'])}
     settings = warm_start_config(config)
-    result = warm_start_lib.warm_start_agents(model, parts.tokenizer, parts.dataset, parts.sasrec, settings)
+    result = warm_start_lib.warm_start_agents(model, parts.tokenizer, parts.dataset, parts.peer, settings)
     history = result.train.history
     summary = {'steps': len(history), 'first_loss': history[0]['loss'], 'final_loss': history[-1]['loss'],
-               'train_seconds': round(result.train.seconds, 1), 'dialogue_metrics': result.dialogue_metrics,
-               **warm_start_lib.copy_summary(result.copy_history)}
+               'train_seconds': round(result.train.seconds, 1), 'dialogue_metrics': result.dialogue_metrics}
     warm_start_lib.save_warm_start(model, folder, save_base=settings.train_base,
                                    metadata={'config': config.warm_start.to_dict(), 'summary': summary})
     return model, {'stage': 'warm_start', 'folder': str(folder), 'base_saved': settings.train_base,
@@ -467,7 +530,10 @@ def evaluate_rows(config, parts: Components, model: Decoder, *, method: str, sta
   eval_config = AgenticEvalConfig(
       split='test', window_indices=_first(config.eval.test_windows, total), batch_size=config.eval.batch_size,
       rollout=rollout_config(config), reflexion=reflexion_config(config) if config.method == 'reflexion' else None,
-      user_f1=UserF1Config(batch_size=config.eval.user_f1.batch_size), progress=config.progress)
+      user_f1=UserF1Config(batch_size=config.eval.user_f1.batch_size,
+                           show_peer_opinion=config.eval.user_f1.peer_opinion),
+      user_f1_both_peer_settings=config.eval.user_f1.peer_opinion and config.eval.user_f1.also_without_peer,
+      progress=config.progress)
   result = evaluate_agentic(parts.dataset, greedy_backend(model, parts.tokenizer, config, guard), peer=parts.sasrec,
                             method=method, model=parts.model_label, seed=0, config=eval_config, user_sim=user_sim)
   row = dict(result.row)
@@ -511,6 +577,29 @@ def _user_sim(config, parts: Components) -> UserSimSet | None:
   if config.eval.user_f1.num_users:
     sim = dataclasses.replace(sim, cases=sim.cases[:config.eval.user_f1.num_users])
   return sim
+
+
+def with_paired_differences(rows: list[dict], *, reference: dict) -> list[dict]:
+  """`rows`, each but `reference` with `hit@1_vs_<reference stage>`: its Hit@1 difference from `reference` over the
+  same windows and the paired bootstrap 95% interval (`eval.metrics.paired_bootstrap`)."""
+  name = f'hit@1_vs_{reference.get("stage", "reference")}'
+  for row in rows:
+    if row is not reference and row.get('window_indices') == reference.get('window_indices') is not None:
+      row[name] = paired_bootstrap(row['window_hits'], reference['window_hits'])
+  return rows
+
+
+def _zero_shot_rows(config, parts: Components, workdir: pathlib.Path, user_sim: UserSimSet | None) -> list[dict]:
+  """[the bare base's test row] when `eval.zero_shot` is on and the base has no adapters yet (read back from
+  `<workdir>/zero_shot.json` when an earlier invocation wrote it), else []."""
+  if not config.eval.zero_shot or config.method == 'zero_shot' or parts.model.adapter_names:
+    return []
+  path = workdir / ZERO_SHOT_FILE
+  if path.is_file():
+    return [json.loads(path.read_text())]
+  row = evaluate_rows(config, parts, parts.model, method='zero_shot', stage='zero_shot', user_sim=user_sim)
+  _write_json(path, row)
+  return [row]
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:
@@ -779,7 +868,7 @@ def _iteration(trainer: rl.RLTrainer) -> dict[str, Any]:
 # --- the run -----------------------------------------------------------------------------------------------------
 
 def make_trainer(config, parts: Components, model: Decoder) -> rl.RLTrainer:
-  return rl.RLTrainer(model, parts.tokenizer, parts.dataset, parts.sasrec, rl_config(config),
+  return rl.RLTrainer(model, parts.tokenizer, parts.dataset, parts.peer, rl_config(config),
                       rollout=rollout_config(config), mesh=make_mesh(mesh_shape_from_config(config.mesh)),
                       rules=sharding_rules(config))
 
@@ -795,16 +884,17 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
   run_paths(workdir)
   _write_json(workdir / CONFIG_FILE, config.to_dict())
   parts = components or load_components(config)
-  model, origin = prepare_agents(config, parts, workdir)
   user_sim = _user_sim(config, parts)
+  zero_shot = _zero_shot_rows(config, parts, workdir, user_sim)
+  model, origin = prepare_agents(config, parts, workdir)
   label = row_label(config)
   save_base = parts.save_base or bool(origin.get('base_saved'))
 
   if config.method not in TRAINED_METHODS:
     row = evaluate_rows(config, parts, model, method=label, stage='after', user_sim=user_sim)
     row['start'] = origin['stage']
-    _write_json(workdir / RESULTS_FILE, [row])
-    return [row]
+    _write_json(workdir / RESULTS_FILE, zero_shot + [row])
+    return zero_shot + [row]
 
   trainer = make_trainer(config, parts, model)
   faults.instrument_trainer(trainer)
@@ -911,11 +1001,11 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
           save_checkpoint(manager, trainer, progress, None)
         logging.warning('Stopped on SIGTERM after RL iteration %d of %d with a checkpoint; resume with '
                         '--config.resume=True', trainer.state.iteration, settings.iterations)
-        return [before]
+        return zero_shot + [before]
       if trainer.state.iteration < settings.iterations:
         logging.info('Stopped after iteration %d of %d (stop_after=%d); resume with --config.resume=True',
                      trainer.state.iteration, settings.iterations, config.stop_after)
-        return [before]
+        return zero_shot + [before]
       try:
         export_adapters(model, workdir / FINAL_DIR, save_base=save_base,
                         metadata={'method': label, 'iteration': trainer.state.iteration, 'budget': budget})
@@ -923,11 +1013,11 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
       except Preempted:
         logging.warning('Stopped on SIGTERM during the final test evaluation; the last checkpoint holds every '
                         'iteration, resume with --config.resume=True to evaluate')
-        return [before]
+        return zero_shot + [before]
       after.update({'checkpoint': str(workdir / FINAL_DIR), 'best_checkpoint': str(workdir / BEST_DIR),
                     **{f'rl_{k}': v for k, v in budget.items()},
                     **{k: v for k, v in progress.items() if k != 'base_fingerprint'}})
       writer.write(trainer.state.iteration, {'stage': 'after', **row_metrics(after)})
-  rows = [before, after]
+  rows = with_paired_differences(zero_shot + [before, after], reference=before)
   _write_json(workdir / RESULTS_FILE, rows)
   return rows

@@ -35,14 +35,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from coars_jax.agents.episodes import (AGENTS, RECOMMENDER, USER, Episode, LLMBackend, LLMBackendConfig,
-                                       RolloutConfig, encode_prompt, run_episodes)
+                                       RolloutConfig, bind_peer, encode_prompt, run_episodes)
 from coars_jax.agents.prompts import Message, PromptConfig, recommender_messages, user_messages
 from coars_jax.agents.protocol import single_line
 from coars_jax.agents.trajectory import Trajectory
 from coars_jax.coars.loss import coars_objective
 from coars_jax.coars.reference import candidate_ranks, episode_reference, teacher_messages
-from coars_jax.coars.rewards import REWARD_KINDS, agent_reward, judge_rewards, segment_rewards
-from coars_jax.data.schema import Dataset
+from coars_jax.coars.rewards import (INVALID_USER_REWARD, REWARD_KINDS, agent_reward, judge_rewards,
+                                     segment_rewards)
+from coars_jax.data.schema import TRAIN_POOLS, Dataset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import ADAPTERS_OFF
@@ -51,6 +52,7 @@ from coars_jax.parallel.mesh import DATA_AXIS, make_mesh
 from coars_jax.parallel.rules import Rules
 from coars_jax.parallel.sharding import Partitioning, activation_scope, sharded_jit
 from coars_jax.recsys.peer import peer_opinion
+from coars_jax.recsys.crossfit import CrossFittedPeer
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, score
 from coars_jax.sampling.buckets import left_pad, right_pad
@@ -58,6 +60,7 @@ from coars_jax.sampling.constraints import ChoiceConstraint
 from coars_jax.sampling.compilation import record_trace, trace_counts
 from coars_jax.sampling.model_inputs import inference_view
 from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, completion_log_probs
+from coars_jax.training.optim import warmup_cosine_schedule
 
 # The names `record_trace` counts the jitted functions of this module under (`sampling.trace_counts()`).
 STEP_TRACE_NAME = 'training.rl.update'
@@ -81,11 +84,23 @@ class RLConfig:
     windows_per_iteration: training windows (users u) per iteration, drawn without replacement from a seeded
       per-epoch permutation of the training windows.
     rollouts_per_window: G, sampled episodes per window (E = windows_per_iteration x G episodes per iteration).
+    train_pool: the training windows drawn from (`data.TRAIN_POOLS`): 'all', or 'last_per_user', each training
+      user's last window, shaped like the val and test windows (`data.WindowSplit.pool`).
     group_baseline: subtract from R_t the mean R over the same agent's included segments of the G rollouts of
       the same window (section 5's off-by-default option; needs G >= 2 to do anything).
-    reward: 'interaction' (Eq. 7-8 with the exclusion rule), 'outcome' (terminal hit reward, recommender only) or
-      'judge' (terminal 2p - 1 from the frozen base model, recommender only).
+    reward: 'interaction' (Eq. 7-8 with the exclusion rule), 'outcome' (terminal hit reward 2 hit_T - 1) or
+      'judge' (terminal 2p - 1 from the frozen base model, recommender only). With 'outcome' the agents rewarded
+      are the trained ones (`train_user_agent`), and while lambda_sd > 0 every segment stays in the loss (R = 0 on
+      the turns `outcome_assign` leaves unrewarded) so that self-distillation still acts on every turn: CoARS's
+      ablation without the interaction reward changes the reward alone. The outcome-RL baseline (recommender
+      only, lambda_sd = 0) keeps only its rewarded segments.
+    invalid_user_reward: R_user of the user's own invalid (unparseable) message, in place of Eq. 8 (METHOD.md
+      section 2: -1 by default, so that breaking the format never pays); such a segment stays in the loss. The
+      recommender's reward on that turn still reads the message as a skip at s = .375.
     lambda_sd: lambda_SD of Eq. 11-12 (0.1 in the paper; 0 = without self-distillation, no teacher pass).
+    reference_omits_samples: the reference trajectory d leaves out each turn's sampled item and reaction, keeping
+      the ground truth and each turn's verdict (an ablation: the default d repeats them, so the teacher could
+      raise A by copying them).
     train_user_agent: update the user adapter too (co-evolution); False trains the recommender alone, the user
       adapter still plays the user in rollouts.
     gamma: the decay of D_t = gamma^(t-1) in Eq. 7.
@@ -111,8 +126,8 @@ class RLConfig:
     rows_per_microbatch: R, segments per microbatch of the update (a multiple of the mesh's data axis).
     score_chunk_size: completion positions projected onto the vocabulary at once (None: all).
     learning_rate: peak AdamW step size, after `warmup_iterations` linear steps, cosine-decayed to
-      `final_learning_rate_fraction` of the peak at `iterations`.
-    warmup_iterations: linear warm-up updates.
+      `final_learning_rate_fraction` of the peak at `iterations` (`training.optim.warmup_cosine_schedule`).
+    warmup_iterations: linear warm-up updates: update k < warm-up uses peak (k + 1) / (warmup_iterations + 1).
     final_learning_rate_fraction: where the cosine decay ends, as a fraction of the peak.
     weight_decay: AdamW's decoupled weight decay.
     max_grad_norm: global gradient-norm clip.
@@ -127,7 +142,9 @@ class RLConfig:
   rollouts_per_window: int = 1
   group_baseline: bool = False
   reward: str = 'interaction'
+  invalid_user_reward: float = INVALID_USER_REWARD
   lambda_sd: float = 0.1
+  reference_omits_samples: bool = False
   train_user_agent: bool = True
   gamma: float = 0.9
   alpha: float = 0.1
@@ -152,8 +169,11 @@ class RLConfig:
   max_consecutive_nonfinite: int = 3
   judge_answers: tuple[str, str] = ('Yes', 'No')
   seed: int = 0
+  train_pool: str = 'all'
 
   def __post_init__(self):
+    if self.train_pool not in TRAIN_POOLS:
+      raise ValueError(f'RLConfig.train_pool must be one of {TRAIN_POOLS}, found {self.train_pool!r}')
     for name, least in (('iterations', 1), ('windows_per_iteration', 1), ('rollouts_per_window', 1),
                         ('recommender_max_new_tokens', 1), ('user_max_new_tokens', 1), ('rows_per_microbatch', 1),
                         ('warmup_iterations', 0), ('max_consecutive_nonfinite', 1), ('seed', 0),
@@ -161,7 +181,7 @@ class RLConfig:
       _require_int(self, name, least)
     if self.score_chunk_size is not None:
       _require_int(self, 'score_chunk_size', 1)
-    for name in ('group_baseline', 'train_user_agent', 'outcome_signed', 'constrained'):
+    for name in ('group_baseline', 'train_user_agent', 'outcome_signed', 'constrained', 'reference_omits_samples'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'RLConfig.{name} must be a bool, found {getattr(self, name)!r}')
     if self.reward not in REWARDS:
@@ -178,6 +198,10 @@ class RLConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f'RLConfig.{name} must be a positive number, found {value!r}')
+    penalty = self.invalid_user_reward
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not -math.inf < penalty <= 0:
+      raise ValueError(f'RLConfig.invalid_user_reward must be a finite number <= 0 (breaking the format must never '
+                       f'pay), found {penalty!r}')
     if self.warmup_iterations >= self.iterations and self.warmup_iterations > 0:
       raise ValueError(f'RLConfig.warmup_iterations ({self.warmup_iterations}) must be smaller than iterations '
                        f'({self.iterations})')
@@ -199,7 +223,7 @@ class RLConfig:
       raise ValueError(f'RLConfig.judge_answers must be two different non-empty strings (yes, no), found '
                        f'{self.judge_answers!r}')
     object.__setattr__(self, 'judge_answers', answers)
-    if self.reward in ('outcome', 'judge') and self.train_user_agent:
+    if self.reward == 'judge' and self.train_user_agent:
       raise ValueError(f"RLConfig.train_user_agent must be False with reward={self.reward!r}: that reward scores "
                        f"the recommender only, so the user adapter would get no signal")
 
@@ -224,9 +248,28 @@ class RLConfig:
                             user_max_new_tokens=self.user_max_new_tokens, sampling=self.sampling,
                             buckets=self.buckets, constrained=self.constrained)
 
+  @property
+  def outcome_every_turn(self) -> bool:
+    """Under reward='outcome', whether every segment stays in the loss (`coars.outcome_rewards(every_turn=)`):
+    while lambda_SD > 0, so that the ablation without the interaction reward keeps self-distillation on every
+    turn; with lambda_SD = 0 an unrewarded segment's weight is 0, and the baseline keeps its rewarded ones only."""
+    return self.lambda_sd > 0
+
+  def reward_options(self) -> dict[str, Any]:
+    """The static arguments of `rollout_rewards` for this config."""
+    return dict(kind=self.reward, gamma=float(self.gamma), alpha=float(self.alpha), assign=self.outcome_assign,
+                signed=self.outcome_signed, group_baseline=self.group_baseline,
+                num_groups=self.windows_per_iteration, invalid_user_reward=float(self.invalid_user_reward),
+                outcome_reward_user=self.train_user_agent, outcome_every_turn=self.outcome_every_turn)
+
   def max_loss_rows(self, max_turns: int) -> int:
     """The most segments of one rollout that can carry loss: the bound the microbatch count K is sized for."""
-    if self.reward in ('outcome', 'judge') and self.outcome_assign == 'final':
+    # One terminal segment per episode: the judge's, and the outcome baseline's (recommender only, so no invalid
+    # user segment is penalised, and lambda_SD = 0, so no unrewarded turn stays in).
+    terminal_only = self.outcome_assign == 'final' and (
+        self.reward == 'judge' or (self.reward == 'outcome' and not self.train_user_agent
+                                   and not self.outcome_every_turn))
+    if terminal_only:
       return self.episodes_per_iteration
     return self.episodes_per_iteration * max_turns * len(self.trained_agents)
 
@@ -283,11 +326,12 @@ def student_messages(episode: Episode, turn_number: int, agent: str, *, rollout:
 
 
 def teacher_prompts(tokenizer, episodes: Sequence[Episode], trajectory: Trajectory, rows: Sequence[int], *,
-                    ranks: Sequence[Sequence[int]] | None, rollout: RolloutConfig,
-                    dataset_name: str) -> list[list[int]]:
+                    ranks: Sequence[Sequence[int]] | None, rollout: RolloutConfig, dataset_name: str,
+                    omit_samples: bool = False) -> list[list[int]]:
   """The token ids of the teacher prompt x + d of each segment in `rows` (`coars.teacher_messages` on the
-  rebuilt student messages, d = `coars.episode_reference` of the segment's episode and agent), rendered with the
-  same chat template as the student's prompt."""
+  rebuilt student messages, d = `coars.episode_reference` of the segment's episode and agent, without each
+  turn's sampled item and reaction when `omit_samples`), rendered with the same chat template as the student's
+  prompt."""
   references: dict[tuple[int, int], str] = {}
   out = []
   for row in rows:
@@ -303,7 +347,8 @@ def teacher_prompts(tokenizer, episodes: Sequence[Episode], trajectory: Trajecto
                          f'must build x_t the same way')
     key = (episode_id, agent_id)
     if key not in references:
-      references[key] = episode_reference(episode, agent, None if ranks is None else ranks[episode_id])
+      references[key] = episode_reference(episode, agent, None if ranks is None else ranks[episode_id],
+                                          omit_samples=omit_samples)
     _, ids = encode_prompt(tokenizer, teacher_messages(messages, references[key], agent=agent))
     out.append(ids)
   return out
@@ -351,13 +396,19 @@ def judge_probabilities(model: Decoder, tokenizer, episodes: Sequence[Episode], 
 # --- rewards -----------------------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=('kind', 'gamma', 'alpha', 'assign', 'signed', 'group_baseline',
-                                             'num_groups'))
+                                             'num_groups', 'invalid_user_reward', 'outcome_reward_user',
+                                             'outcome_every_turn'))
 def rollout_rewards(rows: Mapping[str, jax.Array], *, kind: str, gamma: float, alpha: float, assign: str,
-                    signed: bool, group_baseline: bool, num_groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    signed: bool, group_baseline: bool, num_groups: int,
+                    invalid_user_reward: float = INVALID_USER_REWARD, outcome_reward_user: bool = False,
+                    outcome_every_turn: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(R[S], R used as the weight[S], included[S]) for the whole rollout, padded to a fixed S.
 
   rows: int/bool/float [S] arrays 'hit', 'acceptance_score', 'peer_similarity', 'action', 'turn', 'agent',
-    'final_hit', 'last_turn', 'judge_probability', 'group' (window of the episode) and 'real' (False on padding).
+    'valid' (the segment's own message parsed, `Trajectory.valid`), 'final_hit', 'last_turn', 'judge_probability',
+    'group' (window of the episode) and 'real' (False on padding).
+  The keyword arguments are `RLConfig.reward_options()`; `invalid_user_reward`, `outcome_reward_user` and
+  `outcome_every_turn` as in `coars.segment_rewards`.
   With `group_baseline`, the weight is R minus the mean R over the included segments of the same agent and group
   (the G rollouts of one window), computed here over the whole rollout so that splitting it into microbatches
   does not change the baseline.
@@ -373,8 +424,10 @@ def rollout_rewards(rows: Mapping[str, jax.Array], *, kind: str, gamma: float, a
     reward, included = segment_rewards(kind, hit=rows['hit'], acceptance_score=rows['acceptance_score'],
                                        peer_similarity=rows['peer_similarity'], action=rows['action'],
                                        turn=rows['turn'], agent=rows['agent'], final_hit=rows['final_hit'],
-                                       last_turn=rows['last_turn'], gamma=gamma, alpha=alpha,
-                                       outcome_assign=assign, outcome_signed=signed)
+                                       last_turn=rows['last_turn'], valid=rows['valid'], gamma=gamma, alpha=alpha,
+                                       invalid_user_reward=invalid_user_reward, outcome_assign=assign,
+                                       outcome_signed=signed, outcome_reward_user=outcome_reward_user,
+                                       outcome_every_turn=outcome_every_turn)
   included = included & rows['real']
   reward = jnp.where(rows['real'], reward, 0.0)
   weight = reward
@@ -390,13 +443,13 @@ def rollout_rewards(rows: Mapping[str, jax.Array], *, kind: str, gamma: float, a
 # --- optimizer and the update step -------------------------------------------------------------------------------
 
 def learning_rate_schedule(config: RLConfig) -> optax.Schedule:
-  """The AdamW step size per update: linear warm-up to the peak, then cosine decay to the final fraction. It is
-  evaluated on the host at the optimizer's update count and passed to the step as a scalar, so the compiled step
-  does not depend on the schedule (trainers with other budgets share it)."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if config.warmup_iterations else config.learning_rate, peak_value=config.learning_rate,
-      warmup_steps=config.warmup_iterations, decay_steps=config.iterations,
-      end_value=config.learning_rate * config.final_learning_rate_fraction)
+  """The AdamW step size per update (`optim.warmup_cosine_schedule`: linear warm-up from peak / (warm-up + 1) to the
+  peak, then cosine decay to the final fraction). It is evaluated on the host at the optimizer's update count and
+  passed to the step as a scalar, so the compiled step does not depend on the schedule (trainers with other
+  budgets share it)."""
+  return warmup_cosine_schedule(config.learning_rate, warmup_steps=config.warmup_iterations,
+                                total_steps=config.iterations,
+                                final_fraction=config.final_learning_rate_fraction)
 
 
 def make_optimizer(max_grad_norm: float, weight_decay: float) -> optax.GradientTransformation:
@@ -681,7 +734,8 @@ class RLTrainer:
     model: a `Decoder` with both agents' LoRA adapters; only `nnx.LoRAParam`s are trained.
     tokenizer: its tokenizer (the chat template renders every prompt, the teacher's and the judge's too).
     dataset: the training windows and titles.
-    sasrec: the peer (hint, p_t, q_t) and the ranks in d.
+    sasrec: the peer (hint, p_t, q_t) and the ranks in d: a `recsys.CrossFittedPeer` (each training window served
+      by a SASRec that never trained on its user, METHOD.md section 2) or one `recsys.SASRec`.
     config: the RL settings.
     rollout: the dialogue protocol.
     mesh: where rollouts, judge scoring and the update step run; default every device (of every process, after
@@ -691,7 +745,7 @@ class RLTrainer:
       `parallel.DEFAULT_RULES`).
   """
 
-  def __init__(self, model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRec, config: RLConfig, *,
+  def __init__(self, model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRec | CrossFittedPeer, config: RLConfig, *,
                rollout: RolloutConfig = RolloutConfig(), mesh: Mesh | None = None, rules: Rules | None = None):
     if not isinstance(config, RLConfig):
       raise TypeError(f'config must be an RLConfig, found {type(config).__name__}')
@@ -709,7 +763,8 @@ class RLTrainer:
     if config.rows_per_microbatch % data_devices:
       raise ValueError(f'RLConfig.rows_per_microbatch ({config.rows_per_microbatch}) must be a multiple of the '
                        f"mesh's '{DATA_AXIS}' axis ({data_devices} devices)")
-    self.num_train_windows = len(dataset.split(TRAIN_SPLIT))
+    self.train_windows = dataset.split(TRAIN_SPLIT).pool(config.train_pool)  # what `windows_at` indexes into
+    self.num_train_windows = len(self.train_windows)
     self.pad_id = tokenizer_lib.special_token_ids(tokenizer).pad_id
     # Rollouts run on the same mesh and rules as the update step, so they read the arrays placed below in place.
     self.backend = LLMBackend(model, tokenizer, adapters={RECOMMENDER: RECOMMENDER, USER: USER},
@@ -784,27 +839,26 @@ class RLTrainer:
         'hit': padded(trajectory.hit, bool), 'acceptance_score': padded(trajectory.acceptance_score, np.float32),
         'peer_similarity': padded(trajectory.peer_similarity, np.float32),
         'action': padded(trajectory.action, np.int32), 'turn': padded(trajectory.turn, np.int32, 1),
-        'agent': padded(trajectory.agent, np.int32), 'final_hit': padded(trajectory.final_hit[episode], bool),
+        'agent': padded(trajectory.agent, np.int32), 'valid': padded(trajectory.valid, bool, True),
+        'final_hit': padded(trajectory.final_hit[episode], bool),
         'last_turn': padded(trajectory.num_turns[episode], np.int32, 1),
         'judge_probability': padded(np.zeros(segments) if judge_probability is None
                                     else judge_probability[episode], np.float32),
         'group': padded(groups[episode], np.int32), 'real': padded(np.ones(segments, bool), bool),
     }
-    reward, weight, included = rollout_rewards(
-        rows, kind=config.reward, gamma=float(config.gamma), alpha=float(config.alpha), assign=config.outcome_assign,
-        signed=config.outcome_signed, group_baseline=config.group_baseline,
-        num_groups=config.windows_per_iteration)
+    reward, weight, included = rollout_rewards(rows, **config.reward_options())
     reward, weight, included = (np.asarray(a)[:segments] for a in (reward, weight, included))
     trained = np.isin(trajectory.agent, [AGENTS.index(a) for a in config.trained_agents])
     return reward, weight, included, included & trained & trajectory.completion_mask.any(axis=1)
 
   def _ranks(self, episodes: Sequence[Episode]) -> list[list[int]]:
-    """SASRec's rank of every candidate of each episode (`coars.candidate_ranks`), for d."""
+    """The peer's rank of every candidate of each episode (`coars.candidate_ranks`), for d: on these training
+    windows, the out-of-fold SASRec's when the peer is cross-fitted."""
     windows = self.dataset.split(TRAIN_SPLIT)
     indices = np.asarray([e.window_index for e in episodes], np.int64)
     candidates = np.asarray([e.candidates for e in episodes], np.int32)
-    scores = np.asarray(_candidate_scores(self.sasrec, np.asarray(windows.history[indices], np.int32),
-                                          np.asarray(windows.lengths[indices], np.int32), candidates))
+    peer = bind_peer(self.sasrec, TRAIN_SPLIT, windows.users[indices])
+    scores = np.asarray(peer.candidate_scores(windows.history[indices], windows.lengths[indices], candidates))
     return [candidate_ranks(row) for row in scores]
 
   def _pack(self, trajectory: Trajectory, rows: np.ndarray, weight: np.ndarray,
@@ -859,7 +913,8 @@ class RLTrainer:
     """
     config, state = self.config, self.state
     number = state.iteration + 1
-    windows = windows_at(self.num_train_windows, config.seed, state.next_window, config.windows_per_iteration)
+    windows = self.train_windows[windows_at(self.num_train_windows, config.seed, state.next_window,
+                                            config.windows_per_iteration)]
     seed = self._next_seed()
     episode_windows = np.repeat(windows, config.rollouts_per_window)
     groups = np.repeat(np.arange(config.windows_per_iteration), config.rollouts_per_window)
@@ -882,7 +937,8 @@ class RLTrainer:
     teacher_ids = None
     if self.settings.teacher and len(rows):
       teacher_ids = teacher_prompts(self.tokenizer, episodes, trajectory, rows, ranks=self._ranks(episodes),
-                                    rollout=self.rollout, dataset_name=self.dataset.name)
+                                    rollout=self.rollout, dataset_name=self.dataset.name,
+                                    omit_samples=config.reference_omits_samples)
     batch = self._pack(trajectory, rows, weight, teacher_ids, episodes) if len(rows) else None
     self.last_batch = batch  # the host arrays of this update, for benchmarks and inspection
     scoring_seconds = time.perf_counter() - start
@@ -971,7 +1027,3 @@ class RLTrainer:
                                  f'{self.config.max_consecutive_nonfinite} skipped updates in a row; lower '
                                  f'rl.learning_rate or rl.max_grad_norm, or inspect these windows')
 
-
-@nnx.jit
-def _candidate_scores(model: SASRec, history: jax.Array, lengths: jax.Array, candidates: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(model(history, lengths), candidates, axis=1)

@@ -32,11 +32,11 @@ from flax import nnx
 from coars_jax import configlib
 from coars_jax.agents import backbone
 from coars_jax.agents.episodes import (AGENTS, RECOMMENDER, USER, Episode, LLMBackend, LLMBackendConfig,
-                                       RolloutConfig, SASRecPeer, ScriptedBackend, episode_metrics, run_episodes)
+                                       RolloutConfig, ScriptedBackend, bind_peer, episode_metrics, run_episodes)
 from coars_jax.agents.prompts import format_recommender_output, format_user_output
 from coars_jax.agents.protocol import ACTION_INTERVALS, ITEM_LABEL, is_single_line_title, single_line
 from coars_jax.agents.trajectory import Trajectory
-from coars_jax.data import DATASETS, Dataset, candidate_list, load_dataset
+from coars_jax.data import DATASETS, TRAIN_POOLS, Dataset, candidate_list, load_dataset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.adapter_checkpoint import load_adapters, save_adapters
 from coars_jax.models.config import DecoderConfig, RopeScaling
@@ -44,11 +44,10 @@ from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import BASE_PARAMS, LoRAConfig, add_lora, adapter_index
 from coars_jax.parallel import distributed
 from coars_jax.recsys import experiment as sasrec_experiment
-from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import GREEDY, LengthBuckets, completion_log_probs
 from coars_jax.sampling.buckets import left_pad, right_pad
 from coars_jax.sampling.compilation import record_trace, trace_counts
-from coars_jax.training.copy_pretrain import CopyPretrainConfig, copy_pretrain
+from coars_jax.training.optim import warmup_cosine_schedule
 
 # The name `record_trace` counts the update step under (`sampling.trace_counts()`).
 STEP_TRACE_NAME = 'training.warm_start.step'
@@ -59,12 +58,30 @@ SCORE_DECIMALS = 2
 
 # --- config ------------------------------------------------------------------------------------------------------
 
+# The research model's warm start (SmolLM2-135M-Instruct, issue 13): both agents' LoRA adapters on the frozen GGUF
+# base, SFT on scripted dialogues built from out-of-fold peer signals, with the moving hint shown. Shared by
+# configs/warm_start_smollm2.py and the SmolLM2 training configs (`training.experiment.smollm2_config`), so that
+# every method starts from one warm start. The pretrained base learns the protocol in tens of batch-1 steps (a
+# 24-step probe took its ValidRatio from 0 to 0.95); one ~1,000-token row peaks at about 8.4 GB here, so batch 1.
+SMOLLM2_WARM_START = {
+    'train_base': False, 'num_dialogues': 64, 'shuffled_dialogues': 16, 'steps': 48,
+    'batch_size': 1, 'learning_rate': 5e-4, 'warmup_steps': 4,
+}
+# Training windows of the SmolLM2 configs: each training user's last window. On LastFM the out-of-fold peer's top
+# pick is the target in 79% of windows drawn from all training windows, but in 36% of last windows (val 35%,
+# test 34%): earlier windows' targets are popular items of the training period, which val and test are not.
+SMOLLM2_TRAIN_POOL = 'last_per_user'
+# SASRec for the SmolLM2 configs: capped epochs (CPU budget) and 5 user folds for the training windows' peer.
+SMOLLM2_SASREC = {'sasrec_max_epochs': 20, 'sasrec_folds': 5}
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WarmStartConfig:
   """The scripted dialogues and the SFT run.
 
   Attributes:
     num_dialogues: how many training windows get a scripted dialogue (drawn without replacement, seeded).
+    train_pool: which training windows they are drawn from (`data.TRAIN_POOLS`): 'all', or 'last_per_user', each
+      training user's last window, shaped like the val and test windows (see `WindowSplit.pool`).
     shuffled_dialogues: how many more training windows (a second seeded draw) get a dialogue whose scripted
       recommender, hint and peer follow a random order of the candidates instead of SASRec's. On training windows
       SASRec's top candidate is nearly always the target, so its scripts are one turn long and their Item lines
@@ -79,7 +96,7 @@ class WarmStartConfig:
       filled with rows whose loss mask is empty), so shapes depend only on the length buckets.
     learning_rate: peak AdamW step size, reached after `warmup_steps` linear steps, then cosine-decayed to
       `final_learning_rate_fraction` of the peak at `steps`.
-    warmup_steps: linear warm-up updates.
+    warmup_steps: linear warm-up updates: update k < warm-up uses peak (k + 1) / (warmup_steps + 1).
     final_learning_rate_fraction: where the cosine decay ends, as a fraction of the peak.
     weight_decay: AdamW's decoupled weight decay.
     max_grad_norm: global gradient-norm clip.
@@ -91,8 +108,6 @@ class WarmStartConfig:
     item_loss_weight: the weight of the recommender's `Item:` title tokens (and its end-of-turn token) in its
       row's loss, against 1 for the other tokens; a row's loss is its weighted mean. The reason templates are
       most of a recommender message, so at 1 the title the ValidRatio bar depends on is a small share of the loss.
-    copy_pretrain_steps: updates of the copy task (`training.copy_pretrain`) on the bare base before the
-      adapters are attached and the SFT starts (0 = none). For a random base only: it needs `train_base`.
     seed: the dialogue draw, the batch order and the adapters' initial values.
     buckets: prompt and completion lengths batches are padded up to; a run compiles at most one update program
       per (prompt bucket, completion bucket) pair its batches use.
@@ -100,6 +115,7 @@ class WarmStartConfig:
   """
 
   num_dialogues: int = 512
+  train_pool: str = 'all'
   shuffled_dialogues: int = 0
   max_turns: int = 5
   candidate_seed: int = 0
@@ -115,15 +131,13 @@ class WarmStartConfig:
   lora_alpha: float = 16.0
   train_base: bool = False
   item_loss_weight: float = 1.0
-  copy_pretrain_steps: int = 0
   seed: int = 0
   buckets: LengthBuckets = LengthBuckets()
   progress: bool = True
 
   def __post_init__(self):
     for name, least in (('num_dialogues', 1), ('shuffled_dialogues', 0), ('max_turns', 1), ('candidate_seed', 0),
-                        ('steps', 1), ('batch_size', 1), ('warmup_steps', 0), ('lora_rank', 1), ('seed', 0),
-                        ('copy_pretrain_steps', 0)):
+                        ('steps', 1), ('batch_size', 1), ('warmup_steps', 0), ('lora_rank', 1), ('seed', 0)):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f'WarmStartConfig.{name} must be an int >= {least}, found {value!r}')
@@ -138,15 +152,11 @@ class WarmStartConfig:
     for name in ('show_hint', 'train_base', 'progress'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'WarmStartConfig.{name} must be a bool, found {getattr(self, name)!r}')
+    if self.train_pool not in TRAIN_POOLS:
+      raise ValueError(f'WarmStartConfig.train_pool must be one of {TRAIN_POOLS}, found {self.train_pool!r}')
     if self.warmup_steps >= self.steps:
       raise ValueError(f'WarmStartConfig.warmup_steps ({self.warmup_steps}) must be smaller than steps '
                        f'({self.steps})')
-    if self.copy_pretrain_steps and not self.train_base:
-      raise ValueError('WarmStartConfig.copy_pretrain_steps > 0 changes the base, so it needs train_base=True (the '
-                       'base is then saved with the adapters)')
-    if self.copy_pretrain_steps and self.copy_pretrain_steps <= CopyPretrainConfig().warmup_steps:
-      raise ValueError(f'WarmStartConfig.copy_pretrain_steps must exceed the copy task\'s '
-                       f'{CopyPretrainConfig().warmup_steps} warm-up steps, found {self.copy_pretrain_steps}')
     if not isinstance(self.buckets, LengthBuckets):
       raise TypeError(f'WarmStartConfig.buckets must be a sampling.LengthBuckets, found '
                       f'{type(self.buckets).__name__}')
@@ -155,10 +165,6 @@ class WarmStartConfig:
   def rollout(self) -> RolloutConfig:
     """The protocol the scripted episodes are played under."""
     return RolloutConfig(max_turns=self.max_turns, candidate_seed=self.candidate_seed, show_hint=self.show_hint)
-
-  @property
-  def copy_pretrain(self) -> CopyPretrainConfig:
-    return CopyPretrainConfig(steps=self.copy_pretrain_steps, seed=self.seed, progress=self.progress)
 
   @property
   def lora(self) -> LoRAConfig:
@@ -210,19 +216,16 @@ class DialogueScript:
     return int(self.ranked[episode, turn - 1])
 
 
-@nnx.jit
-def _candidate_scores(model: SASRec, history: jax.Array, lengths: jax.Array, candidates: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(model(history, lengths), candidates, axis=1)
-
-
-def dialogue_script(dataset: Dataset, sasrec: SASRec, split: str, window_indices: Sequence[int], *,
+def dialogue_script(dataset: Dataset, peer, split: str, window_indices: Sequence[int], *,
                     rollout: RolloutConfig = RolloutConfig(), shuffle_seed: int | None = None) -> DialogueScript:
-  """SASRec's ranking of each window's candidate list and the similarity q of every candidate.
+  """The peer's ranking of each window's candidate list and the similarity q of every candidate.
 
-  The candidate lists are `data.candidate_list` with the rollout's seed and size, the very lists `run_episodes`
-  shows, and ties are broken towards the earlier candidate as `recsys.peer.top_candidate`'s argmax does, so the
-  script's first pick is the peer's top candidate. With `shuffle_seed`, each row's order is instead a random
-  permutation of its candidates (seeded by `shuffle_seed` and the window), and q still comes from SASRec.
+  `peer` is a `recsys.CrossFittedPeer` (training windows get their user's out-of-fold SASRec, METHOD.md section 2),
+  a `recsys.SASRec`, or any `agents.Peer` with `candidate_scores`. The candidate lists are `data.candidate_list`
+  with the rollout's seed and size, the very lists `run_episodes` shows, and ties are broken towards the earlier
+  candidate as `recsys.peer.top_candidate`'s argmax does, so the script's first pick is the peer's top candidate.
+  With `shuffle_seed`, each row's order is instead a random permutation of its candidates (seeded by
+  `shuffle_seed` and the window), and q still comes from the peer.
   """
   indices = np.asarray([int(i) for i in window_indices], np.int64)
   windows = dataset.split(split)
@@ -230,37 +233,46 @@ def dialogue_script(dataset: Dataset, sasrec: SASRec, split: str, window_indices
                          for i in indices]).astype(np.int32)
   history = np.asarray(windows.history[indices], np.int32)
   lengths = np.asarray(windows.lengths[indices], np.int32)
-  scores = np.asarray(_candidate_scores(sasrec, history, lengths, candidates))
+  bound = bind_peer(peer, split, windows.users[indices])
+  scores = np.asarray(bound.candidate_scores(history, lengths, candidates))
   if shuffle_seed is None:
     order = np.argsort(-scores, axis=1, kind='stable')
   else:
     order = np.stack([np.random.default_rng([shuffle_seed, int(i), 0x5AF]).permutation(candidates.shape[1])
                       for i in indices])
-  similarity = np.asarray(SASRecPeer(sasrec).candidate_similarities(history, lengths, candidates), np.float32)
+  similarity = np.asarray(bound.candidate_similarities(history, lengths, candidates), np.float32)
   return DialogueScript(split=split, window_indices=indices, ranked=np.take_along_axis(candidates, order, axis=1),
                         similarity=np.take_along_axis(similarity, order, axis=1),
                         target=np.asarray(windows.targets[indices], np.int32))
 
 
 class ScriptPeer:
-  """The `agents.Peer` of a shuffled script: its ranking (so the hint and p_t) is the script's order, and q is
-  SASRec's. It serves `run_episodes` on exactly the script's windows, in the script's order."""
+  """The `agents.Peer` of a shuffled script: its ranking (so the hint and p_t) is the script's order, and q is the
+  script's own (the peer's). It serves `run_episodes` on exactly the script's windows, in the script's order."""
 
-  def __init__(self, script: DialogueScript, sasrec: SASRec):
-    self.script, self.sasrec = script, SASRecPeer(sasrec)
+  def __init__(self, script: DialogueScript):
+    self.script = script
 
-  def candidate_ranking(self, history, lengths, candidates):
+  def _check(self, candidates) -> None:
     candidates = np.asarray(candidates)
     if candidates.shape != self.script.ranked.shape or not (
         np.sort(candidates, axis=1) == np.sort(self.script.ranked, axis=1)).all():
       raise ValueError('ScriptPeer serves only the candidate lists of its own script, in its order')
+
+  def candidate_ranking(self, history, lengths, candidates):
+    self._check(candidates)
     return self.script.ranked
 
   def top_candidates(self, history, lengths, candidates):
     return self.candidate_ranking(history, lengths, candidates)[:, 0]
 
   def candidate_similarities(self, history, lengths, candidates):
-    return self.sasrec.candidate_similarities(history, lengths, candidates)
+    self._check(candidates)
+    # q in the caller's candidate order; the script holds it in its own ranked order.
+    lookups = [dict(zip(ranked.tolist(), similarity.tolist()))
+               for ranked, similarity in zip(self.script.ranked, self.script.similarity)]
+    return np.asarray([[lookup[int(item)] for item in row] for lookup, row in zip(lookups, np.asarray(candidates))],
+                      np.float32)
 
 
 def scripted_user_reaction(is_target: bool, similarity: float) -> tuple[str, float]:
@@ -325,27 +337,27 @@ class ScriptedAgents:
     return format_user_output(reason, action, score)
 
 
-def draw_windows(dataset: Dataset, count: int, *, seed: int, split: str = 'train') -> np.ndarray:
-  """`count` distinct window indices of `split`, drawn with `seed`, in ascending order."""
-  total = len(dataset.split(split))
-  if count > total:
-    raise ValueError(f'num_dialogues={count} exceeds the {total} {split} windows of {dataset.name!r}; lower '
-                     f'num_dialogues to at most {total}')
+def draw_windows(dataset: Dataset, count: int, *, seed: int, split: str = 'train', pool: str = 'all') -> np.ndarray:
+  """`count` distinct window indices of `split`'s `pool` (`WindowSplit.pool`), drawn with `seed`, ascending."""
+  candidates = dataset.split(split).pool(pool)
+  if count > len(candidates):
+    raise ValueError(f'num_dialogues={count} exceeds the {len(candidates)} {split} windows of {dataset.name!r} in '
+                     f'pool {pool!r}; lower num_dialogues to at most {len(candidates)}')
   rng = np.random.default_rng([seed, 0x5F7])
-  return np.sort(rng.choice(total, size=count, replace=False))
+  return np.sort(candidates[rng.choice(len(candidates), size=count, replace=False)])
 
 
-def scripted_dialogues(dataset: Dataset, sasrec: SASRec, tokenizer, window_indices: Sequence[int], *,
+def scripted_dialogues(dataset: Dataset, peer, tokenizer, window_indices: Sequence[int], *,
                        rollout: RolloutConfig = RolloutConfig(), split: str = 'train',
                        seed: int = 0, shuffled: bool = False) -> list[Episode]:
   """Plays the scripted agents through `agents.run_episodes` (so prompts, memory and stopping are the real
   loop's) on `window_indices` of `split`; one episode per window, in order. `shuffled` scripts follow a random
   order of the candidates (seeded by `seed`), which the hint and the peer opinion follow too (`ScriptPeer`)."""
-  script = dialogue_script(dataset, sasrec, split, window_indices, rollout=rollout,
+  script = dialogue_script(dataset, peer, split, window_indices, rollout=rollout,
                            shuffle_seed=seed if shuffled else None)
   backend = ScriptedBackend(tokenizer, ScriptedAgents(dataset, script, seed=seed))
-  peer = ScriptPeer(script, sasrec) if shuffled else sasrec
-  return run_episodes(dataset, split, list(script.window_indices), backend, peer=peer, config=rollout, seed=seed)
+  return run_episodes(dataset, split, list(script.window_indices), backend,
+                      peer=ScriptPeer(script) if shuffled else peer, config=rollout, seed=seed)
 
 
 # --- SFT examples and fixed-shape batches ---------------------------------------------------------------------------
@@ -509,12 +521,15 @@ def _train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.A
   return nnx.state((model, optimizer)), metrics
 
 
+def learning_rate_schedule(config: WarmStartConfig) -> optax.Schedule:
+  """The SFT step size per update: `optim.warmup_cosine_schedule` over `steps`."""
+  return warmup_cosine_schedule(config.learning_rate, warmup_steps=config.warmup_steps, total_steps=config.steps,
+                                final_fraction=config.final_learning_rate_fraction)
+
+
 def make_optimizer(model: Decoder, config: WarmStartConfig) -> nnx.Optimizer:
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-      decay_steps=config.steps, end_value=config.learning_rate * config.final_learning_rate_fraction)
   tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                   optax.adamw(schedule, weight_decay=config.weight_decay))
+                   optax.adamw(learning_rate_schedule(config), weight_decay=config.weight_decay))
   return nnx.Optimizer(model, tx, wrt=trainable_filter(config.train_base))
 
 
@@ -582,30 +597,17 @@ class WarmStartResult:
     train: the optimizer run.
     dialogue_metrics: `episode_metrics` of the SASRec-ordered scripted dialogues (their Hit@1 is SASRec's on those
       windows); the shuffled ones are left out.
-    copy_history: per-step metrics of the copy pre-training (empty when it was off).
   """
 
   episodes: tuple[Episode, ...]
   examples: SFTExamples
   train: TrainResult
   dialogue_metrics: dict[str, float]
-  copy_history: tuple[dict[str, float], ...] = ()
 
   def max_new_tokens(self, agent: str, margin: int = 8) -> int:
     """A token budget for greedy evaluation: the longest scripted message of `agent` plus `margin`; a model that
     imitates the script never needs more."""
     return self.examples.max_completion_tokens(agent) + margin
-
-
-def copy_summary(history) -> dict[str, Any]:
-  """The copy pre-training's size, end point (mean of its last 20 steps) and wall time; {} when it was off."""
-  if not history:
-    return {}
-  tail = history[-min(len(history), 20):]
-  return {'copy_pretrain_steps': len(history),
-          'copy_pretrain_final_loss': float(np.mean([h['loss'] for h in tail])),
-          'copy_pretrain_final_accuracy': float(np.mean([h['copy_accuracy'] for h in tail])),
-          'copy_pretrain_seconds': round(history[-1].get('seconds', 0.0), 1)}
 
 
 def prepare_model(model: Decoder, config: WarmStartConfig) -> Decoder:
@@ -617,23 +619,21 @@ def prepare_model(model: Decoder, config: WarmStartConfig) -> Decoder:
   return model
 
 
-def warm_start_agents(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRec,
+def warm_start_agents(model: Decoder, tokenizer, dataset: Dataset, peer,
                config: WarmStartConfig = WarmStartConfig()) -> WarmStartResult:
   """Scripted dialogues on `config.num_dialogues` training windows, then SFT of `model` on them, in place.
 
-  `model` gets the two agents' adapters if it has none (`prepare_model`), after `config.copy_pretrain_steps` of
-  copy pre-training of its bare base when that is on.
+  `model` gets the two agents' adapters if it has none (`prepare_model`).
   """
-  copy_history = copy_pretrain(model, config.copy_pretrain) if config.copy_pretrain_steps else []
   prepare_model(model, config)
   if len(tokenizer) > model.config.vocab_size:
     raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model\'s vocab_size is '
                      f'{model.config.vocab_size}; use the model\'s own tokenizer')
-  windows = draw_windows(dataset, config.num_dialogues, seed=config.seed)
-  episodes = scripted_dialogues(dataset, sasrec, tokenizer, windows, rollout=config.rollout, seed=config.seed)
+  windows = draw_windows(dataset, config.num_dialogues, seed=config.seed, pool=config.train_pool)
+  episodes = scripted_dialogues(dataset, peer, tokenizer, windows, rollout=config.rollout, seed=config.seed)
   if config.shuffled_dialogues:
-    shuffled_windows = draw_windows(dataset, config.shuffled_dialogues, seed=config.seed + 1)
-    episodes += scripted_dialogues(dataset, sasrec, tokenizer, shuffled_windows, rollout=config.rollout,
+    shuffled_windows = draw_windows(dataset, config.shuffled_dialogues, seed=config.seed + 1, pool=config.train_pool)
+    episodes += scripted_dialogues(dataset, peer, tokenizer, shuffled_windows, rollout=config.rollout,
                                    seed=config.seed, shuffled=True)
   pad_id = tokenizer_lib.special_token_ids(tokenizer).pad_id
   examples = SFTExamples.from_trajectory(Trajectory.from_episodes(episodes, pad_token_id=pad_id))
@@ -642,10 +642,10 @@ def warm_start_agents(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRe
   logging.info('warm start: %d dialogues, %d agent messages', len(episodes), len(examples))
   train = train_sft(model, examples, config, pad_token_id=pad_id)
   return WarmStartResult(episodes=tuple(episodes), examples=examples, train=train,
-                         dialogue_metrics=episode_metrics(episodes[:len(windows)]), copy_history=tuple(copy_history))
+                         dialogue_metrics=episode_metrics(episodes[:len(windows)]))
 
 
-def evaluate_dialogues(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASRec, window_indices: Sequence[int],
+def evaluate_dialogues(model: Decoder, tokenizer, dataset: Dataset, peer, window_indices: Sequence[int],
                        *, split: str = 'val', rollout: RolloutConfig = RolloutConfig(),
                        recommender_max_new_tokens: int = 64, user_max_new_tokens: int = 64,
                        buckets: LengthBuckets = LengthBuckets(), seed: int = 0) -> tuple[dict[str, float],
@@ -654,7 +654,7 @@ def evaluate_dialogues(model: Decoder, tokenizer, dataset: Dataset, sasrec: SASR
   backend = LLMBackend(model, tokenizer, adapters={RECOMMENDER: RECOMMENDER, USER: USER}, config=LLMBackendConfig(
       recommender_max_new_tokens=recommender_max_new_tokens, user_max_new_tokens=user_max_new_tokens,
       sampling=GREEDY, buckets=buckets))
-  episodes = run_episodes(dataset, split, list(window_indices), backend, peer=sasrec, config=rollout, seed=seed)
+  episodes = run_episodes(dataset, split, list(window_indices), backend, peer=peer, config=rollout, seed=seed)
   return episode_metrics(episodes), episodes
 
 
@@ -739,6 +739,9 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
       'model_seed': 0,  # the tiny model's random initialisation
       'sasrec_workdir': f'runs/sasrec_{dataset}',  # where SASRec's checkpoint is (trained there if absent)
       'sasrec_seed': 0,  # which SASRec training seed ranks the candidates and gives q
+      'sasrec_max_epochs': 0,  # cap on SASRec's epochs when it is trained here (0 = its own default, early-stopped)
+      'sasrec_folds': 5,  # K user folds: training windows get an out-of-fold SASRec (0 = the full one, an oracle)
+      'sasrec_fold_seed': 0,  # the permutation that deals training users into folds
       'warm_start': {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if f.name != 'buckets'},
       'prompt_buckets': defaults.buckets.prompt,
       'completion_buckets': defaults.buckets.completion,
@@ -763,6 +766,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = config.eval[name]
     configlib.require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f'eval.{name}',
                       'an int >= 0', value)
+  configlib.require_peer_fields(config)
   try:
     warm_start_config(config)
   except (TypeError, ValueError) as error:
@@ -788,12 +792,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   validate(config)
   settings = warm_start_config(config)
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
-  sasrec_config = sasrec_experiment.default_config(config.dataset)
-  sasrec_config.update({'data_root': config.data_root, 'allow_download': config.allow_download,
-                        'workdir': config.sasrec_workdir, 'progress': settings.progress})
-  sasrec, _ = sasrec_experiment.train_or_load(sasrec_config, dataset, config.sasrec_seed)
+  full_sasrec, peer = sasrec_experiment.train_or_load_peer(
+      sasrec_experiment.peer_config(config.dataset, workdir=config.sasrec_workdir, data_root=config.data_root,
+                                    allow_download=config.allow_download, progress=settings.progress,
+                                    max_epochs=config.sasrec_max_epochs),
+      dataset, config.sasrec_seed, num_folds=config.sasrec_folds, fold_seed=config.sasrec_fold_seed)
   model, tokenizer = load_model_and_tokenizer(config)
-  result = warm_start_agents(model, tokenizer, dataset, sasrec, settings)
+  result = warm_start_agents(model, tokenizer, dataset, peer, settings)
   history = result.train.history
   tail = history[-min(len(history), 20):]
   summary: dict[str, Any] = {
@@ -802,12 +807,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'scripted_dialogue_metrics': result.dialogue_metrics, 'steps': len(history),
       'first_loss': history[0]['loss'], 'final_loss_mean_last_20': float(np.mean([h['loss'] for h in tail])),
       'train_seconds': round(result.train.seconds, 1), 'update_step_traces': result.train.traces,
-      **copy_summary(result.copy_history),
   }
   if config.eval.num_windows:
     count = min(config.eval.num_windows, len(dataset.split(config.eval.split)))
     metrics, _ = evaluate_dialogues(
-        model, tokenizer, dataset, sasrec, range(count), split=config.eval.split, rollout=settings.rollout,
+        model, tokenizer, dataset, full_sasrec, range(count), split=config.eval.split, rollout=settings.rollout,
         recommender_max_new_tokens=result.max_new_tokens(RECOMMENDER, config.eval.token_margin),
         user_max_new_tokens=result.max_new_tokens(USER, config.eval.token_margin), buckets=settings.buckets,
         seed=settings.seed)

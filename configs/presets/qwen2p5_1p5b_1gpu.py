@@ -5,7 +5,7 @@
 
 `model` is a local HF checkpoint folder (config.json, tokenizer, safetensors); the path below is a placeholder.
 The memory plan (`python -m experiments.plan_memory --config=configs/presets/qwen2p5_1p5b_1gpu.py`) is checked
-against plan.device; the argument picks the method as in `configs/lastfm_tiny.py`.
+against plan.device; the argument picks the method as in `configs/lastfm_smollm2.py`.
 """
 
 from coars_jax.training.presets import pretrained_config

@@ -174,7 +174,8 @@ def test_rollout_rewards_group_baseline_centres_within_window_and_agent():
   rows = {
       'hit': hit, 'acceptance_score': np.array([.9, .9, .2, .2, .4, .4, .8, .8, 0, 0], np.float32),
       'peer_similarity': np.zeros(10, np.float32), 'action': np.array([3, 3, 0, 0, 1, 1, 3, 3, 0, 0], np.int32),
-      'turn': np.ones(10, np.int32), 'agent': np.array([0, 1] * 5, np.int32), 'final_hit': hit,
+      'turn': np.ones(10, np.int32), 'agent': np.array([0, 1] * 5, np.int32), 'valid': np.ones(10, bool),
+      'final_hit': hit,
       'last_turn': np.ones(10, np.int32), 'judge_probability': np.zeros(10, np.float32),
       'group': np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 0], np.int32), 'real': real}
   common = dict(kind='interaction', gamma=0.9, alpha=0.1, assign='final', signed=True, num_groups=2)
@@ -208,6 +209,49 @@ def test_teacher_prompts_rebuild_the_student_prompt_and_append_d():
     assert len(ids) > len(student_ids)
     # d goes inside the last user message: everything before that message's content is unchanged.
     assert teacher_text.startswith(tokenizer.decode(student_ids[:len(student_ids) // 2]))
+  # The ablation's d: the same prompts, with no turn's sampled reaction in d.
+  omitted = rl.teacher_prompts(tokenizer, episodes, trajectory, rows, ranks=None, rollout=ROLLOUT,
+                               dataset_name=DATASET.name, omit_samples=True)
+  for ids, full in zip(omitted, teachers):
+    d = tokenizer.decode(ids).split(REFERENCE_HEADER)[1]
+    assert 'reacted' not in d and 'reacted' in tokenizer.decode(full).split(REFERENCE_HEADER)[1]
+
+
+def test_rewards_read_each_segments_validity(coars_run):
+  # The trainer passes `Trajectory.valid` to the reward: a user message that did not parse gets R_user = -1 and
+  # stays in the loss; the recommender's row of that turn keeps its reward.
+  run = coars_run[0]
+  episodes = ws.scripted_dialogues(DATASET, micro_sasrec(), small_tokenizer(), [1, 2], rollout=ROLLOUT)
+  trajectory = Trajectory.from_episodes(episodes)
+  groups = np.arange(len(episodes))
+  reward, _, included, _ = run._rewards(trajectory, None, groups)
+  user = int(np.flatnonzero(trajectory.agent == 1)[0])
+  rec = int(np.flatnonzero((trajectory.agent == 0) & (trajectory.episode == trajectory.episode[user])
+                           & (trajectory.turn == trajectory.turn[user]))[0])
+  assert reward[user] != -1.0
+  trajectory.valid[user] = False
+  penalised, _, penalised_included, _ = run._rewards(trajectory, None, groups)
+  assert penalised[user] == -1.0 and penalised_included[user]
+  np.testing.assert_array_equal(np.delete(penalised, user), np.delete(reward, user))
+  assert penalised[rec] == reward[rec] and penalised_included[rec] == included[rec]
+
+
+def test_outcome_rl_baseline_update_is_terminal_and_the_coars_ablation_keeps_every_turn():
+  # The baseline (recommender only, lambda_SD = 0): one row per episode, the final recommender turn, R = +-1.
+  baseline = trainer(rl_config(reward='outcome', lambda_sd=0.0, train_user_agent=False))
+  metrics = baseline.iteration()
+  assert metrics['update/loss_rows'] == 2 and metrics['reward/user_segments'] == 0
+  batch = {key: np.asarray(value).reshape(-1) for key, value in baseline.last_batch.items()
+           if key in ('reward', 'agent', 'included')}
+  assert set(np.abs(batch['reward'][batch['included']]).tolist()) == {1.0}
+  assert set(batch['agent'][batch['included']].tolist()) == {0}
+  # CoARS with the outcome reward: every segment of both agents carries loss (self-distillation on each turn).
+  ablation = trainer(rl_config(reward='outcome'))
+  metrics = ablation.iteration()
+  segments = metrics['reward/recommender_segments'] + metrics['reward/user_segments']
+  assert metrics['reward/user_segments'] > 0 and metrics['update/loss_rows'] == segments
+  assert segments == 2 * metrics['rollout/episodes'] * metrics['rollout/average_turns']
+  assert metrics['update/skipped'] is False
 
 
 def test_windows_stream_is_resumable_and_each_epoch_is_a_permutation():
@@ -275,8 +319,12 @@ def test_constrained_rollouts_are_scored_under_each_segments_own_grammar():
 def test_rl_config_is_validated():
   with pytest.raises(ValueError, match=r"RLConfig.reward must be one of \('interaction', 'outcome', 'judge'\)"):
     rl_config(reward='hit')
-  with pytest.raises(ValueError, match="RLConfig.train_user_agent must be False with reward='outcome'"):
-    rl_config(reward='outcome')
+  with pytest.raises(ValueError, match="RLConfig.train_user_agent must be False with reward='judge'"):
+    rl_config(reward='judge')
+  with pytest.raises(ValueError, match=r'RLConfig.invalid_user_reward must be a finite number <= 0'):
+    rl_config(invalid_user_reward=0.5)
+  with pytest.raises(ValueError, match='RLConfig.reference_omits_samples must be a bool'):
+    rl_config(reference_omits_samples=1)
   with pytest.raises(ValueError, match='RLConfig.rows_per_microbatch must be an int >= 1'):
     rl_config(rows_per_microbatch=0)
   with pytest.raises(ValueError, match=r'RLConfig.lambda_sd must be a number in \[0.0, inf\]'):
@@ -287,6 +335,9 @@ def test_rl_config_is_validated():
     rl_config(ppo_epsilon=1.5)
   with pytest.raises(ValueError, match='ppo_epsilon needs sampling by temperature alone'):
     rl_config(ppo_epsilon=0.2, sampling=SamplingParams(temperature=1.0, top_k=5))
-  # K is sized for the longest possible rollout: E x T_u segments per trained agent (E for terminal rewards).
+  # K is sized for the longest possible rollout: E x T_u segments per trained agent (E for the baselines' terminal
+  # rewards; every turn of both agents for CoARS's outcome-reward ablation, which keeps self-distillation on them).
   assert rl_config().num_microbatches(max_turns=2) == 2
-  assert rl_config(reward='outcome', train_user_agent=False, windows_per_iteration=9).num_microbatches(5) == 3
+  outcome_rl = dict(reward='outcome', lambda_sd=0.0, train_user_agent=False, windows_per_iteration=9)
+  assert rl_config(**outcome_rl).num_microbatches(5) == 3
+  assert rl_config(reward='outcome', windows_per_iteration=9).num_microbatches(5) == 9 * 5 * 2 // 4 + 1

@@ -156,15 +156,21 @@ def test_sharding_rules_come_from_the_config(tmp_path):
   assert rules['vocab'] == () and rules['embed'] == ('data', 'fsdp') and rules['mlp'] == ('tensor',)
 
 
-@pytest.mark.parametrize('name', ['lastfm_tiny', 'movielens_tiny', 'instruments_tiny', 'lastfm_smollm2'])
+@pytest.mark.parametrize('name', ['lastfm_smollm2', 'movielens_smollm2', 'instruments_smollm2'])
 def test_shipped_configs_validate_for_every_method(name):
   module = importlib.import_module(f'configs.{name}')
   for method in ex.METHODS:
     config = module.get_config(method)
     ex.validate(config)
-    assert config.method == method
+    assert config.method == method and config.model == 'smollm2-135m'
   assert module.get_config('outcome_rl').rl.reward == 'outcome'
   assert module.get_config('judge_rl').rl.train_user_agent is False
+
+
+def test_shipped_configs_validate_the_cpu_demo():
+  config = importlib.import_module('configs.demo_cpu').get_config()  # CoARS only: it takes no argument
+  ex.validate(config)
+  assert config.method == 'coars' and config.model == 'smollm2-135m' and config.warm_start.enabled
 
 
 def _leaves(config, prefix=''):

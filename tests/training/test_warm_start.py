@@ -125,7 +125,7 @@ def test_shuffled_dialogues_name_the_hint_in_a_random_order():
       assert turn.action == ws.scripted_user_reaction(turn.item == episode.target, turn.peer_similarity)[0]
   assert differs == len(episodes)
   with pytest.raises(ValueError, match='ScriptPeer'):
-    ws.ScriptPeer(script, micro_sasrec()).candidate_ranking(None, None, script.ranked[:2])
+    ws.ScriptPeer(script).candidate_ranking(None, None, script.ranked[:2])
 
 
 def test_scripted_user_reaction_maps_similarity_into_the_action_interval():
