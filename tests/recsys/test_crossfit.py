@@ -150,3 +150,20 @@ def test_checkpoints_are_reused_only_under_the_same_training_config(random_walk_
   assert 'Retraining SASRec' in caplog.text and meta['epochs_run'] == 1
   assert meta['fold'] == {'num_folds': 2, 'fold': 1, 'seed': 0}
   assert meta['train_windows'] == len(crossfit.held_out_dataset(dataset, spec).split('train'))
+
+
+def test_last_per_user_pool_holds_each_users_last_window_and_draws_stay_in_it():
+  from coars_jax.training.warm_start import draw_windows
+  train = SYNTHETIC.split('train')
+  pool = train.pool('last_per_user')
+  assert len(pool) == len(np.unique(train.users))
+  for index in pool:
+    same_user = np.flatnonzero(train.users == train.users[index])
+    assert index == same_user.max()
+  np.testing.assert_array_equal(train.pool('all'), np.arange(len(train)))
+  drawn = draw_windows(SYNTHETIC, 10, seed=0, pool='last_per_user')
+  assert set(drawn.tolist()) <= set(pool.tolist()) and len(set(drawn.tolist())) == 10
+  with pytest.raises(ValueError, match='exceeds'):
+    draw_windows(SYNTHETIC, len(pool) + 1, seed=0, pool='last_per_user')
+  with pytest.raises(ValueError, match='unknown window pool'):
+    train.pool('first_per_user')
