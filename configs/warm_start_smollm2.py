@@ -7,7 +7,8 @@ random candidate order. The recipe is `coars_jax.training.warm_start.SMOLLM2_WAR
 configs `configs/<dataset>_smollm2.py`, whose warm-start folder is this config's workdir.
 """
 
-from coars_jax.training.warm_start import SMOLLM2_SASREC, SMOLLM2_TRAIN_POOL, SMOLLM2_WARM_START, default_config
+from coars_jax.training.warm_start import (SMOLLM2_BUCKETS, SMOLLM2_SASREC, SMOLLM2_TRAIN_POOL, SMOLLM2_WARM_START,
+                                           default_config)
 
 
 def get_config(dataset: str = 'lastfm'):
@@ -15,6 +16,7 @@ def get_config(dataset: str = 'lastfm'):
   config.model = 'smollm2-135m'
   config.workdir = f'runs/warm_start_smollm2_{dataset}'
   config.update(SMOLLM2_SASREC)
+  config.update(SMOLLM2_BUCKETS)
   config.warm_start.update(SMOLLM2_WARM_START)
   config.warm_start.show_hint = True
   config.warm_start.train_pool = SMOLLM2_TRAIN_POOL  # each training user's last window, shaped like val and test

@@ -186,6 +186,7 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           'test_windows': 0,  # the first this many test windows for the before / after rows (0 = all)
           'batch_size': 32,  # episodes per batched generation
           'zero_shot': False,  # also a test row of the bare base (adapters off) before the warm start, as a reference
+          'zero_shot_constrained': False,  # decode that row under the output grammars (labelled zero_shot+grammar)
           'user_f1': {
               'enabled': True,  # the user-agent F1 on the test rows (METHOD.md section 6)
               'num_users': 0,  # the first this many users of the user-simulation set (0 = all)
@@ -244,6 +245,7 @@ def smollm2_config(dataset: str, method: str = 'coars') -> ml_collections.Config
   get out-of-fold peers, and the RL methods share one budget sized for 2 CPU cores."""
   config = default_config(dataset, 'smollm2-135m', method or 'coars')
   config.update(warm_start_lib.SMOLLM2_SASREC)
+  config.update(warm_start_lib.SMOLLM2_BUCKETS)
   config.train_pool = warm_start_lib.SMOLLM2_TRAIN_POOL
   config.warm_start.enabled = True
   config.warm_start.folder = f'runs/warm_start_smollm2_{dataset}'
@@ -284,7 +286,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except (TypeError, ValueError) as error:
     raise configlib.ConfigError(f'Config fields prompt_buckets / completion_buckets: {error}') from error
   for name in ('resume', 'progress', 'allow_download', 'warm_start.enabled', 'eval.user_f1.enabled',
-               'eval.zero_shot', 'eval.user_f1.peer_opinion', 'eval.user_f1.also_without_peer'):
+               'eval.zero_shot', 'eval.zero_shot_constrained', 'eval.user_f1.peer_opinion',
+               'eval.user_f1.also_without_peer'):
     value = config
     for part in name.split('.'):
       value = value[part]
@@ -507,15 +510,18 @@ def prepare_agents(config, parts: Components, workdir: pathlib.Path) -> tuple[De
   return model, {'stage': 'zero_shot', 'base_saved': False}
 
 
-def greedy_backend(model: Decoder, tokenizer, config, guard: 'PreemptionGuard | None' = None) -> LLMBackend:
-  """The evaluation backend; with `guard`, a SIGTERM makes its next generation call raise `Preempted`."""
+def greedy_backend(model: Decoder, tokenizer, config, guard: 'PreemptionGuard | None' = None, *,
+                   constrained: bool = False) -> LLMBackend:
+  """The evaluation backend (under the output grammars when `constrained`); with `guard`, a SIGTERM makes its
+  next generation call raise `Preempted`."""
   adapters = {agent: agent for agent in AGENTS} if model.adapter_names else None
   # Multi-host, the trainer has placed the model's arrays over every process's devices, which only the sharded
   # programs take; a single-process run keeps the unsharded programs it always ran.
   mesh = make_mesh(mesh_shape_from_config(config.mesh)) if jax.process_count() > 1 else None
   backend = LLMBackend(model, tokenizer, adapters=adapters, config=LLMBackendConfig(
       recommender_max_new_tokens=config.recommender_max_new_tokens,
-      user_max_new_tokens=config.user_max_new_tokens, sampling=GREEDY, buckets=buckets(config)), mesh=mesh)
+      user_max_new_tokens=config.user_max_new_tokens, sampling=GREEDY, buckets=buckets(config),
+      constrained=constrained), mesh=mesh)
   return backend if guard is None else guard.watch(backend)
 
 
@@ -524,8 +530,10 @@ def _first(count: int, total: int) -> tuple[int, ...]:
 
 
 def evaluate_rows(config, parts: Components, model: Decoder, *, method: str, stage: str,
-                  user_sim: UserSimSet | None, guard: 'PreemptionGuard | None' = None) -> dict[str, Any]:
-  """A greedy test row (`eval.agentic.evaluate_agentic`, with the user-agent F1 when configured)."""
+                  user_sim: UserSimSet | None, guard: 'PreemptionGuard | None' = None,
+                  constrained: bool = False) -> dict[str, Any]:
+  """A greedy test row (`eval.agentic.evaluate_agentic`, with the user-agent F1 when configured), decoded under
+  the output grammars when `constrained`."""
   total = len(parts.dataset.split('test'))
   eval_config = AgenticEvalConfig(
       split='test', window_indices=_first(config.eval.test_windows, total), batch_size=config.eval.batch_size,
@@ -534,12 +542,13 @@ def evaluate_rows(config, parts: Components, model: Decoder, *, method: str, sta
                            show_peer_opinion=config.eval.user_f1.peer_opinion),
       user_f1_both_peer_settings=config.eval.user_f1.peer_opinion and config.eval.user_f1.also_without_peer,
       progress=config.progress)
-  result = evaluate_agentic(parts.dataset, greedy_backend(model, parts.tokenizer, config, guard), peer=parts.sasrec,
+  result = evaluate_agentic(parts.dataset, greedy_backend(model, parts.tokenizer, config, guard,
+                                                         constrained=constrained), peer=parts.sasrec,
                             method=method, model=parts.model_label, seed=0, config=eval_config, user_sim=user_sim)
   row = dict(result.row)
   # `seed` is the evaluation's (greedy, so moot); `train_seed` tells the report which training run this is.
-  row.update({'stage': stage, 'windows_of_split': total, 'train_seed': int(config.rl.seed),
-              'user_f1_users': None if user_sim is None else len(user_sim.cases)})
+  row.update({'stage': stage, 'constrained': constrained, 'windows_of_split': total,
+              'train_seed': int(config.rl.seed), 'user_f1_users': None if user_sim is None else len(user_sim.cases)})
   return row
 
 
@@ -597,7 +606,9 @@ def _zero_shot_rows(config, parts: Components, workdir: pathlib.Path, user_sim: 
   path = workdir / ZERO_SHOT_FILE
   if path.is_file():
     return [json.loads(path.read_text())]
-  row = evaluate_rows(config, parts, parts.model, method='zero_shot', stage='zero_shot', user_sim=user_sim)
+  constrained = config.eval.zero_shot_constrained
+  row = evaluate_rows(config, parts, parts.model, method='zero_shot+grammar' if constrained else 'zero_shot',
+                      stage='zero_shot', user_sim=user_sim, constrained=constrained)
   _write_json(path, row)
   return [row]
 

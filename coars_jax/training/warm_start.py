@@ -71,6 +71,10 @@ SMOLLM2_WARM_START = {
 # pick is the target in 79% of windows drawn from all training windows, but in 36% of last windows (val 35%,
 # test 34%): earlier windows' targets are popular items of the training period, which val and test are not.
 SMOLLM2_TRAIN_POOL = 'last_per_user'
+# Length buckets of the SmolLM2 configs: its prompts are 300 to 1,000 tokens (x + d up to 2,048) and its messages
+# 20 to 90, so a few coarse buckets; each (prompt, completion) pair is one more compile of a 30-layer program, which
+# costs 30 to 60 s on 2 cores, more than the padding saved.
+SMOLLM2_BUCKETS = {'prompt_buckets': (512, 1024, 2048), 'completion_buckets': (64, 128)}
 # SASRec for the SmolLM2 configs: capped epochs (CPU budget) and 5 user folds for the training windows' peer.
 SMOLLM2_SASREC = {'sasrec_max_epochs': 20, 'sasrec_folds': 5}
 

@@ -238,3 +238,22 @@ def test_a_run_writes_only_inside_its_workdir_and_the_two_shared_folders(tmp_pat
   with pytest.raises(ValueError, match='outside the workdir'):
     ex.run(micro_config(work), components=None)
   assert not (work / ex.CONFIG_FILE).exists() and list(outside.iterdir()) == []
+
+
+def test_zero_shot_row_comes_first_and_rows_carry_paired_intervals(tmp_path):
+  config = micro_config(tmp_path / 'run', **{'rl.iterations': 1, 'eval.every': 0, 'eval.zero_shot': True})
+  rows = ex.run(config, components=components())
+  assert [r['stage'] for r in rows] == ['zero_shot', 'before', 'after']
+  zero, before, after = rows
+  assert zero['method'] == 'zero_shot' and zero['constrained'] is False
+  assert (tmp_path / 'run' / ex.ZERO_SHOT_FILE).is_file()
+  assert zero['window_indices'] == before['window_indices'] == after['window_indices'] == [0, 1]
+  for row in (zero, after):
+    interval = row['hit@1_vs_before']
+    assert interval['diff'] == pytest.approx(np.mean(row['window_hits']) - np.mean(before['window_hits']))
+    assert interval['low'] <= interval['diff'] <= interval['high'] and interval['windows'] == 2
+  assert 'hit@1_vs_before' not in before
+  # A rerun reads the zero-shot row back instead of evaluating the base again.
+  again = ex.run(micro_config(tmp_path / 'run', **{'rl.iterations': 1, 'eval.every': 0, 'eval.zero_shot': True,
+                                                   'resume': True}), components=components())
+  assert again[0]['wall_seconds'] == zero['wall_seconds']
