@@ -464,6 +464,8 @@ class Turn:
     peer_similarity: q_t in [-1, 1], SASRec's cosine between the user and i_t; 0 when no item was named, so that
       the peer term of R_user (Eq. 8) vanishes rather than scoring an item that does not exist.
     action: a_t, one of `ACTIONS`.
+    hint_title: the hint x_rec_t showed (the peer's best candidate not yet recommended, `RolloutConfig.show_hint`),
+      or None without a hint; what a trainer needs to rebuild x_rec_t.
   """
 
   turn: int
@@ -478,6 +480,7 @@ class Turn:
   acceptance_score: float
   peer_similarity: float
   action: str
+  hint_title: str | None = None
 
   @property
   def record(self) -> TurnRecord:
@@ -637,9 +640,10 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
   live = list(range(batch))
 
   for t in range(1, config.max_turns + 1):
+    hints = {e: titles[hint_item(e)] if config.show_hint else None for e in live}
     rec_prompts = [recommender_messages(
         history_titles=history_titles[e], candidate_titles=candidate_titles[e], memory=memories[e],
-        hint_title=titles[hint_item(e)] if config.show_hint else None, config=prompt_config) for e in live]
+        hint_title=hints[e], config=prompt_config) for e in live]
     rec_out = _checked(backend.generate(RECOMMENDER, rec_prompts, seed=turn_seed(seed, t, RECOMMENDER),
                                         episode_ids=live, turn=t, candidates=[candidate_titles[e] for e in live]),
                        len(live), RECOMMENDER)
@@ -665,7 +669,7 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
           hit=bool(item == window_list[e].target),
           acceptance_score=float(user_parse.score),
           peer_similarity=float(similarities[e, rec_parse.candidate_index]) if rec_parse.valid else 0.0,
-          action=user_parse.action)
+          action=user_parse.action, hint_title=hints[e])
       turns[e].append(turn)
       memories[e] = memories[e].append(turn.record)
       if not turn.clicked:

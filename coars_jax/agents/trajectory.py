@@ -236,7 +236,7 @@ def episode_record(episode: Episode) -> dict[str, Any]:
     rec, user = turn.recommender_parse, turn.user_parse
     turns.append({
         't': turn.turn, 'item': turn.item, 'hit': turn.hit, 'acceptance_score': turn.acceptance_score,
-        'peer_similarity': turn.peer_similarity, 'action': turn.action,
+        'peer_similarity': turn.peer_similarity, 'action': turn.action, 'hint_title': turn.hint_title,
         'recommender': {**_message_record(turn.recommender), 'valid': rec.valid, 'item_text': rec.item_text,
                         'title': rec.title, 'match_rule': rec.match_rule, 'reason': rec.reason,
                         'shown_title': turn.shown_title, 'shown_reason': turn.shown_reason},

@@ -314,11 +314,12 @@ def student_messages(episode: Episode, turn_number: int, agent: str, *, rollout:
   exactly the prompt the backend saw."""
   prompt_config = rollout.prompt or PromptConfig.for_dataset(dataset_name)
   memory = episode.memory(before_turn=turn_number)
-  if agent == RECOMMENDER:
-    return recommender_messages(history_titles=episode.history_titles, candidate_titles=episode.candidate_titles,
-                                memory=memory, hint_title=episode.peer_title if rollout.show_hint else None,
-                                config=prompt_config)
   turn = episode.turns[turn_number - 1]
+  if agent == RECOMMENDER:
+    # The hint moves on after turn 1 (`RolloutConfig.show_hint`), so each turn keeps the one it showed.
+    return recommender_messages(history_titles=episode.history_titles, candidate_titles=episode.candidate_titles,
+                                memory=memory, hint_title=turn.hint_title if rollout.show_hint else None,
+                                config=prompt_config)
   return user_messages(history_titles=episode.history_titles, recommended_title=turn.shown_title,
                        recommender_reason=turn.shown_reason, memory=memory,
                        peer_opinion=peer_opinion(episode.peer_title) if rollout.show_peer_opinion else None,

@@ -341,3 +341,18 @@ def test_rl_config_is_validated():
   outcome_rl = dict(reward='outcome', lambda_sd=0.0, train_user_agent=False, windows_per_iteration=9)
   assert rl_config(**outcome_rl).num_microbatches(5) == 3
   assert rl_config(reward='outcome', windows_per_iteration=9).num_microbatches(5) == 9 * 5 * 2 // 4 + 1
+
+
+def test_student_prompts_rebuild_the_moving_hint_of_every_turn():
+  # With the hint on, x_rec_t names the peer's best candidate not yet recommended, which moves after turn 1; the
+  # trainer's rebuilt prompts must show each turn's own hint (the rebuild check in teacher_prompts raises if not).
+  tokenizer = small_tokenizer()
+  rollout = RolloutConfig(max_turns=3, show_hint=True)
+  episodes = ws.scripted_dialogues(DATASET, micro_sasrec(), tokenizer, list(range(0, 60, 6)), rollout=rollout,
+                                   shuffled=True, seed=1)
+  trajectory = Trajectory.from_episodes(episodes)
+  assert any(turn.hint_title != episode.turns[0].hint_title for episode in episodes for turn in episode.turns[1:])
+  rows = np.arange(trajectory.num_segments)
+  teachers = rl.teacher_prompts(tokenizer, episodes, trajectory, rows, ranks=None, rollout=rollout,
+                                dataset_name=DATASET.name)
+  assert len(teachers) == len(rows)
