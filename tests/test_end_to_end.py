@@ -20,7 +20,8 @@ def test_warm_start_then_rollout_then_evaluation(tmp_path):
 
   warm = tmp_path / 'warm_start'
   out = run_module('experiments.warm_start', '--config=configs/warm_start_tiny.py:instruments',
-                   f'--config.workdir={warm}', f'--config.sasrec_workdir={sasrec}', '--config.warm_start.steps=3',
+                   f'--config.workdir={warm}', f'--config.sasrec_workdir={sasrec}', '--config.sasrec_max_epochs=1',
+                   '--config.sasrec_folds=2', '--config.warm_start.steps=3',
                    '--config.warm_start.warmup_steps=1', '--config.warm_start.num_dialogues=4',
                    '--config.warm_start.max_turns=2', '--config.eval.num_windows=0',
                    '--config.warm_start.progress=False',
@@ -31,7 +32,8 @@ def test_warm_start_then_rollout_then_evaluation(tmp_path):
 
   rows_file, episodes_file = tmp_path / 'rows.json', tmp_path / 'episodes.jsonl'
   out = run_module('experiments.evaluate', '--config=configs/eval_tiny.py:instruments', f'--checkpoint={warm}',
-                   f'--config.sasrec_workdir={sasrec}', '--config.num_windows=3', '--config.rollout.max_turns=2',
+                   f'--config.sasrec_workdir={sasrec}', '--config.sasrec_max_epochs=1', '--config.num_windows=3',
+                   '--config.rollout.max_turns=2',
                    '--config.recommender_max_new_tokens=16', '--config.user_max_new_tokens=16',
                    '--config.user_f1.num_users=2', '--config.progress=False', f'--config.trajectories={episodes_file}',
                    f'--output={rows_file}', env_root=root)
