@@ -145,15 +145,22 @@ class Decoder(nnx.Module):
         self.adapter_names: tuple[str, ...] = ()
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: KVCache | None = None, *,
-                 adapter: str | jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-        hidden, new_cache = self.hidden_states(tokens, positions, segment_ids, cache, adapter=adapter)
+                 cache: KVCache | None = None, *, adapter: str | jax.Array | None = None,
+                 remat: bool = False) -> tuple[jax.Array, KVCache | None]:
+        hidden, new_cache = self.hidden_states(tokens, positions, segment_ids, cache, adapter=adapter, remat=remat)
         return self.logits(hidden), new_cache
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                      cache: KVCache | None = None, *,
-                      adapter: str | jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Final-norm hidden states [B, L, E] (before the vocabulary projection) and the updated cache."""
+                      cache: KVCache | None = None, *, adapter: str | jax.Array | None = None,
+                      remat: bool = False) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states [B, L, E] (before the vocabulary projection) and the updated cache.
+
+        remat: rematerialise each layer under differentiation (`jax.checkpoint`): the backward pass keeps each
+          layer's input only and recomputes the rest, trading one more forward pass of the differentiated layers
+          for activation memory.
+        The input of the lowest layer with LoRA adapters is a stop-gradient point when adapters are attached to
+        upper layers only (`LoRAConfig.layers`): no trainable parameter lies below it, so no gradient has to.
+        """
         if tokens.ndim != 2 or positions.shape != tokens.shape:
             raise ValueError(f"Decoder: tokens and positions must both be [B, L]; found {tokens.shape} and "
                              f"{positions.shape}")
@@ -177,10 +184,16 @@ class Decoder(nnx.Module):
                                    jnp.arange(cache.max_len))
 
         x = constrain(self.token_embedding(tokens), (BATCH, LENGTH, EMBED))
+        lowest_adapted = self.lowest_adapted_layer
         new_keys, new_values = [], []
         for index, layer in enumerate(self.layers):
             cached_kv = None if cache is None else (cache.keys[index], cache.values[index])
-            x, updated = layer(x, positions, mask, cached_kv, write_index, adapter_ids)
+            if index == lowest_adapted and index > 0:
+                x = jax.lax.stop_gradient(x)
+            if remat:
+                x, updated = _rematerialised(layer, x, positions, mask, cached_kv, write_index, adapter_ids)
+            else:
+                x, updated = layer(x, positions, mask, cached_kv, write_index, adapter_ids)
             if updated is not None:
                 new_keys.append(updated[0])
                 new_values.append(updated[1])
@@ -189,6 +202,13 @@ class Decoder(nnx.Module):
             return hidden, None
         return hidden, KVCache(keys=tuple(new_keys), values=tuple(new_values), segment_ids=cache_segments,
                                end_index=write_index + length)
+
+    @property
+    def lowest_adapted_layer(self) -> int:
+        """The lowest layer index with LoRA adapters (0 when all layers, or none, have them)."""
+        if self.lora_config is None:
+            return 0
+        return self.lora_config.layer_indices(self.config.num_layers)[0]
 
     def adapter_ids(self, adapter: str | jax.Array | None, batch: int) -> jax.Array | None:
         """The int32 [batch] adapter index per row for `adapter` (see the class docstring); None stays None."""
@@ -222,6 +242,16 @@ class Decoder(nnx.Module):
         else:
             logits = self.lm_head(hidden)
         return constrain(logits, (BATCH, LENGTH, VOCAB)) if logits.ndim == 3 else logits
+
+
+def _rematerialised(layer: DecoderLayer, *args):
+    """`layer(*args)` under `jax.checkpoint`, on the layer's split state (a pure function, so no module is mutated
+    across trace levels). Dropout would need its RNG threaded through; adapters with dropout are refused."""
+    lora = getattr(layer.attention.q_proj, "lora", None)
+    if lora is not None and lora.dropout is not None:
+        raise ValueError("Decoder: remat=True does not support LoRA dropout; set LoRAConfig.dropout = 0")
+    graphdef, state = nnx.split(layer)
+    return jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args))(state, *args)
 
 
 def _attention_mask(query_segments: jax.Array, key_segments: jax.Array, query_slots: jax.Array,

@@ -41,6 +41,9 @@ class LoRAConfig:
     target_modules: which projections of every layer get adapters, a subset of `TARGET_MODULES`.
     param_dtype: dtype A and B are stored in; float32 by default so that small optimizer updates are not
       rounded away when the base model is bfloat16. They are cast to the model's compute dtype when applied.
+    layers: which decoder layers get adapters (`LAYER_SPECS`): "all" (default), "top_half", "top_third",
+      "top:N" (the last N), "A-B" (A to B inclusive) or a comma-separated list of indices. Below the lowest
+      adapted layer nothing is trained, so the backward pass stops there (`Decoder.hidden_states`).
     """
 
     rank: int
@@ -48,6 +51,7 @@ class LoRAConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = TARGET_MODULES
     param_dtype: str = "float32"
+    layers: str = "all"
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -71,6 +75,13 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.param_dtype: expected one of {DTYPES}, found {self.param_dtype!r}")
         # A tuple keeps the config hashable: it is static data in the model's graph definition.
         object.__setattr__(self, "target_modules", targets)
+        if not isinstance(self.layers, str):
+            raise ValueError(f"LoRAConfig.layers: expected a string ({LAYER_SPECS}), found {self.layers!r}")
+        layer_indices(self.layers, None)  # the spelling is checked now, the range once the model is known
+
+    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The sorted indices of the adapted layers of a `num_layers`-layer decoder."""
+        return layer_indices(self.layers, num_layers)
 
     @property
     def scaling(self) -> float:
@@ -78,7 +89,7 @@ class LoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": list(self.target_modules), "param_dtype": self.param_dtype}
+                "target_modules": list(self.target_modules), "param_dtype": self.param_dtype, "layers": self.layers}
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> LoRAConfig:
@@ -90,6 +101,49 @@ class LoRAConfig:
         if "target_modules" in values:
             values["target_modules"] = tuple(values["target_modules"])
         return cls(**values)
+
+
+LAYER_SPECS = '"all", "top_half", "top_third", "top:N", "A-B" or "i,j,k"'
+
+
+def layer_indices(spec: str, num_layers: int | None) -> tuple[int, ...]:
+    """The layer indices a `LoRAConfig.layers` spec names in a `num_layers`-layer decoder (sorted, distinct).
+
+    With num_layers None only the spelling is checked (and () returned).
+    """
+    text = spec.strip().replace(" ", "")
+    error = f"LoRAConfig.layers: expected {LAYER_SPECS}, found {spec!r}"
+    fractions = {"all": 1, "top_half": 2, "top_third": 3}
+    try:
+        if text in fractions:
+            count = None if num_layers is None else max(1, num_layers // fractions[text])
+        elif text.startswith("top:"):
+            count = int(text[4:])
+            if count < 1:
+                raise ValueError(error)
+        elif "-" in text:
+            low, high = (int(part) for part in text.split("-"))
+            if not 0 <= low <= high:
+                raise ValueError(error)
+            indices = tuple(range(low, high + 1))
+            count = None
+        else:
+            indices = tuple(sorted({int(part) for part in text.split(",")}))
+            if not indices or indices[0] < 0 or len(indices) != len(text.split(",")):
+                raise ValueError(error)
+            count = None
+    except ValueError:
+        raise ValueError(error) from None
+    if num_layers is None:
+        return ()
+    if text in fractions or text.startswith("top:"):
+        if count > num_layers:
+            raise ValueError(f"LoRAConfig.layers: {spec!r} asks for {count} layers of a {num_layers}-layer model")
+        return tuple(range(num_layers - count, num_layers))
+    if indices[-1] >= num_layers:
+        raise ValueError(f"LoRAConfig.layers: {spec!r} names layer {indices[-1]} of a {num_layers}-layer model "
+                         f"(indices 0-{num_layers - 1})")
+    return indices
 
 
 class LoRAAdapters(nnx.Module):
@@ -161,16 +215,22 @@ def add_lora(model: Decoder, lora_config: LoRAConfig, adapter_names: Sequence[st
     names = tuple(adapter_names)
     if not names or len(set(names)) != len(names) or not all(isinstance(name, str) and name for name in names):
         raise ValueError(f"add_lora: adapter_names must be distinct non-empty strings, found {list(names)}")
-    for _, linear in targeted_linears(model, lora_config.target_modules):
+    layers = lora_config.layer_indices(model.config.num_layers)
+    for _, linear in targeted_linears(model, lora_config.target_modules, layers):
         linear.lora = LoRAAdapters(linear, len(names), lora_config, rngs=rngs)
     model.lora_config = lora_config
     model.adapter_names = names
     return model
 
 
-def targeted_linears(model: Decoder, target_modules: Sequence[str]) -> Iterator[tuple[str, Linear]]:
-    """(dotted path, `Linear`) of every projection named in `target_modules`, layer by layer."""
+def targeted_linears(model: Decoder, target_modules: Sequence[str],
+                     layers: Sequence[int] | None = None) -> Iterator[tuple[str, Linear]]:
+    """(dotted path, `Linear`) of every projection named in `target_modules`, layer by layer, in the layers
+    `layers` (None: all)."""
+    chosen = None if layers is None else set(layers)
     for index, layer in enumerate(model.layers):
+        if chosen is not None and index not in chosen:
+            continue
         for name in target_modules:
             if name in ATTENTION_MODULES:
                 yield f"layers.{index}.attention.{name}", getattr(layer.attention, name)
@@ -178,6 +238,22 @@ def targeted_linears(model: Decoder, target_modules: Sequence[str]) -> Iterator[
                 yield f"layers.{index}.mlp.{name}", getattr(layer.mlp, name)
             else:
                 raise ValueError(f"targeted_linears: unknown module {name!r}; valid names are {TARGET_MODULES}")
+
+
+def adapted_linears(model: Decoder) -> Iterator[tuple[str, Linear]]:
+    """(dotted path, `Linear`) of every projection that carries adapters (the model's `LoRAConfig`)."""
+    config = model.lora_config
+    if config is None:
+        return iter(())
+    return targeted_linears(model, config.target_modules, config.layer_indices(model.config.num_layers))
+
+
+def lowest_adapted_layer(model: Decoder) -> int:
+    """The index of the lowest layer with adapters (0 without adapters): the backward pass of an adapter-only
+    update stops there, and `num_layers` minus it is the number of layers backpropagated."""
+    if model.lora_config is None:
+        return 0
+    return model.lora_config.layer_indices(model.config.num_layers)[0]
 
 
 def adapter_index(model: Decoder, adapter_name: str | None) -> int:
@@ -197,7 +273,7 @@ def merge_lora(model: Decoder, adapter_name: str) -> Decoder:
     """
     index = adapter_index(model, adapter_name)
     merged: dict[tuple, jax.Array] = {}
-    for path, linear in targeted_linears(model, model.lora_config.target_modules):
+    for path, linear in adapted_linears(model):
         kernel = linear.kernel[...]
         merged[_path_tuple(path) + ("kernel",)] = (kernel.astype(jnp.float32)
                                                    + linear.lora.merged_delta(index)).astype(kernel.dtype)

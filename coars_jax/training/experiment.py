@@ -76,8 +76,8 @@ ABLATIONS = {
 }
 ABLATION_SEPARATOR = '-'
 # Warm-start fields that other groups own: the protocol (rollout), the adapters (lora), the buckets and the bar.
-_WARM_START_SHARED = ('max_turns', 'candidate_seed', 'show_hint', 'lora_rank', 'lora_alpha', 'buckets', 'progress',
-                      'train_pool')
+_WARM_START_SHARED = ('max_turns', 'candidate_seed', 'show_hint', 'lora_rank', 'lora_alpha', 'lora_layers', 'buckets',
+                      'progress', 'train_pool')
 RESULTS_FILE, BEFORE_FILE, CONFIG_FILE, ZERO_SHOT_FILE = 'results.json', 'before.json', 'config.json', 'zero_shot.json'
 CHECKPOINT_DIR, WARM_START_DIR, FINAL_DIR, BEST_DIR = 'checkpoints', 'warm_start', 'final', 'best'
 BEST_METRIC = 'val_hit_at_1'
@@ -127,6 +127,9 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           'rank': 8,  # r of both agents' adapters
           'alpha': 16.0,  # LoRA alpha (delta scaled by alpha / r)
           'seed': 0,  # the adapters' initialisation (when no warm start attaches them)
+          # Layers with adapters: all | top_half | top_third | top:N | A-B | i,j,k. The backward pass stops at the
+          # lowest adapted layer, so the top third backpropagates a third of the model.
+          'layers': 'all',
       },
       'warm_start': {
           'enabled': model == backbone.TINY,  # SFT warm start before RL (the random tiny base needs it)
@@ -401,7 +404,7 @@ def rollout_config(config) -> RolloutConfig:
 
 
 def lora_config(config) -> LoRAConfig:
-  return LoRAConfig(rank=config.lora.rank, alpha=float(config.lora.alpha))
+  return LoRAConfig(rank=config.lora.rank, alpha=float(config.lora.alpha), layers=config.lora.layers)
 
 
 def warm_start_config(config) -> warm_start_lib.WarmStartConfig:
@@ -409,6 +412,7 @@ def warm_start_config(config) -> warm_start_lib.WarmStartConfig:
   return warm_start_lib.WarmStartConfig(
       **fields, max_turns=config.rollout.max_turns, candidate_seed=config.rollout.candidate_seed,
       show_hint=config.rollout.show_hint, lora_rank=config.lora.rank, lora_alpha=float(config.lora.alpha),
+      lora_layers=config.lora.layers,
       train_pool=config.train_pool,
       buckets=buckets(config), progress=config.progress)
 

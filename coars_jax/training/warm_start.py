@@ -106,6 +106,7 @@ class WarmStartConfig:
     max_grad_norm: global gradient-norm clip.
     lora_rank: r of the adapters `prepare_model` attaches (when the model has none yet).
     lora_alpha: the LoRA alpha (delta scaled by alpha / r).
+    lora_layers: the layers that get adapters (`LoRAConfig.layers`: 'all', 'top_third', ...).
     train_base: also train the base weights, shared by both agents. Off for pretrained bases (the paper trains
       adapters only); on for a randomly initialised base such as the `tiny` preset, which has no language to
       adapt and whose frozen random (tied) embedding would otherwise fix the output projection.
@@ -133,6 +134,7 @@ class WarmStartConfig:
   max_grad_norm: float = 1.0
   lora_rank: int = 8
   lora_alpha: float = 16.0
+  lora_layers: str = 'all'
   train_base: bool = False
   item_loss_weight: float = 1.0
   seed: int = 0
@@ -156,6 +158,10 @@ class WarmStartConfig:
     for name in ('show_hint', 'train_base', 'progress'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'WarmStartConfig.{name} must be a bool, found {getattr(self, name)!r}')
+    self.lora  # checks lora_layers' spelling
+    if self.train_base and self.lora_layers != 'all':
+      raise ValueError(f'WarmStartConfig.lora_layers must be \'all\' when train_base is on (found '
+                       f'{self.lora_layers!r}): the backward pass stops below the lowest adapted layer')
     if self.train_pool not in TRAIN_POOLS:
       raise ValueError(f'WarmStartConfig.train_pool must be one of {TRAIN_POOLS}, found {self.train_pool!r}')
     if self.warmup_steps >= self.steps:
@@ -172,7 +178,7 @@ class WarmStartConfig:
 
   @property
   def lora(self) -> LoRAConfig:
-    return LoRAConfig(rank=self.lora_rank, alpha=float(self.lora_alpha))
+    return LoRAConfig(rank=self.lora_rank, alpha=float(self.lora_alpha), layers=self.lora_layers)
 
 
 # --- scripted dialogues ------------------------------------------------------------------------------------------

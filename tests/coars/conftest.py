@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from coars_jax.models import Decoder, LoRAConfig, add_lora, get_preset
-from coars_jax.models.lora import targeted_linears
+from coars_jax.models.lora import adapted_linears
 
 VOCAB = 64
 PAD = 0
@@ -21,7 +21,7 @@ def tiny_model(seed: int = 0) -> Decoder:
                    rngs=nnx.Rngs(seed + 1))
   # numpy draws: a jax.random call per projection shape would compile one small program each.
   rng = np.random.default_rng(seed + 2)
-  for _, linear in targeted_linears(model, model.lora_config.target_modules):
+  for _, linear in adapted_linears(model):
     b = linear.lora.b.get_value()
     linear.lora.b.set_value(jnp.asarray(0.3 * rng.standard_normal(b.shape), b.dtype))
   return model

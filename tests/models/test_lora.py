@@ -12,7 +12,7 @@ from flax import nnx
 
 from coars_jax.models import (ADAPTERS_OFF, BASE_PARAMS, Decoder, DecoderConfig, LoRAConfig, add_lora, init_cache,
                               load_hf_checkpoint, merge_lora, save_hf_checkpoint)
-from coars_jax.models.lora import LORA_AXIS_NAMES, TARGET_MODULES, targeted_linears
+from coars_jax.models.lora import LORA_AXIS_NAMES, TARGET_MODULES, adapted_linears, targeted_linears
 from coars_jax.models.logical_axes import AXIS_NAMES
 
 CONFIG = DecoderConfig(architecture="qwen3", vocab_size=64, embed_dim=32, mlp_dim=48, num_layers=2, num_heads=4,
@@ -34,7 +34,7 @@ def _model(lora_config=LORA, seed=0):
 def _perturb_b(model, index, seed):
     """Random B for adapter `index` on every projection (B starts at zero, which hides most mistakes)."""
     keys = iter(jax.random.split(jax.random.key(seed), 64))
-    for _, linear in targeted_linears(model, model.lora_config.target_modules):
+    for _, linear in adapted_linears(model):
         b = linear.lora.b.get_value()
         linear.lora.b.set_value(b.at[index].set(0.2 * jax.random.normal(next(keys), b.shape[1:], b.dtype)))
 
@@ -291,3 +291,87 @@ def test_bfloat16_base_keeps_float32_adapters_and_bfloat16_activations():
     chex.assert_type(logits, jnp.bfloat16)
     logits = np.asarray(logits, np.float32)
     assert np.isfinite(logits).all() and np.abs(logits[0] - logits[1]).max() > 1e-2
+
+
+# --- adapters on chosen layers ---------------------------------------------------------------------------------
+
+DEEP = DecoderConfig(architecture="llama", vocab_size=64, embed_dim=32, mlp_dim=48, num_layers=6, num_heads=4,
+                     num_kv_heads=2, head_dim=8)
+
+
+def test_layer_specs_resolve_to_indices():
+    from coars_jax.models.lora import layer_indices
+    assert layer_indices("all", 30) == tuple(range(30))
+    assert layer_indices("top_third", 30) == tuple(range(20, 30))
+    assert layer_indices("top_half", 5) == (3, 4)
+    assert layer_indices("top:4", 30) == (26, 27, 28, 29)
+    assert layer_indices("2-4", 30) == (2, 3, 4)
+    assert layer_indices("7, 1", 30) == (1, 7)
+    for bad in ("", "top:0", "4-2", "bottom", "1,1", "-1"):
+        with pytest.raises(ValueError, match="LoRAConfig.layers"):
+            LoRAConfig(rank=2, alpha=4.0, layers=bad)
+    with pytest.raises(ValueError, match="names layer 9 of a 6-layer model"):
+        add_lora(Decoder(DEEP, rngs=nnx.Rngs(0)), LoRAConfig(rank=2, alpha=4.0, layers="9"), NAMES,
+                 rngs=nnx.Rngs(1))
+    assert LoRAConfig.from_dict({"rank": 2, "alpha": 4.0}).layers == "all"  # checkpoints from before the field
+
+
+def _grad_of_top_adapters(model, tokens, positions, weights):
+    """d/d(adapters) of a fixed linear function of the logits, as {path: grad} for the adapted layers >= 4."""
+    def loss(lora, rest):
+        logits = nnx.merge(graphdef, lora, rest)(tokens, positions, adapter=_ids(RECOMMENDER, USER, RECOMMENDER))[0]
+        return jnp.sum(logits * weights)
+
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    grads = jax.jit(jax.grad(loss))(lora, rest)
+    return {path: value.get_value() for path, value in nnx.to_flat_state(grads) if path[1] >= 4}
+
+
+def test_adapters_on_top_layers_get_the_gradients_of_the_full_backward_pass():
+    """Adapters on layers 4-5 only: the backward pass stops at layer 4, and their gradients equal those of the same
+    adapters in a model adapted on every layer (lower adapters at B = 0, so the function is the same), whose
+    backward pass runs through all six layers."""
+    top = add_lora(Decoder(DEEP, rngs=nnx.Rngs(0)), LoRAConfig(rank=4, alpha=8.0, layers="top:2"), NAMES,
+                   rngs=nnx.Rngs(1))
+    assert {path.split(".")[1] for path, _ in adapted_linears(top)} == {"4", "5"}
+    assert all(linear.lora is None for _, linear in targeted_linears(top, TARGET_MODULES, range(4)))
+    assert top.lowest_adapted_layer == 4
+    _perturb_b(top, RECOMMENDER, seed=3)
+    _perturb_b(top, USER, seed=4)
+    full = add_lora(Decoder(DEEP, rngs=nnx.Rngs(0)), LoRAConfig(rank=4, alpha=8.0), NAMES, rngs=nnx.Rngs(1))
+    assert full.lowest_adapted_layer == 0
+    top_state = dict(nnx.to_flat_state(nnx.state(top, nnx.LoRAParam)))
+    for path, variable in nnx.to_flat_state(nnx.state(full, nnx.LoRAParam)):
+        if path in top_state:
+            variable.set_value(top_state[path].get_value())
+    tokens, positions = _batch(batch=3, length=7, seed=5)
+    np.testing.assert_allclose(forward(top, tokens, positions, _ids(0, 1, 0)),
+                               forward(full, tokens, positions, _ids(0, 1, 0)), atol=1e-5)
+    weights = jax.random.normal(jax.random.key(6), (3, 7, DEEP.vocab_size))
+    ours = _grad_of_top_adapters(top, tokens, positions, weights)
+    reference = _grad_of_top_adapters(full, tokens, positions, weights)
+    assert ours.keys() == reference.keys() and len(ours) == 2 * 7 * 2  # 2 layers x 7 projections x (a, b)
+    for path in ours:
+        assert float(jnp.abs(ours[path]).max()) > 0, path
+        np.testing.assert_allclose(ours[path], reference[path], rtol=1e-4, atol=1e-6, err_msg=str(path))
+    # Merging an adapter touches the adapted layers only.
+    merged = merge_lora(top, "recommender")
+    np.testing.assert_array_equal(merged.layers[0].mlp.up_proj.kernel[...], top.layers[0].mlp.up_proj.kernel[...])
+    assert not np.array_equal(merged.layers[5].mlp.up_proj.kernel[...], top.layers[5].mlp.up_proj.kernel[...])
+
+
+def test_rematerialised_layers_give_the_same_values_and_gradients():
+    model = _model()
+    _perturb_b(model, RECOMMENDER, seed=7)
+    tokens, positions = _batch(batch=2, length=5, seed=8)
+    weights = jax.random.normal(jax.random.key(9), (2, 5, CONFIG.vocab_size))
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss(lora, remat):
+        logits = nnx.merge(graphdef, lora, rest)(tokens, positions, adapter=_ids(0, 1), remat=remat)[0]
+        return jnp.sum(logits * weights)
+
+    plain = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, False)
+    remat = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, True)
+    np.testing.assert_allclose(plain[0], remat[0], rtol=1e-6)
+    chex.assert_trees_all_close(plain[1], remat[1], rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 from coars_jax import parallel  # noqa: E402
 from coars_jax.models import Decoder, LoRAConfig, add_lora, get_preset  # noqa: E402
 from coars_jax.models.kv_cache import init_cache  # noqa: E402
-from coars_jax.models.lora import targeted_linears  # noqa: E402
+from coars_jax.models.lora import adapted_linears  # noqa: E402
 from coars_jax.sampling import GREEDY, LengthBuckets, generate, left_pad, score, trace_counts  # noqa: E402
 from coars_jax.sampling.model_inputs import inference_view  # noqa: E402
 from coars_jax.sampling.scoring import MODEL_DISTRIBUTION  # noqa: E402
@@ -58,7 +58,7 @@ def tiny_model(seed: int = 0) -> Decoder:
   model = Decoder(get_preset('tiny', vocab_size=VOCAB, eos_token_ids=(), pad_token_id=0), rngs=nnx.Rngs(seed))
   add_lora(model, LoRAConfig(rank=4, alpha=8.0), ['recommender', 'user'], rngs=nnx.Rngs(seed + 1))
   rng = np.random.default_rng(seed + 2)
-  for _, linear in targeted_linears(model, model.lora_config.target_modules):
+  for _, linear in adapted_linears(model):
     b = linear.lora.b.get_value()
     linear.lora.b.set_value(jnp.asarray(0.3 * rng.standard_normal(b.shape), b.dtype))
   return model

@@ -12,7 +12,7 @@ from coars_jax.agents.episodes import AGENTS, RolloutConfig, encode_prompt
 from coars_jax.agents.trajectory import Trajectory
 from coars_jax.coars.reference import REFERENCE_HEADER
 from coars_jax.models import BASE_PARAMS, Decoder, LoRAConfig, add_lora, get_preset
-from coars_jax.models.lora import targeted_linears
+from coars_jax.models.lora import adapted_linears
 from coars_jax.parallel.mesh import DATA_AXIS
 from coars_jax.sampling import LengthBuckets, SamplingParams, score, trace_counts
 from coars_jax.training import rl
@@ -40,7 +40,7 @@ def micro_model(seed: int = 0) -> Decoder:
   """`micro_base` with both agents' adapters, their B random (so each adapter changes the scores)."""
   model = add_lora(micro_base(seed), LoRAConfig(rank=4, alpha=8.0), list(AGENTS), rngs=nnx.Rngs(seed + 1))
   rng = np.random.default_rng(seed + 2)  # numpy draws: eager jax.random would compile a program per shape
-  for _, linear in targeted_linears(model, model.lora_config.target_modules):
+  for _, linear in adapted_linears(model):
     b = linear.lora.b.get_value()
     linear.lora.b.set_value(jnp.asarray(0.3 * rng.standard_normal(b.shape), b.dtype))
   return model
