@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from coars_jax.coars.credit import teacher_student_log_probs, token_advantages
 from coars_jax.models.decoder import Decoder
 from coars_jax.sampling.distributions import SamplingParams
-from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, completion_log_probs
+from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, completion_log_probs, shared_prefix_log_probs
 
 AGENT_NAMES = ('recommender', 'user')  # index = `Trajectory.agent`
 # |log ratio| bound before exp() in the PPO ratio and the k3 estimator: a token whose behaviour or base
@@ -172,7 +172,10 @@ def coars_objective(model: Decoder, batch: Mapping[str, jax.Array], *, lambda_sd
   Differentiate it with `nnx.value_and_grad(..., argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)` so only
   the adapters are trained; each row runs under its own agent's adapter (`batch['adapter']`).
 
-  The teacher comes from one of two places:
+  The teacher comes from one of three places:
+    - `batch['teacher_suffix_tokens' / 'teacher_suffix_mask' / 'teacher_shared_length']` (the default of the RL
+      trainer): the teacher prompt is x[:shared] + suffix, and the teacher reads x[:shared] from the student
+      pass's keys and values (`sampling.shared_prefix_log_probs`), scoring only the suffix and y;
     - `batch['teacher_log_probs']` if present (scored beforehand, e.g. by `sampling.score` on x + d): the model
       then runs the student rows only;
     - else, when lambda_sd != 0, the teacher prompts `batch['teacher_prompt_tokens' / 'teacher_prompt_mask']`,
@@ -194,7 +197,12 @@ def coars_objective(model: Decoder, batch: Mapping[str, jax.Array], *, lambda_sd
     (loss, metrics) of `coars_loss`.
   """
   completion_tokens, completion_mask = batch['completion_tokens'], batch['completion_mask']
-  if 'teacher_log_probs' in batch:
+  if 'teacher_suffix_tokens' in batch and lambda_sd != 0:
+    student, teacher = shared_prefix_log_probs(
+        model, batch['prompt_tokens'], batch['prompt_mask'], completion_tokens, completion_mask,
+        batch['teacher_suffix_tokens'], batch['teacher_suffix_mask'], batch['teacher_shared_length'], params=params,
+        chunk_size=chunk_size, adapter=batch['adapter'], **model_call_kwargs)
+  elif 'teacher_log_probs' in batch:
     student = completion_log_probs(model, batch['prompt_tokens'], batch['prompt_mask'], completion_tokens,
                                    completion_mask, params=params, chunk_size=chunk_size, adapter=batch['adapter'],
                                    **model_call_kwargs)

@@ -223,6 +223,24 @@ def add_lora(model: Decoder, lora_config: LoRAConfig, adapter_names: Sequence[st
     return model
 
 
+def extend_lora(model: Decoder, layers: str, *, rngs: nnx.Rngs) -> Decoder:
+    """Widens the model's adapters to the layers `layers` names (a superset of today's), in place: each new
+    projection gets adapters with B = 0, so the model computes exactly what it computed before, and the adapters it
+    already had are kept. The benchmarks use it to compare an update on every layer with one on the top layers from
+    the same starting function."""
+    config = model.lora_config
+    if config is None:
+        raise ValueError("extend_lora: the model has no adapters; attach them with add_lora")
+    old, new = set(config.layer_indices(model.config.num_layers)), layer_indices(layers, model.config.num_layers)
+    if not old <= set(new):
+        raise ValueError(f"extend_lora: layers {layers!r} drop adapted layers {sorted(old - set(new))}")
+    wider = dataclasses.replace(config, layers=layers)
+    for _, linear in targeted_linears(model, config.target_modules, [i for i in new if i not in old]):
+        linear.lora = LoRAAdapters(linear, len(model.adapter_names), wider, rngs=rngs)
+    model.lora_config = wider
+    return model
+
+
 def targeted_linears(model: Decoder, target_modules: Sequence[str],
                      layers: Sequence[int] | None = None) -> Iterator[tuple[str, Linear]]:
     """(dotted path, `Linear`) of every projection named in `target_modules`, layer by layer, in the layers

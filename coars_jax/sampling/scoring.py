@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from coars_jax.models.decoder import Decoder
+from coars_jax.models.kv_cache import KVCache, init_cache
 from coars_jax.parallel.rules import Rules
 from coars_jax.parallel.sharding import Partitioning, activation_scope, sharded_jit
 from coars_jax.sampling import buckets as buckets_lib
@@ -57,6 +58,79 @@ def completion_log_probs(model: Decoder, context_tokens: jax.Array, context_mask
     grammar = None if constraint is None else states_along(constraint, completion_tokens)
     scores = _target_log_probs(model, predicting, completion_tokens, params, chunk_size, constraint, grammar)
     return jnp.where(completion_mask != 0, scores, 0.0)
+
+
+def shared_prefix_log_probs(model: Decoder, context_tokens: jax.Array, context_mask: jax.Array,
+                            completion_tokens: jax.Array, completion_mask: jax.Array, suffix_tokens: jax.Array,
+                            suffix_mask: jax.Array, shared_lengths: jax.Array, *,
+                            params: SamplingParams = MODEL_DISTRIBUTION, chunk_size: int | None = None,
+                            constraint: ChoiceConstraint | None = None,
+                            **model_call_kwargs: Any) -> tuple[jax.Array, jax.Array]:
+    """(student [B, C], teacher [B, C]) log-probs of one completion y after two contexts that share a prefix:
+    the student's x, and the teacher's x[:shared] + suffix (CoARS's x + d, where d sits inside x's last user
+    message, so x and x + d agree up to the end of that message's text).
+
+    The student pass runs x + y once and keeps its keys and values; the teacher reads the first `shared` real
+    tokens of x from them (under stop-gradient) and runs only suffix + y. The teacher equals a full pass over
+    x[:shared] + suffix + y up to float rounding, at the cost of the suffix and y instead of the whole prompt.
+    The teacher half is held constant (stop-gradient): only the student is differentiated.
+
+    context_tokens, context_mask: [B, X], x, left-padded.
+    completion_tokens, completion_mask: [B, C], y, right-padded.
+    suffix_tokens, suffix_mask: [B, D], the teacher's tokens after the shared prefix, LEFT-padded (so that the
+      last suffix token of every row sits at slot D - 1, and y follows at the same slots in every row).
+    shared_lengths: int [B], how many real tokens of x the teacher keeps (1 <= shared <= real length of x).
+    params, chunk_size, constraint, model_call_kwargs: as in `completion_log_probs`; both passes use the same.
+    """
+    chex_shapes = (context_tokens.shape, context_mask.shape, completion_tokens.shape, completion_mask.shape,
+                   suffix_tokens.shape, suffix_mask.shape)
+    batch = context_tokens.shape[0]
+    if (context_mask.shape != context_tokens.shape or completion_mask.shape != completion_tokens.shape
+            or suffix_mask.shape != suffix_tokens.shape or {s[0] for s in chex_shapes} != {batch}
+            or shared_lengths.shape != (batch,)):
+        raise ValueError(f"shared_prefix_log_probs: inconsistent shapes {chex_shapes}, shared {shared_lengths.shape}")
+    context_length, completion_length = context_tokens.shape[1], completion_tokens.shape[1]
+    suffix_length = suffix_tokens.shape[1]
+    completion_tokens = completion_tokens.astype(jnp.int32)
+    grammar = None if constraint is None else states_along(constraint, completion_tokens)
+
+    # Student: x + y, writing every layer's keys and values into a cache of exactly x + y slots (the attention
+    # is the same as without a cache: same keys, same causal segment mask).
+    tokens = jnp.concatenate([context_tokens, completion_tokens], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([context_mask, completion_mask], axis=1).astype(jnp.int32)
+    positions = positions_from_mask(mask)
+    cache = init_cache(model.config, batch, context_length + completion_length)
+    hidden, cache = model.hidden_states(tokens, positions, mask, cache, **model_call_kwargs)
+    predicting = hidden[:, context_length - 1:context_length - 1 + completion_length]
+    student = _target_log_probs(model, predicting, completion_tokens, params, chunk_size, constraint, grammar)
+    student = jnp.where(completion_mask != 0, student, 0.0)
+
+    # Teacher: the kept prefix of x read from the student's cache, then suffix + y written after slot X.
+    shared_lengths = shared_lengths.astype(jnp.int32)
+    keep = (context_mask != 0) & (positions[:, :context_length] < shared_lengths[:, None])
+    extra = suffix_length + completion_length
+
+    def prefix(array):
+        return jnp.pad(jax.lax.stop_gradient(array[:, :context_length]), ((0, 0), (0, extra), (0, 0), (0, 0)))
+
+    teacher_cache = KVCache(keys=tuple(prefix(k) for k in cache.keys), values=tuple(prefix(v) for v in cache.values),
+                            segment_ids=jnp.pad(keep.astype(jnp.int32), ((0, 0), (0, extra))),
+                            end_index=jnp.asarray(context_length, jnp.int32))
+    teacher_tokens = jnp.concatenate([suffix_tokens, completion_tokens], axis=1).astype(jnp.int32)
+    teacher_mask = jnp.concatenate([suffix_mask, completion_mask], axis=1).astype(jnp.int32)
+    teacher_positions = shared_lengths[:, None] + jnp.cumsum(teacher_mask != 0, axis=1, dtype=jnp.int32) - 1
+    # The teacher runs on stop-gradient copies of the parameters too, so that no tangent (and no residual) of its
+    # pass is ever formed under differentiation; no remat either, for the same reason.
+    graphdef, state = nnx.split(model)
+    teacher_model = nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
+    teacher_kwargs = {key: value for key, value in model_call_kwargs.items() if key != "remat"}
+    teacher_hidden, _ = teacher_model.hidden_states(teacher_tokens, teacher_positions, teacher_mask, teacher_cache,
+                                                    **teacher_kwargs)
+    teacher_hidden = teacher_hidden[:, suffix_length - 1:suffix_length - 1 + completion_length]
+    teacher = _target_log_probs(teacher_model, teacher_hidden, completion_tokens, params, chunk_size, constraint,
+                                grammar)
+    teacher = jax.lax.stop_gradient(jnp.where(completion_mask != 0, teacher, 0.0))
+    return student, teacher
 
 
 def score(model: Decoder, context_tokens: np.ndarray | jax.Array, context_mask: np.ndarray | jax.Array,

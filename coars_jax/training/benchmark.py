@@ -1,10 +1,12 @@
-"""Where an RL iteration's time goes (project issue 5's `experiments/bench_train.py`).
+"""Where an RL iteration's time goes (`experiments/bench_train.py`).
 
 An iteration is a rollout, then the rewards and teacher prompts (host work), then one jitted update step. The
-update step holds three passes over the same rows: the teacher's log-probs (x + d, no gradient), the student's
-forward pass and its backward pass. To split them, the benchmark also times, on the very arrays the update
-consumed, a forward-only scoring pass of the student (x) and of the teacher (x + d), each jitted and compiled
-before timing. "Scoring" is those two passes; the issue's target is scoring <= 0.5x the rollout.
+update step holds three passes over the same rows: the teacher's log-probs (no gradient), the student's forward
+pass and its backward pass. To split them, the benchmark also times, on the very arrays the update consumed, a
+forward-only scoring pass of the student (x) and the teacher, each jitted and compiled before timing. The teacher
+is either a pass of its own over x + d (`teacher_reuses_student_cache` off), or d + y read against the student
+pass's keys and values (on); then its time is the time of the joint pass minus the student's, the cost the teacher
+adds. "Scoring" is the two; the issue's target is scoring <= 0.5x the rollout.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from flax import nnx
+
 from coars_jax.sampling import score
 from coars_jax.sampling.benchmark import best_of
+from coars_jax.sampling.model_inputs import inference_view
+from coars_jax.sampling.scoring import shared_prefix_log_probs
 from coars_jax.training.rl import RLTrainer
 
 
@@ -50,6 +56,19 @@ def scoring_seconds(trainer: RLTrainer, batch: dict[str, np.ndarray], *, repeats
     run()  # compiles
     result[f'{name}_scoring_seconds'] = best_of(repeats, run)
     result[f'{name}_context_length'] = int(context.shape[1])
+  if 'teacher_suffix_tokens' in batch:
+    graphdef, state = nnx.split(inference_view(trainer.model))
+    arrays = [jax.numpy.asarray(a) for a in (flat('prompt_tokens'), flat('prompt_mask'), completion, completion_mask,
+                                             flat('teacher_suffix_tokens'), flat('teacher_suffix_mask'),
+                                             flat('teacher_shared_length'), adapter)]
+    joint = jax.jit(lambda state, *a: shared_prefix_log_probs(nnx.merge(graphdef, state), *a[:7], adapter=a[7],
+                                                              chunk_size=chunk))
+
+    def run_joint():
+      return jax.block_until_ready(joint(state, *arrays))
+    run_joint()  # compiles
+    result['teacher_scoring_seconds'] = max(best_of(repeats, run_joint) - result['student_scoring_seconds'], 0.0)
+    result['teacher_context_length'] = int(flat('teacher_suffix_tokens').shape[1])
   result['rows'] = int(completion.shape[0])
   result['loss_rows_scored'] = real
   result['completion_length'] = int(completion.shape[1])

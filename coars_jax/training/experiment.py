@@ -182,6 +182,10 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           'max_consecutive_nonfinite': rl_defaults.max_consecutive_nonfinite,  # skipped updates before stopping
           'judge_answers': rl_defaults.judge_answers,  # (yes, no) completions the judge's p compares
           'seed': rl_defaults.seed,  # window order and rollout sampling seeds
+          # The teacher scores d + y only, reading x's shared prefix from the student pass's keys and values (same A;
+          # False = a second pass over the whole x + d)
+          'teacher_reuses_student_cache': rl_defaults.teacher_reuses_student_cache,
+          'remat': rl_defaults.remat,  # rematerialise each layer in the backward pass (less memory, one more forward)
       },
       'eval': {
           'every': 10,  # greedy val evaluation every this many iterations (0 = none); also before RL

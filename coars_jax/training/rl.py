@@ -135,6 +135,11 @@ class RLConfig:
       skipped), the run stops with an error naming the iteration, the metric and the windows.
     judge_answers: the (yes, no) completions whose probabilities under the base model give the judge's p.
     seed: the window order and the rollout sampling seeds.
+    teacher_reuses_student_cache: score the teacher on d + y only, reading the prefix it shares with x (x up to the
+      end of its last user message) from the student pass's keys and values (`sampling.shared_prefix_log_probs`)
+      instead of a second pass over the whole x + d. The same A to float rounding; off = the naive teacher pass.
+    remat: rematerialise each decoder layer in the update's backward pass (`Decoder.hidden_states(remat=)`):
+      activation memory of one layer input per layer, for one more forward pass of the adapted layers.
   """
 
   iterations: int = 200
@@ -170,6 +175,8 @@ class RLConfig:
   judge_answers: tuple[str, str] = ('Yes', 'No')
   seed: int = 0
   train_pool: str = 'all'
+  teacher_reuses_student_cache: bool = True
+  remat: bool = True
 
   def __post_init__(self):
     if self.train_pool not in TRAIN_POOLS:
@@ -181,7 +188,8 @@ class RLConfig:
       _require_int(self, name, least)
     if self.score_chunk_size is not None:
       _require_int(self, 'score_chunk_size', 1)
-    for name in ('group_baseline', 'train_user_agent', 'outcome_signed', 'constrained', 'reference_omits_samples'):
+    for name in ('group_baseline', 'train_user_agent', 'outcome_signed', 'constrained', 'reference_omits_samples',
+                 'teacher_reuses_student_cache', 'remat'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'RLConfig.{name} must be a bool, found {getattr(self, name)!r}')
     if self.reward not in REWARDS:
@@ -355,6 +363,21 @@ def teacher_prompts(tokenizer, episodes: Sequence[Episode], trajectory: Trajecto
   return out
 
 
+def shared_prefix_length(student_ids: Sequence[int], teacher_ids: Sequence[int]) -> int:
+  """How many leading tokens the teacher prompt x + d shares with the student prompt x: x up to the end of its last
+  user message's text, where d is inserted (`coars.teacher_messages`). At least 1 (the prompts start alike) and
+  short of the whole teacher prompt (d is never empty)."""
+  shared = 0
+  for ours, theirs in zip(student_ids, teacher_ids):
+    if ours != theirs:
+      break
+    shared += 1
+  if not 0 < shared < len(teacher_ids):
+    raise ValueError(f'the teacher prompt shares {shared} of its {len(teacher_ids)} tokens with the student prompt '
+                     f'({len(student_ids)} tokens); x + d must start with x\'s first token and add d')
+  return shared
+
+
 def judge_messages(episode: Episode, prompt_config: PromptConfig) -> list[Message]:
   """The judge-RL prompt: the user's history, the finished dialogue, and `JUDGE_QUESTION`."""
   history = '\n'.join(f'- {single_line(title)}' for title in episode.history_titles) or '(empty)'
@@ -478,6 +501,8 @@ class StepSettings:
   weight_decay: float
   ppo_epsilon: float | None = None
   constrained: bool = False
+  teacher_cache: bool = False
+  remat: bool = False
 
   @classmethod
   def from_config(cls, config: RLConfig, pad_token_id: int) -> 'StepSettings':
@@ -485,7 +510,9 @@ class StepSettings:
                kl_coef=float(config.kl_coef), score_params=config.score_params, chunk_size=config.score_chunk_size,
                pad_token_id=int(pad_token_id), max_grad_norm=float(config.max_grad_norm),
                weight_decay=float(config.weight_decay), ppo_epsilon=float(config.ppo_epsilon) or None,
-               constrained=bool(config.constrained))
+               constrained=bool(config.constrained),
+               teacher_cache=bool(config.teacher_reuses_student_cache and config.lambda_sd != 0),
+               remat=bool(config.remat))
 
   def make_optimizer(self) -> optax.GradientTransformation:
     return make_optimizer(self.max_grad_norm, self.weight_decay)
@@ -499,6 +526,8 @@ class StepSettings:
 BATCH_KEYS = ('prompt_tokens', 'prompt_mask', 'completion_tokens', 'completion_mask', 'adapter', 'agent', 'reward',
               'included')
 TEACHER_KEYS = ('teacher_prompt_tokens', 'teacher_prompt_mask')
+# The teacher prompt as x[:shared] + suffix, read against the student's cache (`sampling.shared_prefix_log_probs`).
+TEACHER_CACHE_KEYS = ('teacher_suffix_tokens', 'teacher_suffix_mask', 'teacher_shared_length')
 PPO_KEYS = ('behaviour_log_probs',)  # pi_old of the ratio clip, when it is on
 # Each segment's output grammar (`sampling.constraints.ChoiceConstraint`), when rollouts are constrained: the
 # per-row fields, then the vocabulary-wide ones, which are repeated on every row so that all keys are [K, R, ...].
@@ -594,15 +623,16 @@ def _update_body(lora: nnx.State, frozen: nnx.State, opt_state: optax.OptState, 
     return coars_objective(nnx.merge(graphdef, params, frozen), micro, lambda_sd=settings.lambda_sd,
                            advantage_clip=settings.advantage_clip, kl_coef=settings.kl_coef,
                            ppo_epsilon=settings.ppo_epsilon, pad_token_id=settings.pad_token_id, **grammar,
-                           **scoring)
+                           **scoring, **({'remat': True} if settings.remat else {}))
 
   def microbatch(micro):
     micro = dict(micro, num_episodes=num_episodes)
     model = nnx.merge(graphdef, lora, frozen)
     # Constrained rollouts: every log-prob is taken under the segment's own grammar, as the sampler drew it.
     grammar = {'constraint': microbatch_constraint(micro)} if settings.constrained else {}
-    if settings.teacher:
-      # pi_T: the same adapter and the current parameters on x + d; a forward pass only (no gradient).
+    if settings.teacher and not settings.teacher_cache:
+      # pi_T: the same adapter and the current parameters on x + d; a forward pass only (no gradient). With
+      # teacher_cache the objective scores it instead, on d + y against the student pass's keys and values.
       micro['teacher_log_probs'] = jax.lax.stop_gradient(completion_log_probs(
           model, micro['teacher_prompt_tokens'], micro['teacher_prompt_mask'], micro['completion_tokens'],
           micro['completion_mask'], adapter=micro['adapter'], **grammar, **scoring))
@@ -654,7 +684,8 @@ def build_update_step(graphdef: nnx.GraphDef, settings: StepSettings, mesh: Mesh
     with activation_scope(partitioning, config, batch['prompt_tokens'].shape[1]):
       return body(lora, frozen, opt_state, batch, *scalars)
 
-  return UpdateStep(scoped_body, partitioning, BATCH_KEYS + (TEACHER_KEYS if teacher_keys else ()) +
+  teacher = (TEACHER_CACHE_KEYS if settings.teacher_cache else TEACHER_KEYS) if teacher_keys else ()
+  return UpdateStep(scoped_body, partitioning, BATCH_KEYS + teacher +
                     (PPO_KEYS if settings.ppo_epsilon else ()) + (CONSTRAINT_KEYS if settings.constrained else ()))
 
 
@@ -722,6 +753,18 @@ class TrainerState:
   def from_json(cls, data: Mapping[str, Any]) -> 'TrainerState':
     return cls(iteration=int(data['iteration']), next_window=int(data['next_window']),
                rng=np.asarray(data['rng'], np.uint32), consecutive_nonfinite=int(data['consecutive_nonfinite']))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlayedRollout:
+  """One iteration's rollout: the training windows, the sampling seed, the episodes, their `Trajectory`, and the
+  rollout's wall time in seconds."""
+
+  windows: np.ndarray
+  seed: int
+  episodes: Sequence[Episode]
+  trajectory: Trajectory
+  seconds: float
 
 
 class NonFiniteUpdateError(FloatingPointError):
@@ -902,8 +945,15 @@ class RLTrainer:
       if longest > limit:
         raise ValueError(f'a teacher prompt x + d plus its completion is {longest} tokens, beyond the model\'s '
                          f'max_position_embeddings {limit}; lower rollout.max_turns or the token budgets')
-      length = buckets.prompt_length(max(map(len, teacher_ids)))
-      batch['teacher_prompt_tokens'], batch['teacher_prompt_mask'] = padded(teacher_ids, length, 'left')
+      if self.settings.teacher_cache:
+        shared = [shared_prefix_length(x, t) for x, t in zip(prompts, teacher_ids)]
+        suffixes = [t[n:] for t, n in zip(teacher_ids, shared)]
+        length = buckets.prompt_length(max(map(len, suffixes)))
+        batch['teacher_suffix_tokens'], batch['teacher_suffix_mask'] = padded(suffixes, length, 'left')
+        batch['teacher_shared_length'] = np.asarray([shared[i] for i in order], np.int32)
+      else:
+        length = buckets.prompt_length(max(map(len, teacher_ids)))
+        batch['teacher_prompt_tokens'], batch['teacher_prompt_mask'] = padded(teacher_ids, length, 'left')
     shape = (self.num_microbatches, self.config.rows_per_microbatch)
     return {key: value.reshape(shape + value.shape[1:]) for key, value in batch.items()}
 
@@ -912,19 +962,30 @@ class RLTrainer:
 
     Raises `NonFiniteUpdateError` after `max_consecutive_nonfinite` skipped updates in a row.
     """
-    config, state = self.config, self.state
-    number = state.iteration + 1
-    windows = self.train_windows[windows_at(self.num_train_windows, config.seed, state.next_window,
+    return self.learn(self.play())
+
+  def play(self) -> PlayedRollout:
+    """The rollout of the next iteration (its windows from the data position, its seed from the trainer's RNG)."""
+    config = self.config
+    windows = self.train_windows[windows_at(self.num_train_windows, config.seed, self.state.next_window,
                                             config.windows_per_iteration)]
     seed = self._next_seed()
     episode_windows = np.repeat(windows, config.rollouts_per_window)
-    groups = np.repeat(np.arange(config.windows_per_iteration), config.rollouts_per_window)
-
     start = time.perf_counter()
     episodes = run_episodes(self.dataset, TRAIN_SPLIT, episode_windows.tolist(), self.backend, peer=self.sasrec,
                             config=self.rollout, seed=seed)
     trajectory = Trajectory.from_episodes(episodes, pad_token_id=self.pad_id)
-    rollout_seconds = time.perf_counter() - start
+    return PlayedRollout(windows=windows, seed=seed, episodes=episodes, trajectory=trajectory,
+                         seconds=time.perf_counter() - start)
+
+  def learn(self, played: PlayedRollout) -> dict[str, Any]:
+    """Rewards, teacher prompts and the update from a rollout (`play`'s, or another trainer's of the same model:
+    the benchmarks update two trainers from one rollout); advances the iteration and the data position."""
+    config, state = self.config, self.state
+    number = state.iteration + 1
+    windows, seed, episodes, trajectory = played.windows, played.seed, played.episodes, played.trajectory
+    groups = np.repeat(np.arange(config.windows_per_iteration), config.rollouts_per_window)
+    rollout_seconds = played.seconds
     generated = int(trajectory.completion_mask.sum())
 
     start = time.perf_counter()

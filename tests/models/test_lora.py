@@ -375,3 +375,19 @@ def test_rematerialised_layers_give_the_same_values_and_gradients():
     remat = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, True)
     np.testing.assert_allclose(plain[0], remat[0], rtol=1e-6)
     chex.assert_trees_all_close(plain[1], remat[1], rtol=1e-4, atol=1e-5)
+
+
+def test_extend_lora_adds_identity_adapters_and_keeps_the_old_ones():
+    from coars_jax.models.lora import extend_lora
+    model = add_lora(Decoder(DEEP, rngs=nnx.Rngs(0)), LoRAConfig(rank=4, alpha=8.0, layers="top:2"), NAMES,
+                     rngs=nnx.Rngs(1))
+    _perturb_b(model, USER, seed=2)
+    tokens, positions = _batch(batch=2, length=5, seed=3)
+    before = forward(model, tokens, positions, _ids(1, 0))
+    kept = np.array(model.layers[5].mlp.up_proj.lora.b.get_value())
+    extend_lora(model, "all", rngs=nnx.Rngs(4))
+    assert model.lowest_adapted_layer == 0 and len(list(adapted_linears(model))) == 6 * 7
+    np.testing.assert_allclose(forward(model, tokens, positions, _ids(1, 0)), before, atol=1e-6)
+    np.testing.assert_array_equal(model.layers[5].mlp.up_proj.lora.b.get_value(), kept)
+    with pytest.raises(ValueError, match="drop adapted layers"):
+        extend_lora(model, "top:1", rngs=nnx.Rngs(5))

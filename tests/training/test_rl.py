@@ -356,3 +356,22 @@ def test_student_prompts_rebuild_the_moving_hint_of_every_turn():
   teachers = rl.teacher_prompts(tokenizer, episodes, trajectory, rows, ranks=None, rollout=rollout,
                                 dataset_name=DATASET.name)
   assert len(teachers) == len(rows)
+
+
+def test_the_cheap_update_switches_reproduce_the_naive_update():
+  """The teacher read from the student's cache and the rematerialised backward pass change how much is computed,
+  not what: from the same seed, the rollout, the loss, the gradient norm and the updated adapters match the naive
+  update (a second pass over x + d, no remat) to float rounding."""
+  naive = trainer(rl_config(teacher_reuses_student_cache=False, remat=False))
+  cheap = trainer(rl_config())
+  assert cheap.settings.teacher_cache and cheap.settings.remat and not naive.settings.teacher_cache
+  first, second = naive.iteration(), cheap.iteration()
+  assert first['windows'] == second['windows'] and first['update/loss_rows'] == second['update/loss_rows'] > 0
+  assert 'teacher_suffix_tokens' in cheap.last_batch and 'teacher_prompt_tokens' in naive.last_batch
+  # The suffix is much shorter than the whole teacher prompt: that is the saving.
+  assert cheap.last_batch['teacher_suffix_mask'].sum() < 0.6 * naive.last_batch['teacher_prompt_mask'].sum()
+  for name in ('loss/total', 'update/grad_norm', 'advantage/mean', 'advantage/std', 'loss/recommender', 'loss/user'):
+    assert second[name] == pytest.approx(first[name], rel=1e-4, abs=1e-6), name
+  naive_lora, cheap_lora = values(naive.model, nnx.LoRAParam), values(cheap.model, nnx.LoRAParam)
+  for path, value in naive_lora.items():
+    np.testing.assert_allclose(cheap_lora[path], value, atol=1e-5, err_msg=str(path))

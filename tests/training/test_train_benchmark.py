@@ -19,8 +19,9 @@ def test_bench_iterations_splits_scoring_from_the_update():
   per_micro = batch['completion_tokens'].shape[1]
   assert row['loss_rows_scored'] == row['loss_rows'] > 0
   assert row['rows'] == max(per_micro, -(-row['loss_rows'] // per_micro) * per_micro)
-  # The teacher reads x + d, a longer context than the student's x.
-  assert row['teacher_context_length'] > row['student_context_length']
+  # The teacher reads only d + y against the student's cache: its new context is shorter than x.
+  assert 0 < row['teacher_context_length'] <= row['student_context_length']
+  assert 0 < batch['teacher_suffix_mask'].sum() < batch['prompt_mask'].sum()
   for key in ('rollout_seconds', 'update_seconds', 'student_scoring_seconds', 'teacher_scoring_seconds'):
     assert row[key] > 0, key
   assert math.isclose(row['scoring_seconds'], row['student_scoring_seconds'] + row['teacher_scoring_seconds'])
