@@ -1,60 +1,168 @@
-"""Time per RL iteration, split into rollout, scoring and update:
-`python -m experiments.bench_train --config=configs/lastfm_smollm2.py [--iterations=3] [--output=FILE]`.
+"""One CoARS iteration with the cheap-update switches on and off, from one rollout, in one process:
+`python -m experiments.bench_train [--config=configs/lastfm_smollm2.py] [--windows=16] [--output=FILE]`.
 
-The config is a training config (any method). Its warm start is loaded when `warm_start.folder` holds one;
-otherwise the base gets fresh adapters (B = 0) and nothing is trained beforehand (`--allow_warm_start_training`
-trains it instead). One untimed iteration compiles; each timed iteration then re-scores the rows its update used,
-student and teacher, in forward-only jitted passes (`coars_jax.training.benchmark`). Prints a table and the issue's
-ratio scoring / rollout (target <= 0.5), and writes the JSON to --output.
+The config is a training config; its warm start is loaded (or trained into `warm_start.folder` if absent). One
+rollout of `--windows` training windows is played with the configured adapters, then two trainers update from that
+same rollout, in this order (the peak RSS of a process only grows, so the lighter phase goes first):
+  on:  the config as it is: adapters on `lora.layers` (the CPU configs: the top third), the teacher on d + y against
+       the student's cache, rematerialised layers, `rl.rows_per_microbatch` rows per microbatch;
+  off: the switches off: adapters on every layer (the config's adapters, plus B = 0 adapters on the other layers, so
+       both phases start from the same function), the teacher as a second pass over x + d, no remat, and
+       `--off_rows_per_microbatch` rows per microbatch (the setting that fit before).
+Each update is timed twice: the first call (it compiles) and a second call of the compiled step on the same
+arrays. Reported per phase: wall time per stage, tokens forwarded per loss row (student and teacher, as padded and
+as real tokens), layers backpropagated, the peak RSS; and the forward-only scoring passes of the on phase against
+the rollout (`training.benchmark.scoring_seconds`). The JSON goes to --output (default results/bench/).
 """
 
+import copy
+import json
 import pathlib
+import platform
+import resource
+import time
 
+import jax
+import numpy as np
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
+from coars_jax.models.lora import extend_lora
 from coars_jax.training import benchmark
 from coars_jax.training import experiment
-from coars_jax.training import warm_start as warm_start_lib
 from experiments import outputs
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A training config (configs/<dataset>_<model>.py).',
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lastfm_smollm2.py', 'A training config.',
                                           lock_config=False)
-_ITERATIONS = flags.DEFINE_integer('iterations', 3, 'Timed RL iterations after the warm-up one.')
-_REPEATS = flags.DEFINE_integer('repeats', 2, 'Timed calls of each scoring pass; the fastest counts.')
-_TRAIN_WARM_START = flags.DEFINE_bool('allow_warm_start_training', False, 'Train the warm start when its folder '
-                                      'holds none (otherwise start from fresh adapters).')
-_OUTPUT = flags.DEFINE_string('output', None, 'Write the result as JSON to this file.')
+_WINDOWS = flags.DEFINE_integer('windows', 16, 'Training windows (episodes, one rollout each) of the iteration.')
+_OFF_ROWS = flags.DEFINE_integer('off_rows_per_microbatch', 2, 'Rows per microbatch of the off phase.')
+_PHASES = flags.DEFINE_list('phases', ['on', 'off'], 'Which phases to run, in order.')
+_OUTPUT = flags.DEFINE_string('output', None, 'The JSON file (default results/bench/train_<dataset>.json).')
+
+
+def peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def tokens_per_row(batch: dict, rows: int) -> dict[str, float]:
+  """Padded and real tokens each loss row forwards: the student's x + y, the teacher's x + d + y or d + y."""
+  def flat(key):
+    value = np.asarray(batch[key])
+    return value.reshape((-1,) + value.shape[2:])[:rows]
+
+  completion = flat('completion_mask')
+  out = {'student_padded': flat('prompt_mask').shape[1] + completion.shape[1],
+         'student_real': float((flat('prompt_mask') != 0).sum(1).mean() + (completion != 0).sum(1).mean())}
+  key = 'teacher_suffix_mask' if 'teacher_suffix_mask' in batch else 'teacher_prompt_mask'
+  if key in batch:
+    out['teacher_padded'] = flat(key).shape[1] + completion.shape[1]
+    out['teacher_real'] = float((flat(key) != 0).sum(1).mean() + (completion != 0).sum(1).mean())
+  return out
+
+
+def retime_update(trainer, batch) -> float:
+  """Seconds of a second call of the compiled update step on the same arrays (the state it leaves is discarded
+  by the benchmark)."""
+  config = trainer.config
+  start = time.perf_counter()
+  lora, opt_state, metrics = trainer._step(trainer.lora, trainer.frozen, trainer.opt_state, batch,
+                                           np.float32(config.episodes_per_iteration), trainer.adapter_update_mask,
+                                           np.float32(config.learning_rate))
+  jax.block_until_ready(metrics)
+  trainer.lora, trainer.opt_state = lora, opt_state
+  return time.perf_counter() - start
+
+
+def run_phase(name, config, parts, model, played) -> dict:
+  trainer = experiment.make_trainer(config, parts, model)
+  print(f'[{name}] update from the shared rollout ({len(played.episodes)} episodes)...', flush=True)
+  metrics = trainer.learn(played)
+  batch, rows = trainer.last_batch, int(metrics['update/loss_rows'])
+  row = {'phase': name, 'lora_layers': model.lora_config.layers,
+         'layers_backpropagated': model.config.num_layers - model.lowest_adapted_layer,
+         'teacher_reuses_student_cache': config.rl.teacher_reuses_student_cache, 'remat': config.rl.remat,
+         'rows_per_microbatch': config.rl.rows_per_microbatch, 'loss_rows': rows,
+         'microbatches_run': int(metrics.get('update/microbatches', 0)),
+         'host_seconds': metrics['time/scoring_seconds'], 'update_seconds_first_call': metrics['time/update_seconds'],
+         'loss': metrics.get('loss/total'), 'grad_norm': metrics.get('update/grad_norm'),
+         'tokens_per_loss_row': tokens_per_row(batch, rows)}
+  row['update_seconds_compiled'] = retime_update(trainer, batch)
+  row['peak_rss_gib_so_far'] = peak_rss_gib()
+  if name == 'on':
+    row['scoring'] = benchmark.scoring_seconds(trainer, batch, repeats=1)
+  print(json.dumps(row, indent=1, default=float), flush=True)
+  return row
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
+  config.rl.windows_per_iteration = _WINDOWS.value
+  config.rl.rollouts_per_window = 1
   experiment.validate(config)
-  folder = pathlib.Path(config.warm_start.folder or '/nonexistent')
-  if config.warm_start.enabled and not (folder / warm_start_lib.META_FILE).is_file() and not _TRAIN_WARM_START.value:
-    print(f'No warm start in {folder}: timing fresh adapters on the base (--allow_warm_start_training trains it)')
-    config.warm_start.enabled = False
+  load = time.perf_counter()
   parts = experiment.load_components(config)
-  workdir = pathlib.Path(config.workdir).absolute()
-  model, origin = experiment.prepare_agents(config, parts, workdir)
-  trainer = experiment.make_trainer(config, parts, model)
-  result = benchmark.bench_iterations(trainer, iterations=_ITERATIONS.value, repeats=_REPEATS.value)
-  result.update({'config': str(_CONFIG.value.get('workdir')), 'dataset': config.dataset, 'model': config.model,
-                 'method': experiment.row_label(config), 'start': origin['stage'],
-                 'windows_per_iteration': config.rl.windows_per_iteration, 'max_turns': config.rollout.max_turns})
-  print('| iteration | rollout s | student scoring s | teacher scoring s | update s | scoring / rollout |')
-  print('|---|---|---|---|---|---|')
-  for row in result['iterations']:
-    print(f'| {row["iteration"]} | {row["rollout_seconds"]:.2f} | {row.get("student_scoring_seconds", 0):.2f} | '
-          f'{row.get("teacher_scoring_seconds", 0):.2f} | {row["update_seconds"]:.2f} | '
-          f'{row["scoring_over_rollout"]:.2f} |')
-  ratio = result['summary']['median_scoring_over_rollout']
-  print(f'\nMedian scoring / rollout: {ratio:.2f} (target <= 0.5: {"met" if ratio <= 0.5 else "not met"})')
-  if _OUTPUT.value:
-    outputs.write_json(_OUTPUT.value, result)
+  model, origin = experiment.prepare_agents(config, parts, pathlib.Path(config.workdir).absolute())
+  load = time.perf_counter() - load
+  start_adapters = jax.tree.map(np.array, nnx.state(model, nnx.LoRAParam))
+
+  first = experiment.make_trainer(config, parts, model)
+  print(f'Rollout of {_WINDOWS.value} windows...', flush=True)
+  played = first.play()
+  rollout = {'seconds': played.seconds, 'episodes': len(played.episodes),
+             'turns': int(played.trajectory.num_turns.sum()),
+             'generated_tokens': int(played.trajectory.completion_mask.sum()),
+             'peak_rss_gib_so_far': peak_rss_gib()}
+  print(json.dumps(rollout), flush=True)
+  del first
+
+  phases = []
+  for name in _PHASES.value:
+    nnx.update(model, jax.tree.map(lambda x: jax.numpy.asarray(np.array(x)), start_adapters))
+    phase_config = copy.deepcopy(config)
+    if name == 'off':
+      phase_config.rl.teacher_reuses_student_cache = False
+      phase_config.rl.remat = False
+      phase_config.rl.rows_per_microbatch = _OFF_ROWS.value
+      if model.lora_config.layers != 'all':
+        extend_lora(model, 'all', rngs=nnx.Rngs(0))
+    elif name != 'on':
+      raise app.UsageError(f'--phases: expected on and/or off, found {name!r}')
+    phases.append(run_phase(name, phase_config, parts, model, played))
+
+  result = {'config': config.workdir, 'dataset': config.dataset, 'model': config.model, 'start': origin['stage'],
+            'windows': _WINDOWS.value, 'max_turns': config.rollout.max_turns, 'load_seconds': load,
+            'rollout': rollout, 'phases': phases, 'machine': f'{platform.node()} {jax.devices()[0].platform} '
+            f'x{jax.device_count()}, {len(__import__("os").sched_getaffinity(0))} cores'}
+  by_name = {p['phase']: p for p in phases}
+  if {'on', 'off'} <= set(by_name):
+    on, off = by_name['on'], by_name['off']
+    for kind in ('compiled', 'first_call'):
+      whole = [played.seconds + p['host_seconds'] + p[f'update_seconds_{kind}'] for p in (off, on)]
+      result[f'iteration_speedup_{kind}'] = whole[0] / whole[1]
+      result[f'update_speedup_{kind}'] = off[f'update_seconds_{kind}'] / on[f'update_seconds_{kind}']
+    result['teacher_tokens_ratio'] = on['tokens_per_loss_row']['teacher_padded'] / off['tokens_per_loss_row'][
+        'teacher_padded']
+  if 'on' in by_name:
+    scoring = by_name['on']['scoring']
+    result['scoring_over_rollout'] = (scoring['student_scoring_seconds'] + scoring.get('teacher_scoring_seconds', 0)
+                                      ) / played.seconds
+  output = _OUTPUT.value or f'results/bench/train_{config.dataset}.json'
+  outputs.write_json(output, result)
+  print('\n| phase | layers backprop | rows/micro | update s (1st call) | update s (compiled) | '
+        'student tok/row | teacher tok/row | peak RSS GiB |')
+  print('|---|---|---|---|---|---|---|---|')
+  for p in phases:
+    t = p['tokens_per_loss_row']
+    print(f'| {p["phase"]} | {p["layers_backpropagated"]} | {p["rows_per_microbatch"]} | '
+          f'{p["update_seconds_first_call"]:.1f} | {p["update_seconds_compiled"]:.1f} | {t["student_padded"]} | '
+          f'{t.get("teacher_padded", 0)} | {p["peak_rss_gib_so_far"]:.1f} |')
+  print(f'\nrollout {played.seconds:.1f} s; ' + ', '.join(f'{k} {v:.2f}' for k, v in result.items()
+                                                       if k.endswith(('speedup_compiled', 'speedup_first_call',
+                                                                      'ratio', 'over_rollout'))))
+  print(f'Wrote {pathlib.Path(output).absolute()}')
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('config')
   app.run(main)

@@ -9,7 +9,7 @@ episode (hit_t, s_t, q_t, a_t, validity) as host-side records that `trajectory` 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
@@ -29,6 +29,7 @@ from coars_jax.recsys.peer import (candidate_ranking, candidate_scores, candidat
                                    top_candidate)
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, generate
+from coars_jax.sampling.sampler import PromptPrefix, prompt_slots
 from coars_jax.sampling.constraints import token_classes
 
 RECOMMENDER, USER = 'recommender', 'user'
@@ -198,6 +199,10 @@ class LLMBackendConfig:
       of the four>' and 'Score: <line>', so every message parses (ValidRatio 1). The behaviour log-probs are
       then under the constrained distribution, so a trainer must rescore with the same constraint
       (`sampling.score(..., constraint=)`). Off by default: the model writes freely.
+    prefix_reuse: from turn 2 on, read the part of each prompt that repeats the same episode's previous prompt of
+      that agent (system message, history, candidates: everything before the first token that differs) from that
+      call's KV cache, and prefill only the rest (`sampling.PromptPrefix`). The outputs equal a full prefill's to
+      float rounding. On by default; the cache of each agent's last call is kept until the rollout ends.
   """
 
   recommender_max_new_tokens: int = 128
@@ -206,6 +211,7 @@ class LLMBackendConfig:
   buckets: LengthBuckets = LengthBuckets()
   batch_buckets: tuple[int, ...] | None = None
   constrained: bool = False
+  prefix_reuse: bool = True
 
   def __post_init__(self):
     for name in ('recommender_max_new_tokens', 'user_max_new_tokens'):
@@ -223,8 +229,9 @@ class LLMBackendConfig:
         raise ValueError(f'LLMBackendConfig.batch_buckets must be None or strictly increasing positive ints, found '
                          f'{self.batch_buckets!r}')
       object.__setattr__(self, 'batch_buckets', sizes)
-    if not isinstance(self.constrained, bool):
-      raise ValueError(f'LLMBackendConfig.constrained must be a bool, found {self.constrained!r}')
+    for name in ('constrained', 'prefix_reuse'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'LLMBackendConfig.{name} must be a bool, found {getattr(self, name)!r}')
 
   def max_new_tokens(self, agent: str) -> int:
     return self.recommender_max_new_tokens if _check_agent(agent) == 0 else self.user_max_new_tokens
@@ -292,6 +299,35 @@ class LLMBackend:
                          f'[{ADAPTERS_OFF}, {len(model.adapter_names)}) or None; found {choice!r}')
     self.calls: list[BackendCall] = []
     self._token_classes = None
+    # agent -> (cache of its last call, {episode id: (row, prompt ids, cache slots of those ids)})
+    self._last_prompts: dict[str, tuple[Any, dict[int, tuple[int, list[int], np.ndarray]]]] = {}
+    self.prefill_tokens = {'prefilled': 0, 'reused': 0}  # real prompt tokens, summed over calls
+
+  def clear_prefixes(self) -> None:
+    """Drops the kept KV caches (`LLMBackendConfig.prefix_reuse`); `run_episodes` calls it when a rollout ends, so
+    no cache outlives the parameters it was computed with."""
+    self._last_prompts.clear()
+
+  def _prefix(self, agent: str, turn: int, episode_ids: Sequence[int], token_lists: list[list[int]]):
+    """The `PromptPrefix` of this call from the agent's previous call (None when nothing can be reused)."""
+    if not self.config.prefix_reuse or turn <= 1 or agent not in self._last_prompts:
+      return None
+    cache, earlier = self._last_prompts[agent]
+    rows, lengths, slots = [], [], []
+    for position, ids in enumerate(token_lists):
+      episode = int(episode_ids[position]) if position < len(episode_ids) else int(episode_ids[0])
+      row, old_ids, old_slots = earlier.get(episode, (0, [], np.zeros(0, np.int32)))
+      shared = 0
+      for ours, theirs in zip(ids[:len(ids) - 1], old_ids):  # at least one token is left to prefill
+        if ours != theirs:
+          break
+        shared += 1
+      rows.append(row)
+      lengths.append(shared)
+      slots.append(old_slots[:shared])
+    if max(lengths) == 0:
+      return None
+    return PromptPrefix(cache=cache, rows=np.asarray(rows, np.int32), sources=slots)
 
   def token_classes(self):
     """The tokenizer's free-text and line-ending token classes over the model's vocabulary, for constrained
@@ -339,10 +375,19 @@ class LLMBackend:
       kwargs['adapter'] = adapter
     if self.config.constrained:
       kwargs['constraint'] = self.constraint(agent, batch, candidates)
+    prefix = self._prefix(agent, turn, episode_ids, token_lists)
     output = generate(self.model, token_lists, max_new_tokens=self.config.max_new_tokens(agent),
                       params=self.config.sampling, buckets=self.config.buckets,
                       eos_token_ids=self.special.eos_ids, pad_token_id=self.special.pad_id, seed=seed,
-                      mesh=self.mesh, rules=self.rules, **kwargs)
+                      mesh=self.mesh, rules=self.rules, prefix=prefix, **kwargs)
+    real = sum(len(ids) for _, ids in encoded)
+    reused = 0 if prefix is None else int(prefix.lengths[:len(encoded)].sum())
+    self.prefill_tokens['prefilled'] += real - reused
+    self.prefill_tokens['reused'] += reused
+    if self.config.prefix_reuse:
+      slots = prompt_slots(output.prompt_slots)
+      self._last_prompts[agent] = (output.cache, {int(e): (row, list(encoded[row][1]), slots[row])
+                                                  for row, e in enumerate(episode_ids)})
     # Rows sharded over other processes' devices are gathered: every process parses every message.
     tokens, log_probs, lengths, finished = fetch((output.tokens, output.log_probs, output.lengths, output.finished))
     generations = []
@@ -639,44 +684,49 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
   memories = [Memory() for _ in range(batch)]
   live = list(range(batch))
 
-  for t in range(1, config.max_turns + 1):
-    hints = {e: titles[hint_item(e)] if config.show_hint else None for e in live}
-    rec_prompts = [recommender_messages(
-        history_titles=history_titles[e], candidate_titles=candidate_titles[e], memory=memories[e],
-        hint_title=hints[e], config=prompt_config) for e in live]
-    rec_out = _checked(backend.generate(RECOMMENDER, rec_prompts, seed=turn_seed(seed, t, RECOMMENDER),
-                                        episode_ids=live, turn=t, candidates=[candidate_titles[e] for e in live]),
-                       len(live), RECOMMENDER)
-    rec_parses = [parse_recommender_output(g.text, candidate_titles[e], candidates[e].tolist(), config.parse)
-                  for e, g in zip(live, rec_out)]
-    shown = [_shown(p, g.text) for p, g in zip(rec_parses, rec_out)]
+  try:
+    for t in range(1, config.max_turns + 1):
+      hints = {e: titles[hint_item(e)] if config.show_hint else None for e in live}
+      rec_prompts = [recommender_messages(
+          history_titles=history_titles[e], candidate_titles=candidate_titles[e], memory=memories[e],
+          hint_title=hints[e], config=prompt_config) for e in live]
+      rec_out = _checked(backend.generate(RECOMMENDER, rec_prompts, seed=turn_seed(seed, t, RECOMMENDER),
+                                          episode_ids=live, turn=t, candidates=[candidate_titles[e] for e in live]),
+                         len(live), RECOMMENDER)
+      rec_parses = [parse_recommender_output(g.text, candidate_titles[e], candidates[e].tolist(), config.parse)
+                    for e, g in zip(live, rec_out)]
+      shown = [_shown(p, g.text) for p, g in zip(rec_parses, rec_out)]
 
-    user_prompts = [user_messages(
-        history_titles=history_titles[e], recommended_title=title, recommender_reason=reason, memory=memories[e],
-        peer_opinion=peer_opinion(titles[peer_items[e]]) if config.show_peer_opinion else None,
-        config=prompt_config) for e, (title, reason) in zip(live, shown)]
-    user_out = _checked(backend.generate(USER, user_prompts, seed=turn_seed(seed, t, USER), episode_ids=live,
-                                         turn=t), len(live), USER)
+      user_prompts = [user_messages(
+          history_titles=history_titles[e], recommended_title=title, recommender_reason=reason, memory=memories[e],
+          peer_opinion=peer_opinion(titles[peer_items[e]]) if config.show_peer_opinion else None,
+          config=prompt_config) for e, (title, reason) in zip(live, shown)]
+      user_out = _checked(backend.generate(USER, user_prompts, seed=turn_seed(seed, t, USER), episode_ids=live,
+                                           turn=t), len(live), USER)
 
-    still_live = []
-    for row, e in enumerate(live):
-      rec_parse = rec_parses[row]
-      user_parse = parse_user_output(user_out[row].text, config.parse)
-      item = rec_parse.item_id if rec_parse.valid else NO_ITEM
-      turn = Turn(
-          turn=t, recommender=rec_out[row], user=user_out[row], recommender_parse=rec_parse, user_parse=user_parse,
-          shown_title=shown[row][0], shown_reason=shown[row][1], item=item,
-          hit=bool(item == window_list[e].target),
-          acceptance_score=float(user_parse.score),
-          peer_similarity=float(similarities[e, rec_parse.candidate_index]) if rec_parse.valid else 0.0,
-          action=user_parse.action, hint_title=hints[e])
-      turns[e].append(turn)
-      memories[e] = memories[e].append(turn.record)
-      if not turn.clicked:
-        still_live.append(e)
-    live = still_live
-    if not live:
-      break
+      still_live = []
+      for row, e in enumerate(live):
+        rec_parse = rec_parses[row]
+        user_parse = parse_user_output(user_out[row].text, config.parse)
+        item = rec_parse.item_id if rec_parse.valid else NO_ITEM
+        turn = Turn(
+            turn=t, recommender=rec_out[row], user=user_out[row], recommender_parse=rec_parse, user_parse=user_parse,
+            shown_title=shown[row][0], shown_reason=shown[row][1], item=item,
+            hit=bool(item == window_list[e].target),
+            acceptance_score=float(user_parse.score),
+            peer_similarity=float(similarities[e, rec_parse.candidate_index]) if rec_parse.valid else 0.0,
+            action=user_parse.action, hint_title=hints[e])
+        turns[e].append(turn)
+        memories[e] = memories[e].append(turn.record)
+        if not turn.clicked:
+          still_live.append(e)
+      live = still_live
+      if not live:
+        break
+  finally:
+    # Kept KV caches (`LLMBackendConfig.prefix_reuse`) must not outlive this rollout's parameters.
+    if hasattr(backend, 'clear_prefixes'):
+      backend.clear_prefixes()
 
   return [Episode(split=split, window_index=indices[e], user=window_list[e].user, history=window_list[e].history,
                   history_titles=tuple(history_titles[e]), target=window_list[e].target,

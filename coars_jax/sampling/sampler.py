@@ -7,6 +7,7 @@ the loop's carry, and tokens and log-probs then come from the masked, renormalis
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -63,6 +64,37 @@ class GenerationOutput:
     num_steps: jax.Array
     prompt_tokens: np.ndarray
     prompt_mask: np.ndarray
+    cache: KVCache | None = None
+    prompt_slots: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPrefix:
+    """Keys and values an earlier `generate` call already computed, for prompts that start with earlier prompts.
+
+    cache: that call's `GenerationOutput.cache`.
+    rows: int [B], the cache row each new prompt's prefix comes from.
+    sources: B int arrays, the cache slots holding the first len(sources[b]) tokens of new prompt b, in order (the
+      source row's `prompt_slots(GenerationOutput.prompt_slots)`, cut to the shared length); empty = no reuse.
+    """
+
+    cache: KVCache
+    rows: np.ndarray
+    sources: Sequence[np.ndarray]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.asarray([len(slots) for slots in self.sources], np.int32)
+
+
+# Widths of the block a prefix-reusing prefill recomputes at the end of the prompt (the new tokens, and any
+# prefix tokens that fall inside the block); each compiles one program per prompt bucket.
+PREFILL_BLOCKS = (64, 128, 256, 512, 1024)
+
+
+def prompt_slots(mask: np.ndarray) -> list[np.ndarray]:
+    """The slots of each row's real tokens in a [B, S] slot mask, in order."""
+    return [np.flatnonzero(row).astype(np.int32) for row in np.asarray(mask)]
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *,
@@ -71,7 +103,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
              eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
              seed: int | jax.Array = 0, cache_dtype: str | None = None,
              constraint: ChoiceConstraint | None = None, mesh: Mesh | None = None, rules: Rules | None = None,
-             **model_call_kwargs: Any) -> GenerationOutput:
+             prefix: PromptPrefix | None = None, **model_call_kwargs: Any) -> GenerationOutput:
     """Samples up to `max_new_tokens` tokens after each prompt.
 
     prompts: ragged token lists, or a left-padded [B, L] array with `prompt_mask` [B, L] (1 = real token,
@@ -96,6 +128,13 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
       (`parallel.distributed.fetch` brings them to each host).
     model_call_kwargs: passed to every decoder call, e.g. an adapter selector; arrays are traced, other
       values are static (each distinct value compiles its own programs).
+    prefix: a `PromptPrefix`: the first `prefix.lengths[b]` tokens of ragged prompt b are read from an earlier
+      call's cache instead of being prefilled again (they must be exactly that call's tokens at those slots, under
+      the same parameters and adapter). The prompts keep their usual left-padded layout; only a block at the end
+      (the smallest of `PREFILL_BLOCKS` that holds every row's new tokens) is prefilled, and the decode program is
+      the same as without a prefix. Greedy outputs equal a full prefill's to float rounding.
+    The output's `cache` (the final KV cache) and `prompt_slots` (the slots of each row's prompt tokens in it)
+    serve the next call's prefix.
     """
     config = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -103,6 +142,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
     eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     pad = _pad_token(config, pad_token_id)
     tokens, mask = prepare_prompts(prompts, prompt_mask, buckets, pad)
+    block = None if prefix is None else _prefill_block(prefix, tokens.shape[0], mask)
     completion_length = buckets.completion_length(max_new_tokens)
     longest = int(mask.sum(axis=1).max()) + max_new_tokens
     if longest > config.max_position_embeddings:
@@ -119,23 +159,111 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
     prompt_lengths = jnp.asarray(mask.sum(axis=1), jnp.int32)
     decode_args = (prompt_lengths, jnp.asarray(max_new_tokens, jnp.int32), key, jnp.asarray(eos, jnp.int32),
                    jnp.asarray(pad, jnp.int32), array_kwargs)
+    if block is not None:
+        width, table, table_mask = block
+        start = tokens.shape[1] - width
+        reuse = (prefix.cache, jnp.asarray(prefix.rows, jnp.int32), jnp.asarray(table), jnp.asarray(table_mask),
+                 jnp.asarray(tokens[:, start:]), jnp.asarray(mask[:, start:]),
+                 jnp.asarray(mask.sum(axis=1) - mask[:, start:].sum(axis=1), jnp.int32), array_kwargs)
     if mesh is None:
         decode_kwargs = {} if constraint is None else {"constraint": constraint}
-        logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), array_kwargs,
-                                 static_kwargs=static_kwargs, cache_length=cache_length, cache_dtype=cache_dtype)
-        outputs, _ = _decode(graphdef, state, cache, logits, *decode_args, static_kwargs=static_kwargs, params=params,
-                             completion_length=completion_length, **decode_kwargs)
+        if block is None:
+            logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), array_kwargs,
+                                     static_kwargs=static_kwargs, cache_length=cache_length, cache_dtype=cache_dtype)
+        else:
+            logits, cache = _prefill_after_prefix(graphdef, state, *reuse, static_kwargs=static_kwargs,
+                                                  cache_length=cache_length, cache_dtype=cache_dtype)
+        outputs, cache = _decode(graphdef, state, cache, logits, *decode_args, static_kwargs=static_kwargs,
+                                 params=params, completion_length=completion_length, **decode_kwargs)
     else:
         partitioning = Partitioning.create(mesh, rules)
         state_shardings = partitioning.state(state)
         state = partitioning.put(state, state_shardings)
         prefill, decode = _sharded_programs(partitioning, state_shardings, array_kwargs, config, tokens.shape[0],
                                             cache_length, cache_dtype, completion_length)
-        logits, cache = prefill(graphdef, static_kwargs, cache_length, cache_dtype, partitioning, state,
-                                jnp.asarray(tokens), jnp.asarray(mask), array_kwargs)
-        outputs, _ = decode(graphdef, static_kwargs, params, completion_length, partitioning, state, cache, logits,
-                            *decode_args, constraint)
-    return GenerationOutput(**outputs, prompt_tokens=tokens, prompt_mask=mask)
+        if block is None:
+            logits, cache = prefill(graphdef, static_kwargs, cache_length, cache_dtype, partitioning, state,
+                                    jnp.asarray(tokens), jnp.asarray(mask), array_kwargs)
+        else:
+            batch = tokens.shape[0]
+            rows, prompts_sharding = partitioning.batch((batch,)), partitioning.batch((batch, 1))
+            logits_sharding = partitioning.sharding((BATCH, VOCAB), (batch, config.vocab_size))
+            cache_sharding = partitioning.cache(jax.eval_shape(lambda: init_cache(config, batch, cache_length,
+                                                                                  cache_dtype)))
+            after_prefix = sharded_jit(
+                _prefill_after_prefix_program,
+                (state_shardings, partitioning.cache(prefix.cache), rows, prompts_sharding, prompts_sharding,
+                 prompts_sharding, prompts_sharding, rows, partitioning.rows(array_kwargs, batch)),
+                (logits_sharding, cache_sharding), static_argnums=_PROGRAM_STATIC)
+            logits, cache = after_prefix(graphdef, static_kwargs, cache_length, cache_dtype, partitioning, state,
+                                         *reuse)
+        outputs, cache = decode(graphdef, static_kwargs, params, completion_length, partitioning, state, cache,
+                                logits, *decode_args, constraint)
+    return GenerationOutput(**outputs, prompt_tokens=tokens, prompt_mask=mask, cache=cache, prompt_slots=mask)
+
+
+def _prefill_block(prefix: PromptPrefix, batch: int, mask: np.ndarray):
+    """(block width, source-slot table [B, P - width], its mask) of a prefix-reusing prefill of the left-padded
+    prompts `mask` [B, P], or None when no block shorter than P holds every row's new tokens. Slots before the block
+    are read from the prefix cache; the block is recomputed whole (new tokens, and prefix tokens inside it)."""
+    lengths = prefix.lengths
+    if len(lengths) != batch or np.asarray(prefix.rows).shape != (batch,):
+        raise ValueError(f"generate: the prefix has {len(lengths)} rows for {batch} prompts")
+    real = mask.sum(axis=1)
+    if np.any(lengths >= real):
+        raise ValueError("generate: every prefix must leave at least one token of its prompt to prefill")
+    width_total = mask.shape[1]
+    needed = int((real - lengths).max())
+    width = next((w for w in PREFILL_BLOCKS if w >= needed), None)
+    if width is None or width >= width_total or not lengths.any():
+        return None
+    before = width_total - width
+    table = np.zeros((batch, before), np.int32)
+    table_mask = np.zeros((batch, before), np.int32)
+    for row in range(batch):
+        first = width_total - int(real[row])  # the row's first real slot
+        count = max(before - first, 0)  # its tokens before the block, all inside its prefix
+        table[row, first:before] = prefix.sources[row][:count]
+        table_mask[row, first:before] = 1
+    return width, table, table_mask
+
+
+def _prefill_after_prefix_program(graphdef: nnx.GraphDef, static_kwargs: StaticKwargs, cache_length: int,
+                                  cache_dtype: str, partitioning: Partitioning | None, state: nnx.State,
+                                  source: KVCache, rows: jax.Array, table: jax.Array, table_mask: jax.Array,
+                                  tokens: jax.Array, mask: jax.Array, offsets: jax.Array,
+                                  array_kwargs: dict[str, Any]) -> tuple[jax.Array, KVCache]:
+    """Copies each row's keys and values of the slots before the block [B, P - W] from `source` (cache row
+    `rows[b]`, slots `table[b]`), then prefills the block tokens [B, W] after them: (float32 logits [B, V] after the
+    last prompt token, cache). `offsets[b]` counts row b's real tokens before the block (its first block position)."""
+    record_trace("sampler.prefill_after_prefix")
+    model = nnx.merge(graphdef, state)
+    with activation_scope(partitioning, model.config, tokens.shape[0]):
+        cache = init_cache(model.config, tokens.shape[0], cache_length, cache_dtype)
+        before = table.shape[1]
+
+        def gathered(new, old):
+            picked = old[rows[:, None], table].astype(new.dtype)  # [B, P - W, kv_heads, head_dim]
+            return jax.lax.dynamic_update_slice(new, picked, (0, 0, 0, 0))
+
+        cache = KVCache(keys=tuple(gathered(n, o) for n, o in zip(cache.keys, source.keys)),
+                        values=tuple(gathered(n, o) for n, o in zip(cache.values, source.values)),
+                        segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, table_mask.astype(jnp.int32),
+                                                                 (0, 0)),
+                        end_index=jnp.asarray(before, jnp.int32))
+        positions = offsets[:, None] + jnp.cumsum(mask != 0, axis=1, dtype=jnp.int32) - 1
+        hidden, cache = model.hidden_states(tokens, positions, mask, cache, **model_kwargs(static_kwargs, array_kwargs))
+        return model.logits(hidden[:, -1]).astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static_kwargs", "cache_length", "cache_dtype"))
+def _prefill_after_prefix(graphdef: nnx.GraphDef, state: nnx.State, source: KVCache, rows: jax.Array,
+                          table: jax.Array, table_mask: jax.Array, tokens: jax.Array, mask: jax.Array,
+                          offsets: jax.Array, array_kwargs: dict[str, Any], *, static_kwargs: StaticKwargs,
+                          cache_length: int, cache_dtype: str) -> tuple[jax.Array, KVCache]:
+    """The unsharded prefill after a prefix."""
+    return _prefill_after_prefix_program(graphdef, static_kwargs, cache_length, cache_dtype, None, state, source,
+                                         rows, table, table_mask, tokens, mask, offsets, array_kwargs)
 
 
 def prepare_prompts(prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,

@@ -186,6 +186,7 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           # False = a second pass over the whole x + d)
           'teacher_reuses_student_cache': rl_defaults.teacher_reuses_student_cache,
           'remat': rl_defaults.remat,  # rematerialise each layer in the backward pass (less memory, one more forward)
+          'prefix_reuse': rl_defaults.prefix_reuse,  # rollouts prefill only what a prompt adds to the previous turn's
       },
       'eval': {
           'every': 10,  # greedy val evaluation every this many iterations (0 = none); also before RL
@@ -261,7 +262,10 @@ def smollm2_config(dataset: str, method: str = 'coars') -> ml_collections.Config
   config.rl.iterations = 20
   config.rl.windows_per_iteration = 8
   config.rl.warmup_iterations = 2
-  config.rl.rows_per_microbatch = 2  # one ~1,000-token SmolLM2 row peaks at about 8.4 GB on the CPU
+  # Adapters on the top third of the 30 layers: the update backpropagates 10 layers, not 30 (issue 14); with the
+  # teacher on d + y and rematerialised layers, 8 rows of ~1,000 tokens fit one microbatch (BUILD_NOTES Part 8).
+  config.lora.layers = 'top_third'
+  config.rl.rows_per_microbatch = 8
   config.rl.learning_rate = 1e-4
   config.eval.every = 5
   config.eval.val_windows = 16

@@ -140,6 +140,8 @@ class RLConfig:
       instead of a second pass over the whole x + d. The same A to float rounding; off = the naive teacher pass.
     remat: rematerialise each decoder layer in the update's backward pass (`Decoder.hidden_states(remat=)`):
       activation memory of one layer input per layer, for one more forward pass of the adapted layers.
+    prefix_reuse: rollouts prefill only what each prompt adds to the same episode's previous prompt of that agent
+      (`agents.LLMBackendConfig.prefix_reuse`); the same tokens and log-probs to float rounding.
   """
 
   iterations: int = 200
@@ -177,6 +179,7 @@ class RLConfig:
   train_pool: str = 'all'
   teacher_reuses_student_cache: bool = True
   remat: bool = True
+  prefix_reuse: bool = True
 
   def __post_init__(self):
     if self.train_pool not in TRAIN_POOLS:
@@ -189,7 +192,7 @@ class RLConfig:
     if self.score_chunk_size is not None:
       _require_int(self, 'score_chunk_size', 1)
     for name in ('group_baseline', 'train_user_agent', 'outcome_signed', 'constrained', 'reference_omits_samples',
-                 'teacher_reuses_student_cache', 'remat'):
+                 'teacher_reuses_student_cache', 'remat', 'prefix_reuse'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'RLConfig.{name} must be a bool, found {getattr(self, name)!r}')
     if self.reward not in REWARDS:
@@ -254,7 +257,7 @@ class RLConfig:
   def backend_config(self) -> LLMBackendConfig:
     return LLMBackendConfig(recommender_max_new_tokens=self.recommender_max_new_tokens,
                             user_max_new_tokens=self.user_max_new_tokens, sampling=self.sampling,
-                            buckets=self.buckets, constrained=self.constrained)
+                            buckets=self.buckets, constrained=self.constrained, prefix_reuse=self.prefix_reuse)
 
   @property
   def outcome_every_turn(self) -> bool:

@@ -407,3 +407,34 @@ def test_llm_backend_validates_adapters():
     LLMBackend(adapted, tokenizer, adapters={'user': 2})
   with pytest.raises(ValueError, match='adapters has keys'):
     LLMBackend(adapted, tokenizer, adapters={'judge': 0})
+
+
+def test_prefix_reuse_gives_the_same_greedy_episodes_and_prefills_less():
+  """From turn 2 on, each agent's prompt repeats its previous one up to the memory; the backend reads that part
+  from the previous call's cache. Greedy episodes are the same as with every prompt prefilled whole."""
+  tokenizer = small_tokenizer()
+  model = tiny_lora_model(len(tokenizer))
+  episodes, backends = [], []
+  for reuse in (False, True):
+    backend = LLMBackend(model, tokenizer, adapters={'recommender': 'recommender', 'user': 'user'},
+                         config=LLMBackendConfig(recommender_max_new_tokens=MAX_NEW_TOKENS,
+                                                 user_max_new_tokens=MAX_NEW_TOKENS, sampling=SamplingParams(),
+                                                 buckets=LengthBuckets(prompt=(512, 1024), completion=(8,)),
+                                                 prefix_reuse=reuse))
+    episodes.append(run_episodes(DATASET, SPLIT, [0, 1, 2], backend, peer=TablePeer(),
+                                 config=RolloutConfig(max_turns=3), seed=3))
+    backends.append(backend)
+  full, reused = episodes
+  assert [e.num_turns for e in full] == [e.num_turns for e in reused] == [3, 3, 3]
+  for a, b in zip(full, reused):
+    for ta, tb in zip(a.turns, b.turns):
+      for agent in ('recommender', 'user'):
+        ga, gb = getattr(ta, agent), getattr(tb, agent)
+        assert ga.prompt_text == gb.prompt_text
+        np.testing.assert_array_equal(ga.completion_ids, gb.completion_ids)
+        np.testing.assert_allclose(ga.log_probs, gb.log_probs, atol=1e-4)
+  assert backends[0].prefill_tokens['reused'] == 0
+  stats = backends[1].prefill_tokens
+  assert stats['prefilled'] + stats['reused'] == backends[0].prefill_tokens['prefilled']
+  assert stats['reused'] > stats['prefilled'] / 2  # turns 2 and 3 reuse most of their prompts
+  assert not backends[1]._last_prompts  # the kept caches are dropped when the rollout ends

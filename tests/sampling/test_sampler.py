@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from coars_jax.models import init_cache
+from coars_jax.parallel.mesh import make_mesh
 from coars_jax.sampling import GREEDY, LengthBuckets, SamplingParams, generate, score
 from coars_jax.sampling import sampler as sampler_lib
 from tests.sampling.conftest import EOS, PAD, VOCAB, sharpened_model
@@ -227,3 +228,60 @@ def test_lora_adapter_per_row_equals_each_adapter_alone():
     scored = score(model, user.prompt_tokens, user.prompt_mask, user.tokens, user.mask, params=GREEDY,
                    adapter="user")
     np.testing.assert_allclose(np.asarray(scored), np.asarray(user.log_probs), atol=1e-4)
+
+
+def _prefix_from(out, rows, lengths):
+    """A `PromptPrefix` reading the first lengths[b] tokens of each new prompt from row rows[b] of an earlier call."""
+    slots = sampler_lib.prompt_slots(out.prompt_slots)
+    return sampler_lib.PromptPrefix(cache=out.cache, rows=np.asarray(rows, np.int32),
+                                    sources=[slots[row][:k] for row, k in zip(rows, lengths)])
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_prefix_reuse_equals_a_full_prefill(model, sharded):
+    """Turn 2 of three dialogues: each new prompt starts with part of a turn-1 prompt (a shared static prefix),
+    then differs. Reading that prefix from turn 1's cache, in a different row order, gives the greedy tokens and
+    log-probs of prefilling the whole prompts; so does turn 3 reading turn 2's reused cache. Only a 64-token block
+    is prefilled, and the decode program is the one a full prefill uses."""
+    mesh = make_mesh() if sharded else None  # every device on the data axis, as the trainer builds it
+    buckets = LengthBuckets(prompt=(128,), completion=(8,))
+    rng = np.random.default_rng(0)
+    turn1 = [rng.integers(4, VOCAB, size=n).tolist() for n in (90, 100, 80)]
+    run = dict(max_new_tokens=6, params=GREEDY, buckets=buckets, eos_token_ids=(), mesh=mesh)
+    first = generate(model, turn1, **run)
+    assert first.cache is not None and first.prompt_slots.shape == (3, 128)
+    order, shared = (1, 2, 0), (95, 70, 78)
+    turn2 = [turn1[r][:k] + rng.integers(4, VOCAB, size=12).tolist() for r, k in zip(order, shared)]
+    full = generate(model, turn2, **run)
+    reused = generate(model, turn2, prefix=_prefix_from(first, rows=order, lengths=shared), **run)
+    np.testing.assert_array_equal(reused.tokens, full.tokens)
+    np.testing.assert_allclose(reused.log_probs, full.log_probs, atol=1e-4)
+    np.testing.assert_array_equal(reused.prompt_tokens, full.prompt_tokens)
+    turn3 = [p + [33, 34, 35] for p in turn2]
+    third_full = generate(model, turn3, **run)
+    third = generate(model, turn3, prefix=_prefix_from(reused, rows=[0, 1, 2], lengths=[len(p) for p in turn2]),
+                     **run)
+    np.testing.assert_array_equal(third.tokens, third_full.tokens)
+    np.testing.assert_allclose(third.log_probs, third_full.log_probs, atol=1e-4)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [turn1[0]], prefix=_prefix_from(first, rows=[0], lengths=[90]), **run)
+
+
+def test_prefix_reuse_prefills_a_block_and_shares_the_decode_program(model):
+    from coars_jax.sampling.compilation import trace_counts
+    buckets = LengthBuckets(prompt=(128,), completion=(8,))
+    rng = np.random.default_rng(1)
+    turn1 = [rng.integers(4, VOCAB, size=100).tolist() for _ in range(2)]
+    run = dict(max_new_tokens=4, params=GREEDY, buckets=buckets, eos_token_ids=())
+    first = generate(model, turn1, **run)
+    counts = trace_counts()
+    turn2 = [p + [7, 8, 9] for p in turn1]
+    generate(model, turn2, prefix=_prefix_from(first, rows=[0, 1], lengths=[100, 100]), **run)
+    after = trace_counts()
+    assert after.get("sampler.prefill_after_prefix", 0) - counts.get("sampler.prefill_after_prefix", 0) <= 1
+    assert after.get("sampler.decode", 0) == counts.get("sampler.decode", 0)  # the full prefill's decode program
+    assert after.get("sampler.prefill", 0) == counts.get("sampler.prefill", 0)
+    # A prompt whose new part does not fit a block shorter than its bucket is prefilled whole.
+    whole = generate(model, [rng.integers(4, VOCAB, size=120).tolist()],
+                     prefix=_prefix_from(first, rows=[0], lengths=[2]), **run)
+    assert whole.tokens.shape == (1, 8)
