@@ -1,14 +1,15 @@
-"""One CoARS iteration with the cheap-update switches on and off, from one rollout, in one process:
+"""One CoARS iteration with the cheap-iteration switches on and off, in one process:
 `python -m experiments.bench_train [--config=configs/lastfm_smollm2.py] [--windows=16] [--output=FILE]`.
 
-The config is a training config; its warm start is loaded (or trained into `warm_start.folder` if absent). One
-rollout of `--windows` training windows is played with the configured adapters, then two trainers update from that
-same rollout, in this order (the peak RSS of a process only grows, so the lighter phase goes first):
-  on:  the config as it is: adapters on `lora.layers` (the CPU configs: the top third), the teacher on d + y against
-       the student's cache, rematerialised layers, `rl.rows_per_microbatch` rows per microbatch;
-  off: the switches off: adapters on every layer (the config's adapters, plus B = 0 adapters on the other layers, so
-       both phases start from the same function), the teacher as a second pass over x + d, no remat, and
-       `--off_rows_per_microbatch` rows per microbatch (the setting that fit before).
+The config is a training config; its warm start is loaded (or trained into `warm_start.folder` if absent). Each
+phase plays one rollout of the same `--windows` training windows from the same seed and the same adapters, then
+updates from it, in this order (the peak RSS of a process only grows, so the lighter phase goes first):
+  on:  the config as it is: rollouts with prefix reuse, adapters on `lora.layers` (the CPU configs: the top third),
+       the teacher on d + y against the student's cache, rematerialised layers, `rl.rows_per_microbatch` rows per
+       microbatch;
+  off: the switches off: every prompt prefilled whole, adapters on every layer (the config's adapters, plus B = 0
+       adapters on the other layers, so both phases start from the same function), the teacher as a second pass
+       over x + d, no remat, and `--off_rows_per_microbatch` rows per microbatch (the setting that fit before).
 Each update is timed twice: the first call (it compiles) and a second call of the compiled step on the same
 arrays. Reported per phase: wall time per stage, tokens forwarded per loss row (student and teacher, as padded and
 as real tokens), layers backpropagated, the peak RSS; and the forward-only scoring passes of the on phase against
@@ -16,6 +17,7 @@ the rollout (`training.benchmark.scoring_seconds`). The JSON goes to --output (d
 """
 
 import copy
+import gc
 import json
 import pathlib
 import platform
@@ -38,6 +40,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lastfm_smollm2.py',
 _WINDOWS = flags.DEFINE_integer('windows', 16, 'Training windows (episodes, one rollout each) of the iteration.')
 _OFF_ROWS = flags.DEFINE_integer('off_rows_per_microbatch', 2, 'Rows per microbatch of the off phase.')
 _PHASES = flags.DEFINE_list('phases', ['on', 'off'], 'Which phases to run, in order.')
+_RETIME = flags.DEFINE_list('retime', ['on', 'off'], 'Phases whose update is timed a second time, compiled.')
 _OUTPUT = flags.DEFINE_string('output', None, 'The JSON file (default results/bench/train_<dataset>.json).')
 
 
@@ -74,12 +77,22 @@ def retime_update(trainer, batch) -> float:
   return time.perf_counter() - start
 
 
-def run_phase(name, config, parts, model, played) -> dict:
+def run_phase(name, config, parts, model) -> dict:
   trainer = experiment.make_trainer(config, parts, model)
-  print(f'[{name}] update from the shared rollout ({len(played.episodes)} episodes)...', flush=True)
+  print(f'[{name}] rollout of {config.rl.windows_per_iteration} windows...', flush=True)
+  played = trainer.play()
+  prefill = dict(trainer.backend.prefill_tokens)
+  rollout = {'seconds': played.seconds, 'episodes': len(played.episodes),
+             'turns': int(played.trajectory.num_turns.sum()),
+             'generated_tokens': int(played.trajectory.completion_mask.sum()),
+             'prompt_tokens_prefilled_per_episode': prefill['prefilled'] / len(played.episodes),
+             'prompt_tokens_reused_per_episode': prefill['reused'] / len(played.episodes),
+             'hit_at_1': float(np.mean([e.turns[0].hit for e in played.episodes]))}
+  print(f'[{name}] {json.dumps(rollout)}\n[{name}] update...', flush=True)
   metrics = trainer.learn(played)
   batch, rows = trainer.last_batch, int(metrics['update/loss_rows'])
-  row = {'phase': name, 'lora_layers': model.lora_config.layers,
+  row = {'phase': name, 'rollout': rollout, 'prefix_reuse': config.rl.prefix_reuse,
+         'lora_layers': model.lora_config.layers,
          'layers_backpropagated': model.config.num_layers - model.lowest_adapted_layer,
          'teacher_reuses_student_cache': config.rl.teacher_reuses_student_cache, 'remat': config.rl.remat,
          'rows_per_microbatch': config.rl.rows_per_microbatch, 'loss_rows': rows,
@@ -87,7 +100,7 @@ def run_phase(name, config, parts, model, played) -> dict:
          'host_seconds': metrics['time/scoring_seconds'], 'update_seconds_first_call': metrics['time/update_seconds'],
          'loss': metrics.get('loss/total'), 'grad_norm': metrics.get('update/grad_norm'),
          'tokens_per_loss_row': tokens_per_row(batch, rows)}
-  row['update_seconds_compiled'] = retime_update(trainer, batch)
+  row['update_seconds_compiled'] = retime_update(trainer, batch) if name in _RETIME.value else None
   row['peak_rss_gib_so_far'] = peak_rss_gib()
   if name == 'on':
     row['scoring'] = benchmark.scoring_seconds(trainer, batch, repeats=1)
@@ -107,21 +120,12 @@ def main(argv):
   load = time.perf_counter() - load
   start_adapters = jax.tree.map(np.array, nnx.state(model, nnx.LoRAParam))
 
-  first = experiment.make_trainer(config, parts, model)
-  print(f'Rollout of {_WINDOWS.value} windows...', flush=True)
-  played = first.play()
-  rollout = {'seconds': played.seconds, 'episodes': len(played.episodes),
-             'turns': int(played.trajectory.num_turns.sum()),
-             'generated_tokens': int(played.trajectory.completion_mask.sum()),
-             'peak_rss_gib_so_far': peak_rss_gib()}
-  print(json.dumps(rollout), flush=True)
-  del first
-
   phases = []
   for name in _PHASES.value:
     nnx.update(model, jax.tree.map(lambda x: jax.numpy.asarray(np.array(x)), start_adapters))
     phase_config = copy.deepcopy(config)
     if name == 'off':
+      phase_config.rl.prefix_reuse = False
       phase_config.rl.teacher_reuses_student_cache = False
       phase_config.rl.remat = False
       phase_config.rl.rows_per_microbatch = _OFF_ROWS.value
@@ -129,38 +133,48 @@ def main(argv):
         extend_lora(model, 'all', rngs=nnx.Rngs(0))
     elif name != 'on':
       raise app.UsageError(f'--phases: expected on and/or off, found {name!r}')
-    phases.append(run_phase(name, phase_config, parts, model, played))
+    phases.append(run_phase(name, phase_config, parts, model))
+    gc.collect()
 
   result = {'config': config.workdir, 'dataset': config.dataset, 'model': config.model, 'start': origin['stage'],
             'windows': _WINDOWS.value, 'max_turns': config.rollout.max_turns, 'load_seconds': load,
-            'rollout': rollout, 'phases': phases, 'machine': f'{platform.node()} {jax.devices()[0].platform} '
+            'phases': phases, 'machine': f'{platform.node()} {jax.devices()[0].platform} '
             f'x{jax.device_count()}, {len(__import__("os").sched_getaffinity(0))} cores'}
   by_name = {p['phase']: p for p in phases}
+
+  def iteration_seconds(p, kind):
+    return p['rollout']['seconds'] + p['host_seconds'] + p[f'update_seconds_{kind}']
+
   if {'on', 'off'} <= set(by_name):
     on, off = by_name['on'], by_name['off']
     for kind in ('compiled', 'first_call'):
-      whole = [played.seconds + p['host_seconds'] + p[f'update_seconds_{kind}'] for p in (off, on)]
-      result[f'iteration_speedup_{kind}'] = whole[0] / whole[1]
-      result[f'update_speedup_{kind}'] = off[f'update_seconds_{kind}'] / on[f'update_seconds_{kind}']
+      if off[f'update_seconds_{kind}'] is not None and on[f'update_seconds_{kind}'] is not None:
+        result[f'iteration_speedup_{kind}'] = iteration_seconds(off, kind) / iteration_seconds(on, kind)
+        result[f'update_speedup_{kind}'] = off[f'update_seconds_{kind}'] / on[f'update_seconds_{kind}']
+    result['rollout_speedup'] = off['rollout']['seconds'] / on['rollout']['seconds']
+    result['prefilled_tokens_ratio'] = (on['rollout']['prompt_tokens_prefilled_per_episode']
+                                        / off['rollout']['prompt_tokens_prefilled_per_episode'])
     result['teacher_tokens_ratio'] = on['tokens_per_loss_row']['teacher_padded'] / off['tokens_per_loss_row'][
         'teacher_padded']
   if 'on' in by_name:
     scoring = by_name['on']['scoring']
     result['scoring_over_rollout'] = (scoring['student_scoring_seconds'] + scoring.get('teacher_scoring_seconds', 0)
-                                      ) / played.seconds
+                                      ) / by_name['on']['rollout']['seconds']
   output = _OUTPUT.value or f'results/bench/train_{config.dataset}.json'
   outputs.write_json(output, result)
-  print('\n| phase | layers backprop | rows/micro | update s (1st call) | update s (compiled) | '
-        'student tok/row | teacher tok/row | peak RSS GiB |')
-  print('|---|---|---|---|---|---|---|---|')
+  print('\n| phase | rollout s | prefilled tok/episode | layers backprop | rows/micro | update s (1st call) | '
+        'update s (compiled) | student tok/row | teacher tok/row | peak RSS GiB |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for p in phases:
-    t = p['tokens_per_loss_row']
-    print(f'| {p["phase"]} | {p["layers_backpropagated"]} | {p["rows_per_microbatch"]} | '
-          f'{p["update_seconds_first_call"]:.1f} | {p["update_seconds_compiled"]:.1f} | {t["student_padded"]} | '
-          f'{t.get("teacher_padded", 0)} | {p["peak_rss_gib_so_far"]:.1f} |')
-  print(f'\nrollout {played.seconds:.1f} s; ' + ', '.join(f'{k} {v:.2f}' for k, v in result.items()
-                                                       if k.endswith(('speedup_compiled', 'speedup_first_call',
-                                                                      'ratio', 'over_rollout'))))
+    t, r = p['tokens_per_loss_row'], p['rollout']
+    print(f'| {p["phase"]} | {r["seconds"]:.1f} | {r["prompt_tokens_prefilled_per_episode"]:.0f} | '
+          f'{p["layers_backpropagated"]} | {p["rows_per_microbatch"]} | {p["update_seconds_first_call"]:.1f} | '
+          f'{p["update_seconds_compiled"] or float("nan"):.1f} | {t["student_padded"]} | '
+          f'{t.get("teacher_padded", 0)} | '
+          f'{p["peak_rss_gib_so_far"]:.1f} |')
+  print('\n' + ', '.join(f'{k} {v:.2f}' for k, v in result.items()
+                         if k.endswith(('speedup', 'speedup_compiled', 'speedup_first_call', 'ratio',
+                                        'over_rollout'))))
   print(f'Wrote {pathlib.Path(output).absolute()}')
 
 

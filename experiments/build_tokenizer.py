@@ -7,6 +7,7 @@ import json
 
 from absl import app, flags
 
+from coars_jax import data
 from coars_jax.models import tokenizer
 
 _DATA_ROOT = flags.DEFINE_string('data_root', None, 'Data root; default $COARS_DATA_DIR, then the user cache.')
@@ -16,9 +17,8 @@ _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', tokenizer.DEFAULT_VOCAB_SIZE, '
 
 def main(argv):
   del argv
-  titles = tokenizer.dataset_titles(_DATA_ROOT.value)
-  folder = tokenizer.tiny_tokenizer_folder(vocab_size=_VOCAB_SIZE.value, titles=titles,
-                                           output_dir=_OUTPUT_DIR.value)
+  titles = data.dataset_titles(_DATA_ROOT.value)
+  folder = tokenizer.tiny_tokenizer_folder(titles, vocab_size=_VOCAB_SIZE.value, output_dir=_OUTPUT_DIR.value)
   stats = tokenizer.tokenizer_stats(tokenizer.load_tokenizer(folder), titles)
   print(f'Tokenizer folder: {folder}')
   print(json.dumps(stats, indent=2))

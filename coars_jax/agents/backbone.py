@@ -13,6 +13,7 @@ from typing import Any
 
 from flax import nnx
 
+from coars_jax import data
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.gguf_checkpoint import load_gguf, smollm2_gguf_path
@@ -69,8 +70,8 @@ def load_tokenizer_for(spec: BackboneSpec):
   """The backbone's tokenizer alone (fast: no weights are read)."""
   canonical = spec.canonical
   if canonical == TINY:
-    return tokenizer_lib.tiny_tokenizer(spec.data_root, vocab_size=spec.tiny_vocab_size,
-                                        allow_download=spec.allow_download)
+    titles = data.dataset_titles(spec.data_root, allow_download=spec.allow_download)
+    return tokenizer_lib.tiny_tokenizer(titles, vocab_size=spec.tiny_vocab_size)
   if canonical == SMOLLM2:
     return tokenizer_lib.load_gguf_tokenizer(smollm2_gguf_path())
   return tokenizer_lib.load_tokenizer(canonical)

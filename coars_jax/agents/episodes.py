@@ -18,11 +18,11 @@ from coars_jax.agents.output_constraints import recommender_constraint, user_con
 from coars_jax.agents.parsing import (ParseConfig, RecommenderParse, UserParse, parse_recommender_output,
                                       parse_user_output)
 from coars_jax.agents.prompts import Memory, Message, PromptConfig, TurnRecord, recommender_messages, user_messages
-from coars_jax.agents.protocol import ACTIONS
+from coars_jax.agents.protocol import ACTIONS, AGENTS, RECOMMENDER, USER
 from coars_jax.data.candidates import NUM_CANDIDATES, candidate_list
 from coars_jax.data.schema import Dataset
 from coars_jax.models.lora import ADAPTERS_OFF
-from coars_jax.models.tokenizer import END_OF_TURN_TOKENS, render_chat, special_token_ids
+from coars_jax.models.tokenizer import end_of_turn_id, render_chat, special_token_ids
 from coars_jax.parallel.distributed import fetch
 from coars_jax.parallel.rules import Rules
 from coars_jax.recsys.peer import (candidate_ranking, candidate_scores, candidate_similarities, peer_opinion,
@@ -32,9 +32,6 @@ from coars_jax.sampling import LengthBuckets, SamplingParams, generate
 from coars_jax.sampling.sampler import PromptPrefix, prompt_slots
 from coars_jax.sampling.constraints import token_classes
 
-RECOMMENDER, USER = 'recommender', 'user'
-# Index of each agent in per-segment arrays (`Trajectory.agent`) and in adapter tables.
-AGENTS = (RECOMMENDER, USER)
 # The item a user prompt shows when the recommender's message had no `Item:` line at all.
 NO_ITEM_SHOWN = '(no item named)'
 # Item id stored for a turn whose recommender message named no candidate.
@@ -118,19 +115,6 @@ def encode_prompts(tokenizer, prompts: Sequence[Sequence[Message]]) -> list[tupl
     return []
   ids = tokenizer(texts, add_special_tokens=False)['input_ids']
   return [(text, list(row)) for text, row in zip(texts, ids)]
-
-
-def end_of_turn_id(tokenizer) -> int:
-  """The token a chat model ends its message with: the first end-of-turn token the tokenizer has (its chat
-  template's turn terminator: <|end|>, <|im_end|>, <|eot_id|>, ...), else its eos token."""
-  added = tokenizer.get_added_vocab()
-  for token in END_OF_TURN_TOKENS:
-    if token in added:
-      return int(added[token])
-  if tokenizer.eos_token_id is None:
-    raise ValueError(f'tokenizer {tokenizer.name_or_path!r} has neither an eos token nor any end-of-turn token '
-                     f'{list(END_OF_TURN_TOKENS)}; messages could not be terminated')
-  return int(tokenizer.eos_token_id)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from coars_jax.agents.prompts import format_recommender_output, format_user_output
 from coars_jax.agents.protocol import ACTIONS, SCORE_LABEL, interval_midpoint
+from coars_jax.models.tokenizer import end_of_turn_id
 from coars_jax.sampling.constraints import (ChoiceConstraint, TokenClasses, build_constraint, continuation_ids,
                                             token_classes)
 
@@ -58,7 +59,6 @@ def user_tail(action: str) -> str:
 
 def _tokens(tokenizer, end_token_id: int | None, vocab_size: int | None, classes: TokenClasses | None):
   if end_token_id is None:
-    from coars_jax.agents.episodes import end_of_turn_id  # episodes imports this module
     end_token_id = end_of_turn_id(tokenizer)
   if classes is None:
     classes = token_classes(tokenizer, vocab_size)
@@ -80,7 +80,7 @@ def recommender_constraint(tokenizer, candidate_titles: Sequence[Sequence[str]],
     candidate_titles: each row's candidate list C, as the prompt shows it.
     max_new_tokens: the sampler's token budget; the reason line gets what is left after the longest tail.
     vocab_size: the model's vocabulary size (default len(tokenizer)); the masks have this many entries.
-    end_token_id: the token that ends the message (default `episodes.end_of_turn_id(tokenizer)`).
+    end_token_id: the token that ends the message (default `models.tokenizer.end_of_turn_id(tokenizer)`).
     classes: precomputed `token_classes(tokenizer, vocab_size)` (computing them decodes the whole vocabulary).
     max_reason_tokens: cap on the reason line's tokens, its line break included (default: all that fits).
     num_choices, choice_length: padded C and L (default powers of two), fixed to share compiled programs.

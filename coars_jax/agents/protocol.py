@@ -9,6 +9,11 @@ import numbers
 
 import numpy as np
 
+# The two agents, by name; the index of each is its id in per-segment arrays (`Trajectory.agent`) and adapter
+# tables. The one definition: every module that names the agents imports these.
+RECOMMENDER, USER = 'recommender', 'user'
+AGENTS = (RECOMMENDER, USER)
+
 # Ordered from worst to best, so an action's index is also the rank of its score interval.
 ACTIONS = ('dislike', 'skip', 'star', 'click')
 # Half-open [low, high) except click, whose interval [.75, 1] includes 1 (METHOD.md section 2).

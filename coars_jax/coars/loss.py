@@ -18,12 +18,13 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from coars_jax.agents.protocol import AGENTS
+from coars_jax.coars.rewards import group_centred
 from coars_jax.coars.credit import teacher_student_log_probs, token_advantages
 from coars_jax.models.decoder import Decoder
 from coars_jax.sampling.distributions import SamplingParams
 from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, completion_log_probs, shared_prefix_log_probs
 
-AGENT_NAMES = ('recommender', 'user')  # index = `Trajectory.agent`
 # |log ratio| bound before exp() in the PPO ratio and the k3 estimator: a token whose behaviour or base
 # log-prob is -inf (outside a sampler's top-k) would otherwise give inf * 0 = NaN in the loss and its gradient.
 MAX_LOG_RATIO = 20.0
@@ -98,7 +99,7 @@ def coars_loss(student_log_probs: jax.Array, advantages: jax.Array, rewards: jax
   lengths = mask.sum(axis=1).astype(jnp.float32)
   active = jnp.asarray(included).astype(bool) & (lengths > 0)
   raw_rewards = jax.lax.stop_gradient(jnp.asarray(rewards, jnp.float32))
-  shaped_rewards = raw_rewards if group is None else _group_centred(raw_rewards, active, agent, group)
+  shaped_rewards = raw_rewards if group is None else group_centred(raw_rewards, active, agent, group)
   advantages = jnp.where(mask, jax.lax.stop_gradient(advantages.astype(jnp.float32)), 0.0)
   weights = jax.lax.stop_gradient(shaped_rewards[:, None] + lambda_sd * advantages)
   token_rows = mask & active[:, None]  # the tokens that carry loss
@@ -128,7 +129,7 @@ def coars_loss(student_log_probs: jax.Array, advantages: jax.Array, rewards: jax
 
   episodes = jnp.asarray(num_episodes, jnp.float32)
   total = jnp.zeros((), jnp.float32)
-  for index, name in enumerate(AGENT_NAMES):
+  for index, name in enumerate(AGENTS):
     mine = agent == index
     agent_loss = jnp.where(mine, segment_loss, 0.0).sum() / episodes
     total = total + agent_loss
@@ -151,16 +152,6 @@ def _masked_mean(values: jax.Array, where: jax.Array) -> jax.Array:
   where = jnp.broadcast_to(where, values.shape)
   return (jnp.where(where, values.astype(jnp.float32), 0.0).sum()
           / jnp.maximum(where.sum().astype(jnp.float32), 1.0))
-
-
-def _group_centred(rewards: jax.Array, active: jax.Array, agent: jax.Array, group: jax.Array) -> jax.Array:
-  """R_s minus the mean R over the active segments of the same agent and group (pairwise, no static group count)."""
-  group = jnp.asarray(group)
-  chex.assert_equal_shape([group, rewards])
-  peers = (group[:, None] == group[None, :]) & (agent[:, None] == agent[None, :]) & active[None, :]
-  count = peers.sum(axis=1).astype(jnp.float32)
-  baseline = jnp.where(peers, rewards[None, :], 0.0).sum(axis=1) / jnp.maximum(count, 1.0)
-  return rewards - baseline
 
 
 def coars_objective(model: Decoder, batch: Mapping[str, jax.Array], *, lambda_sd: float = 0.1,

@@ -13,11 +13,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from coars_jax.agents.protocol import (ACTION_INTERVALS, ACTION_LABEL, ACTIONS, ITEM_LABEL, POSITIVE_ACTIONS,
+from coars_jax.agents.protocol import (ACTION_INTERVALS, ACTION_LABEL, ACTIONS, AGENTS, ITEM_LABEL, POSITIVE_ACTIONS,
                                        REASON_LABEL, SCORE_LABEL, check_action, format_score, single_line)
 
 Message = dict[str, str]
-AGENTS = ('recommender', 'user')
 
 REFERENCE_HEADER = 'Hindsight review of this dialogue (training-only context, written after it ended):'
 # Separates the student's own prompt text from d inside the last user message of the teacher prompt.

@@ -203,3 +203,15 @@ def segment_rewards(kind: str, *, hit: jax.Array, acceptance_score: jax.Array, p
   else:
     raise ValueError(f'segment_rewards: kind must be one of {REWARD_KINDS}, found {kind!r}')
   return agent_reward(r_rec, r_user, agent), included
+
+
+def group_centred(rewards: jax.Array, active: jax.Array, agent: jax.Array, group: jax.Array) -> jax.Array:
+  """R_s minus the mean R over the active segments of the same agent and group: section 5's group mean baseline
+  (the G rollouts of one window share a group id). Pairwise, so it needs no static group count; the one definition,
+  used by the loss and by the trainer's whole-rollout rewards alike."""
+  group = jnp.asarray(group)
+  chex.assert_equal_shape([group, rewards])
+  peers = (group[:, None] == group[None, :]) & (agent[:, None] == agent[None, :]) & active[None, :]
+  count = peers.sum(axis=1).astype(jnp.float32)
+  baseline = jnp.where(peers, rewards[None, :], 0.0).sum(axis=1) / jnp.maximum(count, 1.0)
+  return rewards - baseline

@@ -24,5 +24,11 @@ __all__ = [
     'ChecksumError', 'DATASETS', 'DATA_DIR_ENV', 'DataError', 'Dataset', 'ItemCatalog', 'MAX_HISTORY',
     'MalformedDataError', 'MissingDataError', 'NUM_CANDIDATES', 'UserSimCase', 'UserSimSet', 'Window',
     'WindowSplit', 'candidate_list', 'candidate_matrix', 'candidate_roots', 'describe', 'format_description',
-    'load_dataset', 'locate', 'user_sim_set',
+    'dataset_titles', 'load_dataset', 'locate', 'user_sim_set',
 ]
+
+
+def dataset_titles(data_root=None, *, allow_download: bool = True) -> dict[str, tuple[str, ...]]:
+  """The item titles of every dataset in `DATASETS`, in catalog order (what the tiny tokenizer is trained on)."""
+  return {name: tuple(load_dataset(name, data_root, allow_download=allow_download).catalog.titles)
+          for name in DATASETS}

@@ -335,36 +335,38 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(platformdirs.user_cache_dir("coars_jax")) / "tokenizers"
 
 
-def dataset_titles(data_root: str | os.PathLike | None = None, *,
-                   allow_download: bool = True) -> dict[str, tuple[str, ...]]:
-    """The item titles of every dataset in `coars_jax.data.DATASETS`, in catalog order."""
-    # Imported here: coars_jax.data is not needed to load or render with a tokenizer.
-    from coars_jax import data
-    return {name: tuple(data.load_dataset(name, data_root, allow_download=allow_download).catalog.titles)
-            for name in data.DATASETS}
+def tiny_tokenizer_folder(titles: Mapping[str, Sequence[str]], cache_dir: str | os.PathLike | None = None,
+                          vocab_size: int = DEFAULT_VOCAB_SIZE, *,
+                          output_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The `tiny` preset's tokenizer folder, trained on every dataset's titles plus the protocol corpus.
 
-
-def tiny_tokenizer_folder(data_root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                          vocab_size: int = DEFAULT_VOCAB_SIZE, *, titles: Mapping[str, Sequence[str]] | None = None,
-                          output_dir: str | os.PathLike | None = None, allow_download: bool = True) -> pathlib.Path:
-    """The `tiny` preset's tokenizer folder, trained on all three datasets' titles plus the protocol corpus.
-
-    titles: the titles per dataset, when the caller has loaded them already; default `dataset_titles(data_root)`.
+    titles: the item titles per dataset (`coars_jax.data.dataset_titles`; this module does not read datasets).
     output_dir: build into this folder (always, overwriting); without it the folder is built into `cache_dir`
       (default `default_cache_dir()`) on first use and reused after.
     """
-    if titles is None:
-        titles = dataset_titles(data_root, allow_download=allow_download)
     lines = tokenizer_corpus(titles.values())
     if output_dir is not None:
         return build_tokenizer(lines, output_dir, vocab_size=vocab_size)
     return cached_tokenizer_folder(lines, cache_dir, vocab_size=vocab_size, prefix="tiny")
 
 
-def tiny_tokenizer(data_root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                   vocab_size: int = DEFAULT_VOCAB_SIZE, *, allow_download: bool = True):
+def tiny_tokenizer(titles: Mapping[str, Sequence[str]], cache_dir: str | os.PathLike | None = None,
+                   vocab_size: int = DEFAULT_VOCAB_SIZE):
     """The `tiny` preset's tokenizer, loaded from `tiny_tokenizer_folder` (built there on first use)."""
-    return load_tokenizer(tiny_tokenizer_folder(data_root, cache_dir, vocab_size, allow_download=allow_download))
+    return load_tokenizer(tiny_tokenizer_folder(titles, cache_dir, vocab_size))
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token a chat model ends its message with: the first end-of-turn token the tokenizer has (its chat
+    template's turn terminator: <|end|>, <|im_end|>, <|eot_id|>, ...), else its eos token."""
+    added = tokenizer.get_added_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in added:
+            return int(added[token])
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither an eos token nor any end-of-turn token "
+                         f"{list(END_OF_TURN_TOKENS)}; messages could not be terminated")
+    return int(tokenizer.eos_token_id)
 
 
 def mean_tokens_per_title(tokenizer, titles: Sequence[str]) -> float:

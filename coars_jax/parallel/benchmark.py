@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coars_jax.agents.protocol import AGENTS
 from coars_jax.models import Decoder, DecoderConfig, LoRAConfig, add_lora, get_preset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.parallel import mesh as mesh_lib
@@ -29,7 +30,6 @@ from coars_jax.sampling.benchmark import best_of
 from coars_jax.sampling.compilation import count_backend_compiles
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
-AGENTS = ('recommender', 'user')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,39 +65,49 @@ def _synthetic_parts(vocab_size: int):
 
 def model_with_adapters(config: DecoderConfig, rank: int = 8, seed: int = 0) -> Decoder:
   """Random weights of `config` with both agents' adapters, B random so that the adapters change the outputs."""
-  from coars_jax.models.lora import targeted_linears
+  from coars_jax.models.lora import adapted_linears
 
   model = add_lora(Decoder(config, rngs=nnx.Rngs(seed)), LoRAConfig(rank=rank, alpha=2.0 * rank), AGENTS,
                    rngs=nnx.Rngs(seed + 1))
   rng = np.random.default_rng(seed + 2)
-  for _, linear in targeted_linears(model, model.lora_config.target_modules):
+  for _, linear in adapted_linears(model):
     b = linear.lora.b.get_value()
     linear.lora.b.set_value(jnp.asarray(0.02 * rng.standard_normal(b.shape), b.dtype))
   return model
 
 
-def make_trainer(model: Decoder, mesh, shape: StepShape, parts=None):
+def make_trainer(model: Decoder, mesh, shape: StepShape, parts=None, **rl_fields):
+  """An `RLTrainer` of `model` on synthetic parts, its update step shaped by `shape`; `rl_fields` override the
+  `RLConfig` (e.g. teacher_reuses_student_cache=False, remat=False)."""
   from coars_jax.agents.episodes import RolloutConfig
   from coars_jax.training import rl
 
   dataset, tokenizer, sasrec = parts or _synthetic_parts(model.config.vocab_size)
   config = rl.RLConfig(iterations=10, windows_per_iteration=1, rows_per_microbatch=shape.rows, warmup_iterations=0,
                        recommender_max_new_tokens=shape.completion_length,
-                       user_max_new_tokens=shape.completion_length)
+                       user_max_new_tokens=shape.completion_length, **rl_fields)
   return rl.RLTrainer(model, tokenizer, dataset, sasrec, config, rollout=RolloutConfig(max_turns=1), mesh=mesh)
 
 
-def synthetic_batch(shape: StepShape, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Every row real and carrying loss; rows alternate between the two adapters."""
+def synthetic_batch(shape: StepShape, vocab_size: int, seed: int = 0, *,
+                    teacher_cache: bool = True) -> dict[str, np.ndarray]:
+  """Every row real and carrying loss; rows alternate between the two adapters. The teacher prompt is x + d of
+  2P tokens: with `teacher_cache` (the trainer's default layout) as the suffix d of P tokens after x's first P - 4
+  (`rl.TEACHER_CACHE_KEYS`), else whole (`rl.TEACHER_KEYS`)."""
   rng = np.random.default_rng(seed)
   k, r, p, c = shape.microbatches, shape.rows, shape.prompt_length, shape.completion_length
   tokens = lambda length: rng.integers(3, vocab_size, size=(k, r, length)).astype(np.int32)
   agent = np.broadcast_to(np.arange(r, dtype=np.int32) % 2, (k, r)).copy()
-  return {'prompt_tokens': tokens(p), 'prompt_mask': np.ones((k, r, p), np.int32),
-          'completion_tokens': tokens(c), 'completion_mask': np.ones((k, r, c), np.int32),
-          'adapter': agent, 'agent': agent.copy(), 'reward': rng.standard_normal((k, r)).astype(np.float32),
-          'included': np.ones((k, r), bool), 'teacher_prompt_tokens': tokens(p),
-          'teacher_prompt_mask': np.ones((k, r, p), np.int32)}
+  batch = {'prompt_tokens': tokens(p), 'prompt_mask': np.ones((k, r, p), np.int32),
+           'completion_tokens': tokens(c), 'completion_mask': np.ones((k, r, c), np.int32),
+           'adapter': agent, 'agent': agent.copy(), 'reward': rng.standard_normal((k, r)).astype(np.float32),
+           'included': np.ones((k, r), bool)}
+  if teacher_cache:
+    batch.update(teacher_suffix_tokens=tokens(p), teacher_suffix_mask=np.ones((k, r, p), np.int32),
+                 teacher_shared_length=np.full((k, r), max(p - 4, 1), np.int32))
+  else:
+    batch.update(teacher_prompt_tokens=tokens(2 * p), teacher_prompt_mask=np.ones((k, r, 2 * p), np.int32))
+  return batch
 
 
 def time_update_step(trainer, shape: StepShape, repeats: int = 3) -> dict[str, Any]:
@@ -107,7 +117,7 @@ def time_update_step(trainer, shape: StepShape, repeats: int = 3) -> dict[str, A
 
   step = rl.build_update_step(trainer.graphdef, trainer.settings, trainer.mesh, trainer.settings.teacher,
                               getattr(trainer, 'rules', None))
-  batch = synthetic_batch(shape, trainer.model.config.vocab_size)
+  batch = synthetic_batch(shape, trainer.model.config.vocab_size, teacher_cache=trainer.settings.teacher_cache)
   scalars = (np.float32(shape.microbatches * shape.rows), trainer.adapter_update_mask, np.float32(1e-4))
   state = {'lora': trainer.lora, 'opt': trainer.opt_state}
 

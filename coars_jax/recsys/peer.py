@@ -12,18 +12,23 @@ from coars_jax.recsys.sasrec import SASRec
 
 
 @nnx.jit
-def top_candidate(model: SASRec, history: jax.Array, lengths: jax.Array, candidates: jax.Array) -> jax.Array:
-  """int32[B]: SASRec's highest-scored item of each candidate list (the item the peer opinion names)."""
+def candidate_scores(model: SASRec, history: jax.Array, lengths: jax.Array, candidates: jax.Array) -> jax.Array:
+  """float32[B, C]: SASRec's score of each candidate of each list; with candidates [S, B, C] (S lists per window,
+  e.g. one per candidate seed), float32[S, B, C] from one pass over the histories. The one candidate scorer: the
+  peer's hint, p_t, ranks and SASRec's evaluation all read it."""
+  logits = model(history, lengths)
+  if candidates.ndim == 3:
+    return jax.vmap(lambda lists: jnp.take_along_axis(logits, lists, axis=1))(candidates)
   chex.assert_rank(candidates, 2)
-  scores = jnp.take_along_axis(model(history, lengths), candidates, axis=1)
-  return jnp.take_along_axis(candidates, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
+  return jnp.take_along_axis(logits, candidates, axis=1)
 
 
 @nnx.jit
-def candidate_scores(model: SASRec, history: jax.Array, lengths: jax.Array, candidates: jax.Array) -> jax.Array:
-  """float32[B, C]: SASRec's score of each candidate of each list."""
+def top_candidate(model: SASRec, history: jax.Array, lengths: jax.Array, candidates: jax.Array) -> jax.Array:
+  """int32[B]: SASRec's highest-scored item of each candidate list (the item the peer opinion names)."""
   chex.assert_rank(candidates, 2)
-  return jnp.take_along_axis(model(history, lengths), candidates, axis=1)
+  scores = candidate_scores(model, history, lengths, candidates)
+  return jnp.take_along_axis(candidates, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
 
 
 def candidate_ranking(model: SASRec, history, lengths, candidates) -> np.ndarray:

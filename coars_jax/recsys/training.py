@@ -23,6 +23,7 @@ from flax import nnx
 from coars_jax.data.candidates import candidate_stack
 from coars_jax.data.schema import Dataset, WindowSplit
 from coars_jax.eval import metrics
+from coars_jax.recsys import peer as peer_lib
 from coars_jax.recsys.sasrec import SASRec, SASRecConfig
 
 EARLY_STOPPING_METRICS = ('hit@1', 'hit@5', 'ndcg@5')
@@ -102,18 +103,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
   return step
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _candidate_scores(graphdef, params, history, lengths, candidates):
-  """float32[S, N, C]: logits of each candidate list (S candidate seeds) for N windows."""
-  logits = nnx.merge(graphdef, params)(history, lengths)
-  return jax.vmap(lambda c: jnp.take_along_axis(logits, c, axis=1))(candidates)
-
-
 def evaluate_per_seed(model: SASRec, windows: WindowSplit, candidates: np.ndarray,
                       target_index: np.ndarray) -> list[dict[str, float]]:
   """Ranking metrics of `model` on each candidate seed's lists."""
-  graphdef, params = nnx.split(model)
-  scores = _candidate_scores(graphdef, params, windows.history, windows.lengths, candidates)
+  scores = peer_lib.candidate_scores(model, windows.history, windows.lengths, candidates)
   return [metrics.ranking_metrics(scores[s], target_index[s]) for s in range(candidates.shape[0])]
 
 

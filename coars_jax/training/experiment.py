@@ -22,27 +22,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pathlib
-import signal
-import threading
 import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
-from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from coars_jax import configlib
 from coars_jax.agents import backbone
 from coars_jax.agents.episodes import AGENTS, LLMBackend, LLMBackendConfig, RolloutConfig, episode_metrics
 from coars_jax.agents.reflexion import ReflexionConfig
 from coars_jax.data import DATASETS, Dataset, load_dataset
-from coars_jax.data.files import sha256_of
 from coars_jax.data.user_sim import UserSimSet, user_sim_set
 from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic, play_windows
 from coars_jax.eval.metrics import paired_bootstrap
@@ -58,7 +52,13 @@ from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import GREEDY, LengthBuckets, SamplingParams
 from coars_jax.training import faults, rl
 from coars_jax.training import warm_start as warm_start_lib
+# Checkpoints and preemption live in their own modules; their names stay importable from here.
+from coars_jax.training.checkpointing import (BEST_METRIC, CHECKPOINT_DIR, MANIFEST_FILE, REJECTED_DIR,  # noqa: F401
+                                              CheckpointError, checkpoint_manager, checkpoint_problem,
+                                              export_adapters, read_checkpoint, restore_checkpoint, restore_latest,
+                                              save_checkpoint, seal_checkpoint, step_folder)
 from coars_jax.training.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, json_value
+from coars_jax.training.preemption import Preempted, PreemptionGuard, guarded_iteration  # noqa: F401
 
 METHODS = ('zero_shot', 'reflexion', 'outcome_rl', 'judge_rl', 'coars')
 TRAINED_METHODS = ('outcome_rl', 'judge_rl', 'coars')
@@ -79,11 +79,7 @@ ABLATION_SEPARATOR = '-'
 _WARM_START_SHARED = ('max_turns', 'candidate_seed', 'show_hint', 'lora_rank', 'lora_alpha', 'lora_layers', 'buckets',
                       'progress', 'train_pool')
 RESULTS_FILE, BEFORE_FILE, CONFIG_FILE, ZERO_SHOT_FILE = 'results.json', 'before.json', 'config.json', 'zero_shot.json'
-CHECKPOINT_DIR, WARM_START_DIR, FINAL_DIR, BEST_DIR = 'checkpoints', 'warm_start', 'final', 'best'
-BEST_METRIC = 'val_hit_at_1'
-# Written into a checkpoint's folder after Orbax commits it: every file's size and sha256 (see `seal_checkpoint`).
-MANIFEST_FILE = 'coars_manifest.json'
-REJECTED_DIR = 'checkpoints_rejected'  # checkpoints a resume found incomplete or corrupt, kept for inspection
+WARM_START_DIR, FINAL_DIR, BEST_DIR = 'warm_start', 'final', 'best'
 # What a run writes under its workdir; each must stay inside it (`run_paths`).
 RUN_OUTPUTS = (CONFIG_FILE, RESULTS_FILE, BEFORE_FILE, ZERO_SHOT_FILE, CHECKPOINT_DIR, REJECTED_DIR, WARM_START_DIR, FINAL_DIR,
                BEST_DIR, METRICS_FILE, TENSORBOARD_DIR)
@@ -634,260 +630,6 @@ def _write_json(path: pathlib.Path, value: Any) -> None:
   tmp.replace(path)
 
 
-# --- checkpoints -------------------------------------------------------------------------------------------------
-
-class CheckpointError(RuntimeError):
-  """A checkpoint could not be written, or no checkpoint of a run could be restored."""
-
-
-def checkpoint_manager(workdir: pathlib.Path, keep: int, *, cleanup: bool = True) -> ocp.CheckpointManager:
-  """Orbax manager of `<workdir>/checkpoints` (absolute): the latest `keep` steps plus the best by val Hit@1.
-
-  Orbax writes each step into a temporary folder and renames it when complete; the temporary folders a killed
-  save leaves behind are removed when the next manager opens the directory (`cleanup`; off for a reader, which
-  must not remove the folder a running save is writing)."""
-  faults.instrument_orbax()
-  policy = preservation_policy.AnyPreservationPolicy(policies=[
-      preservation_policy.LatestN(n=keep),
-      preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=False, n=1,
-                                keep_checkpoints_without_metrics=False)])
-  return ocp.CheckpointManager(
-      (workdir / CHECKPOINT_DIR).absolute(),
-      options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True,
-                                           cleanup_tmp_directories=cleanup))
-
-
-def step_folder(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
-  return pathlib.Path(str(manager.directory)) / str(step)
-
-
-def _file_digests(folder: pathlib.Path) -> dict[str, list]:
-  return {path.relative_to(folder).as_posix(): [path.stat().st_size, sha256_of(path)]
-          for path in sorted(folder.rglob('*')) if path.is_file() and not path.name.startswith(MANIFEST_FILE)}
-
-
-def seal_checkpoint(folder: pathlib.Path) -> None:
-  """Writes `MANIFEST_FILE` (every file's size and sha256) into a committed checkpoint folder, atomically."""
-  manifest = {'format': 1, 'files': _file_digests(folder)}
-  tmp = folder / (MANIFEST_FILE + '.tmp')
-  with open(tmp, 'w', encoding='utf-8') as handle:
-    json.dump(manifest, handle, indent=1, sort_keys=True)
-    handle.flush()
-    os.fsync(handle.fileno())
-  os.replace(tmp, folder / MANIFEST_FILE)
-
-
-def checkpoint_problem(folder: pathlib.Path) -> str | None:
-  """Why the checkpoint in `folder` disagrees with its manifest (a file missing, truncated or changed, or the
-  manifest unreadable), or None when it agrees. A folder without a manifest is 'unsealed': Orbax committed it but
-  the process stopped before the manifest was written (or an older version wrote it)."""
-  path = folder / MANIFEST_FILE
-  if not path.is_file():
-    return 'unsealed'
-  try:
-    listed = json.loads(path.read_text(encoding='utf-8'))['files']
-    listed = {str(name): (int(size), str(digest)) for name, (size, digest) in listed.items()}
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-    return f'its manifest {path} is unreadable ({type(error).__name__}: {error})'
-  for name, (size, digest) in listed.items():
-    file = folder / name
-    if not file.is_file():
-      return f'{name} is missing (listed in its manifest)'
-    found = file.stat().st_size
-    if found != size:
-      return f'{name} is {found} bytes, its manifest says {size} (truncated or overwritten)'
-    if sha256_of(file) != digest:
-      return f'{name} has another sha256 than its manifest records (corrupted)'
-  return None
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, trainer: rl.RLTrainer, progress: dict[str, Any],
-                    val_hit: float | None, *, pending_record: dict[str, Any] | None = None) -> None:
-  """Step = iteration: arrays (adapters, optimizer state, RNG) and JSON (trainer state, best so far), then the
-  manifest. `pending_record`: the iteration's metrics when its val evaluation was cut short by SIGTERM; a resume
-  runs that evaluation before anything else.
-
-  Raises `CheckpointError` when the write fails (a full disk, say): Orbax never committed the step, so the
-  previous checkpoint is the latest and is untouched (older ones are only deleted after a commit)."""
-  step = trainer.state.iteration
-  meta = {'trainer': trainer.state.to_json(), **progress}
-  if pending_record is not None:
-    meta['pending_record'] = pending_record
-  directory = pathlib.Path(str(manager.directory))
-  try:
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(trainer.checkpoint_tree()), meta=ocp.args.JsonSave(meta)),
-        metrics=None if val_hit is None else {BEST_METRIC: float(val_hit)}, force=True)
-    manager.wait_until_finished()
-  except Exception as error:
-    # Its temporary folder stays until the next start's manager removes it: writes of other items of the step may
-    # still be in flight here.
-    manager.reload()
-    previous = [s for s in manager.all_steps() if s != step]
-    kept = (f'the previous checkpoint, iteration {max(previous)}, is intact' if previous
-            else 'no earlier checkpoint exists')
-    raise CheckpointError(f'writing checkpoint {step} into {directory} failed ({type(error).__name__}: {error}); '
-                          f'nothing of it will be used and {kept}. Free space or fix the file system, then rerun '
-                          f'with --config.resume=True') from error
-  folder = step_folder(manager, step)
-  faults.point('seal', step, folder)
-  try:
-    if distributed.is_primary():
-      seal_checkpoint(folder)
-  except OSError as error:
-    raise CheckpointError(f'checkpoint {folder} was written but its manifest could not be ({error}); a resume '
-                          f'still uses it if Orbax can read it. Free space, then rerun with --config.resume=True') \
-        from error
-  faults.point('sealed', step, folder)
-
-
-def _read(manager: ocp.CheckpointManager, trainer: rl.RLTrainer, step: int) -> tuple[Any, dict[str, Any]]:
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.checkpoint_tree())
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                            meta=ocp.args.JsonRestore()))
-  return restored['state'], dict(restored['meta'])
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, trainer: rl.RLTrainer,
-                       step: int | None = None) -> dict[str, Any]:
-  """Loads `step` (default the latest) into `trainer`; returns the JSON part (trainer state and progress)."""
-  step = manager.latest_step() if step is None else step
-  tree, meta = _read(manager, trainer, step)
-  trainer.restore(tree, rl.TrainerState.from_json(meta['trainer']))
-  return meta
-
-
-def _set_aside(folder: pathlib.Path, reason: str) -> pathlib.Path:
-  """Moves a rejected checkpoint out of the manager's sight (a new save of its step would collide with it) to
-  `<workdir>/checkpoints_rejected/<step>-<n>`, with the reason beside it."""
-  root = folder.parent.parent / REJECTED_DIR
-  root.mkdir(exist_ok=True)
-  number = 0
-  while (root / f'{folder.name}-{number}').exists():
-    number += 1
-  target = root / f'{folder.name}-{number}'
-  os.replace(folder, target)
-  (root / f'{target.name}.reason.txt').write_text(reason + '\n', encoding='utf-8')
-  return target
-
-
-def restore_latest(manager: ocp.CheckpointManager, trainer: rl.RLTrainer) -> dict[str, Any] | None:
-  """Restores the newest checkpoint that agrees with its manifest and that Orbax can read, into `trainer`, and
-  returns its JSON part; None when there is no checkpoint. Newer ones that fail are set aside with a warning that
-  names them; an unsealed one (killed between the commit and the manifest) is used when Orbax reads it.
-
-  Raises `CheckpointError` when checkpoints exist but none of them can be used (nothing is moved then)."""
-  rejected = []
-  for step in sorted(manager.all_steps(), reverse=True):
-    folder = step_folder(manager, step)
-    problem = checkpoint_problem(folder)
-    if problem in (None, 'unsealed'):
-      try:
-        tree, meta = _read(manager, trainer, step)
-      except Exception as error:  # Orbax's errors for a damaged folder vary (KeyError, ValueError, OSError, ...)
-        problem = f'Orbax could not read it ({type(error).__name__}: {str(error)[:300]})'
-      else:
-        if problem == 'unsealed':
-          logging.warning('Checkpoint %s has no manifest (the process stopped between its commit and its '
-                          'manifest); Orbax reads it, so it is used', folder)
-        trainer.restore(tree, rl.TrainerState.from_json(meta['trainer']))
-        if distributed.is_primary():
-          for bad_folder, reason in rejected:
-            logging.warning('Set aside checkpoint %s as %s', bad_folder, _set_aside(bad_folder, reason))
-        if rejected:
-          distributed.barrier(f'checkpoints-set-aside-{step}')
-          manager.reload()
-        return meta
-    logging.warning('Skipping checkpoint %s: %s; trying the one before it', folder, problem)
-    rejected.append((folder, problem))
-  if rejected:
-    listing = '\n  '.join(f'{folder}: {problem}' for folder, problem in rejected)
-    raise CheckpointError(f'no checkpoint in {manager.directory} can be restored:\n  {listing}\nMove them away to '
-                          f'start over, or restore a backup')
-  return None
-
-
-def read_checkpoint(workdir: str | pathlib.Path, trainer: rl.RLTrainer, step: int | None = None) -> dict[str, Any]:
-  """Loads a run's checkpoint into `trainer` (for inspection and tests)."""
-  workdir = pathlib.Path(workdir).absolute()
-  with checkpoint_manager(workdir, keep=1_000_000, cleanup=False) as manager:
-    return restore_checkpoint(manager, trainer, step)
-
-
-def export_adapters(model: Decoder, folder: pathlib.Path, *, save_base: bool, metadata: dict[str, Any]) -> None:
-  """The adapters (and the base, when it cannot be rebuilt by name) in the warm-start folder format."""
-  warm_start_lib.save_warm_start(model, folder, save_base=save_base, metadata=metadata)
-
-
-# --- preemption --------------------------------------------------------------------------------------------------
-
-class Preempted(Exception):
-  """Raised at a safe point after SIGTERM, to leave a long phase (a rollout, an evaluation) early."""
-
-
-class PreemptionGuard:
-  """SIGTERM handling for a run (a context manager; in the main thread only, where Python delivers signals).
-
-  The first SIGTERM only sets `requested`: the run stops at its next safe point, which is the next generation call
-  of a rollout or an evaluation (`watch`) or the end of the update in flight, checkpoints and returns. A second
-  SIGTERM ends the process at once, as SIGTERM would without the guard; the last checkpoint still resumes exactly.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    self._installed = False
-
-  def __enter__(self) -> 'PreemptionGuard':
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-      self._installed = True
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-      self._installed = False
-
-  def _handle(self, signum, frame) -> None:
-    del frame
-    if self.requested:
-      signal.signal(signum, signal.SIG_DFL)
-      os.kill(os.getpid(), signum)
-      return
-    self.requested = True
-    logging.warning('SIGTERM: stopping at the next safe point with a checkpoint; send it again to stop at once')
-
-  def check(self) -> None:
-    if self.requested:
-      raise Preempted()
-
-  def watch(self, backend):
-    """Makes `backend.generate` raise `Preempted` once SIGTERM has arrived; returns `backend`."""
-    generate = backend.generate
-
-    def guarded(*args, **kwargs):
-      self.check()
-      return generate(*args, **kwargs)
-
-    backend.generate = guarded
-    return backend
-
-
-def _iteration(trainer: rl.RLTrainer) -> dict[str, Any]:
-  """`trainer.iteration()`; when SIGTERM cuts its rollout short, the trainer is put back as it was before and
-  `Preempted` propagates. A rollout changes nothing but the RNG key; the update comes after it."""
-  state = dataclasses.replace(trainer.state, rng=np.array(trainer.state.rng, copy=True))
-  lora, opt_state = trainer.lora, trainer.opt_state
-  try:
-    return trainer.iteration()
-  except Preempted:
-    if trainer.lora is not lora or trainer.opt_state is not opt_state:
-      raise RuntimeError('SIGTERM interrupted an RL iteration after its update; its state cannot be rolled back')
-    trainer.state = state
-    raise
-
-
 # --- the run -----------------------------------------------------------------------------------------------------
 
 def make_trainer(config, parts: Components, model: Decoder) -> rl.RLTrainer:
@@ -1009,7 +751,7 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
         if pending is not None:
           conclude(pending)
         while trainer.state.iteration < last and not guard.requested:
-          metrics = _iteration(trainer)
+          metrics = guarded_iteration(trainer)
           conclude(metrics)
           bar.update(1)
           bar.set_postfix(loss=f'{metrics.get("loss/total", float("nan")):.3f}',

@@ -1,5 +1,6 @@
-"""The one learning-rate schedule of every trainer (the RL trainer and the SFT warm start): a linear warm-up whose
-FIRST update already has a positive step size, then cosine decay."""
+"""The one optimizer and learning-rate schedule of the LLM trainers (the RL trainer and the SFT warm start): a
+global-norm clip then AdamW, and a linear warm-up whose FIRST update already has a positive step size, then cosine
+decay."""
 
 from __future__ import annotations
 
@@ -27,3 +28,14 @@ def warmup_cosine_schedule(peak: float, *, warmup_steps: int, total_steps: int,
   return optax.warmup_cosine_decay_schedule(init_value=peak / (warmup_steps + 1), peak_value=peak,
                                             warmup_steps=warmup_steps, decay_steps=total_steps,
                                             end_value=peak * final_fraction)
+
+
+def clipped_adamw(*, max_grad_norm: float, weight_decay: float,
+                  learning_rate: optax.ScalarOrSchedule | None = None) -> optax.GradientTransformation:
+  """Global-norm clip, then AdamW (Adam moments, decoupled weight decay, then the step size). With learning_rate
+  None the chain stops before the step size: the caller scales the update by -learning_rate itself (the RL step
+  takes the step size as an argument, so one compiled step serves every schedule)."""
+  parts = [optax.clip_by_global_norm(max_grad_norm), optax.scale_by_adam(), optax.add_decayed_weights(weight_decay)]
+  if learning_rate is not None:
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)

@@ -37,12 +37,13 @@ from jax.sharding import Mesh
 from coars_jax.agents.episodes import (AGENTS, RECOMMENDER, USER, Episode, LLMBackend, LLMBackendConfig,
                                        RolloutConfig, bind_peer, encode_prompt, run_episodes)
 from coars_jax.agents.prompts import Message, PromptConfig, recommender_messages, user_messages
+from coars_jax.agents.record import RolloutRecord
 from coars_jax.agents.protocol import single_line
 from coars_jax.agents.trajectory import Trajectory
 from coars_jax.coars.loss import coars_objective
 from coars_jax.coars.reference import candidate_ranks, episode_reference, teacher_messages
-from coars_jax.coars.rewards import (INVALID_USER_REWARD, REWARD_KINDS, agent_reward, judge_rewards,
-                                     segment_rewards)
+from coars_jax.coars.rewards import (INVALID_USER_REWARD, REWARD_KINDS, agent_reward, group_centred,
+                                     judge_rewards, segment_rewards)
 from coars_jax.data.schema import TRAIN_POOLS, Dataset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
@@ -60,7 +61,7 @@ from coars_jax.sampling.constraints import ChoiceConstraint
 from coars_jax.sampling.compilation import record_trace, trace_counts
 from coars_jax.sampling.model_inputs import inference_view
 from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, completion_log_probs
-from coars_jax.training.optim import warmup_cosine_schedule
+from coars_jax.training.optim import clipped_adamw, warmup_cosine_schedule
 
 # The names `record_trace` counts the jitted functions of this module under (`sampling.trace_counts()`).
 STEP_TRACE_NAME = 'training.rl.update'
@@ -270,7 +271,7 @@ class RLConfig:
     """The static arguments of `rollout_rewards` for this config."""
     return dict(kind=self.reward, gamma=float(self.gamma), alpha=float(self.alpha), assign=self.outcome_assign,
                 signed=self.outcome_signed, group_baseline=self.group_baseline,
-                num_groups=self.windows_per_iteration, invalid_user_reward=float(self.invalid_user_reward),
+                invalid_user_reward=float(self.invalid_user_reward),
                 outcome_reward_user=self.train_user_agent, outcome_every_turn=self.outcome_every_turn)
 
   def max_loss_rows(self, max_turns: int) -> int:
@@ -395,14 +396,28 @@ def judge_messages(episode: Episode, prompt_config: PromptConfig) -> list[Messag
   return [{'role': 'system', 'content': JUDGE_SYSTEM}, {'role': 'user', 'content': content}]
 
 
+def judge_prompt_ids(tokenizer, episodes: Sequence[Episode], dataset_name: str) -> list[list[int]]:
+  """The token ids of each finished dialogue's judge prompt (`judge_messages`), rendered with the chat template."""
+  prompt_config = PromptConfig.for_dataset(dataset_name)
+  return [encode_prompt(tokenizer, judge_messages(e, prompt_config))[1] for e in episodes]
+
+
 def judge_probabilities(model: Decoder, tokenizer, episodes: Sequence[Episode], *, answers: tuple[str, str],
                         buckets: LengthBuckets, dataset_name: str, chunk_size: int | None = None,
                         mesh: Mesh | None = None, rules: Rules | None = None) -> np.ndarray:
-  """float64[E]: p = P(yes) / (P(yes) + P(no)) of each finished dialogue under the frozen base model (adapters
-  off, id -1), from one `sampling.score` pass over the two answers (sharded on `mesh` when given); no generation
-  is needed."""
-  prompt_config = PromptConfig.for_dataset(dataset_name)
-  contexts = [encode_prompt(tokenizer, judge_messages(e, prompt_config))[1] for e in episodes]
+  """float64[E]: p = P(yes) / (P(yes) + P(no)) of each finished dialogue under the frozen base model
+  (`judge_probabilities_of` on `judge_prompt_ids`)."""
+  return judge_probabilities_of(model, tokenizer, judge_prompt_ids(tokenizer, episodes, dataset_name),
+                                answers=answers, buckets=buckets, chunk_size=chunk_size, mesh=mesh, rules=rules)
+
+
+def judge_probabilities_of(model: Decoder, tokenizer, contexts: Sequence[Sequence[int]], *,
+                           answers: tuple[str, str], buckets: LengthBuckets, chunk_size: int | None = None,
+                           mesh: Mesh | None = None, rules: Rules | None = None) -> np.ndarray:
+  """float64[E]: p = P(yes) / (P(yes) + P(no)) after each judge prompt (token ids) under the frozen base model
+  (adapters off, id -1), from one `sampling.score` pass over the two answers (sharded on `mesh` when given); no
+  generation is needed."""
+  contexts = [list(map(int, c)) for c in contexts]
   answer_ids = [list(tokenizer(a, add_special_tokens=False)['input_ids']) for a in answers]
   if not all(answer_ids):
     raise ValueError(f'RLConfig.judge_answers {answers!r}: an answer encodes to no tokens')
@@ -423,10 +438,10 @@ def judge_probabilities(model: Decoder, tokenizer, episodes: Sequence[Episode], 
 # --- rewards -----------------------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=('kind', 'gamma', 'alpha', 'assign', 'signed', 'group_baseline',
-                                             'num_groups', 'invalid_user_reward', 'outcome_reward_user',
+                                             'invalid_user_reward', 'outcome_reward_user',
                                              'outcome_every_turn'))
 def rollout_rewards(rows: Mapping[str, jax.Array], *, kind: str, gamma: float, alpha: float, assign: str,
-                    signed: bool, group_baseline: bool, num_groups: int,
+                    signed: bool, group_baseline: bool,
                     invalid_user_reward: float = INVALID_USER_REWARD, outcome_reward_user: bool = False,
                     outcome_every_turn: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(R[S], R used as the weight[S], included[S]) for the whole rollout, padded to a fixed S.
@@ -459,11 +474,7 @@ def rollout_rewards(rows: Mapping[str, jax.Array], *, kind: str, gamma: float, a
   reward = jnp.where(rows['real'], reward, 0.0)
   weight = reward
   if group_baseline:
-    key = rows['group'] * len(AGENTS) + rows['agent']
-    segments = num_groups * len(AGENTS)
-    total = jax.ops.segment_sum(jnp.where(included, reward, 0.0), key, num_segments=segments)
-    count = jax.ops.segment_sum(included.astype(jnp.float32), key, num_segments=segments)
-    weight = reward - (total / jnp.maximum(count, 1.0))[key]
+    weight = group_centred(reward, included, rows['agent'], rows['group'])
   return reward, weight, included
 
 
@@ -477,13 +488,6 @@ def learning_rate_schedule(config: RLConfig) -> optax.Schedule:
   return warmup_cosine_schedule(config.learning_rate, warmup_steps=config.warmup_iterations,
                                 total_steps=config.iterations,
                                 final_fraction=config.final_learning_rate_fraction)
-
-
-def make_optimizer(max_grad_norm: float, weight_decay: float) -> optax.GradientTransformation:
-  """Global-norm clip, then AdamW without its step size (Adam moments, decoupled weight decay); the update step
-  scales the result by -learning_rate, so this chain with that scale is `optax.adamw` after the clip."""
-  return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.scale_by_adam(),
-                     optax.add_decayed_weights(weight_decay))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -518,7 +522,8 @@ class StepSettings:
                remat=bool(config.remat))
 
   def make_optimizer(self) -> optax.GradientTransformation:
-    return make_optimizer(self.max_grad_norm, self.weight_decay)
+    """`optim.clipped_adamw` without its step size: the step scales the update by -learning_rate."""
+    return clipped_adamw(max_grad_norm=self.max_grad_norm, weight_decay=self.weight_decay)
 
   @property
   def teacher(self) -> bool:
@@ -803,6 +808,7 @@ class RLTrainer:
     self.model, self.tokenizer, self.dataset, self.sasrec = model, tokenizer, dataset, sasrec
     self.config, self.rollout = config, rollout
     self.last_batch: dict[str, np.ndarray] | None = None
+    self.last_record: RolloutRecord | None = None
     self.mesh = make_mesh() if mesh is None else mesh
     self.rules = rules
     self.partitioning = Partitioning.create(self.mesh, rules)
@@ -909,7 +915,8 @@ class RLTrainer:
     return [candidate_ranks(row) for row in scores]
 
   def _pack(self, trajectory: Trajectory, rows: np.ndarray, weight: np.ndarray,
-            teacher_ids: list[list[int]] | None, episodes: Sequence[Episode] = ()) -> dict[str, np.ndarray]:
+            teacher_ids: list[list[int]] | None, grammar: Mapping[str, np.ndarray] | None = None
+            ) -> dict[str, np.ndarray]:
     """The loss-carrying segments `rows` as [K, R, ...] microbatches at their length buckets; padding rows copy
     the first row's prompt and have an empty completion mask and included=False."""
     buckets, capacity = self.config.buckets, self.num_microbatches * self.config.rows_per_microbatch
@@ -939,8 +946,7 @@ class RLTrainer:
         behaviour[position, :len(values)] = values
       batch['behaviour_log_probs'] = behaviour
     if self.settings.constrained:
-      grammar = segment_constraints(self.backend, episodes, trajectory, rows)
-      batch.update({key: value[order] for key, value in grammar.items()})
+      batch.update({key: np.asarray(value)[order] for key, value in grammar.items()})
     if teacher_ids is not None:
       # Positions count real tokens only (padding is masked), so the limit applies to real lengths, not buckets.
       longest = max(len(t) + len(c) for t, c in zip(teacher_ids, completions))
@@ -983,30 +989,62 @@ class RLTrainer:
 
   def learn(self, played: PlayedRollout) -> dict[str, Any]:
     """Rewards, teacher prompts and the update from a rollout (`play`'s, or another trainer's of the same model:
-    the benchmarks update two trainers from one rollout); advances the iteration and the data position."""
+    the benchmarks update two trainers from one rollout); advances the iteration and the data position. The rollout
+    goes through its record (`record`, then `learn_record`), the one hand-off from acting to learning."""
+    start = time.perf_counter()
+    record = self.record(played)
+    self.last_record = record
+    return self.learn_record(record, record_seconds=time.perf_counter() - start)
+
+  def record(self, played: PlayedRollout) -> RolloutRecord:
+    """The rollout record of `played`: its segments, and what the learner must not recompute afterwards (each
+    segment's teacher prompt x + d with the peer's ranks, its grammar when constrained, the judge prompts)."""
+    config, episodes, trajectory = self.config, played.episodes, played.trajectory
+    teacher_ids = constraints = judge_ids = None
+    segments = np.flatnonzero(trajectory.completion_mask.any(axis=1))
+    if self.settings.teacher:
+      rendered = teacher_prompts(self.tokenizer, episodes, trajectory, segments, ranks=self._ranks(episodes),
+                                 rollout=self.rollout, dataset_name=self.dataset.name,
+                                 omit_samples=config.reference_omits_samples) if len(segments) else []
+      teacher_ids = [np.zeros(0, np.int32)] * trajectory.num_segments
+      for row, ids in zip(segments, rendered):
+        teacher_ids[row] = np.asarray(ids, np.int32)
+    if self.settings.constrained:
+      constraints = segment_constraints(self.backend, episodes, trajectory, np.arange(trajectory.num_segments))
+    if config.reward == 'judge':
+      judge_ids = [np.asarray(ids, np.int32) for ids in judge_prompt_ids(self.tokenizer, episodes,
+                                                                         self.dataset.name)]
+    groups = np.repeat(np.arange(config.windows_per_iteration), config.rollouts_per_window).astype(np.int32)
+    return RolloutRecord(trajectory=trajectory, windows=np.asarray(played.windows, np.int64), groups=groups,
+                         seed=int(played.seed), seconds=float(played.seconds), teacher_ids=teacher_ids,
+                         constraints=constraints, judge_ids=judge_ids)
+
+  def learn_record(self, record: RolloutRecord, *, record_seconds: float = 0.0) -> dict[str, Any]:
+    """Rewards and the update from a rollout record alone (no backend, episodes or SASRec are used): a record
+    saved with `RolloutRecord.save` and loaded again gives the same update, bit for bit."""
     config, state = self.config, self.state
     number = state.iteration + 1
-    windows, seed, episodes, trajectory = played.windows, played.seed, played.episodes, played.trajectory
-    groups = np.repeat(np.arange(config.windows_per_iteration), config.rollouts_per_window)
-    rollout_seconds = played.seconds
+    windows, seed, trajectory, groups = record.windows, record.seed, record.trajectory, record.groups
+    rollout_seconds = record.seconds
     generated = int(trajectory.completion_mask.sum())
 
     start = time.perf_counter()
     judge = None
     if config.reward == 'judge':
-      judge = judge_probabilities(self.model, self.tokenizer, episodes, answers=config.judge_answers,
-                                  buckets=config.buckets, dataset_name=self.dataset.name,
-                                  chunk_size=config.score_chunk_size, mesh=self.mesh, rules=self.rules)
+      judge = judge_probabilities_of(self.model, self.tokenizer, record.judge_ids, answers=config.judge_answers,
+                                     buckets=config.buckets, chunk_size=config.score_chunk_size, mesh=self.mesh,
+                                     rules=self.rules)
     reward, weight, included, carries_loss = self._rewards(trajectory, judge, groups)
     rows = np.flatnonzero(carries_loss)
     teacher_ids = None
     if self.settings.teacher and len(rows):
-      teacher_ids = teacher_prompts(self.tokenizer, episodes, trajectory, rows, ranks=self._ranks(episodes),
-                                    rollout=self.rollout, dataset_name=self.dataset.name,
-                                    omit_samples=config.reference_omits_samples)
-    batch = self._pack(trajectory, rows, weight, teacher_ids, episodes) if len(rows) else None
+      teacher_ids = [list(record.teacher_ids[row]) for row in rows]
+    grammar = None
+    if self.settings.constrained and len(rows):
+      grammar = {key: np.asarray(value)[rows] for key, value in record.constraints.items()}
+    batch = self._pack(trajectory, rows, weight, teacher_ids, grammar) if len(rows) else None
     self.last_batch = batch  # the host arrays of this update, for benchmarks and inspection
-    scoring_seconds = time.perf_counter() - start
+    scoring_seconds = time.perf_counter() - start + record_seconds
 
     start = time.perf_counter()
     update: dict[str, Any] = {}
@@ -1029,7 +1067,7 @@ class RLTrainer:
     metrics: dict[str, Any] = {'iteration': number, 'seed': seed, 'windows': windows.tolist()}
     metrics.update({f'rollout/{k}': v for k, v in trajectory.metrics().items()})
     metrics.update({
-        'rollout/episodes': len(episodes), 'rollout/generated_tokens': generated,
+        'rollout/episodes': trajectory.num_episodes, 'rollout/generated_tokens': generated,
         'time/rollout_seconds': rollout_seconds, 'time/scoring_seconds': scoring_seconds,
         'time/update_seconds': update_seconds,
         'time/rollout_tokens_per_second': generated / max(rollout_seconds, 1e-9),

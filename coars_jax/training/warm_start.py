@@ -47,7 +47,7 @@ from coars_jax.recsys import experiment as sasrec_experiment
 from coars_jax.sampling import GREEDY, LengthBuckets, completion_log_probs
 from coars_jax.sampling.buckets import left_pad, right_pad
 from coars_jax.sampling.compilation import record_trace, trace_counts
-from coars_jax.training.optim import warmup_cosine_schedule
+from coars_jax.training.optim import clipped_adamw, warmup_cosine_schedule
 
 # The name `record_trace` counts the update step under (`sampling.trace_counts()`).
 STEP_TRACE_NAME = 'training.warm_start.step'
@@ -538,8 +538,8 @@ def learning_rate_schedule(config: WarmStartConfig) -> optax.Schedule:
 
 
 def make_optimizer(model: Decoder, config: WarmStartConfig) -> nnx.Optimizer:
-  tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                   optax.adamw(learning_rate_schedule(config), weight_decay=config.weight_decay))
+  tx = clipped_adamw(max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay,
+                     learning_rate=learning_rate_schedule(config))
   return nnx.Optimizer(model, tx, wrt=trainable_filter(config.train_base))
 
 

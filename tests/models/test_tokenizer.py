@@ -8,6 +8,7 @@ import re
 import pytest
 import sentencepiece
 
+from coars_jax import data
 from coars_jax.data import instruments, lastfm, movielens, synthetic
 from coars_jax.models import tokenizer
 from tests.conftest import require_files
@@ -179,9 +180,9 @@ def test_load_tokenizer_names_the_missing_folder_or_files(tmp_path):
 
 def test_tiny_tokenizer_on_the_three_real_datasets(tmp_path):
     data_root = require_files(*REAL_DATA_FILES)
-    titles = tokenizer.dataset_titles(data_root, allow_download=False)
-    folder = tokenizer.tiny_tokenizer_folder(titles=titles, cache_dir=tmp_path)
-    tok = tokenizer.tiny_tokenizer(data_root, cache_dir=tmp_path, allow_download=False)
+    titles = data.dataset_titles(data_root, allow_download=False)
+    folder = tokenizer.tiny_tokenizer_folder(titles, cache_dir=tmp_path)
+    tok = tokenizer.tiny_tokenizer(titles, cache_dir=tmp_path)
     assert [path.name for path in tmp_path.iterdir()] == [folder.name]  # the second call reused the cache
     assert len(tok) == tokenizer.DEFAULT_VOCAB_SIZE
     all_titles = [title for item_titles in titles.values() for title in item_titles]

@@ -178,7 +178,7 @@ def test_rollout_rewards_group_baseline_centres_within_window_and_agent():
       'final_hit': hit,
       'last_turn': np.ones(10, np.int32), 'judge_probability': np.zeros(10, np.float32),
       'group': np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 0], np.int32), 'real': real}
-  common = dict(kind='interaction', gamma=0.9, alpha=0.1, assign='final', signed=True, num_groups=2)
+  common = dict(kind='interaction', gamma=0.9, alpha=0.1, assign='final', signed=True)
   reward, weight, included = (np.asarray(a) for a in rl.rollout_rewards(rows, group_baseline=False, **common))
   np.testing.assert_array_equal(weight, reward)
   np.testing.assert_array_equal(included, real)
