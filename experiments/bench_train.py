@@ -19,6 +19,7 @@ the rollout (`training.benchmark.scoring_seconds`). The JSON goes to --output (d
 import copy
 import gc
 import json
+import os
 import pathlib
 import platform
 import resource
@@ -139,7 +140,7 @@ def main(argv):
   result = {'config': config.workdir, 'dataset': config.dataset, 'model': config.model, 'start': origin['stage'],
             'windows': _WINDOWS.value, 'max_turns': config.rollout.max_turns, 'load_seconds': load,
             'phases': phases, 'machine': f'{platform.node()} {jax.devices()[0].platform} '
-            f'x{jax.device_count()}, {len(__import__("os").sched_getaffinity(0))} cores'}
+            f'x{jax.device_count()}, {len(os.sched_getaffinity(0))} cores'}
   by_name = {p['phase']: p for p in phases}
 
   def iteration_seconds(p, kind):

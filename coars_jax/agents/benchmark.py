@@ -4,8 +4,9 @@ generated tokens/s and prefill tokens/s, and where the wall time goes.
 The time is split by wrapping, for the duration of a measurement only, the functions the episode loop reaches
 through module attributes (no library file is changed):
 
-- `llm_prefill`, `llm_decode`: the sampler's two jitted programs (`sampler._prefill`, `sampler._decode`), each
-  followed by `jax.block_until_ready`, so the device time is counted where it is spent. This is "inside jit".
+- `llm_prefill`, `llm_decode`: the sampler's jitted programs (`sampler._prefill`, or `sampler._prefill_after_prefix`
+  when the backend reuses a prompt prefix, and `sampler._decode`), each followed by `jax.block_until_ready`, so
+  the device time is counted where it is spent. This is "inside jit".
 - `sampler_host`: the rest of `sampling.generate` (left padding into buckets, `nnx.split`, the PRNG key).
 - `chat_template`: `render_chat` (the tokenizer's jinja chat template).
 - `tokenize`: the rest of `episodes.encode_prompt` / `encode_prompts`, i.e. the tokenizer calls on the rendered
@@ -147,6 +148,7 @@ def _instrumented_rollout(backend: LLMBackend, run: Callable[[Any], list[Episode
   timer = StageTimer()
   records: list[CallRecord] = []
   prefill = timer.wrap('llm_prefill', sampler_lib._prefill, block=True)
+  prefill_after_prefix = timer.wrap('llm_prefill', sampler_lib._prefill_after_prefix, block=True)
   decode = timer.wrap('llm_decode', sampler_lib._decode, block=True)
   timed_generate = timer.wrap('sampler_host', episodes_lib.generate)
 
@@ -169,6 +171,7 @@ def _instrumented_rollout(backend: LLMBackend, run: Callable[[Any], list[Episode
   tokenizer = backend.tokenizer
   replacements = [
       (sampler_lib, '_prefill', prefill),
+      (sampler_lib, '_prefill_after_prefix', prefill_after_prefix),
       (sampler_lib, '_decode', decode),
       (episodes_lib, 'generate', generate),
       (episodes_lib, 'render_chat', timer.wrap('chat_template', episodes_lib.render_chat)),
