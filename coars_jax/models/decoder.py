@@ -185,18 +185,30 @@ class Decoder(nnx.Module):
 
         x = constrain(self.token_embedding(tokens), (BATCH, LENGTH, EMBED))
         lowest_adapted = self.lowest_adapted_layer
+        # With remat, the adapted layers (all of the same structure) run as a `lax.scan` of a checkpointed body:
+        # the backward pass is then a loop that recomputes one layer per iteration, so only each layer's input is
+        # kept, whatever the backend's scheduler does (an unrolled stack of checkpointed layers is not enough on
+        # XLA:CPU, which hoists the recomputations and keeps every layer's attention probabilities).
+        scanned = range(lowest_adapted, len(self.layers)) if remat else range(0)
         new_keys, new_values = [], []
         for index, layer in enumerate(self.layers):
-            cached_kv = None if cache is None else (cache.keys[index], cache.values[index])
             if index == lowest_adapted and index > 0:
                 x = jax.lax.stop_gradient(x)
-            if remat:
-                x, updated = _rematerialised(layer, x, positions, mask, cached_kv, write_index, adapter_ids)
-            else:
-                x, updated = layer(x, positions, mask, cached_kv, write_index, adapter_ids)
+            if index in scanned:
+                break
+            cached_kv = None if cache is None else (cache.keys[index], cache.values[index])
+            x, updated = layer(x, positions, mask, cached_kv, write_index, adapter_ids)
             if updated is not None:
                 new_keys.append(updated[0])
                 new_values.append(updated[1])
+        if scanned:
+            x, updated = _scanned_layers([self.layers[i] for i in scanned], x, positions, mask,
+                                         None if cache is None else (cache.keys[scanned.start:],
+                                                                     cache.values[scanned.start:]),
+                                         write_index, adapter_ids)
+            if updated is not None:
+                new_keys.extend(updated[0])
+                new_values.extend(updated[1])
         hidden = self.final_norm(x)
         if cache is None:
             return hidden, None
@@ -244,14 +256,28 @@ class Decoder(nnx.Module):
         return constrain(logits, (BATCH, LENGTH, VOCAB)) if logits.ndim == 3 else logits
 
 
-def _rematerialised(layer: DecoderLayer, *args):
-    """`layer(*args)` under `jax.checkpoint`, on the layer's split state (a pure function, so no module is mutated
-    across trace levels). Dropout would need its RNG threaded through; adapters with dropout are refused."""
-    lora = getattr(layer.attention.q_proj, "lora", None)
+def _scanned_layers(layers: list, x: jax.Array, positions: jax.Array, mask: jax.Array, cached_kv: tuple | None,
+                    write_index: jax.Array | None, adapter_ids: jax.Array | None):
+    """`layers` (identical in structure) applied in order as a `lax.scan` over their stacked states, each step under
+    `jax.checkpoint`: (x, (new keys per layer, new values per layer) or None)."""
+    lora = getattr(layers[0].attention.q_proj, "lora", None)
     if lora is not None and lora.dropout is not None:
         raise ValueError("Decoder: remat=True does not support LoRA dropout; set LoRAConfig.dropout = 0")
-    graphdef, state = nnx.split(layer)
-    return jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args))(state, *args)
+    graphdef, first = nnx.split(layers[0])
+    states = [first] + [nnx.split(layer)[1] for layer in layers[1:]]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    stacked_kv = None if cached_kv is None else (jnp.stack(cached_kv[0]), jnp.stack(cached_kv[1]))
+
+    @jax.checkpoint
+    def body(x, inputs):
+        state, kv = inputs
+        return nnx.merge(graphdef, state)(x, positions, mask, kv, write_index, adapter_ids)
+
+    x, updated = jax.lax.scan(body, x, (stacked, stacked_kv))
+    if updated is None:
+        return x, None
+    keys, values = updated
+    return x, (tuple(keys[i] for i in range(len(layers))), tuple(values[i] for i in range(len(layers))))
 
 
 def _attention_mask(query_segments: jax.Array, key_segments: jax.Array, query_slots: jax.Array,

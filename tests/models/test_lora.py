@@ -373,7 +373,7 @@ def test_rematerialised_layers_give_the_same_values_and_gradients():
 
     plain = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, False)
     remat = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, True)
-    np.testing.assert_allclose(plain[0], remat[0], rtol=1e-6)
+    np.testing.assert_allclose(plain[0], remat[0], rtol=1e-5)
     chex.assert_trees_all_close(plain[1], remat[1], rtol=1e-4, atol=1e-5)
 
 
