@@ -4,9 +4,9 @@
 The config is a training config; its warm start is loaded (or trained into `warm_start.folder` if absent). Each
 phase plays one rollout of the same `--windows` training windows from the same seed and the same adapters, then
 updates from it, in this order (the peak RSS of a process only grows, so the lighter phase goes first):
-  on:  the config as it is: rollouts with prefix reuse, adapters on `lora.layers` (the CPU configs: the top third),
-       the teacher on d + y against the student's cache, rematerialised layers, `rl.rows_per_microbatch` rows per
-       microbatch;
+  on:  the config as it is: rollouts with prefix reuse, the adapters of the warm start (or `lora.layers` when it
+       attaches fresh ones; BUILD_NOTES Part 8 measured a warm start on the top third), the teacher on d + y against
+       the student's cache, rematerialised layers, `rl.rows_per_microbatch` rows per microbatch;
   off: the switches off: every prompt prefilled whole, adapters on every layer (the config's adapters, plus B = 0
        adapters on the other layers, so both phases start from the same function), the teacher as a second pass
        over x + d, no remat, and `--off_rows_per_microbatch` rows per microbatch (the setting that fit before).
