@@ -369,7 +369,7 @@ class LLMBackend:
     self.prefill_tokens['prefilled'] += real - reused
     self.prefill_tokens['reused'] += reused
     if self.config.prefix_reuse:
-      slots = prompt_slots(output.prompt_slots)
+      slots = prompt_slots(output.prompt_mask)
       self._last_prompts[agent] = (output.cache, {int(e): (row, list(encoded[row][1]), slots[row])
                                                   for row, e in enumerate(episode_ids)})
     # Rows sharded over other processes' devices are gathered: every process parses every message.

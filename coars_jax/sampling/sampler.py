@@ -65,7 +65,6 @@ class GenerationOutput:
     prompt_tokens: np.ndarray
     prompt_mask: np.ndarray
     cache: KVCache | None = None
-    prompt_slots: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +74,7 @@ class PromptPrefix:
     cache: that call's `GenerationOutput.cache`.
     rows: int [B], the cache row each new prompt's prefix comes from.
     sources: B int arrays, the cache slots holding the first len(sources[b]) tokens of new prompt b, in order (the
-      source row's `prompt_slots(GenerationOutput.prompt_slots)`, cut to the shared length); empty = no reuse.
+      source row's `prompt_slots(GenerationOutput.prompt_mask)`, cut to the shared length); empty = no reuse.
     """
 
     cache: KVCache
@@ -133,7 +132,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
       the same parameters and adapter). The prompts keep their usual left-padded layout; only a block at the end
       (the smallest of `PREFILL_BLOCKS` that holds every row's new tokens) is prefilled, and the decode program is
       the same as without a prefix. Greedy outputs equal a full prefill's to float rounding.
-    The output's `cache` (the final KV cache) and `prompt_slots` (the slots of each row's prompt tokens in it)
+    The output's `cache` (the final KV cache) and `prompt_mask` (which of its first slots hold each row's prompt)
     serve the next call's prefix.
     """
     config = model.config
@@ -199,7 +198,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]] | np.ndarray | jax
                                          *reuse)
         outputs, cache = decode(graphdef, static_kwargs, params, completion_length, partitioning, state, cache,
                                 logits, *decode_args, constraint)
-    return GenerationOutput(**outputs, prompt_tokens=tokens, prompt_mask=mask, cache=cache, prompt_slots=mask)
+    return GenerationOutput(**outputs, prompt_tokens=tokens, prompt_mask=mask, cache=cache)
 
 
 def _prefill_block(prefix: PromptPrefix, batch: int, mask: np.ndarray):

@@ -232,7 +232,7 @@ def test_lora_adapter_per_row_equals_each_adapter_alone():
 
 def _prefix_from(out, rows, lengths):
     """A `PromptPrefix` reading the first lengths[b] tokens of each new prompt from row rows[b] of an earlier call."""
-    slots = sampler_lib.prompt_slots(out.prompt_slots)
+    slots = sampler_lib.prompt_slots(out.prompt_mask)
     return sampler_lib.PromptPrefix(cache=out.cache, rows=np.asarray(rows, np.int32),
                                     sources=[slots[row][:k] for row, k in zip(rows, lengths)])
 
@@ -249,7 +249,7 @@ def test_prefix_reuse_equals_a_full_prefill(model, sharded):
     turn1 = [rng.integers(4, VOCAB, size=n).tolist() for n in (90, 100, 80)]
     run = dict(max_new_tokens=6, params=GREEDY, buckets=buckets, eos_token_ids=(), mesh=mesh)
     first = generate(model, turn1, **run)
-    assert first.cache is not None and first.prompt_slots.shape == (3, 128)
+    assert first.cache is not None and first.prompt_mask.shape == (3, 128)
     order, shared = (1, 2, 0), (95, 70, 78)
     turn2 = [turn1[r][:k] + rng.integers(4, VOCAB, size=12).tolist() for r, k in zip(order, shared)]
     full = generate(model, turn2, **run)
@@ -281,7 +281,9 @@ def test_prefix_reuse_prefills_a_block_and_shares_the_decode_program(model):
     assert after.get("sampler.prefill_after_prefix", 0) - counts.get("sampler.prefill_after_prefix", 0) <= 1
     assert after.get("sampler.decode", 0) == counts.get("sampler.decode", 0)  # the full prefill's decode program
     assert after.get("sampler.prefill", 0) == counts.get("sampler.prefill", 0)
-    # A prompt whose new part does not fit a block shorter than its bucket is prefilled whole.
-    whole = generate(model, [rng.integers(4, VOCAB, size=120).tolist()],
-                     prefix=_prefix_from(first, rows=[0], lengths=[2]), **run)
-    assert whole.tokens.shape == (1, 8)
+    # A prompt whose new part does not fit a block shorter than its bucket is prefilled whole, with the same result.
+    longer = [turn1[0][:2] + rng.integers(4, VOCAB, size=118).tolist()]
+    counts = trace_counts()
+    whole = generate(model, longer, prefix=_prefix_from(first, rows=[0], lengths=[2]), **run)
+    assert trace_counts().get("sampler.prefill_after_prefix", 0) == counts.get("sampler.prefill_after_prefix", 0)
+    np.testing.assert_array_equal(whole.tokens, generate(model, longer, **run).tokens)
