@@ -29,7 +29,7 @@ from coars_jax.recsys.peer import (candidate_ranking, candidate_scores, candidat
                                    top_candidate)
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, generate
-from coars_jax.sampling.sampler import PromptPrefix, prompt_slots
+from coars_jax.sampling.sampler import PromptPrefix, common_prefix_length, prompt_slots
 from coars_jax.sampling.constraints import token_classes
 
 # The item a user prompt shows when the recommender's message had no `Item:` line at all.
@@ -301,11 +301,7 @@ class LLMBackend:
     for position, ids in enumerate(token_lists):
       episode = int(episode_ids[position]) if position < len(episode_ids) else int(episode_ids[0])
       row, old_ids, old_slots = earlier.get(episode, (0, [], np.zeros(0, np.int32)))
-      shared = 0
-      for ours, theirs in zip(ids[:len(ids) - 1], old_ids):  # at least one token is left to prefill
-        if ours != theirs:
-          break
-        shared += 1
+      shared = common_prefix_length(ids[:len(ids) - 1], old_ids)  # at least one token is left to prefill
       rows.append(row)
       lengths.append(shared)
       slots.append(old_slots[:shared])

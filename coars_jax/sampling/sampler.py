@@ -91,6 +91,16 @@ class PromptPrefix:
 PREFILL_BLOCKS = (64, 128, 256, 512, 1024)
 
 
+def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading tokens two token sequences share."""
+    shared = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        shared += 1
+    return shared
+
+
 def prompt_slots(mask: np.ndarray) -> list[np.ndarray]:
     """The slots of each row's real tokens in a [B, S] slot mask, in order."""
     return [np.flatnonzero(row).astype(np.int32) for row in np.asarray(mask)]

@@ -58,6 +58,7 @@ from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, score
 from coars_jax.sampling.buckets import left_pad, right_pad
 from coars_jax.sampling.constraints import ChoiceConstraint
+from coars_jax.sampling.sampler import common_prefix_length
 from coars_jax.sampling.compilation import record_trace, trace_counts
 from coars_jax.sampling.model_inputs import inference_view
 from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, completion_log_probs
@@ -371,11 +372,7 @@ def shared_prefix_length(student_ids: Sequence[int], teacher_ids: Sequence[int])
   """How many leading tokens the teacher prompt x + d shares with the student prompt x: x up to the end of its last
   user message's text, where d is inserted (`coars.teacher_messages`). At least 1 (the prompts start alike) and
   short of the whole teacher prompt (d is never empty)."""
-  shared = 0
-  for ours, theirs in zip(student_ids, teacher_ids):
-    if ours != theirs:
-      break
-    shared += 1
+  shared = common_prefix_length(student_ids, teacher_ids)
   if not 0 < shared < len(teacher_ids):
     raise ValueError(f'the teacher prompt shares {shared} of its {len(teacher_ids)} tokens with the student prompt '
                      f'({len(student_ids)} tokens); x + d must start with x\'s first token and add d')
