@@ -40,7 +40,18 @@ setup(
     description='CoARS: self-distilled RL for co-evolving agentic recommender systems, in JAX/Flax',
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
-    packages=find_packages(include=['coars_jax', 'coars_jax.*']),
+    packages=find_packages(include=['coars_jax', 'coars_jax.*', 'experiments']),
+    # Each works from any directory: a relative --config path that does not exist there is read from the repository
+    # (an editable install, `pip install -e .`); outputs go under the working directory, printed as absolute paths.
+    entry_points={'console_scripts': [
+        'coars-train=experiments.train:entry',
+        'coars-evaluate=experiments.evaluate:entry',
+        'coars-report=experiments.report:entry',
+        'coars-describe-data=experiments.describe_data:entry',
+        'coars-plan-memory=experiments.plan_memory:entry',
+        'coars-run-table=experiments.run_table:entry',
+        'coars-view=experiments.view:entry',
+    ]},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

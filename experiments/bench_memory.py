@@ -17,7 +17,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from coars_jax.agents import backbone
@@ -26,6 +26,7 @@ from coars_jax.models.lora import LoRAConfig, add_lora
 from coars_jax.parallel import benchmark
 from coars_jax.parallel.mesh import make_mesh
 from experiments import outputs
+from experiments import cli
 
 _ROWS = flags.DEFINE_integer('rows', 8, 'Rows in the one microbatch.')
 _PROMPT = flags.DEFINE_integer('prompt_length', 1024, 'Tokens of each prompt x (and of the suffix d).')
@@ -78,4 +79,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -8,12 +8,13 @@ LLM's jitted code, stage by stage (`coars_jax.agents.benchmark`). Prints a table
 """
 
 
-from absl import app, flags
+from absl import flags
 
 from coars_jax.agents import benchmark
 from coars_jax.data import DATASETS
 from coars_jax.sampling import SamplingParams
 from experiments import outputs
+from experiments import cli
 
 _MODEL = flags.DEFINE_enum('model', 'tiny', benchmark.MODELS, 'The backbone both agents share.')
 _DATASET = flags.DEFINE_enum('dataset', 'lastfm', DATASETS, 'The dataset whose windows are played.')
@@ -47,6 +48,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Orbax and JAX log every read and write at INFO; pass --verbosity=0 to see them.
-  flags.FLAGS.set_default('verbosity', -1)
-  app.run(main)
+  cli.run(main)

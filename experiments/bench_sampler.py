@@ -7,10 +7,11 @@ results as JSON (a list when several models are given) to --output.
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
 from coars_jax.sampling import SamplingParams
 from coars_jax.sampling import benchmark
+from experiments import cli
 
 _MODELS = flags.DEFINE_list("model", ["tiny"], f"Models to measure, from {benchmark.MODELS}.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Prompts per batch.")
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

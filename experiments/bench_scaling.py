@@ -16,10 +16,11 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
 import dataclasses  # noqa: E402
 
 import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from coars_jax.parallel import benchmark  # noqa: E402
 from experiments import outputs  # noqa: E402
+from experiments import cli
 
 _MESHES = flags.DEFINE_list('meshes', ['8x1x1', '2x4x1', '2x2x2', '1x1x8'], 'data x fsdp x tensor meshes to time.')
 _PRESET = flags.DEFINE_string('preset', 'tiny', 'Decoder preset of the CPU mesh sweep.')
@@ -73,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

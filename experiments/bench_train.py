@@ -35,6 +35,7 @@ from coars_jax.models.lora import extend_lora
 from coars_jax.training import benchmark
 from coars_jax.training import experiment
 from experiments import outputs
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lastfm_smollm2.py', 'A training config.',
                                           lock_config=False)
@@ -180,4 +181,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -5,10 +5,11 @@ Without --output_dir the tokenizer goes to the per-user cache, where `tiny_token
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from coars_jax import data
 from coars_jax.models import tokenizer
+from experiments import cli
 
 _DATA_ROOT = flags.DEFINE_string('data_root', None, 'Data root; default $COARS_DATA_DIR, then the user cache.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Build into this folder instead of the per-user cache.')
@@ -25,4 +26,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

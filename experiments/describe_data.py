@@ -2,9 +2,10 @@
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from coars_jax import data
+from experiments import cli
 
 _DATASET = flags.DEFINE_enum('dataset', 'lastfm', data.DATASETS, 'Dataset to describe.')
 _DATA_ROOT = flags.DEFINE_string('data_root', None, 'Data root; default $COARS_DATA_DIR, then the user cache.')
@@ -21,7 +22,10 @@ def main(argv):
   print(json.dumps(stats, indent=2) if _JSON.value else data.format_description(stats))
 
 
+def entry():
+  """The `coars-describe-data` console script (setup.py)."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  # Orbax and JAX log every read and write at INFO; pass --verbosity=0 to see them.
-  flags.FLAGS.set_default('verbosity', -1)
-  app.run(main)
+  entry()

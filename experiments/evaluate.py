@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from coars_jax.eval import agentic, reference
 from coars_jax.eval import experiment as agentic_experiment
 from coars_jax.recsys import experiment
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/eval_*.py or configs/sasrec_*.py file.',
                                           lock_config=True)
@@ -72,8 +73,10 @@ def main(argv):
     _write(rows, _OUTPUT.value)
 
 
+def entry():
+  """The `coars-evaluate` console script (setup.py)."""
+  cli.run(main, required=('config',))
+
+
 if __name__ == '__main__':
-  # Orbax and JAX log every read and write at INFO; pass --verbosity=0 to see them.
-  flags.FLAGS.set_default('verbosity', -1)
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  entry()

@@ -11,12 +11,13 @@ import json
 import pathlib
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from coars_jax import configlib
 from coars_jax.data import load_dataset
 from coars_jax.recsys import experiment
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'An agentic config (configs/<dataset>_smollm2.py, '
                                           'configs/warm_start_*.py).', lock_config=True)
@@ -59,6 +60,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.FLAGS.set_default('verbosity', 0)
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main, required=('config',), quiet=False)

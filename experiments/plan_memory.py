@@ -11,12 +11,13 @@ import json
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from coars_jax import configlib
 from coars_jax.parallel import planner
 from coars_jax.training import experiment
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A training config file (configs/presets/*.py, ...).',
                                           lock_config=True)
@@ -37,6 +38,10 @@ def main(argv):
     sys.exit(f'plan_memory: refused: {plan.refusal()}')
 
 
+def entry():
+  """The `coars-plan-memory` console script (setup.py)."""
+  cli.run(main, required=('config',))
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  entry()

@@ -7,13 +7,14 @@ TensorBoard logs, Orbax checkpoints, and the final and best adapters as folders 
 `--config.resume=True` continues from the latest checkpoint. zero_shot and reflexion are evaluated only.
 """
 
-from absl import app, flags, logging
+from absl import logging
 from ml_collections import config_flags
 
 from coars_jax.eval import agentic
 from coars_jax.eval.experiment import summary_line
 from coars_jax.parallel import distributed
 from coars_jax.training import experiment
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/<dataset>_<model>.py[:method] file.',
                                           lock_config=True)
@@ -30,6 +31,7 @@ def main(argv):
   rows = experiment.run(config)
   if not distributed.is_primary():
     return
+  rows = [row for row in rows if row.get('evaluated', True)]  # eval.before=False leaves an unevaluated 'before'
   for row in rows:
     print(f'[{row["stage"]}] {summary_line(row)}')
   if not any(row['stage'] == 'after' for row in rows):
@@ -49,8 +51,10 @@ def main(argv):
   print(f'\nRows written to {config.workdir}/{experiment.RESULTS_FILE}')
 
 
+def entry():
+  """The `coars-train` console script (setup.py)."""
+  cli.run(main, required=('config',))
+
+
 if __name__ == '__main__':
-  # Orbax and JAX log every read and write at INFO; pass --verbosity=0 to see them.
-  flags.FLAGS.set_default('verbosity', -1)
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  entry()

@@ -6,10 +6,10 @@ config's workdir, then prints greedy ValidRatio / Hit@1 / average turns on the f
 
 import json
 
-from absl import app, flags
 from ml_collections import config_flags
 
 from coars_jax.training import warm_start
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/warm_start_*.py file.', lock_config=True)
 
@@ -20,7 +20,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Orbax and JAX log every read and write at INFO; pass --verbosity=0 to see them.
-  flags.FLAGS.set_default('verbosity', -1)
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main, required=('config',))

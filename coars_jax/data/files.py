@@ -105,12 +105,18 @@ def default_cache_root() -> pathlib.Path:
 
 
 def candidate_roots(data_root: str | os.PathLike | None = None) -> list[pathlib.Path]:
-  """The data roots searched, in order: the config field, then `COARS_DATA_DIR`, then the per-user cache."""
+  """The data roots searched, in order: the config field, then `COARS_DATA_DIR`, then the per-user cache. A named
+  root (the field or the variable) that is not a folder is an error rather than silently skipped: a typo there would
+  otherwise read, or download, other data."""
   roots = []
-  if data_root:
-    roots.append(pathlib.Path(data_root).expanduser().absolute())
-  if os.environ.get(DATA_DIR_ENV):
-    roots.append(pathlib.Path(os.environ[DATA_DIR_ENV]).expanduser().absolute())
+  for given, where in ((data_root, 'the config field data_root'), (os.environ.get(DATA_DIR_ENV), DATA_DIR_ENV)):
+    if not given:
+      continue
+    root = pathlib.Path(given).expanduser().absolute()
+    if not root.is_dir():
+      raise MissingDataError(f'{where} names {root}, which is not a folder; point it at the folder that holds the '
+                             f'datasets (e.g. ../shared/data) or unset it')
+    roots.append(root)
   roots.append(default_cache_root())
   unique = []
   for root in roots:

@@ -158,10 +158,11 @@ def evaluate_agentic(dataset: Dataset, backend: AgentBackend, *, peer, method: s
   if config.user_f1_both_peer_settings:
     f1_config = dataclasses.replace(config.user_f1, show_peer_opinion=True)
   if user_sim is not None:
-    f1 = evaluate_user_f1(dataset, user_sim, backend, config=f1_config, peer=peer, seed=seed)
+    f1 = evaluate_user_f1(dataset, user_sim, backend, config=f1_config, peer=peer, seed=seed,
+                          progress=config.progress)
     if config.user_f1_both_peer_settings:
       # Same set and seed as the main pass, so the two F1s differ only by p_t.
-      no_peer_f1 = evaluate_user_f1(dataset, user_sim, backend, peer=peer, seed=seed,
+      no_peer_f1 = evaluate_user_f1(dataset, user_sim, backend, peer=peer, seed=seed, progress=config.progress,
                                     config=dataclasses.replace(config.user_f1, show_peer_opinion=False))
 
   metrics = episode_metrics(episodes)

@@ -73,3 +73,36 @@ def paired_bootstrap(hits: np.ndarray, reference_hits: np.ndarray, *, resamples:
   tail = (1.0 - level) / 2.0
   low, high = np.quantile(means, [tail, 1.0 - tail])
   return {'diff': float(difference.mean()), 'low': float(low), 'high': float(high), 'windows': int(len(hits))}
+
+
+def micro_f1(counts: np.ndarray) -> np.ndarray:
+  """F1 from summed [true positives, false positives, false negatives] on the last axis (0 where undefined)."""
+  counts = np.asarray(counts, np.float64)
+  tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+  denominator = 2 * tp + fp + fn
+  return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-12), 0.0)
+
+
+def paired_bootstrap_f1(cases: np.ndarray, reference_cases: np.ndarray, *, resamples: int = 10_000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, float]:
+  """The micro-F1 difference of a user agent from a reference over the same users, with its paired bootstrap
+  interval: users (cases) are resampled with replacement, the same draw for both, and F1 is recomputed from the
+  resampled counts.
+
+  Args:
+    cases: [U, 3] per user [true positives, false positives, false negatives] (may be averaged over seeds).
+    reference_cases: [U, 3], the same users in the same order.
+  Returns:
+    {'diff', 'low', 'high', 'users'}.
+  """
+  cases, reference_cases = np.asarray(cases, np.float64), np.asarray(reference_cases, np.float64)
+  if cases.shape != reference_cases.shape or cases.ndim != 2 or cases.shape[1] != 3 or not len(cases):
+    raise ValueError(f'paired_bootstrap_f1 needs two [users, 3] count arrays over the same users, found shapes '
+                     f'{cases.shape} and {reference_cases.shape}')
+  rng = np.random.default_rng(seed)
+  draws = rng.integers(0, len(cases), size=(resamples, len(cases)))
+  differences = micro_f1(cases[draws].sum(axis=1)) - micro_f1(reference_cases[draws].sum(axis=1))
+  tail = (1.0 - level) / 2.0
+  low, high = np.quantile(differences, [tail, 1.0 - tail])
+  diff = float(micro_f1(cases.sum(axis=0)) - micro_f1(reference_cases.sum(axis=0)))
+  return {'diff': diff, 'low': float(low), 'high': float(high), 'users': int(len(cases))}

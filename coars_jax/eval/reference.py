@@ -16,6 +16,7 @@ from coars_jax.data import candidates as candidates_lib
 from coars_jax.data import files, lastfm
 from coars_jax.data.schema import Dataset
 from coars_jax.eval import metrics
+from coars_jax.recsys import peer as peer_lib
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.recsys.training import evaluate_per_seed
 
@@ -54,6 +55,26 @@ def reference_rows(dataset: Dataset, models: Mapping[int, SASRec], candidate_see
                      [metrics.ranking_metrics(counts[c], t) for c, t in zip(cands, target_index)]))
     rows.append(_row(dataset.name, 'sasrec', seed, candidate_seeds,
                      evaluate_per_seed(model, windows, cands, target_index)))
+  return rows
+
+
+def window_rows(dataset: Dataset, model: SASRec, candidate_seed: int, *, split: str = 'test',
+                limit: int = 0) -> list[dict]:
+  """Random, popularity and SASRec on one candidate seed's lists of the first `limit` windows of `split` (0 = all),
+  with each window's hit, so that they pair with agentic rows over the same windows."""
+  windows = dataset.split(split)
+  count = min(limit, len(windows)) if limit else len(windows)
+  cands, target_index = candidates_lib.candidate_stack(dataset, split, (candidate_seed,))
+  cands, target_index = cands[0, :count], target_index[0, :count]
+  random_scores = candidates_lib.window_rng(dataset.name, split, 0, candidate_seed,
+                                            purpose='random_baseline').random(cands.shape)
+  sasrec = np.asarray(peer_lib.candidate_scores(model, windows.history[:count], windows.lengths[:count], cands))
+  rows = []
+  for method, scores in (('random', random_scores), ('popularity', popularity(dataset)[cands]), ('sasrec', sasrec)):
+    hits = np.asarray(metrics.hit_at_k(metrics.target_rank(scores, target_index), 1))
+    rows.append({'dataset': dataset.name, 'method': method, 'split': split, 'candidate_seed': int(candidate_seed),
+                 'num_windows': int(count), 'windows_of_split': len(windows), 'hit@1': float(hits.mean()),
+                 'window_indices': list(range(count)), 'window_hits': [int(h) for h in hits]})
   return rows
 
 

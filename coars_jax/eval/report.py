@@ -232,16 +232,23 @@ def plot_curves(runs: Sequence[Mapping[str, Any]], dataset: str, path: str | pat
 # --- the report --------------------------------------------------------------------------------------------------
 
 def write_report(rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]], output: str | pathlib.Path,
-                 *, model: str = 'tiny', preamble: str = '') -> pathlib.Path:
-  """Writes `output` (markdown) and `<dataset>_curves.png` beside it; returns the markdown path."""
+                 *, model: str = 'tiny', preamble: str = '', tables: Sequence[Mapping[str, Any]] = ()) -> pathlib.Path:
+  """Writes `output` (markdown) and `<dataset>_curves.png` beside it; returns the markdown path. `tables`
+  (`eval.table_report.read_table`) come first, each with its own sections."""
+  from coars_jax.eval import table_report  # Imported here: it imports this module.
   output = pathlib.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   datasets = [d for d in DATASET_ORDER if any(r['dataset'] == d for r in rows)]
   datasets += sorted({r['dataset'] for r in rows} - set(datasets))
   parts = ['# Results', '', preamble.strip(), ''] if preamble.strip() else ['# Results', '']
-  parts += [f'Agentic rows use the `{model}` model; Hit@1 and user-agent F1 are mean ± std over seeds (population '
-            f'std; one seed shows the value alone). "+ grammar" rows decode under the output grammar, so their '
-            f'ValidRatio is 1 by construction. Written by `python -m experiments.report`.', '']
+  for table in tables:
+    parts += table_report.table_sections(table, output.parent)
+  if tables and rows:
+    parts += ['## Other rows', '']
+  if rows:
+    parts += [f'Agentic rows use the `{model}` model; Hit@1 and user-agent F1 are mean ± std over seeds (population '
+              f'std; one seed shows the value alone). "+ grammar" rows decode under the output grammar, so their '
+              f'ValidRatio is 1 by construction.', '']
   for dataset in datasets:
     table = aggregate(rows, dataset, model)
     parts += [f'## {dataset}', '', format_table(table), '']
@@ -253,5 +260,6 @@ def write_report(rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, 
       parts += [f'![{dataset} learning curves]({png.name})', '']
     sources = sorted({s for cells in table.values() for s in cells['sources']})
     parts += ['<details><summary>Row files</summary>', '', *[f'- `{s}`' for s in sources], '', '</details>', '']
+  parts += ['Written by `python -m experiments.report`.', '']
   output.write_text('\n'.join(parts), encoding='utf-8')
   return output

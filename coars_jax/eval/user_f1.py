@@ -18,6 +18,7 @@ import time
 from typing import Sequence
 
 import numpy as np
+import tqdm
 
 from coars_jax.agents.episodes import USER, AgentBackend, Generation, SASRecPeer, turn_seed
 from coars_jax.agents.parsing import ParseConfig, UserParse, parse_user_output
@@ -46,6 +47,11 @@ class UserF1Config:
       the agent. Turn it on to judge a user agent under the exact input layout it was trained with.
     batch_size: judgements per backend call; None sends every judgement of the set in one call. A real model
       may need a bound (an LLM backend pads a call to a power of two rows).
+    share_history: call in rounds: each call holds the k-th judgement of each user of a group of at most
+      `batch_size` users, logged as turn k + 1 with the case as the episode id, so that an `LLMBackend` with
+      prefix reuse reads each user's system prompt and history (the bulk of every prompt) from the previous
+      round's cache and prefills only the item and reason. Greedy outputs equal the flat batching's to float
+      rounding. False: flat batches of `batch_size` judgements in set order, each prompt prefilled whole.
     prompt: the wording; None takes `PromptConfig.for_dataset(dataset.name)`, as episodes do.
     parse: parser tolerance for the user's answers.
   """
@@ -53,14 +59,16 @@ class UserF1Config:
   recommender_reason: str = NEUTRAL_REASON
   show_peer_opinion: bool = False
   batch_size: int | None = None
+  share_history: bool = True
   prompt: PromptConfig | None = None
   parse: ParseConfig = ParseConfig()
 
   def __post_init__(self):
     if not isinstance(self.recommender_reason, str) or not single_line(self.recommender_reason):
       raise ValueError(f'UserF1Config.recommender_reason must be a non-empty str, found {self.recommender_reason!r}')
-    if not isinstance(self.show_peer_opinion, bool):
-      raise ValueError(f'UserF1Config.show_peer_opinion must be a bool, found {self.show_peer_opinion!r}')
+    for name in ('show_peer_opinion', 'share_history'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'UserF1Config.{name} must be a bool, found {getattr(self, name)!r}')
     if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
                                         or self.batch_size < 1):
       raise ValueError(f'UserF1Config.batch_size must be None or an int >= 1, found {self.batch_size!r}')
@@ -265,6 +273,16 @@ class UserF1Result:
       scores[judgement.case].append(judgement.peer_score)
     return f1_scores(labels, [top_k_predictions(s, sum(l)) for l, s in zip(labels, scores)])
 
+  def case_counts(self) -> list[list[int]]:
+    """[true positives, false positives, false negatives] of each case, in case order."""
+    counts = [[0, 0, 0] for _ in range(self.num_users)]
+    for judgement in self.judgements:
+      if judgement.positive:
+        counts[judgement.case][0 if judgement.label else 1] += 1
+      elif judgement.label:
+        counts[judgement.case][2] += 1
+    return counts
+
   def as_dict(self) -> dict:
     """The numbers for a report row (the user agent's prefixed `user_` so they sit beside episode metrics; the
     set's references `accept_all_*` and `sasrec_*`, the latter None without peer scores)."""
@@ -277,6 +295,8 @@ class UserF1Result:
         'user_f1_judgements': len(self.judgements), 'user_f1_invalid': self.num_invalid,
         'user_f1_users': self.num_users, 'user_f1_users_left_out': self.users_left_out,
         'user_f1_seconds': self.wall_seconds,
+        # Per case [true positives, false positives, false negatives]: a paired bootstrap over users resamples these
+        'user_f1_cases': self.case_counts(),
         'accept_all_f1': accept_all['micro_f1'], 'accept_all_precision': accept_all['micro_precision'],
         'sasrec_auc': self.sasrec_auc,
         'sasrec_top_half_f1': None if top_half is None else top_half['micro_f1'],
@@ -358,21 +378,43 @@ def judgement_prompts(dataset: Dataset, sim_set: UserSimSet, *, config: UserF1Co
   return out
 
 
+def judgement_calls(prompts: Sequence[tuple[int, int, list[Message]]], config: UserF1Config
+                    ) -> list[tuple[int, list[int], list[int]]]:
+  """The backend calls of an F1 evaluation, as (turn, indices into `prompts`, episode ids); see
+  `UserF1Config.share_history`."""
+  size = config.batch_size or len(prompts)
+  if not config.share_history:
+    return [(1, list(range(begin, min(begin + size, len(prompts)))),
+             list(range(begin, min(begin + size, len(prompts))))) for begin in range(0, len(prompts), size)]
+  by_case: dict[int, list[int]] = {}
+  for index, (case, _, _) in enumerate(prompts):
+    by_case.setdefault(case, []).append(index)
+  cases = list(by_case)
+  calls = []
+  for begin in range(0, len(cases), size):
+    group = cases[begin:begin + size]
+    for position in range(max(len(by_case[case]) for case in group)):
+      live = [case for case in group if position < len(by_case[case])]
+      calls.append((position + 1, [by_case[case][position] for case in live], live))
+  return calls
+
+
 def evaluate_user_f1(dataset: Dataset, sim_set: UserSimSet, backend: AgentBackend, *,
-                     config: UserF1Config = UserF1Config(), peer=None, seed: int = 0) -> UserF1Result:
+                     config: UserF1Config = UserF1Config(), peer=None, seed: int = 0,
+                     progress: bool = False) -> UserF1Result:
   """Runs the user-agent F1 protocol: every judgement through `backend.generate('user', ...)`, in
   ceil(judgements / batch_size) calls (one when `batch_size` is None).
 
   Args:
     dataset: the titles (the set's item ids index its catalog).
     sim_set: `data.user_sim_set(dataset, ...)`.
-    backend: any `AgentBackend`; only its user agent is called. Calls are logged as turn 1, with the judgement
-      index (over the whole set) as the episode id.
+    backend: any `AgentBackend`; only its user agent is called, in the calls `judgement_calls` lays out.
     config: prompt and batching settings.
     peer: a `recsys.SASRec` or a `Peer` (e.g. `episodes.SASRecPeer`), needed when `config.show_peer_opinion` is
       on. When it has `candidate_scores` (SASRec and `SASRecPeer` do), each judgement also records SASRec's score
       of its item, from which the result reports SASRec's AUC and top-half F1 on the same set.
     seed: sampling seed; call c uses `episodes.turn_seed(seed, c + 1, 'user')`.
+    progress: a tqdm bar that ticks per judgement.
   """
   if not isinstance(config, UserF1Config):
     raise TypeError(f'config must be a UserF1Config, found {type(config).__name__}')
@@ -383,15 +425,23 @@ def evaluate_user_f1(dataset: Dataset, sim_set: UserSimSet, backend: AgentBacken
     peer = SASRecPeer(peer)  # a bare SASRec model, accepted as run_episodes accepts it
   start = time.perf_counter()
   prompts = judgement_prompts(dataset, sim_set, config=config, peer=peer)
-  size = config.batch_size or len(prompts)
-  generations: list[Generation] = []
-  for call, begin in enumerate(range(0, len(prompts), size)):
-    chunk = prompts[begin:begin + size]
-    out = list(backend.generate(USER, [messages for _, _, messages in chunk], seed=turn_seed(seed, call + 1, USER),
-                                episode_ids=list(range(begin, begin + len(chunk))), turn=1))
-    if len(out) != len(chunk):
-      raise ValueError(f'the backend returned {len(out)} user messages for {len(chunk)} prompts')
-    generations += out
+  generations: list[Generation | None] = [None] * len(prompts)
+  bar = tqdm.tqdm(total=len(prompts), desc=f'user F1 {dataset.name}{" with p_t" if config.show_peer_opinion else ""}',
+                  unit='judgement', disable=not progress, dynamic_ncols=True)
+  try:
+    for call, (turn, indices, episode_ids) in enumerate(judgement_calls(prompts, config)):
+      out = list(backend.generate(USER, [prompts[i][2] for i in indices], seed=turn_seed(seed, call + 1, USER),
+                                  episode_ids=episode_ids, turn=turn))
+      if len(out) != len(indices):
+        raise ValueError(f'the backend returned {len(out)} user messages for {len(indices)} prompts')
+      for index, generation in zip(indices, out):
+        generations[index] = generation
+      bar.update(len(indices))
+  finally:
+    bar.close()
+    clear = getattr(backend, 'clear_prefixes', None)
+    if clear is not None:
+      clear()  # no kept cache outlives this evaluation
   scores = peer_scores(dataset, sim_set, peer) if hasattr(peer, 'candidate_scores') else None
   judgements = []
   for (index, position, _), generation in zip(prompts, generations):

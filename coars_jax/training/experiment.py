@@ -191,6 +191,10 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           'batch_size': 32,  # episodes per batched generation
           'zero_shot': False,  # also a test row of the bare base (adapters off) before the warm start, as a reference
           'zero_shot_constrained': False,  # decode that row under the output grammars (labelled zero_shot+grammar)
+          'constrained': False,  # decode the run's own test rows under the output grammars (rows get '+grammar')
+          # Evaluate the starting agents on the test windows before RL (the 'before' row). A results table turns it
+          # off and pairs every RL row with its own warm-start row over the same windows instead.
+          'before': True,
           'user_f1': {
               'enabled': True,  # the user-agent F1 on the test rows (METHOD.md section 6)
               'num_users': 0,  # the first this many users of the user-simulation set (0 = all)
@@ -294,7 +298,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except (TypeError, ValueError) as error:
     raise configlib.ConfigError(f'Config fields prompt_buckets / completion_buckets: {error}') from error
   for name in ('resume', 'progress', 'allow_download', 'warm_start.enabled', 'eval.user_f1.enabled',
-               'eval.zero_shot', 'eval.zero_shot_constrained', 'eval.user_f1.peer_opinion',
+               'eval.zero_shot', 'eval.zero_shot_constrained', 'eval.constrained', 'eval.before',
+               'eval.user_f1.peer_opinion',
                'eval.user_f1.also_without_peer'):
     value = config
     for part in name.split('.'):
@@ -540,9 +545,11 @@ def _first(count: int, total: int) -> tuple[int, ...]:
 
 def evaluate_rows(config, parts: Components, model: Decoder, *, method: str, stage: str,
                   user_sim: UserSimSet | None, guard: 'PreemptionGuard | None' = None,
-                  constrained: bool = False) -> dict[str, Any]:
+                  constrained: bool | None = None) -> dict[str, Any]:
   """A greedy test row (`eval.agentic.evaluate_agentic`, with the user-agent F1 when configured), decoded under
-  the output grammars when `constrained`."""
+  the output grammars when `constrained` (None: `eval.constrained`)."""
+  if constrained is None:
+    constrained = bool(config.eval.constrained)
   total = len(parts.dataset.split('test'))
   eval_config = AgenticEvalConfig(
       split='test', window_indices=_first(config.eval.test_windows, total), batch_size=config.eval.batch_size,
@@ -701,10 +708,14 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
         before = json.loads(before_path.read_text())
       else:
         try:
-          before = evaluate_rows(config, parts, model, method=origin['stage'], stage='before', user_sim=user_sim,
-                                 guard=guard)
+          if config.eval.before:
+            before = evaluate_rows(config, parts, model, method=origin['stage'], stage='before', user_sim=user_sim,
+                                   guard=guard)
+            start_record = row_metrics(before)
+          else:
+            before = {'dataset': config.dataset, 'method': origin['stage'], 'stage': 'before', 'evaluated': False}
+            start_record = {}
           _write_json(before_path, before)
-          start_record = row_metrics(before)
           if config.eval.every:
             start_record.update(evaluate_val(config, parts, model, guard=guard))
             progress.update(best_val_hit_at_1=start_record['val/hit_at_1'], best_iteration=0)
@@ -784,6 +795,8 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
                     **{f'rl_{k}': v for k, v in budget.items()},
                     **{k: v for k, v in progress.items() if k != 'base_fingerprint'}})
       writer.write(trainer.state.iteration, {'stage': 'after', **row_metrics(after)})
-  rows = with_paired_differences(zero_shot + [before, after], reference=before)
+  rows = zero_shot + [before, after]
+  if before.get('window_hits') is not None:
+    rows = with_paired_differences(rows, reference=before)
   _write_json(workdir / RESULTS_FILE, rows)
   return rows

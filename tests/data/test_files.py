@@ -39,6 +39,16 @@ def test_roots_are_searched_in_order(isolated_roots):
   assert files.locate('x/f.txt', isolated_roots['config']) == isolated_roots['config'] / 'x/f.txt'
 
 
+def test_a_named_root_that_is_not_a_folder_is_an_error(isolated_roots, monkeypatch):
+  with pytest.raises(MissingDataError, match=r'the config field data_root names .*/nowhere, which is not a folder'):
+    files.candidate_roots(isolated_roots['config'] / 'nowhere')
+  monkeypatch.setenv(files.DATA_DIR_ENV, str(isolated_roots['env'] / 'typo'))
+  with pytest.raises(MissingDataError, match=r'COARS_DATA_DIR names .*/typo, which is not a folder'):
+    files.candidate_roots(None)
+  monkeypatch.setenv(files.DATA_DIR_ENV, '')
+  assert files.candidate_roots(None) == [isolated_roots['cache']]  # an empty variable is unset
+
+
 def test_missing_file_names_every_place_looked(isolated_roots):
   with pytest.raises(MissingDataError) as e:
     files.locate('lastfm/afl_llara_format/lastfm/Test_data.df', isolated_roots['config'], allow_download=False)

@@ -57,7 +57,7 @@ def policy_backend(policy):
   scores = {'click': 0.9, 'star': 0.6, 'skip': 0.3, 'dislike': 0.1}
 
   def respond(agent, episode, turn, messages):
-    assert agent == 'user' and turn == 1
+    assert agent == 'user'
     item = shown_item(messages)
     action = policy(truth[(shown_history(messages), item)], item)
     return 'no idea, honestly' if action == 'garbage' else user_answer(action, scores[action])
@@ -148,16 +148,32 @@ def test_mixed_answers_count_exactly_and_invalid_answers_are_negatives():
       (c.user, i, l) for c in SIM_SET.cases for i, l in zip(c.items, c.labels)]
 
 
-def test_judgements_are_batched_into_few_calls():
+def test_flat_judgements_are_batched_into_few_calls():
+  flat = UserF1Config(share_history=False)
   backend = policy_backend(lambda label, item: 'skip')
-  evaluate_user_f1(DATASET, SIM_SET, backend, seed=4)
+  evaluate_user_f1(DATASET, SIM_SET, backend, seed=4, config=flat)
   assert [(c.agent, c.turn, c.batch_size) for c in backend.calls] == [('user', 1, 84)]
   assert backend.calls[0].seed == turn_seed(4, 1, 'user')
   backend = policy_backend(lambda label, item: 'skip')
-  evaluate_user_f1(DATASET, SIM_SET, backend, config=UserF1Config(batch_size=32))
+  evaluate_user_f1(DATASET, SIM_SET, backend, config=UserF1Config(batch_size=32, share_history=False))
   assert [c.batch_size for c in backend.calls] == [32, 32, 20]
   assert [c.episode_ids[0] for c in backend.calls] == [0, 32, 64]
   assert len({c.seed for c in backend.calls}) == 3
+
+
+def test_rounds_hold_one_judgement_per_user_and_give_the_same_result():
+  policy = lambda label, item: 'click' if (label + item) % 3 else 'dislike'  # noqa: E731
+  flat = evaluate_user_f1(DATASET, SIM_SET, policy_backend(policy), config=UserF1Config(share_history=False))
+  backend = policy_backend(policy)
+  rounds = evaluate_user_f1(DATASET, SIM_SET, backend, config=UserF1Config(batch_size=4))
+  # Users 0-3, then 4-5; call k asks each user of the group for its k-th item, as turn k + 1, episode = the case.
+  sizes = [len(case.items) for case in SIM_SET.cases]
+  expected = [(k + 1, tuple(c for c in group if k < sizes[c]))
+              for group in ((0, 1, 2, 3), (4, 5)) for k in range(max(sizes[c] for c in group))]
+  assert [(c.turn, c.episode_ids) for c in backend.calls] == expected
+  assert [(j.case, j.item, j.positive) for j in rounds.judgements] == [(j.case, j.item, j.positive)
+                                                                        for j in flat.judgements]
+  assert rounds.scores == flat.scores
 
 
 def test_prompts_have_empty_memory_and_say_nothing_about_the_label():
@@ -364,3 +380,29 @@ def test_sasrec_references_equal_the_directly_computed_sasrec_scores():
   assert row['sasrec_top_half_f1'] == pytest.approx(expected['micro_f1'])
   assert row['sasrec_top_half_precision'] == pytest.approx(expected['micro_precision'])
   assert np.allclose(peer_scores(DATASET, SIM_SET, model), np.reshape(scores, (6, 14)), atol=1e-5)
+
+
+def test_rounds_reuse_each_users_history_on_an_llm_backend():
+  """A micro decoder with prefix reuse: rounds prefill each user's history once, and the greedy judgements equal the
+  flat batching's, where every prompt is prefilled whole."""
+  from coars_jax.agents.episodes import LLMBackend, LLMBackendConfig
+  from coars_jax.sampling import GREEDY
+  from tests.training.test_rl import BUCKETS, micro_model
+  from tests.training.test_warm_start import small_tokenizer
+
+  sim = UserSimSet(dataset=SIM_SET.dataset, cases=SIM_SET.cases[:3], users_left_out=0)
+
+  def run(share_history):
+    backend = LLMBackend(micro_model(), small_tokenizer(), adapters={'user': 'user'}, config=LLMBackendConfig(
+        user_max_new_tokens=8, sampling=GREEDY, buckets=BUCKETS))
+    result = evaluate_user_f1(DATASET, sim, backend, config=UserF1Config(batch_size=4, share_history=share_history))
+    return result, backend
+
+  flat, flat_backend = run(False)
+  rounds, backend = run(True)
+  assert [j.generation.text for j in rounds.judgements] == [j.generation.text for j in flat.judgements]
+  assert flat_backend.prefill_tokens['reused'] == 0
+  # Every round after the first reads the users' shared prefix: most prompt tokens are reused.
+  total = backend.prefill_tokens['prefilled'] + backend.prefill_tokens['reused']
+  assert total == flat_backend.prefill_tokens['prefilled'] and backend.prefill_tokens['reused'] > 0.6 * total
+  assert not backend._last_prompts  # cleared when the evaluation ends
