@@ -50,7 +50,7 @@ from coars_jax.parallel.rules import DEFAULT_RULES, make_rules
 from coars_jax.recsys import experiment as sasrec_experiment
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import GREEDY, LengthBuckets, SamplingParams
-from coars_jax.training import faults, rl
+from coars_jax.training import credit_sample, faults, rl
 from coars_jax.training import warm_start as warm_start_lib
 # Checkpoints and preemption live in their own modules; their names stay importable from here.
 from coars_jax.training.checkpointing import (BEST_METRIC, CHECKPOINT_DIR, MANIFEST_FILE, REJECTED_DIR,  # noqa: F401
@@ -82,7 +82,7 @@ RESULTS_FILE, BEFORE_FILE, CONFIG_FILE, ZERO_SHOT_FILE = 'results.json', 'before
 WARM_START_DIR, FINAL_DIR, BEST_DIR = 'warm_start', 'final', 'best'
 # What a run writes under its workdir; each must stay inside it (`run_paths`).
 RUN_OUTPUTS = (CONFIG_FILE, RESULTS_FILE, BEFORE_FILE, ZERO_SHOT_FILE, CHECKPOINT_DIR, REJECTED_DIR, WARM_START_DIR, FINAL_DIR,
-               BEST_DIR, METRICS_FILE, TENSORBOARD_DIR)
+               BEST_DIR, METRICS_FILE, TENSORBOARD_DIR, credit_sample.TRAJECTORY_DIR)
 
 
 # --- config ------------------------------------------------------------------------------------------------------
@@ -195,6 +195,9 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           # Evaluate the starting agents on the test windows before RL (the 'before' row). A results table turns it
           # off and pairs every RL row with its own warm-start row over the same windows instead.
           'before': True,
+          # At every val evaluation and the last iteration, this many of the iteration's rollout episodes go to
+          # <workdir>/trajectories/iteration_<k>.jsonl with the token credit A on every token (experiments.view)
+          'trajectory_sample': 2,
           'user_f1': {
               'enabled': True,  # the user-agent F1 on the test rows (METHOD.md section 6)
               'num_users': 0,  # the first this many users of the user-simulation set (0 = all)
@@ -310,7 +313,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field, least in (('stop_after', 0), ('model_seed', 0),
                        ('lora.rank', 1), ('lora.seed', 0),
                        ('rollout.max_turns', 1), ('rollout.candidate_seed', 0), ('recommender_max_new_tokens', 1),
-                       ('user_max_new_tokens', 1), ('eval.every', 0), ('eval.val_windows', 0),
+                       ('user_max_new_tokens', 1), ('eval.every', 0), ('eval.val_windows', 0), ('eval.trajectory_sample', 0),
                        ('eval.test_windows', 0), ('eval.batch_size', 1), ('eval.user_f1.num_users', 0),
                        ('eval.user_f1.batch_size', 1), ('checkpoint.every', 1), ('checkpoint.keep', 1),
                        ('reflexion.num_prior_episodes', 0), ('reflexion.max_reflections', 0), ('sampling.top_k', 0)):
@@ -750,6 +753,8 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
             progress.update(best_val_hit_at_1=val_hit, best_iteration=number)
             export_adapters(model, workdir / BEST_DIR, save_base=save_base,
                             metadata={'method': label, 'iteration': number, **val})
+        if trainer.last_credit_sample and distributed.is_primary():
+          credit_sample.write_sample(workdir, number, trainer.last_credit_sample)
         writer.write(number, metrics)
         faults.point('metrics', number)
         due = val_hit is not None or number % config.checkpoint.every == 0 or number == last or guard.requested
@@ -763,6 +768,9 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
         if pending is not None:
           conclude(pending)
         while trainer.state.iteration < last and not guard.requested:
+          upcoming = trainer.state.iteration + 1
+          evaluated = bool(config.eval.every) and upcoming % config.eval.every == 0
+          trainer.credit_episodes = config.eval.trajectory_sample if evaluated or upcoming == settings.iterations else 0
           metrics = guarded_iteration(trainer)
           conclude(metrics)
           bar.update(1)

@@ -806,6 +806,10 @@ class RLTrainer:
     self.config, self.rollout = config, rollout
     self.last_batch: dict[str, np.ndarray] | None = None
     self.last_record: RolloutRecord | None = None
+    # Episodes of the next update whose messages get their token credit A for people (`training.credit_sample`);
+    # 0 = none. Scored before the update, with the model that sampled them; read from `last_credit_sample`.
+    self.credit_episodes = 0
+    self.last_credit_sample: list[dict[str, Any]] | None = None
     self.mesh = make_mesh() if mesh is None else mesh
     self.rules = rules
     self.partitioning = Partitioning.create(self.mesh, rules)
@@ -1032,6 +1036,10 @@ class RLTrainer:
                                      buckets=config.buckets, chunk_size=config.score_chunk_size, mesh=self.mesh,
                                      rules=self.rules)
     reward, weight, included, carries_loss = self._rewards(trajectory, judge, groups)
+    self.last_credit_sample = None
+    if self.credit_episodes:
+      from coars_jax.training.credit_sample import credit_sample  # Imported here: it imports this trainer's pieces.
+      self.last_credit_sample = credit_sample(self, record, reward, episodes=self.credit_episodes)
     rows = np.flatnonzero(carries_loss)
     teacher_ids = None
     if self.settings.teacher and len(rows):

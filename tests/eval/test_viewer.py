@@ -1,0 +1,116 @@
+"""The token credit sample (`training.credit_sample`) and the viewer (`eval.viewer`, `experiments.view`): A per token
+equals Eq. 10 computed directly, the page carries every dialogue, and headless Chromium renders it (text asserted,
+filters applied)."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coars_jax.coars import credit
+from coars_jax.eval import viewer
+from coars_jax.sampling.buckets import left_pad, right_pad
+from coars_jax.training import credit_sample
+from tests.training.test_rl import rl_config, trainer
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope='module')
+def sampled():
+  run = trainer(rl_config())
+  run.credit_episodes = 2
+  run.iteration()
+  run.sample, run.sampled_record = run.last_credit_sample, run.last_record  # later iterations replace those
+  return run
+
+
+def test_credit_sample_is_eq_10_on_every_token(sampled):
+  run, records = sampled, sampled.sample
+  record = run.sampled_record
+  assert len(records) == 2
+  trajectory = record.trajectory
+  rows = [r for r in np.flatnonzero(trajectory.completion_mask.any(axis=1) & (trajectory.episode < 2))]
+  assert rows
+  # Eq. 10 directly: the same model and adapters, teacher on x + d, student on x, in one scorer call.
+  prompts = [trajectory.prompt_tokens[r][trajectory.prompt_mask[r]] for r in rows]
+  teachers = [np.asarray(record.teacher_ids[r]) for r in rows]
+  completions = [trajectory.completion_tokens[r][trajectory.completion_mask[r]] for r in rows]
+  x, x_mask = left_pad(prompts, 1024, run.pad_id)
+  t, t_mask = left_pad(teachers, 1024, run.pad_id)
+  y, y_mask = right_pad(completions, 16, run.pad_id)
+  # The iteration's own sample was scored before its update; a fresh sample of the same record uses the current
+  # model, as the direct computation does.
+  fresh = credit_sample.credit_sample(run, record, None, episodes=2)
+  both = credit.teacher_student_log_probs(run.model, jnp.asarray(x), jnp.asarray(x_mask), jnp.asarray(t),
+                                          jnp.asarray(t_mask), jnp.asarray(y), jnp.asarray(y_mask),
+                                          adapter=jnp.asarray(run.adapter_of_agent[trajectory.agent[rows]]),
+                                          pad_token_id=run.pad_id)
+  expected = np.asarray(credit.token_advantages(both.teacher, both.student, jnp.asarray(y_mask),
+                                                clip=run.config.advantage_clip))
+  for position, row in enumerate(rows):
+    turn = fresh[trajectory.episode[row]]['turns'][trajectory.turn[row] - 1]
+    message = turn['recommender' if trajectory.agent[row] == 0 else 'user']
+    length = len(completions[position])
+    np.testing.assert_allclose(message['credit'], expected[position, :length], atol=2e-4)
+    assert len(message['tokens']) == length and message['reward'] is None
+  # The sample taken during the iteration (before its update) has the same shape and carries R.
+  for item in records:
+    for turn in item['turns']:
+      for agent in ('recommender', 'user'):
+        message = turn[agent]
+        if 'credit' in message:
+          assert len(message['credit']) == len(message['tokens']) and message['reward'] is not None
+          assert all(abs(a) <= run.config.advantage_clip for a in message['credit'])
+  # Only iterations that ask for it pay for it.
+  run.credit_episodes = 0
+  run.iteration()
+  assert run.last_credit_sample is None
+
+
+def test_page_carries_every_dialogue_and_the_summary(sampled, tmp_path):
+  path = credit_sample.write_sample(tmp_path / 'run', 3, sampled.sample)
+  assert path.name == 'iteration_000003.jsonl'
+  records = viewer.load(tmp_path / 'run')
+  assert len(records) == 2 and all(r['iteration'] == 3 for r in records)
+  stats = viewer.summary(records)
+  assert stats['dialogues'] == 2 and stats['tokens_with_credit'] > 0 and stats['iterations'] == [3]
+  page = viewer.render_html(records, title='micro </script> test')
+  data = json.loads(page.split('<script type="application/json" id="data">')[1].split('</script>')[0]
+                    .replace('<\\/', '</'))
+  assert len(data['records']) == 2 and '<title>micro &lt;/script&gt; test</title>' in page
+  with pytest.raises(FileNotFoundError, match='holds neither'):
+    viewer.load(tmp_path)
+  (tmp_path / 'bad.jsonl').write_text('{"a": 1}\n')
+  with pytest.raises(ValueError, match='not an episode record'):
+    viewer.load(tmp_path / 'bad.jsonl')
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason='needs Debian\'s chromium (apt-get install chromium; .ci/run does)')
+def test_headless_chromium_renders_the_page(sampled, tmp_path):
+  credit_sample.write_sample(tmp_path / 'run', 1, sampled.sample)
+  result = subprocess.run([sys.executable, '-m', 'experiments.view', f'--input={tmp_path / "run"}',
+                           f'--output={tmp_path / "view.html"}'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+           '--disable-background-networking', '--disable-component-update', '--disable-sync',
+           f'--user-data-dir={tmp_path / "profile"}']
+  dom = subprocess.run([CHROMIUM, *flags, '--dump-dom', (tmp_path / 'view.html').as_uri()], capture_output=True,
+                       text=True, timeout=120).stdout
+  # The script ran: the dialogues, the filter count and per-token credit spans exist in the rendered DOM.
+  assert 'Showing 2 of 2 dialogues' in dom
+  assert '<summary>#1 ' in dom and '<summary>#2 ' in dom and '<summary>#3 ' not in dom
+  assert 'title="A = ' in dom and 'iteration 1 ·' in dom
+  first = sampled.sample[0]
+  assert first['target_title'].replace('&', '&amp;') in dom
+  shot = tmp_path / 'view.png'
+  subprocess.run([CHROMIUM, *flags, f'--screenshot={shot}', '--window-size=1200,1400',
+                  (tmp_path / 'view.html').as_uri()], capture_output=True, timeout=120)
+  assert shot.is_file() and shot.stat().st_size > 10_000
