@@ -11,19 +11,21 @@ scores under the grammar, so A here can differ from the loss's on grammar-forced
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import pathlib
 from typing import Any, Sequence
 
 import numpy as np
+from flax import nnx
 
 from coars_jax.agents.episodes import AGENTS
 from coars_jax.agents.record import RolloutRecord
 from coars_jax.parallel.distributed import fetch
 from coars_jax.sampling import score
 from coars_jax.sampling.buckets import left_pad, right_pad
-from coars_jax.sampling.scoring import MODEL_DISTRIBUTION
+from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, shared_prefix_log_probs
 
 TRAJECTORY_DIR = 'trajectories'
 
@@ -58,14 +60,28 @@ def credit_sample(trainer, record: RolloutRecord, reward: np.ndarray | None, *, 
     completion_tokens, completion_mask = right_pad(completions, max(map(len, completions)), pad)
     adapter = trainer.adapter_of_agent[trajectory.agent[padded]]
 
-    def log_probs(contexts):
-      tokens, mask = left_pad(contexts, max(map(len, contexts)), pad)
-      return np.asarray(fetch(score(trainer.model, tokens, mask, completion_tokens, completion_mask,
-                                    params=MODEL_DISTRIBUTION, buckets=config.buckets,
-                                    chunk_size=config.score_chunk_size, pad_token_id=pad, mesh=trainer.mesh,
-                                    rules=trainer.rules, adapter=adapter)))
+    buckets = config.buckets
+    if trainer.settings.teacher_cache:
+      # As the update scores it: x + y once, the teacher reading x's shared prefix from its cache (about half the
+      # cost of two full passes).
+      from coars_jax.training.rl import shared_prefix_length  # Imported here: rl imports this module lazily too.
+      shared = [shared_prefix_length(x, t) for x, t in zip(prompts, teachers)]
+      x, x_mask = left_pad(prompts, buckets.prompt_length(max(map(len, prompts))), pad)
+      suffixes = [t[n:] for t, n in zip(teachers, shared)]
+      d, d_mask = left_pad(suffixes, buckets.prompt_length(max(map(len, suffixes))), pad)
+      y, y_mask = right_pad(completions, buckets.completion_length(max(map(len, completions))), pad)
+      student, teacher = (np.asarray(a) for a in fetch(_shared_prefix_scores(
+          trainer.model, x, x_mask, y, y_mask, d, d_mask, np.asarray(shared, np.int32), adapter,
+          config.score_chunk_size)))
+    else:
+      def log_probs(contexts):
+        tokens, mask = left_pad(contexts, max(map(len, contexts)), pad)
+        return np.asarray(fetch(score(trainer.model, tokens, mask, completion_tokens, completion_mask,
+                                      params=MODEL_DISTRIBUTION, buckets=buckets,
+                                      chunk_size=config.score_chunk_size, pad_token_id=pad, mesh=trainer.mesh,
+                                      rules=trainer.rules, adapter=adapter)))
 
-    student, teacher = log_probs(prompts), log_probs(teachers)
+      student, teacher = log_probs(prompts), log_probs(teachers)
     clip = config.advantage_clip
     for position, row in enumerate(scored):
       length = len(completions[position])
@@ -81,6 +97,12 @@ def credit_sample(trainer, record: RolloutRecord, reward: np.ndarray | None, *, 
     message['credit'] = None if row not in credit else [round(float(a), 4) for a in credit[row]]
     message['reward'] = None if reward is None else round(float(reward[row]), 4)
   return records
+
+
+@functools.partial(nnx.jit, static_argnames=('chunk_size',))
+def _shared_prefix_scores(model, x, x_mask, y, y_mask, d, d_mask, shared, adapter, chunk_size):
+  return shared_prefix_log_probs(model, x, x_mask, y, y_mask, d, d_mask, shared, params=MODEL_DISTRIBUTION,
+                                 chunk_size=chunk_size, adapter=adapter)
 
 
 def write_sample(workdir: str | os.PathLike, iteration: int, records: Sequence[dict[str, Any]]) -> pathlib.Path:

@@ -197,7 +197,7 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           'before': True,
           # At every val evaluation and the last iteration, this many of the iteration's rollout episodes go to
           # <workdir>/trajectories/iteration_<k>.jsonl with the token credit A on every token (experiments.view)
-          'trajectory_sample': 2,
+          'trajectory_sample': 1,
           'user_f1': {
               'enabled': True,  # the user-agent F1 on the test rows (METHOD.md section 6)
               'num_users': 0,  # the first this many users of the user-simulation set (0 = all)

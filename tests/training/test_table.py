@@ -24,7 +24,7 @@ from tests.training.test_warm_start import BUCKETS, micro_sasrec, small_tokenize
 DATASET = synthetic.synthetic_dataset(name='lastfm')
 MICRO = {
     'progress': False, 'lora': {'rank': 4, 'alpha': 8.0}, 'rollout': {'max_turns': 2},
-    'recommender_max_new_tokens': 16, 'user_max_new_tokens': 16, 'prompt_buckets': BUCKETS.prompt,
+    'recommender_max_new_tokens': 16, 'user_max_new_tokens': 16, 'prompt_buckets': (*BUCKETS.prompt, 1024),
     'completion_buckets': BUCKETS.completion,
     'rl': {'iterations': 2, 'windows_per_iteration': 2, 'rollouts_per_window': 2, 'rows_per_microbatch': 4,
            'learning_rate': 1e-3, 'warmup_iterations': 0},
@@ -116,6 +116,11 @@ def test_micro_table_runs_resumes_and_reports(tmp_path):
   assert resumed['cell_wall_seconds'] >= stopped.seconds
   workdir = tmp_path / 'runs' / 'lastfm' / 'coars' / 'seed_1'
   assert [r['iteration'] for r in read_metrics(workdir) if 'loss/total' in r] == [1, 2]
+  # Every evaluation wrote a sample of its iteration's dialogues with the token credit A (experiments.view).
+  samples = sorted((workdir / 'trajectories').glob('iteration_*.jsonl'))
+  assert [p.name for p in samples] == ['iteration_000001.jsonl', 'iteration_000002.jsonl']
+  first = json.loads(samples[-1].read_text().splitlines()[0])
+  assert first['iteration'] == 2 and any(turn['recommender'].get('credit') for turn in first['turns'])
 
   done = table_lib.finished_seconds(table, cells)
   assert set(done) == set(cells)
