@@ -51,6 +51,7 @@ setup(
         'coars-plan-memory=experiments.plan_memory:entry',
         'coars-run-table=experiments.run_table:entry',
         'coars-view=experiments.view:entry',
+        'coars-serve=experiments.serve:entry',
     ]},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,

@@ -57,6 +57,8 @@ class Generation:
       is included (it is the action that ends the turn, so it is trained like any other token).
     log_probs: float32[N], the behaviour log-probs log pi_old(y_n | x, y_<n) under the distribution sampled from.
     text: the decoded message m_t, special tokens removed; this is what the parser reads.
+    A backend behind an API (`agents.openai_api.OpenAIBackend`) has no token ids: its prompt_ids, completion_ids
+    and log_probs are all empty, so its episodes can be evaluated but not trained on.
     finished: whether the message ended on an end-of-turn token (False: cut at the token budget).
   """
 
@@ -76,7 +78,8 @@ class Generation:
     if self.completion_ids.shape != self.log_probs.shape:
       raise ValueError(f'Generation.log_probs has shape {self.log_probs.shape} but completion_ids has '
                        f'{self.completion_ids.shape}; there must be one log-prob per generated token')
-    if not self.prompt_ids.size:
+    if not self.prompt_ids.size and self.completion_ids.size:
+      # Both empty is a message from an API (`agents.openai_api`), which returns text but no token ids.
       raise ValueError('Generation.prompt_ids is empty; every prompt has at least one token')
 
 

@@ -81,6 +81,19 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
           'batch_size': 64,  # judgements per generation call
       },
       'trajectories': '',  # write every counted episode as JSON lines here ('' writes none)
+      'backend': {  # who plays the agents: 'local' (the model above) or 'openai' (any chat-completions endpoint)
+          'kind': 'local',
+          'base_url': '',  # openai: the API root, e.g. http://127.0.0.1:8000/v1 (experiments.serve)
+          'recommender_model': '',  # openai: the model name of each agent at the endpoint
+          'user_model': '',
+          'api_key_env': '',  # openai: the environment variable holding the key ('' sends none)
+          'timeout': 60.0,  # seconds per request
+          'max_retries': 4,  # retries of transient failures (429, 5xx, network), with exponential back-off
+          'concurrency': 4,  # requests in flight at once
+          'cache_dir': 'runs/api_cache',  # responses keyed by the request: a rerun costs nothing ('' = off)
+          'price_per_1k_prompt_tokens': 0.0,  # USD, for the row's cost
+          'price_per_1k_completion_tokens': 0.0,
+      },
       'progress': True,
   })
 
@@ -113,6 +126,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _rollout(config), _backend_config(config), _reflexion(config)
   except (TypeError, ValueError) as error:
     raise configlib.ConfigError(f'Config groups rollout / sampling / buckets / reflexion: {error}') from error
+  configlib.require(config.backend.kind in ('local', 'openai'), 'backend.kind', "'local' or 'openai'",
+                    config.backend.kind)
+  if config.backend.kind == 'openai':
+    configlib.require(not config.constrained, 'constrained', 'False with backend.kind=\'openai\' (an API cannot '
+                      'decode under the project\'s grammars)', config.constrained)
+    configlib.require(not config.checkpoint, 'checkpoint', '\'\' with backend.kind=\'openai\' (serve the '
+                      'checkpoint with experiments.serve and point backend.base_url at it)', config.checkpoint)
+    try:
+      _openai_config(config)
+    except ValueError as error:
+      raise configlib.ConfigError(f'Config group \'backend\': {error}') from error
+
+
+def _openai_config(config):
+  from coars_jax.agents.openai_api import OpenAIConfig  # Imported here: only API evaluations need it.
+  b = config.backend
+  return OpenAIConfig(
+      base_url=b.base_url, models={'recommender': b.recommender_model, 'user': b.user_model},
+      api_key_env=b.api_key_env, max_tokens={'recommender': config.recommender_max_new_tokens,
+                                             'user': config.user_max_new_tokens},
+      temperature=float(config.sampling.temperature), top_p=float(config.sampling.top_p), timeout=float(b.timeout),
+      max_retries=b.max_retries, concurrency=b.concurrency, cache_dir=b.cache_dir,
+      price_per_1k_prompt_tokens=float(b.price_per_1k_prompt_tokens),
+      price_per_1k_completion_tokens=float(b.price_per_1k_completion_tokens))
 
 
 def _rollout(config) -> RolloutConfig:
@@ -169,6 +206,9 @@ def load_agents(config: ml_collections.ConfigDict):
 def model_label(config) -> str:
   if config.model_label:
     return config.model_label
+  if config.backend.kind == 'openai':
+    models = dict.fromkeys((config.backend.recommender_model, config.backend.user_model))
+    return 'api:' + '+'.join(models)
   return backbone.BackboneSpec(name=config.model).label
 
 
@@ -191,9 +231,13 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
                                     allow_download=config.allow_download, progress=config.progress,
                                     max_epochs=config.sasrec_max_epochs), dataset, config.sasrec_seed)
   start = time.perf_counter()
-  model, tokenizer, adapters = load_agents(config)
+  if config.backend.kind == 'openai':
+    from coars_jax.agents.openai_api import OpenAIBackend
+    backend = OpenAIBackend(_openai_config(config))
+  else:
+    model, tokenizer, adapters = load_agents(config)
+    backend = LLMBackend(model, tokenizer, adapters=adapters, config=_backend_config(config))
   load_seconds = time.perf_counter() - start
-  backend = LLMBackend(model, tokenizer, adapters=adapters, config=_backend_config(config))
   count = len(dataset.split(config.split))
   indices = tuple(range(min(config.num_windows, count) if config.num_windows else count))
   eval_config = AgenticEvalConfig(split=config.split, window_indices=indices, batch_size=config.batch_size,
@@ -209,7 +253,10 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     row.update({'checkpoint': config.checkpoint or None, 'windows_of_split': count,
                 'user_f1_users': None if sim is None else len(sim.cases), 'load_seconds': round(load_seconds, 1),
                 'temperature': float(config.sampling.temperature), 'sasrec_seed': config.sasrec_seed,
-                'constrained': bool(config.constrained)})
+                'constrained': bool(config.constrained), 'backend': config.backend.kind})
+    if config.backend.kind == 'openai':
+      # Cumulative over the seeds so far: requests sent, cache hits, tokens and cost as the endpoint reported them.
+      row.update({'backend_url': config.backend.base_url, **{f'api_{k}': v for k, v in backend.usage.items()}})
     rows.append(row)
     all_episodes += list(result.episodes)
   if config.trajectories:
