@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import pathlib
 
 import ml_collections
 import numpy as np
 
 from coars_jax import configlib
+from coars_jax.announce import about, announce
 from coars_jax.data import DATASETS, Dataset, candidate_list, load_dataset
 from coars_jax.recsys import checkpoint
 from coars_jax.recsys.crossfit import CrossFittedPeer, FoldSpec, held_out_dataset, top1_hit_rate, user_folds
@@ -90,6 +90,12 @@ def peer_config(dataset: str, *, workdir: str, data_root: str = '', allow_downlo
   return config
 
 
+# SASRec's training cost per window and epoch on the project's 2-core CPU, for the announced estimate: 6 LastFM
+# SASRecs of up to 20 epochs on about 40,000-50,800 windows took 25 minutes under load (BUILD_NOTES Part 7), an
+# upper bound; early stopping usually ends sooner.
+SECONDS_PER_WINDOW_EPOCH = 2.5e-4
+
+
 def train_or_load(config: ml_collections.ConfigDict, dataset: Dataset, seed: int,
                   fold: FoldSpec | None = None) -> tuple[SASRec, dict]:
   """The SASRec of training seed `seed` (trained on every training window, or with `fold`, on all but that fold's
@@ -104,13 +110,15 @@ def train_or_load(config: ml_collections.ConfigDict, dataset: Dataset, seed: int
     expected = dataclasses.asdict(model_config(config, dataset.num_items))
     found = (meta.get('dataset'), meta['model_config'], meta.get('train_config'), meta.get('fold'))
     if found == (dataset.name, expected, train_settings, fold_settings):
-      logging.info('Reusing %s from %s (same data, model and training config)', what, folder)
+      announce(f'Reusing {what} from {folder} (trained with the same data, model and training config)')
       return model, meta
-    logging.warning('Retraining %s: the checkpoint in %s was trained with another dataset, model, training config '
-                    'or fold.', what, folder)
+    why = 'the checkpoint there was trained with another dataset, model, training config or fold'
+  else:
+    why = 'retrain is on' if config.retrain and checkpoint.is_complete(folder) else 'no checkpoint there yet'
   train_data = dataset if fold is None else held_out_dataset(dataset, fold)
-  logging.info('Training %s on %d training windows (at most %d epochs) into %s', what,
-               len(train_data.split('train')), config.train.max_epochs, folder)
+  windows = len(train_data.split('train'))
+  announce(f'Training {what} on {windows} training windows (at most {config.train.max_epochs} epochs) into {folder}: '
+           f'{why}; {about(windows * config.train.max_epochs * SECONDS_PER_WINDOW_EPOCH)} on 2 CPU cores at most')
   result = train_sasrec(train_data, model_config(config, dataset.num_items), train_config(config), seed=seed,
                         progress=config.progress)
   meta = {'dataset': dataset.name, 'seed': seed, 'fold': fold_settings, 'best_epoch': result.best_epoch,

@@ -33,6 +33,7 @@ import tqdm
 from flax import nnx
 
 from coars_jax import configlib
+from coars_jax.announce import about, announce
 from coars_jax.agents import backbone
 from coars_jax.agents.episodes import AGENTS, LLMBackend, LLMBackendConfig, RolloutConfig, episode_metrics
 from coars_jax.agents.reflexion import ReflexionConfig
@@ -501,6 +502,18 @@ def load_components(config) -> Components:
                     save_base=spec.canonical == backbone.TINY, train_peer=peer)
 
 
+# SmolLM2's SFT cost per row on the 2-core CPU (the table's 48-step warm start of batch 1: 9.5 min, BUILD_NOTES Part 9).
+SFT_SECONDS_PER_ROW = 12.0
+
+
+def warm_start_key(settings: warm_start_lib.WarmStartConfig) -> dict[str, Any]:
+  """Everything that shapes a warm start's result (its whole config but the progress bar), as JSON values: a
+  saved warm start is reused only under the same key."""
+  fields = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+  fields.pop('progress', None)
+  return fields
+
+
 def prepare_agents(config, parts: Components, workdir: pathlib.Path) -> tuple[Decoder, dict[str, Any]]:
   """The model the run starts from, and what it is: the warm start (loaded from `warm_start.folder`, default
   `<workdir>/warm_start`, when that folder holds a complete one, else trained and saved there; every method's
@@ -509,17 +522,30 @@ def prepare_agents(config, parts: Components, workdir: pathlib.Path) -> tuple[De
   model = parts.model
   if config.warm_start.enabled:
     folder = pathlib.Path(config.warm_start.folder or workdir / WARM_START_DIR).absolute()
-    if (folder / warm_start_lib.META_FILE).is_file():
-      model, meta = warm_start_lib.load_warm_start(folder, model)
-      logging.info('Loaded the warm start from %s', folder)
-      return model, {'stage': 'warm_start', 'folder': str(folder), 'base_saved': bool(meta['base_saved'])}
     settings = warm_start_config(config)
+    key = warm_start_key(settings)
+    meta_path = folder / warm_start_lib.META_FILE
+    if meta_path.is_file():
+      stored = json.loads(meta_path.read_text()).get('settings')
+      if stored is not None and stored != key:
+        changed = sorted(name for name in set(stored) | set(key) if stored.get(name) != key.get(name))
+        raise configlib.ConfigError(
+            f'Config field \'warm_start.folder\': {folder} holds a warm start trained with other settings (they '
+            f'differ in {", ".join(changed)}); point warm_start.folder elsewhere or delete that folder to retrain')
+      model, meta = warm_start_lib.load_warm_start(folder, model)
+      announce(f'Reusing the warm start in {folder}' + (' (trained with the same settings)' if stored else
+                                                       ' (saved before settings were recorded; not checked)'))
+      return model, {'stage': 'warm_start', 'folder': str(folder), 'base_saved': bool(meta['base_saved'])}
+    announce(f'Training the warm start into {folder}: none there yet; {settings.steps} SFT steps of batch '
+             f'{settings.batch_size} on {settings.num_dialogues + settings.shuffled_dialogues} scripted dialogues, '
+             f'{about(settings.steps * SFT_SECONDS_PER_ROW * settings.batch_size)} for SmolLM2 on 2 CPU cores')
     result = warm_start_lib.warm_start_agents(model, parts.tokenizer, parts.dataset, parts.peer, settings)
     history = result.train.history
     summary = {'steps': len(history), 'first_loss': history[0]['loss'], 'final_loss': history[-1]['loss'],
                'train_seconds': round(result.train.seconds, 1), 'dialogue_metrics': result.dialogue_metrics}
     warm_start_lib.save_warm_start(model, folder, save_base=settings.train_base,
-                                   metadata={'config': config.warm_start.to_dict(), 'summary': summary})
+                                   metadata={'config': config.warm_start.to_dict(), 'settings': key,
+                                             'summary': summary})
     return model, {'stage': 'warm_start', 'folder': str(folder), 'base_saved': settings.train_base,
                    'summary': summary}
   if config.method in TRAINED_METHODS and not model.adapter_names:
@@ -697,7 +723,7 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
                          f'warm start {origin.get("folder")} or backbone changed); resuming would mix two runs')
       progress = {k: meta[k] for k in progress}
       pending = meta.get('pending_record')
-      logging.info('Resumed %s at iteration %d', workdir, trainer.state.iteration)
+      announce(f'Resumed {workdir} at iteration {trainer.state.iteration}')
     saved = trainer.state.iteration if resumed else None  # the step of the newest checkpoint
     # A pending record's line is written again when its evaluation finishes, so an earlier copy is dropped.
     keep_up_to = None if not resumed else trainer.state.iteration - (pending is not None)

@@ -1,4 +1,3 @@
-import logging
 
 import numpy as np
 import pytest
@@ -133,21 +132,23 @@ def test_out_of_fold_peer_removes_the_in_sample_oracle(random_walk_peers):
   assert rates['train_out_of_fold'] <= 0.2, rates
 
 
-def test_checkpoints_are_reused_only_under_the_same_training_config(random_walk_peers, caplog):
+def test_checkpoints_are_reused_only_under_the_same_training_config(random_walk_peers, capsys):
   dataset, config, _, _ = random_walk_peers
   spec = crossfit.FoldSpec(num_folds=2, fold=1, seed=0)
   folder = experiment.checkpoint_folder(config, 0, spec)
   assert folder.name == 'seed_0_fold_1_of_2_split_0' and (folder / 'meta.json').is_file()
   stamp = (folder / 'meta.json').stat().st_mtime_ns
-  with caplog.at_level(logging.INFO):
-    experiment.train_or_load(config, dataset, 0, spec)
-  assert 'Reusing SASRec' in caplog.text and (folder / 'meta.json').stat().st_mtime_ns == stamp
+  capsys.readouterr()
+  experiment.train_or_load(config, dataset, 0, spec)
+  # Announced at default verbosity, with the folder.
+  assert f'Reusing SASRec {dataset.name} seed 0 (fold 1 of 2 split 0) from {folder}' in capsys.readouterr().err
+  assert (folder / 'meta.json').stat().st_mtime_ns == stamp
   other = config.copy_and_resolve_references()
   other.train.max_epochs = 1  # same model shape, another training config: must not be reused
-  caplog.clear()
-  with caplog.at_level(logging.INFO):
-    _, meta = experiment.train_or_load(other, dataset, 0, spec)
-  assert 'Retraining SASRec' in caplog.text and meta['epochs_run'] == 1
+  _, meta = experiment.train_or_load(other, dataset, 0, spec)
+  announced = capsys.readouterr().err
+  assert f'Training SASRec {dataset.name} seed 0' in announced and f'into {folder}' in announced
+  assert 'trained with another dataset, model, training config or fold' in announced and meta['epochs_run'] == 1
   assert meta['fold'] == {'num_folds': 2, 'fold': 1, 'seed': 0}
   assert meta['train_windows'] == len(crossfit.held_out_dataset(dataset, spec).split('train'))
 
