@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -14,6 +15,12 @@ def test_describe_data_prints_source_md_figures():
   out = run_module('experiments.describe_data', '--dataset=instruments', '--json', env_root=root)
   stats = json.loads(out)
   assert stats['users'] == 1429 and stats['items'] == 900 and stats['ratings'] == 10261
+  # The user-simulation set: 143 test users, 900 judgements (BUILD_NOTES Part 1), over fewer distinct items.
+  assert stats['user_sim_users'] == 143 and stats['user_sim_judgements'] == 900
+  assert 0 < stats['user_sim_distinct_items'] <= min(900, stats['items'])
+  assert stats['data_folder'] == str(pathlib.Path(root).absolute() / 'instruments')
+  text = run_module('experiments.describe_data', '--dataset=instruments', env_root=root)
+  assert text.splitlines()[0] == f'Read instruments from {pathlib.Path(root).absolute() / "instruments"}'
 
 
 def test_evaluate_trains_checkpoints_and_writes_rows(tmp_path):

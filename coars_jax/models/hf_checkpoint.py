@@ -36,6 +36,33 @@ def load_hf_checkpoint(folder: str | os.PathLike, config: DecoderConfig | None =
     return model_from_hf_tensors(config, _checkpoint_tensors(folder), origin=folder)
 
 
+def hf_export_problems(config) -> list[str]:
+    """Why transformers would rebuild a DIFFERENT model from `config`'s export (empty when it fits its family):
+    each HF family hard-codes some of the flags this decoder leaves free."""
+    problems = []
+    family = config.architecture
+    if family == "llama":
+        if config.qk_norm:
+            problems.append("Llama has no q/k norm (qk_norm=True)")
+        if config.qkv_bias != config.out_bias:
+            problems.append("Llama's attention_bias covers q, k, v and o together (qkv_bias != out_bias)")
+    elif family == "qwen2":
+        if not config.qkv_bias:
+            problems.append("Qwen2 always has q, k, v biases (qkv_bias=False)")
+        if config.out_bias or config.mlp_bias:
+            problems.append("Qwen2 has no o or MLP bias (out_bias or mlp_bias is True)")
+        if config.qk_norm:
+            problems.append("Qwen2 has no q/k norm (qk_norm=True)")
+    elif family == "qwen3":
+        if not config.qk_norm:
+            problems.append("Qwen3 always norms q and k (qk_norm=False)")
+        if config.mlp_bias:
+            problems.append("Qwen3 has no MLP bias (mlp_bias=True)")
+        if config.qkv_bias != config.out_bias:
+            problems.append("Qwen3's attention_bias covers q, k, v and o together (qkv_bias != out_bias)")
+    return problems
+
+
 def save_hf_checkpoint(model: Decoder, folder: str | os.PathLike, *, dtype: str | None = None,
                        max_shard_bytes: int | None = None, merge_adapter: str | None = None) -> list[str]:
     """Writes config.json and safetensors for `model` into `folder`; returns the files written.
@@ -44,7 +71,13 @@ def save_hf_checkpoint(model: Decoder, folder: str | os.PathLike, *, dtype: str 
     max_shard_bytes: split tensors over several files plus an index once a file would exceed this size.
     merge_adapter: the name of a LoRA adapter to merge into the base weights before saving; required when the
       model carries adapters, since HF checkpoints have no place for them.
+    Raises ValueError when the config's flags do not fit its HF family (`hf_export_problems`).
     """
+    problems = hf_export_problems(model.config)
+    if problems:
+        raise ValueError(f"save_hf_checkpoint: a {model.config.architecture} config.json cannot describe this model "
+                         f"({'; '.join(problems)}); transformers would load it as a different model. Export with an "
+                         f"architecture whose flags fit, or keep the project's own checkpoint format")
     if merge_adapter is not None:
         from coars_jax.models.lora import merge_lora  # lora imports this module's neighbours; avoid a cycle
         model = merge_lora(model, merge_adapter)

@@ -154,3 +154,22 @@ def test_missing_weights_file_names_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CASES["llama_tied_gqa"]().to_dict()))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("architecture, flags, message", [
+    ("llama", dict(qk_norm=True), "Llama has no q/k norm"),
+    ("llama", dict(qkv_bias=True, out_bias=False), "Llama's attention_bias covers q, k, v and o together"),
+    ("qwen2", dict(qkv_bias=True, out_bias=True), "Qwen2 has no o or MLP bias"),
+    ("qwen2", dict(qkv_bias=True, mlp_bias=True), "Qwen2 has no o or MLP bias"),
+    ("qwen2", dict(qkv_bias=False), "Qwen2 always has q, k, v biases"),
+    ("qwen3", dict(qk_norm=False), "Qwen3 always norms q and k"),
+])
+def test_export_refuses_flags_its_family_cannot_hold(architecture, flags, message, tmp_path):
+    from flax import nnx
+    from coars_jax.models import Decoder, get_preset
+    config = get_preset("tiny", vocab_size=VOCAB, embed_dim=32, mlp_dim=64, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=8).replace(architecture=architecture, **{
+                            "qk_norm": architecture == "qwen3", "qkv_bias": architecture == "qwen2", **flags})
+    with pytest.raises(ValueError, match=message):
+        save_hf_checkpoint(Decoder(config, rngs=nnx.Rngs(0)), tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before writing anything
