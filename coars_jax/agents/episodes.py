@@ -598,7 +598,8 @@ def _shown(parse: RecommenderParse, text: str) -> tuple[str, str]:
 
 
 def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], backend: AgentBackend, *,
-                 peer, config: RolloutConfig = RolloutConfig(), seed: int = 0) -> list[Episode]:
+                 peer, config: RolloutConfig = RolloutConfig(), seed: int = 0,
+                 on_turn: Callable[[int], None] | None = None) -> list[Episode]:
   """Plays one episode per window, all turn by turn together (METHOD.md section 2).
 
   Turn t: one `backend.generate('recommender', ..., candidates=)` call for every live episode (with each
@@ -616,6 +617,7 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
       `recsys.CrossFittedPeer`, bound to these windows' users (`bind_peer`).
     config: the protocol settings.
     seed: the rollout's sampling seed (`turn_seed` derives each call's).
+    on_turn: called with t after turn t's two calls (progress bars tick per turn).
   Returns:
     The episodes in the order of `window_indices`.
   """
@@ -704,6 +706,8 @@ def run_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], ba
         if not turn.clicked:
           still_live.append(e)
       live = still_live
+      if on_turn is not None:
+        on_turn(t)
       if not live:
         break
   finally:

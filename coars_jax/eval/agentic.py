@@ -113,9 +113,16 @@ def play_windows(dataset: Dataset, backend: AgentBackend, *, peer, split: str, w
   indices = [int(i) for i in window_indices]
   episodes: list[Episode] = []
   starts = range(0, len(indices), batch_size)
-  for batch, begin in enumerate(tqdm.tqdm(starts, desc=f'episodes {dataset.name} {split}', disable=not progress)):
-    episodes += run_episodes(dataset, split, indices[begin:begin + batch_size], backend, peer=peer, config=rollout,
-                             seed=batch_seed(seed, batch))
+  # Ticks per turn of each batch (T_u per batch; a batch whose episodes all end early skips its remaining turns).
+  bar = tqdm.tqdm(total=len(starts) * rollout.max_turns, desc=f'episodes {dataset.name} {split}', unit='turn',
+                  disable=not progress, dynamic_ncols=True)
+  with bar:
+    for batch, begin in enumerate(starts):
+      played = []
+      episodes += run_episodes(dataset, split, indices[begin:begin + batch_size], backend, peer=peer, config=rollout,
+                               seed=batch_seed(seed, batch), on_turn=lambda t: (played.append(t), bar.update(1)))
+      bar.update(rollout.max_turns - len(played))
+      bar.set_postfix(windows=f'{min(begin + batch_size, len(indices))}/{len(indices)}')
   return episodes
 
 

@@ -79,11 +79,13 @@ def test_row_has_the_protocol_metrics_and_user_f1():
   assert row['user_f1_invalid'] == 0 and row['user_f1_judgements'] == 84
   assert row['wall_seconds'] >= row['episode_seconds'] >= 0
   json.dumps(row)  # JSON-ready
-  # Windows run in batches of 4 (then 2), each batch with its own seed; F1 judgements in one more call.
+  # Windows run in batches of 4 (then 2), each batch with its own seed; the F1 judgements in rounds: 14 calls (one
+  # per item position) of the 6 users, each call turn k + 1 of every user's case.
   turn_one = [c for c in scripted.calls if c.turn == 1 and c.agent == 'recommender']
   assert [c.batch_size for c in turn_one] == [4, 2]
   assert [c.seed for c in turn_one] == [turn_seed(batch_seed(7, b), 1, 'recommender') for b in (0, 1)]
-  assert scripted.calls[-1].batch_size == 84 and scripted.calls[-1].agent == 'user'
+  f1_calls = scripted.calls[-14:]
+  assert [(c.agent, c.turn, c.batch_size) for c in f1_calls] == [('user', k + 1, 6) for k in range(14)]
   assert [e.window_index for e in result.episodes] == list(range(len(WINDOWS)))
 
 
@@ -180,9 +182,10 @@ def test_both_peer_settings_report_with_p_t_as_the_main_f1_and_without_it_prefix
   assert row['accept_all_f1'] == pytest.approx(2 / 3)
   assert not any(k.startswith('no_peer_') and not k.startswith('no_peer_user_') for k in row)
   json.dumps(row)
-  # Two F1 calls after the episodes, the main pass's prompts showing p_t and the other's not.
-  f1_calls = [c for c in scripted.calls if c.batch_size == 84]
-  assert len(f1_calls) == 2 and scripted.calls[-2:] == f1_calls
+  # Two F1 passes after the episodes (14 rounds of the 6 users each), the main pass's prompts showing p_t and the
+  # other's not.
+  f1_calls = scripted.calls[-28:]
+  assert [(c.agent, c.turn, c.batch_size) for c in f1_calls] == [('user', k + 1, 6) for k in range(14)] * 2
   assert all('Peer opinion:' in j.generation.prompt_text for j in result.user_f1.judgements)
   assert not any('Peer opinion:' in j.generation.prompt_text for j in result.user_f1_no_peer.judgements)
 
