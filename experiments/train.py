@@ -7,7 +7,7 @@ TensorBoard logs, Orbax checkpoints, and the final and best adapters as folders 
 `--config.resume=True` continues from the latest checkpoint. zero_shot and reflexion are evaluated only.
 """
 
-from absl import logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from coars_jax.eval import agentic
@@ -18,11 +18,17 @@ from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/<dataset>_<model>.py[:method] file.',
                                           lock_config=True)
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved config and each stage (cached, done or to run), '
+                             'then exit without training anything.')
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
+  if _DRY_RUN.value:
+    from coars_jax.training import stages
+    print(stages.format_plan(config, stages.plan(config)))
+    return
   # Multi-host runs (config.distributed.enabled) join the other hosts before anything touches a device.
   distributed.initialize(config.get('distributed'))
   if not distributed.is_primary():

@@ -96,6 +96,24 @@ def peer_config(dataset: str, *, workdir: str, data_root: str = '', allow_downlo
 SECONDS_PER_WINDOW_EPOCH = 2.5e-4
 
 
+def checkpoint_status(config: ml_collections.ConfigDict, dataset: Dataset, seed: int,
+                      fold: FoldSpec | None = None) -> tuple[bool, str]:
+  """(whether `train_or_load` would reuse the checkpoint, why not): a checkpoint is reused only when it was
+  trained with the same dataset, model config, whole training config and fold, and `retrain` is off."""
+  folder = checkpoint_folder(config, seed, fold)
+  if not checkpoint.is_complete(folder):
+    return False, 'no checkpoint there yet'
+  if config.retrain:
+    return False, 'retrain is on'
+  meta = json.loads((folder / checkpoint.META_FILE).read_text())
+  expected = (dataset.name, dataclasses.asdict(model_config(config, dataset.num_items)),
+              json.loads(json.dumps(config.train.to_dict())), None if fold is None else dataclasses.asdict(fold))
+  found = (meta.get('dataset'), meta.get('model_config'), meta.get('train_config'), meta.get('fold'))
+  if found != expected:
+    return False, 'the checkpoint there was trained with another dataset, model, training config or fold'
+  return True, 'same data, model and training config'
+
+
 def train_or_load(config: ml_collections.ConfigDict, dataset: Dataset, seed: int,
                   fold: FoldSpec | None = None) -> tuple[SASRec, dict]:
   """The SASRec of training seed `seed` (trained on every training window, or with `fold`, on all but that fold's
@@ -105,16 +123,11 @@ def train_or_load(config: ml_collections.ConfigDict, dataset: Dataset, seed: int
   train_settings = json.loads(json.dumps(config.train.to_dict()))
   fold_settings = None if fold is None else dataclasses.asdict(fold)
   what = f'SASRec {dataset.name} seed {seed}' + ('' if fold is None else f' ({fold.tag.replace("_", " ")})')
-  if checkpoint.is_complete(folder) and not config.retrain:
+  reusable, why = checkpoint_status(config, dataset, seed, fold)
+  if reusable:
     model, meta = checkpoint.load_sasrec(folder)
-    expected = dataclasses.asdict(model_config(config, dataset.num_items))
-    found = (meta.get('dataset'), meta['model_config'], meta.get('train_config'), meta.get('fold'))
-    if found == (dataset.name, expected, train_settings, fold_settings):
-      announce(f'Reusing {what} from {folder} (trained with the same data, model and training config)')
-      return model, meta
-    why = 'the checkpoint there was trained with another dataset, model, training config or fold'
-  else:
-    why = 'retrain is on' if config.retrain and checkpoint.is_complete(folder) else 'no checkpoint there yet'
+    announce(f'Reusing {what} from {folder} (trained with the same data, model and training config)')
+    return model, meta
   train_data = dataset if fold is None else held_out_dataset(dataset, fold)
   windows = len(train_data.split('train'))
   announce(f'Training {what} on {windows} training windows (at most {config.train.max_epochs} epochs) into {folder}: '

@@ -257,3 +257,28 @@ def test_zero_shot_row_comes_first_and_rows_carry_paired_intervals(tmp_path):
   again = ex.run(micro_config(tmp_path / 'run', **{'rl.iterations': 1, 'eval.every': 0, 'eval.zero_shot': True,
                                                    'resume': True}), components=components())
   assert again[0]['wall_seconds'] == zero['wall_seconds']
+
+
+def test_dry_run_plan_marks_each_stage(tmp_path):
+  from coars_jax.data import instruments
+  from coars_jax.training import stages
+  from tests.conftest import require_files
+  root = require_files(instruments.RATINGS_FILE, instruments.META_FILE)
+  config = micro_config(tmp_path / 'run', **{'dataset': 'instruments', 'data_root': str(root),
+                                             'sasrec_workdir': str(tmp_path / 'sasrec'), 'sasrec_folds': 2,
+                                             'warm_start.enabled': True,
+                                             'warm_start.folder': str(tmp_path / 'ws')})
+  plan = {s.name: s.status for s in stages.plan(config)}
+  assert plan == {'SASRec (full)': 'to run', 'SASRec (fold 0 of 2 split 0)': 'to run',
+                  'SASRec (fold 1 of 2 split 0)': 'to run', 'warm start': 'to run', 'test row before RL': 'to run',
+                  'RL: 3 iterations of 2 windows x 1 rollouts': 'to run', 'test row after RL': 'to run'}
+  run = tmp_path / 'run'
+  (run / ex.CHECKPOINT_DIR / '2').mkdir(parents=True)
+  (run / ex.BEFORE_FILE).write_text('{}')
+  (tmp_path / 'ws').mkdir()
+  (tmp_path / 'ws' / ws.META_FILE).write_text(json.dumps({'settings': {'steps': -1}}))
+  plan = {s.name: s.status for s in stages.plan(config)}
+  assert plan['RL: 3 iterations of 2 windows x 1 rollouts'] == 'done 2 of 3'
+  assert plan['test row before RL'] == 'cached' and plan['warm start'] == 'conflict'
+  text = stages.format_plan(config, stages.plan(config))
+  assert text.startswith('Resolved config:') and '"lambda_sd": 0.1' in text and 'done 2 of 3' in text
