@@ -18,11 +18,13 @@ from experiments import cli
 
 _TABLES = flags.DEFINE_multi_string('tables', ['results/table_*'], 'Glob(s) of results-table folders.')
 _ROWS = flags.DEFINE_multi_string(
-    'rows', ['results/reference/*.json', 'results/agentic/*.json', 'results/train/*.json'],
-    'Glob(s) of JSON row files.')
-_RUNS = flags.DEFINE_multi_string('runs', ['runs/train_*'], 'Glob(s) of training run folders (for the curves).')
+    'rows', ['results/reference/*.json', 'results/agentic/*.json', 'results/train/*.json',
+             'runs/train_*/results.json', 'runs/demo_cpu/*/results.json'],
+    'Glob(s) of JSON row files (results/ and the training runs\' and the demo\'s results.json).')
+_RUNS = flags.DEFINE_multi_string('runs', ['runs/train_*', 'runs/demo_cpu/*'],
+                                  'Glob(s) of training run folders (for the curves).')
 _OUTPUT = flags.DEFINE_string('output', 'results/README.md', 'The markdown file to write; PNGs go beside it.')
-_MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Which model\'s agentic rows the "Other rows" show.')
+_MODEL = flags.DEFINE_string('model', '', 'Only this model\'s agentic rows in "Other rows" (\'\' = every model).')
 _PREAMBLE = flags.DEFINE_string('preamble', 'results/PREAMBLE.md',
                                 'A markdown file whose text opens the report (\'\' = none).')
 

@@ -62,6 +62,11 @@ def read_rows(paths: Iterable[str | pathlib.Path]) -> list[dict[str, Any]]:
   return rows
 
 
+def row_model(row: Mapping[str, Any]) -> str:
+  """The row's model; rows decoded under the grammar name theirs '<model>+constrained'."""
+  return str(row.get('model', '')).removesuffix('+constrained')
+
+
 def row_key(row: Mapping[str, Any]) -> str:
   """The table row a result belongs to: its method, with '+grammar' when decoded under the output grammar."""
   return row['method'] + ('+grammar' if row.get('constrained') else '')
@@ -106,10 +111,10 @@ def aggregate(rows: Sequence[Mapping[str, Any]], dataset: str, model: str | None
   for row in rows:
     if row['dataset'] != dataset:
       continue
-    # Agentic rows decoded under the grammar name their model '<model>+constrained'.
-    row_model = str(row.get('model', '')).removesuffix('+constrained')
-    if row['method'] not in REFERENCE_METHODS and model is not None and row_model != model:
+    if row['method'] not in REFERENCE_METHODS and model is not None and row_model(row) != model:
       continue
+    if row.get('evaluated') is False:
+      continue  # a 'before' record of a run that did not evaluate its starting agents (eval.before off)
     key, seed = row_key(row), _seed(row)
     earlier = by_key[key].get(seed)
     if earlier is not None and not np.isclose(earlier.get('hit@1', 0.0), row.get('hit@1', 0.0)):
@@ -232,7 +237,7 @@ def plot_curves(runs: Sequence[Mapping[str, Any]], dataset: str, path: str | pat
 # --- the report --------------------------------------------------------------------------------------------------
 
 def write_report(rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]], output: str | pathlib.Path,
-                 *, model: str = 'tiny', preamble: str = '', tables: Sequence[Mapping[str, Any]] = ()) -> pathlib.Path:
+                 *, model: str = '', preamble: str = '', tables: Sequence[Mapping[str, Any]] = ()) -> pathlib.Path:
   """Writes `output` (markdown) and `<dataset>_curves.png` beside it; returns the markdown path. `tables`
   (`eval.table_report.read_table`) come first, each with its own sections."""
   from coars_jax.eval import table_report  # Imported here: it imports this module.
@@ -246,15 +251,19 @@ def write_report(rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, 
   if tables and rows:
     parts += ['## Other rows', '']
   if rows:
-    parts += [f'Agentic rows use the `{model}` model; Hit@1 and user-agent F1 are mean ± std over seeds (population '
-              f'std; one seed shows the value alone). "+ grammar" rows decode under the output grammar, so their '
-              f'ValidRatio is 1 by construction.', '']
+    parts += ['Hit@1 and user-agent F1 are mean ± std over seeds (population std; one seed shows the value alone). '
+              '"+ grammar" rows decode under the output grammar, so their ValidRatio is 1 by construction. One table '
+              'per dataset and model (the reference rows, which use no LLM, repeat in each).', '']
   for dataset in datasets:
-    table = aggregate(rows, dataset, model)
-    parts += [f'## {dataset}', '', format_table(table), '']
-    missing = missing_rows(table)
-    if missing:
-      parts += [f'Not run: {", ".join(missing)}.', '']
+    models = ([model] if model else sorted({row_model(r) for r in rows if r['dataset'] == dataset
+                                            and r['method'] not in REFERENCE_METHODS})) or [None]
+    for name in models:
+      table = aggregate(rows, dataset, name)
+      parts += [f'## {dataset}' + (f', {name}' if name else ''), '', format_table(table), '']
+      missing = missing_rows(table)
+      if missing and name == models[-1]:
+        parts += [f'Not run: {", ".join(missing)}.', '']
+    table = aggregate(rows, dataset, None)
     png = plot_curves(runs, dataset, output.parent / f'{dataset}_curves.png')
     if png is not None:
       parts += [f'![{dataset} learning curves]({png.name})', '']

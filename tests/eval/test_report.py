@@ -80,3 +80,19 @@ def test_write_report_draws_curves_from_run_folders(tmp_path):
   assert '![lastfm learning curves](lastfm_curves.png)' in text
   png = tmp_path / 'out' / 'lastfm_curves.png'
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_report_shows_every_model_keeps_the_preamble_and_skips_unevaluated_records(tmp_path):
+  rows = [_row('sasrec', 0, 0.4), _row('zero_shot', 0, 0.1, model='smollm2-135m'),
+          _row('warm_start', 0, 0.2, model='tiny'),
+          {'dataset': 'lastfm', 'method': 'warm_start', 'stage': 'before', 'evaluated': False, 'model': 'tiny'}]
+  for row in rows:
+    row.setdefault('source', 'x.json')
+  output = report.write_report(rows, [], tmp_path / 'README.md', preamble='Budgets and caveats.')
+  text = output.read_text()
+  assert text.startswith('# Results\n\nBudgets and caveats.')
+  assert '## lastfm, smollm2-135m' in text and '## lastfm, tiny' in text
+  tiny = text.split('## lastfm, tiny')[1]
+  assert 'Warm start (SFT) | 0.200' in tiny and 'SASRec | 0.400' in tiny and 'Zero-shot' not in tiny
+  only = report.write_report(rows, [], tmp_path / 'only.md', model='tiny').read_text()
+  assert '## lastfm, tiny' in only and 'smollm2-135m' not in only
