@@ -170,8 +170,9 @@ def _backend_config(config) -> LLMBackendConfig:
                           top_p=float(sampling.top_p))
   return LLMBackendConfig(
       recommender_max_new_tokens=config.recommender_max_new_tokens, user_max_new_tokens=config.user_max_new_tokens,
-      sampling=params, constrained=bool(config.constrained), buckets=LengthBuckets(prompt=tuple(int(n) for n in config.prompt_buckets),
-                                             completion=tuple(int(n) for n in config.completion_buckets)))
+      sampling=params, constrained=bool(config.constrained),
+      buckets=LengthBuckets(prompt=tuple(int(n) for n in config.prompt_buckets),
+                            completion=tuple(int(n) for n in config.completion_buckets)))
 
 
 def load_agents(config: ml_collections.ConfigDict):

@@ -109,7 +109,8 @@ function dialogue(r, n) {
     return `<li class="${id === r.target ? 'target' : ''}">${esc(t)}${tags.join('')}</li>`;
   }).join('');
   const hist = r.history_titles.slice(-12).map(t => `<li>${esc(t)}</li>`).join('');
-  const earlier = r.history_titles.length > 12 ? `<p class="muted">… ${r.history_titles.length - 12} earlier</p>` : '';
+  const earlier = r.history_titles.length > 12 ?
+    `<p class="muted">… ${r.history_titles.length - 12} earlier</p>` : '';
   const rows = r.turns.map(t => {
     const rec = t.recommender, user = t.user;
     return `<tr class="agent-recommender"><th>t=${t.t} recommender</th><td><div class="msg">${message(rec)}</div>` +
@@ -175,7 +176,8 @@ def render_html(records: Sequence[dict[str, Any]], *, title: str = 'CoARS dialog
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<div class="summary"><span><b>{stats['dialogues']}</b> dialogues</span><span>Hit rate <b>{pct(stats['hit_rate'])}</b></span>
+<div class="summary"><span><b>{stats['dialogues']}</b> dialogues</span>
+<span>Hit rate <b>{pct(stats['hit_rate'])}</b></span>
 <span>Mean turns <b>{stats['mean_turns']:.2f}</b></span>
 <span>Recommender valid <b>{pct(stats['recommender_valid'])}</b></span>
 <span>User valid <b>{pct(stats['user_valid'])}</b></span><span>{credit}</span>

@@ -82,8 +82,8 @@ _WARM_START_SHARED = ('max_turns', 'candidate_seed', 'show_hint', 'lora_rank', '
 RESULTS_FILE, BEFORE_FILE, CONFIG_FILE, ZERO_SHOT_FILE = 'results.json', 'before.json', 'config.json', 'zero_shot.json'
 WARM_START_DIR, FINAL_DIR, BEST_DIR = 'warm_start', 'final', 'best'
 # What a run writes under its workdir; each must stay inside it (`run_paths`).
-RUN_OUTPUTS = (CONFIG_FILE, RESULTS_FILE, BEFORE_FILE, ZERO_SHOT_FILE, CHECKPOINT_DIR, REJECTED_DIR, WARM_START_DIR, FINAL_DIR,
-               BEST_DIR, METRICS_FILE, TENSORBOARD_DIR, credit_sample.TRAJECTORY_DIR)
+RUN_OUTPUTS = (CONFIG_FILE, RESULTS_FILE, BEFORE_FILE, ZERO_SHOT_FILE, CHECKPOINT_DIR, REJECTED_DIR, WARM_START_DIR,
+               FINAL_DIR, BEST_DIR, METRICS_FILE, TENSORBOARD_DIR, credit_sample.TRAJECTORY_DIR)
 
 
 # --- config ------------------------------------------------------------------------------------------------------
@@ -314,7 +314,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field, least in (('stop_after', 0), ('model_seed', 0),
                        ('lora.rank', 1), ('lora.seed', 0),
                        ('rollout.max_turns', 1), ('rollout.candidate_seed', 0), ('recommender_max_new_tokens', 1),
-                       ('user_max_new_tokens', 1), ('eval.every', 0), ('eval.val_windows', 0), ('eval.trajectory_sample', 0),
+                       ('user_max_new_tokens', 1), ('eval.every', 0), ('eval.val_windows', 0),
+                       ('eval.trajectory_sample', 0),
                        ('eval.test_windows', 0), ('eval.batch_size', 1), ('eval.user_f1.num_users', 0),
                        ('eval.user_f1.batch_size', 1), ('checkpoint.every', 1), ('checkpoint.keep', 1),
                        ('reflexion.num_prior_episodes', 0), ('reflexion.max_reflections', 0), ('sampling.top_k', 0)):
