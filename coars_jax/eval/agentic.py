@@ -8,9 +8,13 @@ given, and returns one JSON-ready row per (dataset, method, model, seed) with a 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
+import pathlib
+import pickle
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tqdm
@@ -51,6 +55,12 @@ class AgenticEvalConfig:
       False runs one pass as `user_f1.show_peer_opinion` says. The row's `user_f1_peer_opinion` records which
       setting the main keys used.
     progress: tqdm bars.
+    resume_dir: a folder where each finished batch of episodes and each finished F1 pass is kept (pickled), keyed
+      by `resume_key` and what the batch plays; a rerun with the same key loads them instead of playing them again,
+      so an evaluation killed part way resumes after its last finished batch. None keeps nothing. Reflexion
+      evaluations are not kept.
+    resume_key: names the agents and settings being evaluated (the caller's fingerprint of the model and config);
+      batches kept under another key are never read.
   """
 
   split: str = 'test'
@@ -61,6 +71,8 @@ class AgenticEvalConfig:
   user_f1: UserF1Config = UserF1Config()
   user_f1_both_peer_settings: bool = False
   progress: bool = True
+  resume_dir: str | None = None
+  resume_key: str = ''
 
   def __post_init__(self):
     if self.split not in ('val', 'test'):
@@ -105,11 +117,39 @@ class AgenticEvalResult:
   user_f1_no_peer: UserF1Result | None = None
 
 
+class ResumeStore:
+  """Finished pieces of an evaluation on disk (`AgenticEvalConfig.resume_dir`): each value is pickled under a hash
+  of the store's key and the piece's own description, written atomically."""
+
+  def __init__(self, folder: str | os.PathLike, key: str):
+    self.folder, self.key = pathlib.Path(folder), str(key)
+
+  def _path(self, *parts: Any) -> pathlib.Path:
+    digest = hashlib.sha256(repr((self.key,) + parts).encode()).hexdigest()[:32]
+    return self.folder / f'{digest}.pkl'
+
+  def get(self, *parts: Any) -> Any | None:
+    path = self._path(*parts)
+    if not path.is_file():
+      return None
+    with open(path, 'rb') as handle:
+      return pickle.load(handle)
+
+  def put(self, value: Any, *parts: Any) -> None:
+    path = self._path(*parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix('.tmp')
+    with open(tmp, 'wb') as handle:
+      pickle.dump(value, handle)
+    tmp.replace(path)
+
+
 def play_windows(dataset: Dataset, backend: AgentBackend, *, peer, split: str, window_indices: Sequence[int],
                  rollout: RolloutConfig = RolloutConfig(), batch_size: int = 64, seed: int = 0,
-                 progress: bool = False) -> list[Episode]:
+                 progress: bool = False, store: ResumeStore | None = None) -> list[Episode]:
   """`run_episodes` over the windows in batches of `batch_size`; batch b samples with `batch_seed(seed, b)`, so
-  a rerun with the same batch size draws the same messages."""
+  a rerun with the same batch size draws the same messages. With `store`, a batch kept by an earlier run of the
+  same key is loaded instead of played, and each played batch is kept."""
   indices = [int(i) for i in window_indices]
   episodes: list[Episode] = []
   starts = range(0, len(indices), batch_size)
@@ -119,8 +159,15 @@ def play_windows(dataset: Dataset, backend: AgentBackend, *, peer, split: str, w
   with bar:
     for batch, begin in enumerate(starts):
       played = []
-      episodes += run_episodes(dataset, split, indices[begin:begin + batch_size], backend, peer=peer, config=rollout,
-                               seed=batch_seed(seed, batch), on_turn=lambda t: (played.append(t), bar.update(1)))
+      chunk = indices[begin:begin + batch_size]
+      piece = ('episodes', dataset.name, split, tuple(chunk), batch_seed(seed, batch), repr(rollout))
+      kept = store.get(*piece) if store is not None else None
+      if kept is None:
+        kept = run_episodes(dataset, split, chunk, backend, peer=peer, config=rollout, seed=batch_seed(seed, batch),
+                            on_turn=lambda t: (played.append(t), bar.update(1)))
+        if store is not None:
+          store.put(kept, *piece)
+      episodes += kept
       bar.update(rollout.max_turns - len(played))
       bar.set_postfix(windows=f'{min(begin + batch_size, len(indices))}/{len(indices)}')
   return episodes
@@ -150,10 +197,11 @@ def evaluate_agentic(dataset: Dataset, backend: AgentBackend, *, peer, method: s
              else list(range(len(dataset.split(config.split)))))
   start = time.perf_counter()
   reflexion = None
+  store = ResumeStore(config.resume_dir, config.resume_key) if config.resume_dir else None
   if config.reflexion is None:
     episodes = play_windows(dataset, backend, peer=peer, split=config.split, window_indices=indices,
                             rollout=config.rollout, batch_size=config.batch_size, seed=seed,
-                            progress=config.progress)
+                            progress=config.progress, store=store)
   else:
     reflexion = run_reflexion_episodes(dataset, config.split, indices, backend, peer=peer, config=config.reflexion,
                                        rollout=config.rollout, seed=seed, batch_size=config.batch_size,
@@ -164,13 +212,21 @@ def evaluate_agentic(dataset: Dataset, backend: AgentBackend, *, peer, method: s
   f1_config = config.user_f1
   if config.user_f1_both_peer_settings:
     f1_config = dataclasses.replace(config.user_f1, show_peer_opinion=True)
+  def user_f1(f1_settings):
+    piece = ('user_f1', dataset.name, repr(user_sim), seed, repr(f1_settings))
+    kept = store.get(*piece) if store is not None else None
+    if kept is None:
+      kept = evaluate_user_f1(dataset, user_sim, backend, config=f1_settings, peer=peer, seed=seed,
+                              progress=config.progress)
+      if store is not None:
+        store.put(kept, *piece)
+    return kept
+
   if user_sim is not None:
-    f1 = evaluate_user_f1(dataset, user_sim, backend, config=f1_config, peer=peer, seed=seed,
-                          progress=config.progress)
+    f1 = user_f1(f1_config)
     if config.user_f1_both_peer_settings:
       # Same set and seed as the main pass, so the two F1s differ only by p_t.
-      no_peer_f1 = evaluate_user_f1(dataset, user_sim, backend, peer=peer, seed=seed, progress=config.progress,
-                                    config=dataclasses.replace(config.user_f1, show_peer_opinion=False))
+      no_peer_f1 = user_f1(dataclasses.replace(config.user_f1, show_peer_opinion=False))
 
   metrics = episode_metrics(episodes)
   row = {

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -80,10 +81,10 @@ ABLATION_SEPARATOR = '-'
 _WARM_START_SHARED = ('max_turns', 'candidate_seed', 'show_hint', 'lora_rank', 'lora_alpha', 'lora_layers', 'buckets',
                       'progress', 'train_pool')
 RESULTS_FILE, BEFORE_FILE, CONFIG_FILE, ZERO_SHOT_FILE = 'results.json', 'before.json', 'config.json', 'zero_shot.json'
-WARM_START_DIR, FINAL_DIR, BEST_DIR = 'warm_start', 'final', 'best'
+WARM_START_DIR, FINAL_DIR, BEST_DIR, EVAL_RESUME_DIR = 'warm_start', 'final', 'best', 'eval_resume'
 # What a run writes under its workdir; each must stay inside it (`run_paths`).
 RUN_OUTPUTS = (CONFIG_FILE, RESULTS_FILE, BEFORE_FILE, ZERO_SHOT_FILE, CHECKPOINT_DIR, REJECTED_DIR, WARM_START_DIR,
-               FINAL_DIR, BEST_DIR, METRICS_FILE, TENSORBOARD_DIR, credit_sample.TRAJECTORY_DIR)
+               FINAL_DIR, BEST_DIR, METRICS_FILE, TENSORBOARD_DIR, credit_sample.TRAJECTORY_DIR, EVAL_RESUME_DIR)
 
 
 # --- config ------------------------------------------------------------------------------------------------------
@@ -581,21 +582,39 @@ def evaluate_rows(config, parts: Components, model: Decoder, *, method: str, sta
   if constrained is None:
     constrained = bool(config.eval.constrained)
   total = len(parts.dataset.split('test'))
+  # Finished batches are kept here until the row is complete, so a killed evaluation resumes after its last batch.
+  resume_dir = pathlib.Path(config.workdir).absolute() / EVAL_RESUME_DIR
   eval_config = AgenticEvalConfig(
       split='test', window_indices=_first(config.eval.test_windows, total), batch_size=config.eval.batch_size,
       rollout=rollout_config(config), reflexion=reflexion_config(config) if config.method == 'reflexion' else None,
       user_f1=UserF1Config(batch_size=config.eval.user_f1.batch_size,
                            show_peer_opinion=config.eval.user_f1.peer_opinion),
       user_f1_both_peer_settings=config.eval.user_f1.peer_opinion and config.eval.user_f1.also_without_peer,
-      progress=config.progress)
+      progress=config.progress, resume_dir=str(resume_dir), resume_key=evaluation_key(config, model, stage, method,
+                                                                                     constrained))
   result = evaluate_agentic(parts.dataset, greedy_backend(model, parts.tokenizer, config, guard,
                                                          constrained=constrained), peer=parts.sasrec,
                             method=method, model=parts.model_label, seed=0, config=eval_config, user_sim=user_sim)
+  shutil.rmtree(resume_dir, ignore_errors=True)  # the row is complete: nothing left to resume
   row = dict(result.row)
   # `seed` is the evaluation's (greedy, so moot); `train_seed` tells the report which training run this is.
   row.update({'stage': stage, 'constrained': constrained, 'windows_of_split': total,
               'train_seed': int(config.rl.seed), 'user_f1_users': None if user_sim is None else len(user_sim.cases)})
   return row
+
+
+def evaluation_key(config, model: Decoder, stage: str, method: str, constrained: bool) -> str:
+  """What a kept evaluation batch was played with: the agents' weights (the base's and the adapters' sums of
+  |w|), the stage and method, and every setting that shapes the episodes or the F1. A batch kept under another key
+  is never read."""
+  adapters = sum(float(np.abs(np.asarray(leaf, np.float64)).sum())
+                 for leaf in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+  settings = {name: config[name].to_dict() if hasattr(config[name], 'to_dict') else config[name] for name in (
+      'dataset', 'model', 'rollout', 'recommender_max_new_tokens', 'user_max_new_tokens', 'prompt_buckets',
+      'completion_buckets', 'sasrec_workdir', 'sasrec_seed', 'sasrec_max_epochs', 'eval')}
+  return json.dumps({'stage': stage, 'method': method, 'constrained': bool(constrained),
+                     'base': repr(base_fingerprint(model)), 'adapters': repr(adapters), 'settings': settings},
+                    sort_keys=True, default=str)
 
 
 def evaluate_val(config, parts: Components, model: Decoder, *, guard: 'PreemptionGuard | None' = None,

@@ -200,3 +200,46 @@ def test_single_pass_records_its_peer_setting_and_has_no_prefixed_keys():
     assert result.row['user_f1_peer_opinion'] is show and result.row['user_f1'] == pytest.approx(expected_f1)
     assert result.user_f1_no_peer is None and not any(k.startswith('no_peer_') for k in result.row)
     assert result.row['sasrec_auc'] is None  # ColumnPeer cannot score items
+
+
+def test_a_killed_evaluation_resumes_after_its_last_finished_batch(tmp_path):
+  config = AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False,
+                             resume_dir=str(tmp_path / 'kept'), resume_key='agents A')
+  sim = user_sim_set(DATASET)
+  whole = evaluate_agentic(DATASET, scripted_agents(), peer=ColumnPeer(), method='m', model='s', seed=7,
+                           config=AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False),
+                           user_sim=sim)
+
+  class Killed(Exception):
+    pass
+
+  dying = scripted_agents()
+  generate = dying.generate
+
+  def die_in_the_second_batch(agent, prompts, **kwargs):
+    if len(dying.calls) >= 4:  # batch 1 is 2 turns x 2 agents; its last batch of 2 windows never starts
+      raise Killed
+    return generate(agent, prompts, **kwargs)
+
+  dying.generate = die_in_the_second_batch
+  with pytest.raises(Killed):
+    evaluate_agentic(DATASET, dying, peer=ColumnPeer(), method='m', model='s', seed=7, config=config, user_sim=sim)
+  assert len(list((tmp_path / 'kept').glob('*.pkl'))) == 1  # the first batch was kept
+
+  resumed = scripted_agents()
+  result = evaluate_agentic(DATASET, resumed, peer=ColumnPeer(), method='m', model='s', seed=7, config=config,
+                            user_sim=sim)
+  # Batch 1 came from disk: the resumed run's first recommender call is batch 2's, of its 2 windows.
+  assert resumed.calls[0].batch_size == 2 and resumed.calls[0].agent == 'recommender'
+  for key in ('hit@1', 'valid_ratio', 'avg_turns', 'user_f1'):
+    assert result.row[key] == whole.row[key], key
+  assert result.row['window_hits'] == whole.row['window_hits']
+  # A third run has everything kept (episodes and the F1 pass) and calls nothing; another key reads none of it.
+  again = scripted_agents()
+  evaluate_agentic(DATASET, again, peer=ColumnPeer(), method='m', model='s', seed=7, config=config, user_sim=sim)
+  assert again.calls == []
+  other = scripted_agents()
+  evaluate_agentic(DATASET, other, peer=ColumnPeer(), method='m', model='s', seed=7, user_sim=sim,
+                   config=AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False,
+                                            resume_dir=str(tmp_path / 'kept'), resume_key='agents B'))
+  assert other.calls and other.calls[0].batch_size == 4

@@ -117,6 +117,7 @@ def test_zero_shot_only_evaluates(tmp_path):
   assert len(rows) == 1 and rows[0]['method'] == 'zero_shot' and rows[0]['num_windows'] == 1
   assert list(rows[0])[:len(ROW_KEYS)] == list(ROW_KEYS)
   assert not (tmp_path / ex.CHECKPOINT_DIR).exists()
+  assert not (tmp_path / ex.EVAL_RESUME_DIR).exists()  # kept batches are dropped once the row is complete
   assert json.loads((tmp_path / ex.RESULTS_FILE).read_text())[0]['method'] == 'zero_shot'
 
 
