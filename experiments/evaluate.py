@@ -32,7 +32,7 @@ def _write(rows, path):
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(rows, indent=2))
-  print(f'\nWrote {len(rows)} rows to {path}')
+  print(f'\nWrote {len(rows)} rows to {path.absolute()}')
 
 
 def agentic_main(config):

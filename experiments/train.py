@@ -7,6 +7,8 @@ TensorBoard logs, Orbax checkpoints, and the final and best adapters as folders 
 `--config.resume=True` continues from the latest checkpoint. zero_shot and reflexion are evaluated only.
 """
 
+import pathlib
+
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -42,7 +44,8 @@ def main(argv):
     print(f'[{row["stage"]}] {summary_line(row)}')
   if not any(row['stage'] == 'after' for row in rows):
     reason = f'stop_after={config.stop_after}' if config.stop_after else 'SIGTERM'
-    print(f'\nStopped before the last iteration ({reason}) after writing a checkpoint; continue with '
+    print(f'\nStopped before the last iteration ({reason}) after writing a checkpoint in '
+          f'{pathlib.Path(config.workdir).absolute()}; continue with '
           f'--config.resume=True')
     return
   reference = next((row for row in rows if row.get('accept_all_f1') is not None), None)
@@ -54,7 +57,9 @@ def main(argv):
           f"{'—' if sasrec_f1 is None else f'{sasrec_f1:.3f}'}")
   print()
   print(agentic.format_markdown(rows))
-  print(f'\nRows written to {config.workdir}/{experiment.RESULTS_FILE}')
+  workdir = pathlib.Path(config.workdir).absolute()
+  print(f'\nRows written to {workdir / experiment.RESULTS_FILE}; run folder {workdir} (metrics.jsonl, tensorboard/, '
+        f'trajectories/, final/, best/)')
 
 
 def entry():

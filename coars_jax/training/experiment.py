@@ -808,6 +808,12 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
           save_checkpoint(manager, trainer, progress, val_hit)
           saved = number
 
+      if first < last:
+        announce(f'Training {label} (RL iterations {first + 1} to {last} of {settings.iterations}, '
+                 f'{settings.windows_per_iteration} windows x {settings.rollouts_per_window} rollouts each) into '
+                 f'{workdir}: ' + ('resumed from its checkpoint' if resumed else 'a new run') +
+                 '; SmolLM2 on 2 CPU cores takes about 20 min per iteration of 16 episodes (BUILD_NOTES Part 9), '
+                 'the bar shows the ETA')
       bar = tqdm.tqdm(total=settings.iterations, initial=first, desc=f'RL {label}',
                       disable=not (config.progress and distributed.is_primary()), dynamic_ncols=True)
       try:
