@@ -16,6 +16,7 @@ import pathlib
 from absl import app, flags
 from ml_collections import config_flags
 
+from coars_jax.data import load_dataset
 from coars_jax.eval import agentic, reference
 from coars_jax.eval import experiment as agentic_experiment
 from coars_jax.recsys import experiment
@@ -26,6 +27,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/eval_*.py o
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Agentic configs: a folder with both agents\' adapters '
                                   '(overrides config.checkpoint).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the rows as JSON to this file.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved config and what would be trained (SASRec) or '
+                             'reused, then exit without evaluating.')
 
 
 def _write(rows, path):
@@ -65,9 +68,43 @@ def reference_main(config):
   return rows
 
 
+def dry_run(config) -> None:
+  """The resolved config, then each SASRec the evaluation needs (cached or to train, with the folder and why) and
+  the agents it would play."""
+  agentic = 'method' in config
+  if agentic and _CHECKPOINT.value is not None:
+    with config.unlocked():
+      config.checkpoint = _CHECKPOINT.value
+  (agentic_experiment.validate if agentic else experiment.validate)(config)
+  print('Resolved config:')
+  print(config.to_json_best_effort(indent=2, sort_keys=True))
+  dataset = load_dataset(config.dataset, config.data_root or None, allow_download=False)
+  if agentic:
+    peer = experiment.peer_config(config.dataset, workdir=config.sasrec_workdir, data_root=config.data_root,
+                                  max_epochs=config.sasrec_max_epochs)
+    seeds = (config.sasrec_seed,)
+  else:
+    peer, seeds = config, tuple(config.train_seeds)
+  print('\nStages:')
+  for seed in seeds:
+    reusable, why = experiment.checkpoint_status(peer, dataset, seed)
+    print(f'  SASRec seed {seed}: {"cached" if reusable else "to train"} '
+          f'({experiment.checkpoint_folder(peer, seed)}: {why})')
+  if agentic:
+    agents = (f'the API at {config.backend.base_url}' if config.backend.kind == 'openai' else
+              f'adapters from {config.checkpoint}' if config.checkpoint else f'the bare {config.model} base')
+    print(f'  {config.method} row: to run, {agents}, {config.num_windows or len(dataset.split(config.split))} '
+          f'{config.split} windows x seeds {tuple(config.seeds)}')
+  else:
+    print(f'  reference rows: to run, {len(config.candidate_seeds)} candidate seeds')
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
+  if _DRY_RUN.value:
+    dry_run(config)
+    return
   rows = agentic_main(config) if 'method' in config else reference_main(config)
   if _OUTPUT.value:
     _write(rows, _OUTPUT.value)

@@ -47,3 +47,12 @@ def test_bad_config_fails_before_any_work(tmp_path):
                            '--config.split=train'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "Config field 'split'" in result.stderr
+
+
+def test_evaluate_dry_run_names_what_it_would_train_and_trains_nothing(tmp_path):
+  root = require_files(instruments.RATINGS_FILE, instruments.META_FILE)
+  out = run_module('experiments.evaluate', '--config=configs/sasrec_instruments.py', '--config.train_seeds=(0,)',
+                   f'--config.workdir={tmp_path / "work"}', '--dry_run', env_root=root)
+  assert out.startswith('Resolved config:') and '"train_seeds": [' in out
+  assert f'SASRec seed 0: to train ({tmp_path / "work" / "seed_0"}: no checkpoint there yet)' in out
+  assert not (tmp_path / 'work').exists()
