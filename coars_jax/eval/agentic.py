@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
+import json
 import math
 import os
 import pathlib
-import pickle
 import time
 from typing import Any, Sequence
 
@@ -55,7 +56,7 @@ class AgenticEvalConfig:
       False runs one pass as `user_f1.show_peer_opinion` says. The row's `user_f1_peer_opinion` records which
       setting the main keys used.
     progress: tqdm bars.
-    resume_dir: a folder where each finished batch of episodes and each finished F1 pass is kept (pickled), keyed
+    resume_dir: a folder where each finished batch of episodes and each finished F1 pass is kept (as JSON), keyed
       by `resume_key` and what the batch plays; a rerun with the same key loads them instead of playing them again,
       so an evaluation killed part way resumes after its last finished batch. None keeps nothing. Reflexion
       evaluations are not kept.
@@ -117,30 +118,77 @@ class AgenticEvalResult:
   user_f1_no_peer: UserF1Result | None = None
 
 
+def _encode(value: Any) -> Any:
+  """A JSON-ready form of `value` that `_decode` rebuilds exactly: the package's dataclasses, numpy arrays and
+  scalars, tuples, lists, dicts and plain values. Data only: nothing in it names code to run."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    kind = type(value)
+    return {'__dataclass__': f'{kind.__module__}:{kind.__qualname__}',
+            'fields': {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}}
+  if isinstance(value, np.ndarray):
+    return {'__ndarray__': value.dtype.str, 'shape': list(value.shape), 'data': value.ravel().tolist()}
+  if isinstance(value, np.generic):
+    return {'__npscalar__': value.dtype.str, 'value': value.item()}
+  if isinstance(value, tuple):
+    return {'__tuple__': [_encode(v) for v in value]}
+  if isinstance(value, list):
+    return [_encode(v) for v in value]
+  if isinstance(value, dict):
+    return {'__dict__': [[_encode(k), _encode(v)] for k, v in value.items()]}
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  raise TypeError(f'cannot keep a {type(value).__name__} in an evaluation resume file')
+
+
+def _decode(value: Any) -> Any:
+  """The inverse of `_encode`; a dataclass is rebuilt only when it is one of this package's (`coars_jax.*`)."""
+  if isinstance(value, list):
+    return [_decode(v) for v in value]
+  if not isinstance(value, dict):
+    return value
+  if '__dataclass__' in value:
+    module, _, name = value['__dataclass__'].partition(':')
+    if module != 'coars_jax' and not module.startswith('coars_jax.'):
+      raise ValueError(f'an evaluation resume file names {value["__dataclass__"]!r}, outside coars_jax')
+    kind = importlib.import_module(module)
+    for part in name.split('.'):
+      kind = getattr(kind, part)
+    if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+      raise ValueError(f'an evaluation resume file names {value["__dataclass__"]!r}, which is not a dataclass')
+    return kind(**{k: _decode(v) for k, v in value['fields'].items()})
+  if '__ndarray__' in value:
+    return np.asarray(value['data'], dtype=np.dtype(value['__ndarray__'])).reshape(value['shape'])
+  if '__npscalar__' in value:
+    return np.dtype(value['__npscalar__']).type(value['value'])
+  if '__tuple__' in value:
+    return tuple(_decode(v) for v in value['__tuple__'])
+  if '__dict__' in value:
+    return {_decode(k): _decode(v) for k, v in value['__dict__']}
+  raise ValueError(f'an evaluation resume file holds an unknown object with keys {sorted(value)[:5]}')
+
+
 class ResumeStore:
-  """Finished pieces of an evaluation on disk (`AgenticEvalConfig.resume_dir`): each value is pickled under a hash
-  of the store's key and the piece's own description, written atomically."""
+  """Finished pieces of an evaluation on disk (`AgenticEvalConfig.resume_dir`): each value is kept as JSON
+  (`_encode`, data only) under a hash of the store's key and the piece's own description, written atomically."""
 
   def __init__(self, folder: str | os.PathLike, key: str):
     self.folder, self.key = pathlib.Path(folder), str(key)
 
   def _path(self, *parts: Any) -> pathlib.Path:
     digest = hashlib.sha256(repr((self.key,) + parts).encode()).hexdigest()[:32]
-    return self.folder / f'{digest}.pkl'
+    return self.folder / f'{digest}.json'
 
   def get(self, *parts: Any) -> Any | None:
     path = self._path(*parts)
     if not path.is_file():
       return None
-    with open(path, 'rb') as handle:
-      return pickle.load(handle)
+    return _decode(json.loads(path.read_text(encoding='utf-8')))
 
   def put(self, value: Any, *parts: Any) -> None:
     path = self._path(*parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix('.tmp')
-    with open(tmp, 'wb') as handle:
-      pickle.dump(value, handle)
+    tmp.write_text(json.dumps(_encode(value)), encoding='utf-8')
     tmp.replace(path)
 
 

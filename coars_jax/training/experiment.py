@@ -735,7 +735,8 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
     meta = restore_latest(manager, trainer) if config.resume else None
     resumed = meta is not None
     if config.resume and not resumed:
-      logging.warning('resume=True but %s holds no checkpoint; starting from iteration 0', workdir / CHECKPOINT_DIR)
+      # A first run of a config that always resumes (the demo, the table's cells) has nothing to say here.
+      announce(f'No checkpoint to resume in {workdir / CHECKPOINT_DIR}; starting from iteration 0')
     pending = None
     if resumed:
       if not np.isclose(meta['base_fingerprint'], progress['base_fingerprint'], rtol=1e-12, atol=0):

@@ -224,7 +224,7 @@ def test_a_killed_evaluation_resumes_after_its_last_finished_batch(tmp_path):
   dying.generate = die_in_the_second_batch
   with pytest.raises(Killed):
     evaluate_agentic(DATASET, dying, peer=ColumnPeer(), method='m', model='s', seed=7, config=config, user_sim=sim)
-  assert len(list((tmp_path / 'kept').glob('*.pkl'))) == 1  # the first batch was kept
+  assert len(list((tmp_path / 'kept').glob('*.json'))) == 1  # the first batch was kept
 
   resumed = scripted_agents()
   result = evaluate_agentic(DATASET, resumed, peer=ColumnPeer(), method='m', model='s', seed=7, config=config,
@@ -243,3 +243,21 @@ def test_a_killed_evaluation_resumes_after_its_last_finished_batch(tmp_path):
                    config=AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False,
                                             resume_dir=str(tmp_path / 'kept'), resume_key='agents B'))
   assert other.calls and other.calls[0].batch_size == 4
+
+
+def test_kept_pieces_are_data_only_json_that_rebuilds_the_same_objects():
+  result = evaluate_agentic(DATASET, scripted_agents(), peer=ColumnPeer(), method='m', model='s', seed=7,
+                            config=AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2),
+                                                     progress=False), user_sim=user_sim_set(DATASET))
+  for value in (list(result.episodes), result.user_f1):
+    text = json.dumps(agentic._encode(value))
+    back = agentic._decode(json.loads(text))
+    assert json.dumps(agentic._encode(back)) == text  # the same objects, field by field, arrays and dtypes included
+  episodes = agentic._decode(json.loads(json.dumps(agentic._encode(list(result.episodes)))))
+  assert agentic.episode_metrics(episodes) == agentic.episode_metrics(list(result.episodes))
+  assert episodes[0].turns[0].recommender.prompt_ids.dtype == np.int32
+  # Only this package's dataclasses are rebuilt: a file naming anything else is refused.
+  with pytest.raises(ValueError, match="names 'subprocess:Popen', outside coars_jax"):
+    agentic._decode({'__dataclass__': 'subprocess:Popen', 'fields': {'args': 'true'}})
+  with pytest.raises(ValueError, match='which is not a dataclass'):
+    agentic._decode({'__dataclass__': 'coars_jax.eval.agentic:evaluate_agentic', 'fields': {}})
