@@ -168,6 +168,19 @@ def missing_rows(table: Mapping[str, Any]) -> list[str]:
 
 # --- learning curves ---------------------------------------------------------------------------------------------
 
+def curve_points(metrics_path: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+  """Per curve key (`CURVES`), the (iteration, value) points a metrics.jsonl logged."""
+  points = {key: [] for key, _ in CURVES}
+  for line in pathlib.Path(metrics_path).read_text(encoding='utf-8').splitlines():
+    if not line.strip():
+      continue
+    record = json.loads(line)
+    for key in points:
+      if record.get(key) is not None:
+        points[key].append((int(record['iteration']), float(record[key])))
+  return points
+
+
 def read_curves(run_dirs: Iterable[str | pathlib.Path]) -> list[dict[str, Any]]:
   """One entry per training run folder with a metrics.jsonl: dataset, method label, seed, and per curve key the
   (iteration, value) points it logged."""
@@ -182,14 +195,7 @@ def read_curves(run_dirs: Iterable[str | pathlib.Path]) -> list[dict[str, Any]]:
     if results_path.is_file():
       rows = json.loads(results_path.read_text(encoding='utf-8'))
       method = rows[-1].get('method', method)
-    points = {key: [] for key, _ in CURVES}
-    for line in metrics_path.read_text(encoding='utf-8').splitlines():
-      if not line.strip():
-        continue
-      record = json.loads(line)
-      for key in points:
-        if record.get(key) is not None:
-          points[key].append((int(record['iteration']), float(record[key])))
+    points = curve_points(metrics_path)
     runs.append({'dataset': config.get('dataset'), 'method': method, 'seed': int(config.get('rl', {}).get('seed', 0)),
                  'folder': str(folder), 'points': points})
   return runs

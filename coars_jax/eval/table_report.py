@@ -31,6 +31,7 @@ ROWS = collections.OrderedDict([
     ('coars-d_without_samples', 'CoARS, d without samples'),
 ])
 COMPARED_WITH = ('warm_start', 'outcome_rl')
+GRID_FILE = 'grid.json'  # a table's cells and budget, beside its row files (`training.table.write_grid`)
 # (claim, row, reference row, metric): "What holds".
 CLAIMS = (
     ('CoARS beats outcome-reward RL on Hit@1', 'coars', 'outcome_rl', 'hit'),
@@ -46,26 +47,21 @@ def read_table(root: str | pathlib.Path) -> dict[str, Any]:
   """A table's results folder: its grid (`grid.json`, or None), its rows (each with `row` and `platform`), and its
   learning curves (the metrics copied beside each RL row file)."""
   root = pathlib.Path(root)
-  grid_path = root / 'grid.json'
+  grid_path = root / GRID_FILE
   grid = json.loads(grid_path.read_text()) if grid_path.is_file() else None
   rows, curves = [], []
   for path in sorted(root.glob('*/*__seed_*.json')):
     if path.name.endswith(('.config.json',)):
       continue
-    for row in json.loads(path.read_text()):
+    found = json.loads(path.read_text())
+    for row in found:
       rows.append({**row, 'row': row.get('row') if row.get('row') != 'reference' else row['method'],
                    'source': str(path)})
     metrics_path = path.with_suffix('.metrics.jsonl')
     if metrics_path.is_file():
-      first = json.loads(path.read_text())[0]
-      points = {key: [] for key, _ in report.CURVES}
-      for line in metrics_path.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        for key in points:
-          if record.get(key) is not None:
-            points[key].append((int(record['iteration']), float(record[key])))
+      first = found[0]
       curves.append({'dataset': first['dataset'], 'method': first.get('row'), 'seed': int(first.get('train_seed', 0)),
-                     'platform': first.get('platform', 'cpu'), 'points': points})
+                     'platform': first.get('platform', 'cpu'), 'points': report.curve_points(metrics_path)})
   return {'root': str(root), 'grid': grid, 'rows': rows, 'curves': curves}
 
 

@@ -33,6 +33,7 @@ import jax
 import ml_collections
 
 from coars_jax import configlib
+from coars_jax.eval.table_report import GRID_FILE
 from coars_jax.training import experiment
 
 REFERENCE = 'reference'
@@ -40,7 +41,6 @@ EVALUATED_ROWS = ('zero_shot', 'reflexion', 'warm_start')
 MAIN_RL_ROWS = ('outcome_rl', 'judge_rl', 'coars')
 ABLATION_ROWS = tuple(f'coars{experiment.ABLATION_SEPARATOR}{name}' for name in experiment.ABLATIONS)
 ALL_ROWS = (REFERENCE, *EVALUATED_ROWS, *MAIN_RL_ROWS, *ABLATION_ROWS)
-GRID_FILE = 'grid.json'
 CELL_STATE_FILE = 'table_cell.json'  # in a cell's workdir: wall seconds spent over earlier invocations
 
 
