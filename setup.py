@@ -31,7 +31,7 @@ EXTRAS_REQUIRE = {
     'dev': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'hypothesis==6.170.17'],
     # torch only for parity tests against transformers; 2.13.0 is the CPU wheel the project tests with.
     # accelerate: transformers needs it to read GGUF files for the SmolLM2 parity test.
-    'parity': ['torch==2.13.0', 'gguf==0.19.0', 'accelerate==1.15.0'],
+    'parity': ['torch==2.13.0', 'gguf==0.19.0', 'accelerate==1.15.0', 'peft==0.18.0'],
 }
 
 setup(
@@ -52,6 +52,7 @@ setup(
         'coars-run-table=experiments.run_table:entry',
         'coars-view=experiments.view:entry',
         'coars-serve=experiments.serve:entry',
+        'coars-export-adapters=experiments.export_adapters:entry',
     ]},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,

@@ -1,7 +1,8 @@
 """What every entry point shares: expected errors (a bad config, missing or corrupt data, a bad checkpoint, a bad
 flag or config file) print one or two lines and exit with status 2; `--verbose` shows the traceback instead.
 
-`cli.run(main)` replaces `absl.app.run(main)`.
+`cli.run(main)` replaces `absl.app.run(main)`. Every command also turns on JAX's persistent compilation cache
+(`coars_jax.compilation_cache`), announced on stderr.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 from absl import app, flags, logging
 
+from coars_jax import compilation_cache
 from coars_jax.configlib import ConfigError
 from coars_jax.data.errors import DataError
 from coars_jax.training.checkpointing import CheckpointError
@@ -131,6 +133,7 @@ def run(main, *, required: tuple[str, ...] = (), quiet: bool = True) -> None:
   def wrapped(argv):
     if quiet:
       _quiet_logs(sys.argv)
+    compilation_cache.enable()
     try:
       return main(argv)
     except EXPECTED_ERRORS as error:

@@ -15,6 +15,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from coars_jax import compilation_cache
 from coars_jax.training import table as table_lib
 from experiments import report
 from experiments import cli
@@ -40,10 +41,8 @@ def main(argv):
   del argv
   table = _CONFIG.value
   table_lib.validate_table(table)
-  if table.compilation_cache:
-    import jax
-    jax.config.update('jax_compilation_cache_dir', str(table_lib.absolute_path(table.compilation_cache)))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  if table.compilation_cache:  # a folder of the table's own in place of the default one `cli.run` turned on
+    compilation_cache.enable(table_lib.absolute_path(table.compilation_cache))
   cells = table_lib.grid(table)
   try:
     chosen = table_lib.select(cells, _ONLY.value)

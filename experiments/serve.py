@@ -4,7 +4,9 @@
 Serves `GET /v1/models` and `POST /v1/chat/completions` on 127.0.0.1 (by default): model '<name>' is the base,
 '<name>:recommender' and '<name>:user' the checkpoint's adapters (a warm start, or an RL run's `final/` or
 `best/`). Another tool, or `experiments.evaluate` with `backend.kind='openai'`, can then talk to a trained agent.
-One request is generated at a time; temperature 0 is greedy. Stop it with Ctrl-C.
+One request is generated at a time; temperature 0 is greedy. Every request is checked first and a bad one gets an
+OpenAI-style JSON error (400 naming the field, 404, 405, 408, 411, 413, 503; 500 for a failure, the server stays
+up): see `coars_jax.agents.openai_api.make_server`. Stop it with Ctrl-C.
 """
 
 from absl import flags
@@ -20,7 +22,10 @@ _DATA_ROOT = flags.DEFINE_string('data_root', '', 'Where the backbone\'s files l
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'The address to listen on (loopback by default).')
 _PORT = flags.DEFINE_integer('port', 8000, 'The port.')
 _NAME = flags.DEFINE_string('name', '', 'The model id prefix (default: the backbone\'s label).')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 256, 'The cap on a request\'s max_tokens.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 256, 'The cap on a request\'s max_tokens (at most the '
+                                       'largest completion bucket, 256).')
+_MAX_BODY_BYTES = flags.DEFINE_integer('max_body_bytes', 1 << 20, 'Larger request bodies get 413, unread.')
+_MAX_PENDING = flags.DEFINE_integer('max_pending', 64, 'Requests beyond this many waiting get 503 (retryable).')
 
 
 def main(argv):
@@ -31,7 +36,8 @@ def main(argv):
   model, tokenizer, _ = agentic_experiment.load_agents(config)
   name = _NAME.value or agentic_experiment.model_label(config)
   server = make_server(model, tokenizer, name=name, host=_HOST.value, port=_PORT.value,
-                       max_new_tokens=_MAX_NEW_TOKENS.value,
+                       max_new_tokens=_MAX_NEW_TOKENS.value, max_body_bytes=_MAX_BODY_BYTES.value,
+                       max_pending=_MAX_PENDING.value,
                        buckets=LengthBuckets(prompt=(512, 1024, 2048), completion=(64, 128, 256)))
   host, port = server.server_address[:2]
   models = [name] + [f'{name}:{adapter}' for adapter in model.adapter_names]

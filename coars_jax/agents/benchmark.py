@@ -9,8 +9,8 @@ through module attributes (no library file is changed):
   the device time is counted where it is spent. This is "inside jit".
 - `sampler_host`: the rest of `sampling.generate` (left padding into buckets, `nnx.split`, the PRNG key).
 - `chat_template`: `render_chat` (the tokenizer's jinja chat template).
-- `tokenize`: the rest of `episodes.encode_prompt` / `encode_prompts`, i.e. the tokenizer calls on the rendered
-  text (one batched call per generation).
+- `tokenize`: the rest of `chat_tokens.DialogueTokens.encode`: the tokenizer calls on the new text of each
+  append-only prompt, or on a whole prompt that extends no kept dialogue (batched per generation).
 - `prompt_messages`: building each agent's chat messages (`recommender_messages`, `user_messages`).
 - `detokenize`: `tokenizer.decode` of each completion.
 - `parse`: `parse_recommender_output` and `parse_user_output`.
@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from coars_jax.agents import backbone
+from coars_jax.agents import chat_tokens
 from coars_jax.agents import episodes as episodes_lib
 from coars_jax.agents.episodes import (AGENTS, Episode, LLMBackend, LLMBackendConfig, RolloutConfig, SASRecPeer,
                                        episode_metrics, run_episodes)
@@ -174,9 +175,8 @@ def _instrumented_rollout(backend: LLMBackend, run: Callable[[Any], list[Episode
       (sampler_lib, '_prefill_after_prefix', prefill_after_prefix),
       (sampler_lib, '_decode', decode),
       (episodes_lib, 'generate', generate),
-      (episodes_lib, 'render_chat', timer.wrap('chat_template', episodes_lib.render_chat)),
-      (episodes_lib, 'encode_prompt', timer.wrap('tokenize', episodes_lib.encode_prompt)),
-      (episodes_lib, 'encode_prompts', timer.wrap('tokenize', episodes_lib.encode_prompts)),
+      (chat_tokens, 'render_chat', timer.wrap('chat_template', chat_tokens.render_chat)),
+      (chat_tokens.DialogueTokens, 'encode', timer.wrap('tokenize', chat_tokens.DialogueTokens.encode)),
       (episodes_lib, 'recommender_messages', timer.wrap('prompt_messages', episodes_lib.recommender_messages)),
       (episodes_lib, 'user_messages', timer.wrap('prompt_messages', episodes_lib.user_messages)),
       (episodes_lib, 'parse_recommender_output', timer.wrap('parse', episodes_lib.parse_recommender_output)),
@@ -297,6 +297,8 @@ def measure_rollouts(model, tokenizer, dataset, peer, *, split: str, window_indi
                              if stage not in JIT_STAGES} if outside > 0 else None,
       'stage_calls': dict(timer.calls),
       'calls': [dataclasses.asdict(r) for r in records],
+      # Real prompt tokens prefilled and read from a kept cache, per rollout (every rollout replays the same).
+      'prefill_tokens': {k: v // (1 + repeats) for k, v in backend.prefill_tokens.items()},
       'metrics': episode_metrics(episodes),
   }
   return summary, episodes

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 from jax.sharding import Mesh
 
+from coars_jax.agents.chat_tokens import DialogueTokens
 from coars_jax.agents.output_constraints import recommender_constraint, user_constraint
 from coars_jax.agents.parsing import (ParseConfig, RecommenderParse, UserParse, parse_recommender_output,
                                       parse_user_output)
@@ -148,6 +149,11 @@ class ScriptedBackend:
     self.respond = respond
     self.end_id = end_of_turn_id(tokenizer)
     self.calls: list[BackendCall] = []
+    self.dialogues = DialogueTokens(tokenizer)
+
+  def clear_prefixes(self) -> None:
+    """Forgets the kept dialogues; `run_episodes` calls it when a rollout ends."""
+    self.dialogues.clear()
 
   def generate(self, agent: str, prompts: Sequence[Sequence[Message]], *, seed: int,
                episode_ids: Sequence[int], turn: int,
@@ -156,8 +162,8 @@ class ScriptedBackend:
     _check_agent(agent)
     self.calls.append(BackendCall(agent=agent, turn=turn, seed=seed, episode_ids=tuple(int(e) for e in episode_ids)))
     generations = []
-    for episode_id, messages in zip(episode_ids, prompts, strict=True):
-      prompt_text, prompt_ids = encode_prompt(self.tokenizer, messages)
+    encoded = self.dialogues.encode(agent, episode_ids, prompts)
+    for episode_id, messages, (prompt_text, prompt_ids) in zip(episode_ids, prompts, encoded, strict=True):
       text = self.respond(agent, int(episode_id), turn, messages)
       if not isinstance(text, str):
         raise TypeError(f'ScriptedBackend: respond({agent!r}, episode {episode_id}, turn {turn}) returned '
@@ -166,6 +172,8 @@ class ScriptedBackend:
       generations.append(Generation(prompt_text=prompt_text, prompt_ids=np.asarray(prompt_ids, np.int32),
                                     completion_ids=np.asarray(ids, np.int32),
                                     log_probs=np.zeros(len(ids), np.float32), text=text, finished=True))
+    self.dialogues.remember(agent, episode_ids, prompts, encoded, [g.completion_ids for g in generations],
+                            [g.text for g in generations])
     return generations
 
 
@@ -286,7 +294,8 @@ class LLMBackend:
                          f'[{ADAPTERS_OFF}, {len(model.adapter_names)}) or None; found {choice!r}')
     self.calls: list[BackendCall] = []
     self._token_classes = None
-    # agent -> (cache of its last call, {episode id: (row, prompt ids, cache slots of those ids)})
+    self.dialogues = DialogueTokens(tokenizer)
+    # agent -> (cache of its last call, {episode id: (row, ids in that cache, their cache slots)})
     self._last_prompts: dict[str, tuple[Any, dict[int, tuple[int, list[int], np.ndarray]]]] = {}
     self.prefill_tokens = {'prefilled': 0, 'reused': 0}  # real prompt tokens, summed over calls
 
@@ -294,6 +303,7 @@ class LLMBackend:
     """Drops the kept KV caches (`LLMBackendConfig.prefix_reuse`); `run_episodes` calls it when a rollout ends, so
     no cache outlives the parameters it was computed with."""
     self._last_prompts.clear()
+    self.dialogues.clear()
 
   def _prefix(self, agent: str, turn: int, episode_ids: Sequence[int], token_lists: list[list[int]]):
     """The `PromptPrefix` of this call from the agent's previous call (None when nothing can be reused)."""
@@ -348,7 +358,7 @@ class LLMBackend:
     if candidates is not None and len(candidates) != len(prompts):
       raise ValueError(f'LLMBackend: {len(prompts)} prompts but {len(candidates)} candidate lists')
     self.calls.append(BackendCall(agent=agent, turn=turn, seed=seed, episode_ids=tuple(int(e) for e in episode_ids)))
-    encoded = encode_prompts(self.tokenizer, prompts)
+    encoded = self.dialogues.encode(agent, episode_ids, prompts)
     batch = self.config.padded_batch(len(encoded))
     token_lists = [ids for _, ids in encoded]
     token_lists += [token_lists[0]] * (batch - len(token_lists))
@@ -367,12 +377,18 @@ class LLMBackend:
     reused = 0 if prefix is None else int(prefix.lengths[:len(encoded)].sum())
     self.prefill_tokens['prefilled'] += real - reused
     self.prefill_tokens['reused'] += reused
-    if self.config.prefix_reuse:
-      slots = prompt_slots(output.prompt_mask)
-      self._last_prompts[agent] = (output.cache, {int(e): (row, list(encoded[row][1]), slots[row])
-                                                  for row, e in enumerate(episode_ids)})
     # Rows sharded over other processes' devices are gathered: every process parses every message.
     tokens, log_probs, lengths, finished = fetch((output.tokens, output.log_probs, output.lengths, output.finished))
+    if self.config.prefix_reuse:
+      # The cache holds each row's prompt and its reply but the last sampled token (never fed back): completion
+      # token j sits at slot P + j, P the prompt width. The next turn's prompt starts with all of them.
+      slots, width = prompt_slots(output.prompt_mask), output.prompt_mask.shape[1]
+      kept = {}
+      for row, e in enumerate(episode_ids):
+        fed = max(int(lengths[row]) - 1, 0)
+        kept[int(e)] = (row, list(encoded[row][1]) + tokens[row, :fed].tolist(),
+                        np.concatenate([slots[row], width + np.arange(fed, dtype=np.int32)]))
+      self._last_prompts[agent] = (output.cache, kept)
     generations = []
     for row, (prompt_text, prompt_ids) in enumerate(encoded):
       completion = tokens[row, :lengths[row]]
@@ -381,6 +397,8 @@ class LLMBackend:
           log_probs=log_probs[row, :lengths[row]],
           text=self.tokenizer.decode(completion.tolist(), skip_special_tokens=True),
           finished=bool(finished[row])))
+    self.dialogues.remember(agent, episode_ids, prompts, encoded, [g.completion_ids for g in generations],
+                            [g.text for g in generations])
     return generations
 
 
@@ -514,7 +532,9 @@ class Turn:
   def record(self) -> TurnRecord:
     """(m_rec_t, m_user_t) as the memory keeps it."""
     return TurnRecord(item_title=self.shown_title, recommender_reason=self.shown_reason,
-                      user_action=self.action, user_score=self.acceptance_score, user_reason=self.user_parse.reason)
+                      user_action=self.action, user_score=self.acceptance_score, user_reason=self.user_parse.reason,
+                      recommender_message=self.recommender.text, user_message=self.user.text,
+                      hint_title=self.hint_title)
 
   @property
   def clicked(self) -> bool:

@@ -2,9 +2,17 @@
 raise on text, and a message that names no candidate or breaks the format is a result with `valid=False`, which
 METHOD.md section 2 counts as a miss for the recommender and as a skip at s = .375 for the user. Labels (`Reason:`,
 `Item:`, `Action:`, `Score:`) are found at the start of a line, in any case, and may be dressed in markdown
-(`**Item:**`, `- Item:`, `### Item:`); the FIRST line with a label wins, so text a model writes after its answer (a
-repeated answer, an imagined next turn) cannot change what it answered. A reason is the first `Reason:` line plus
-any following lines up to a blank line or the next label, in `protocol.single_line` form, and '' when absent.
+(`**Item:**`, `- Item:`, `### Item:`); the FIRST line with a label is the answer, and a message answers one thing:
+a later `Item:` line may repeat the candidate and a later `Action:` line the action (a repeated answer changes
+nothing), but one that names anything else makes the message ambiguous and invalid, so that a hedge over several
+items never reads as a hit of one of them (a later `Score:` or `Reason:` line is ignored: it cannot change the
+action, whose interval holds the score). A reason is the first `Reason:` line plus any following lines up to a
+blank line or the next label, in `protocol.single_line` form, and '' when absent. Titles are compared as written,
+then after `normalize_title`, which applies NFKC (full-width and other compatibility letters count as their plain
+letters) and drops case, diacritics and invisible format characters such as zero-width spaces; and the `fuzzy`
+rule is for misspellings only: it never crosses scripts (look-alike letters, such as Cyrillic 'а' for Latin 'a',
+name no Latin title: NFKC does not fold them and no rule here does), never changes a digit (a sequel or a volume is
+another item) and never adds more than one character (a second title or a comment is not a typo).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import difflib
 import math
 import re
 import unicodedata
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from coars_jax.agents.protocol import (ACTION_LABEL, ACTIONS, ITEM_LABEL, REASON_LABEL, SCORE_LABEL,
                                        action_for_score, clip_to_action, in_interval, interval_midpoint,
@@ -125,12 +133,17 @@ _ACTION_WORDS = re.compile(r'(?<![^\W\d_])(' + '|'.join(ACTIONS) + r')(?![^\W\d_
 def normalize_title(text: str) -> str:
   """The form titles are compared in by the `normalized` rule.
 
-  NFKC, then diacritics dropped (a model writing "Beyonce" for "Beyoncé" or "Sigur Ros" for "Sigur Rós" still
-  names the candidate), casefolded, a trailing ", The" and a leading "the/a/an" removed, apostrophes deleted, other
-  punctuation and whitespace collapsed to one space. A title of symbols only ("!!!", "#####") keeps its symbols, so
+  NFKC, then invisible format characters (Unicode category Cf: zero-width spaces and joiners, soft hyphens) deleted,
+  diacritics dropped (a model writing "Beyonce" for "Beyoncé" or "Sigur Ros" for "Sigur Rós" still names the
+  candidate), casefolded, a trailing ", The" and a leading "the/a/an" removed, apostrophes deleted, other punctuation
+  and whitespace collapsed to one space. Letters of other scripts are kept as they are: a Cyrillic or Greek look-alike
+  of a Latin letter stays a different letter. A title of symbols only ("!!!", "#####") keeps its symbols, so
   that such titles stay distinct.
   """
   text = unicodedata.normalize('NFKC', text)
+  # Invisible format characters (zero-width spaces and joiners, soft hyphens, byte-order and direction marks) are
+  # deleted rather than read as punctuation, which would split a word in two.
+  text = ''.join(c for c in text if unicodedata.category(c) != 'Cf')
   text = ''.join(c for c in unicodedata.normalize('NFKD', text) if not unicodedata.combining(c))
   text = unicodedata.normalize('NFKC', text).casefold()
   text = _TRAILING_ARTICLE.sub('', text)
@@ -149,8 +162,8 @@ def _labeled_lines(text: str) -> list[tuple[str, str] | None]:
   return labeled
 
 
-def _first_value(lines: list[str], labeled: list, label: str, continue_lines: bool) -> str | None:
-  """The value of the first line labeled `label`, or None.
+def _values(lines: list[str], labeled: list, label: str, continue_lines: bool) -> Iterator[str]:
+  """The value of each line labeled `label`, in order.
 
   With `continue_lines`, following lines up to a blank line or the next label are appended (a reason that runs
   over lines); otherwise an empty value is taken from the next line when that line is neither blank nor labeled
@@ -168,11 +181,23 @@ def _first_value(lines: list[str], labeled: list, label: str, continue_lines: bo
         if labeled[after] is not None or not lines[after].strip():
           break
         parts.append(lines[after])
-      return ' '.join(parts)
-    if not value.strip() and index + 1 < len(lines) and labeled[index + 1] is None and lines[index + 1].strip():
-      return lines[index + 1]
-    return value
-  return None
+      yield ' '.join(parts)
+    elif not value.strip() and index + 1 < len(lines) and labeled[index + 1] is None and lines[index + 1].strip():
+      yield lines[index + 1]
+    else:
+      yield value
+
+
+def _first_value(lines: list[str], labeled: list, label: str, continue_lines: bool) -> str | None:
+  """The value of the first line labeled `label` (`_values`), or None."""
+  return next(_values(lines, labeled, label, continue_lines), None)
+
+
+def _later_values(lines: list[str], labeled: list, label: str) -> set[str]:
+  """The distinct non-blank values of the lines labeled `label` after the first: what must agree with it."""
+  values = _values(lines, labeled, label, continue_lines=False)
+  next(values, None)
+  return {value for value in values if value.strip()}
 
 
 def _reason(lines: list[str], labeled: list) -> str:
@@ -209,13 +234,34 @@ def _unique(indices: list[int]) -> int | None:
   return indices[0] if len(indices) == 1 else None
 
 
+def _digits(text: str) -> str:
+  return ''.join(c for c in text if c.isdigit())
+
+
+def _scripts(text: str) -> set[str]:
+  """The scripts of the letters in `text`, by the first word of each letter's Unicode name ('LATIN', 'CYRILLIC',
+  'GREEK', 'CJK', ...): close enough to the Script property to tell look-alike letters apart."""
+  return {unicodedata.name(c, '?').split(' ', 1)[0] for c in text if c.isalpha()}
+
+
+def _may_be_misspelling(query: str, title: str) -> bool:
+  """Whether the normalized value `query` may be a misspelling of the normalized `title`, whatever their ratio:
+  at most one character longer (a second title or a comment added is another answer, not a typo), the same digits
+  in the same order (a sequel, a volume or a year names another item), and no letter from a script the title does
+  not use (Cyrillic 'а' for Latin 'a' is a look-alike, not a typo)."""
+  return (len(query) <= len(title) + 1 and _digits(query) == _digits(title)
+          and _scripts(query) <= _scripts(title))
+
+
 def match_candidate(value: str, candidate_titles: Sequence[str],
                     config: ParseConfig = ParseConfig()) -> tuple[int | None, str | None]:
   """(candidate index, rule) for an `Item:` value, or (None, None) when it names no single candidate.
 
   Only the candidate titles are searched, by the first rule that fits: `exact` (one of `title_forms(value)` equals
   a title), `normalized` (`normalize_title` of a form equals that of a title), then `fuzzy` (the difflib ratio of
-  the most changed form's normalized text with a normalized title is at least `config.fuzzy_threshold`). A form
+  the most changed form's normalized text with a normalized title is at least `config.fuzzy_threshold`, among the
+  titles it may be a misspelling of: at most one character longer, the same digits, no letter of another script;
+  see `_may_be_misspelling`). A form
   that fits two candidates (duplicate titles, or titles that normalize alike such as "IRA" and "Ira!") and a best
   fuzzy ratio shared by two candidates are ambiguous: invalid, since picking one would reward or punish the model
   for a coin it did not toss. A bare number is not read as a position in the list: some titles are numbers
@@ -248,7 +294,7 @@ def match_candidate(value: str, candidate_titles: Sequence[str],
     shortest, total = min(len(query), len(normal)), len(query) + len(normal)
     # difflib's ratio is at most 2 * shortest / total; skipping candidates that cannot reach the threshold keeps a
     # very long value from costing a quadratic comparison with every candidate.
-    if total == 0 or 2 * shortest / total < config.fuzzy_threshold:
+    if total == 0 or 2 * shortest / total < config.fuzzy_threshold or not _may_be_misspelling(query, normal):
       continue
     ratio = difflib.SequenceMatcher(None, query, normal, autojunk=False).ratio()
     if ratio > best_ratio:
@@ -279,6 +325,10 @@ def parse_recommender_output(text: str, candidate_titles: Sequence[str], candida
   reason = _reason(lines, labeled)
   item_value = _first_value(lines, labeled, ITEM_LABEL, continue_lines=False)
   index, rule = (None, None) if item_value is None else match_candidate(item_value, candidate_titles, config)
+  if index is not None and any(match_candidate(value, candidate_titles, config)[0] != index
+                               for value in _later_values(lines, labeled, ITEM_LABEL)):
+    # Two answers: reading the first as the answer would pay a hedge over several items as a hit.
+    index, rule = None, None
   valid = index is not None and (bool(reason) or not config.require_reason)
   return RecommenderParse(
       valid=valid, candidate_index=index,
@@ -327,7 +377,8 @@ def parse_user_output(text: str, config: ParseConfig = ParseConfig()) -> UserPar
   """Reads a user message m_user_t; never raises on `text` (anything that is not a str reads as empty).
 
   The action is the one action word (click, star, skip, dislike; any case, whole words) on the first `Action:`
-  line; none or two different ones make it unusable. The score is read by `parse_score`. If the action and the
+  line; none or two different ones make it unusable, and so does a later `Action:` line that does not state that
+  same action (two answers). The score is read by `parse_score`. If the action and the
   score disagree, the action wins and the score is clipped into its interval (`protocol.clip_to_action`); a missing
   score gets the interval's midpoint. A missing action is invalid, even with a score, unless
   `config.infer_action_from_score`: the action is the field that ends an episode and that the F1 protocol reads,
@@ -338,6 +389,9 @@ def parse_user_output(text: str, config: ParseConfig = ParseConfig()) -> UserPar
   labeled = _labeled_lines(text)
   reason = _reason(lines, labeled)
   action = _parse_action(_first_value(lines, labeled, ACTION_LABEL, continue_lines=False))
+  if action is not None and any(_parse_action(value) != action
+                                for value in _later_values(lines, labeled, ACTION_LABEL)):
+    action = None  # two answers: the message hedges, and neither action is the user's
   score, clipped = parse_score(_first_value(lines, labeled, SCORE_LABEL, continue_lines=False))
   inferred = False
   if action is None and score is not None and config.infer_action_from_score:

@@ -1,10 +1,15 @@
 """Prompts for the two agents and the exact output formats they are asked for (METHOD.md section 2).
 
-Builders are pure functions from titles and text to chat messages (a system message with the role and the
-output format, then a user message with the data); tokenizing them is `models.tokenizer.render_chat`'s job. The
-user agent's builder takes no target and no candidate list, so the target i* cannot reach its prompt except as
-an item the dialogue has shown. This module also owns the memory M_t of an episode and the formatters that write
-well-formed outputs, which `parsing` reads back to exactly what they were given.
+Each agent's prompt is one APPEND-ONLY chat: a system message with the role and the output format, a first user
+message with the data that never changes within an episode (history, candidates or peer opinion), then per earlier
+turn the agent's own reply as an assistant message and a new user message with what that turn brought (the user's
+reaction and the moving hint for the recommender; the recommender's next message for the user). So the prompt of
+turn t is the prompt of turn t-1, the agent's reply, and one new message: earlier text never changes, and a
+sampler reads it from its KV cache. The memory M_{t-1} is the dialogue itself. Builders are pure functions from
+titles and text to chat messages; tokenizing them is `models.tokenizer.render_chat`'s job. The user agent's
+builder takes no target and no candidate list, so the target i* cannot reach its prompt except as an item the
+dialogue has shown. This module also owns the formatters that write well-formed outputs, which `parsing` reads
+back to exactly what they were given.
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ class TurnRecord:
     user_action: the user's action a_t, one of `ACTIONS`.
     user_score: the user's acceptance score s_t in [0, 1], inside the action's interval.
     user_reason: the user's rationale j_t.
+    recommender_message: m_rec_t exactly as the recommender wrote it: its assistant message in its own later
+      prompts. None writes the canonical 'Reason: ... / Item: ...' form of the fields above (scripted records).
+    user_message: m_user_t exactly as the user agent wrote it, likewise (None: the canonical form).
+    hint_title: the hint the recommender's prompt showed at this turn (`RolloutConfig.show_hint`), or None.
   """
 
   item_title: str
@@ -68,6 +77,9 @@ class TurnRecord:
   user_action: str
   user_score: float
   user_reason: str
+  recommender_message: str | None = None
+  user_message: str | None = None
+  hint_title: str | None = None
 
   def __post_init__(self):
     check_action(self.user_action, 'TurnRecord.user_action')
@@ -77,6 +89,24 @@ class TurnRecord:
     for name in ('item_title', 'recommender_reason', 'user_reason'):
       if not isinstance(getattr(self, name), str):
         raise TypeError(f'TurnRecord.{name} must be a str, found {type(getattr(self, name)).__name__}')
+    for name in ('recommender_message', 'user_message', 'hint_title'):
+      if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+        raise TypeError(f'TurnRecord.{name} must be a str or None, found {type(getattr(self, name)).__name__}')
+
+  @property
+  def recommender_text(self) -> str:
+    """m_rec_t as the recommender's later prompts hold it."""
+    if self.recommender_message is not None:
+      return self.recommender_message
+    return f'{REASON_LABEL}: {single_line(self.recommender_reason)}\n{ITEM_LABEL}: {_title_line(self.item_title)}'
+
+  @property
+  def user_text(self) -> str:
+    """m_user_t as the user agent's later prompts hold it."""
+    if self.user_message is not None:
+      return self.user_message
+    return (f'{REASON_LABEL}: {single_line(self.user_reason)}\n{ACTION_LABEL}: {self.user_action}\n'
+            f'{SCORE_LABEL}: {format_score(self.user_score)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +158,20 @@ def render_candidates(candidate_titles: Sequence[str]) -> str:
   return '\n'.join(f'{number}. {_title_line(title)}' for number, title in enumerate(candidate_titles, start=1))
 
 
+def render_reaction(number: int, turn: TurnRecord) -> str:
+  """How turn `number` went, as the recommender's next message tells it: the item as shown and the user's
+  action, score and reason (the recommender's own reason is already in its reply)."""
+  return '\n'.join([
+      f'Turn {number}: the user reacted to {_title_line(turn.item_title)}.',
+      f"User's action: {turn.user_action}",
+      f"User's score: {format_score(turn.user_score)}",
+      f"User's reason: {single_line(turn.user_reason)}",
+  ])
+
+
 def render_memory(memory: Memory) -> str:
-  """Every earlier turn in full, oldest first, or a line saying there is none yet."""
+  """Every earlier turn in full, oldest first, or a line saying there is none yet (a summary for reports and the
+  Reflexion baseline; the agents' prompts hold the dialogue itself)."""
   if not memory.turns:
     return '(none: this is the first turn)'
   blocks = []
@@ -155,46 +197,58 @@ def recommender_system_prompt(config: PromptConfig = PromptConfig()) -> str:
   return (
       f'You are a recommender agent talking with a user. Each turn you recommend one {noun} and the user answers '
       f'with an action (click, star, skip or dislike), an acceptance score between 0 and 1, and a reason. The '
-      f'dialogue ends when the user clicks. Use the earlier turns: how the user reacted to each earlier '
-      f'recommendation tells you what they want.\n'
+      f'dialogue ends when the user clicks. After each of your answers you are told how the user reacted: use it '
+      f'to learn what they want.\n'
       f'Recommend exactly one item from the candidates. Answer with a Reason line and an Item line, exactly:\n'
       f'{REASON_LABEL}: <one sentence on why this user will like the {noun}>\n'
       f'{ITEM_LABEL}: <the exact title of one candidate, copied from the list without its number>\n'
       f'Only the candidate {plural} count; any other title is a wasted turn.')
 
 
+def _hint_section(hint_title: str | None) -> list[str]:
+  if hint_title is None:
+    return []
+  # The hint ends in the very line the answer must end in ('Item: <title>'), so that a model can answer by copying
+  # what follows the last 'Item:' it has seen (an induction copy), not by learning where a quote is.
+  return [f'Hint: a sequential recommender trained on past interactions ranks this candidate first among those not '
+          f'recommended yet in this dialogue:\n{ITEM_LABEL}: {_title_line(hint_title)}']
+
+
 def recommender_messages(*, history_titles: Sequence[str], candidate_titles: Sequence[str],
                          memory: Memory = Memory(), hint_title: str | None = None,
                          config: PromptConfig = PromptConfig()) -> list[Message]:
-  """The recommender's input x_rec_t = (h_u, C, M_{t-1}, optional hint) as chat messages.
+  """The recommender's input x_rec_t = (h_u, C, M_{t-1}, optional hint) as one append-only chat.
+
+  Turn t = len(memory) + 1. The first user message holds h_u and C (and turn 1's hint); each earlier turn k adds
+  the recommender's reply m_rec_k (assistant) and a user message with the user's reaction to it and turn k+1's
+  hint, so the prompt of turn t starts with the prompt of turn t-1 and its reply.
 
   Args:
     history_titles: h_u, the user's last items, oldest first.
     candidate_titles: C, shown as a numbered list in this order.
-    memory: M_{t-1}, the earlier turns of this episode.
-    hint_title: SASRec's top-scored candidate, shown as a hint; None leaves the hint out. It must be a candidate.
+    memory: M_{t-1}, the earlier turns of this episode (each with the hint its turn showed).
+    hint_title: turn t's hint, SASRec's best candidate not recommended yet; None leaves it out. It must be in C.
     config: the wording.
   """
   _check_titles(history_titles, 'history_titles')
   _check_titles(candidate_titles, 'candidate_titles')
   if not candidate_titles:
     raise ValueError('candidate_titles must hold at least one title')
-  if hint_title is not None and hint_title not in candidate_titles:
-    raise ValueError(f'hint_title {hint_title!r} is not one of the candidate titles; the hint names SASRec\'s top '
-                     f'candidate, so it must be in C')
+  hints = [turn.hint_title for turn in memory] + [hint_title]
+  for hint in hints:
+    if hint is not None and hint not in candidate_titles:
+      raise ValueError(f'hint_title {hint!r} is not one of the candidate titles; the hint names SASRec\'s top '
+                       f'candidate, so it must be in C')
   plural = config.item_noun_plural
-  sections = [
-      f"The user's history, oldest first:\n{render_history(history_titles)}",
-      f'Candidate {plural}:\n{render_candidates(candidate_titles)}',
-      f'Earlier turns of this dialogue:\n{render_memory(memory)}',
-  ]
-  if hint_title is not None:
-    # The hint ends in the very line the answer must end in ('Item: <title>'), so that a model can answer by
-    # copying what follows the last 'Item:' it has seen (an induction copy), not by learning where a quote is.
-    sections.append(f'Hint: a sequential recommender trained on past interactions ranks this candidate first among '
-                    f'those not recommended yet in this dialogue:\n{ITEM_LABEL}: {_title_line(hint_title)}')
-  return [{'role': 'system', 'content': recommender_system_prompt(config)},
-          {'role': 'user', 'content': '\n\n'.join(sections)}]
+  first = [f"The user's history, oldest first:\n{render_history(history_titles)}",
+           f'Candidate {plural}:\n{render_candidates(candidate_titles)}'] + _hint_section(hints[0])
+  messages = [{'role': 'system', 'content': recommender_system_prompt(config)},
+              {'role': 'user', 'content': '\n\n'.join(first)}]
+  for number, turn in enumerate(memory, start=1):
+    messages.append({'role': 'assistant', 'content': turn.recommender_text})
+    messages.append({'role': 'user', 'content': '\n\n'.join([render_reaction(number, turn)]
+                                                             + _hint_section(hints[number]))})
+  return messages
 
 
 def user_system_prompt(config: PromptConfig = PromptConfig()) -> str:
@@ -212,12 +266,20 @@ def user_system_prompt(config: PromptConfig = PromptConfig()) -> str:
       f'not want it.')
 
 
+def _recommendation(title: str, reason: str) -> str:
+  return (f'The recommender now says:\nRecommended item: {_title_line(title)}\n'
+          f"Recommender's reason: {single_line(reason)}")
+
+
 def user_messages(*, history_titles: Sequence[str], recommended_title: str, recommender_reason: str,
                   memory: Memory = Memory(), peer_opinion: str | None = None,
                   config: PromptConfig = PromptConfig()) -> list[Message]:
-  """The user agent's input x_user_t = (h_u, m_rec_t, M_{t-1}, p_t) as chat messages.
+  """The user agent's input x_user_t = (h_u, m_rec_t, M_{t-1}, p_t) as one append-only chat.
 
-  There is deliberately no parameter for the target i* or the candidate list: the user agent never sees them.
+  Turn t = len(memory) + 1. The first user message holds h_u, the peer opinion p_t (one sentence, the same at
+  every turn of an episode) and the recommender's first message; each earlier turn k adds the user agent's own
+  reply m_user_k (assistant) and a user message with the recommender's message of turn k+1. There is
+  deliberately no parameter for the target i* or the candidate list: the user agent never sees them.
 
   Args:
     history_titles: h_u, the user's last items, oldest first.
@@ -230,16 +292,17 @@ def user_messages(*, history_titles: Sequence[str], recommended_title: str, reco
   _check_titles(history_titles, 'history_titles')
   if not isinstance(recommended_title, str):
     raise TypeError(f'recommended_title must be a str, found {type(recommended_title).__name__}')
-  sections = [
-      f'Your history, oldest first:\n{render_history(history_titles)}',
-      f'Earlier turns of this dialogue:\n{render_memory(memory)}',
-      f'The recommender now says:\nRecommended item: {_title_line(recommended_title)}\n'
-      f"Recommender's reason: {single_line(recommender_reason)}",
-  ]
+  shown = [(turn.item_title, turn.recommender_reason) for turn in memory] + [(recommended_title, recommender_reason)]
+  first = [f'Your history, oldest first:\n{render_history(history_titles)}']
   if peer_opinion is not None:
-    sections.append(f'Peer opinion: {single_line(peer_opinion)}')
-  return [{'role': 'system', 'content': user_system_prompt(config)},
-          {'role': 'user', 'content': '\n\n'.join(sections)}]
+    first.append(f'Peer opinion: {single_line(peer_opinion)}')
+  first.append(_recommendation(*shown[0]))
+  messages = [{'role': 'system', 'content': user_system_prompt(config)},
+              {'role': 'user', 'content': '\n\n'.join(first)}]
+  for number, turn in enumerate(memory, start=1):
+    messages.append({'role': 'assistant', 'content': turn.user_text})
+    messages.append({'role': 'user', 'content': _recommendation(*shown[number])})
+  return messages
 
 
 def format_recommender_output(reason: str, title: str) -> str:

@@ -85,7 +85,9 @@ class RolloutRecord:
     meta = {'seed': int(self.seed), 'seconds': float(self.seconds),
             **{name: list(getattr(self.trajectory, name)) if name != 'split' else self.trajectory.split
                for name in _TEXT_FIELDS}}
-    (folder / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, allow_nan=False))
+    # As in `to_jsonl`: a lone surrogate in a message is written as the JSON escape that reads back to it.
+    (folder / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, allow_nan=False), encoding='utf-8',
+                                    errors='backslashreplace')
     to_jsonl(self.trajectory, folder / JSONL_FILE)
     return folder
 
@@ -96,7 +98,7 @@ class RolloutRecord:
     for name in (ARRAYS_FILE, META_FILE):
       if not (folder / name).is_file():
         raise FileNotFoundError(f'{folder} holds no rollout record ({name} is missing)')
-    meta = json.loads((folder / META_FILE).read_text())
+    meta = json.loads((folder / META_FILE).read_text(encoding='utf-8'))
     with np.load(folder / ARRAYS_FILE) as stored:
       arrays = {key: stored[key] for key in stored.files}
     fields = {key.split('.', 1)[1]: value for key, value in arrays.items() if key.startswith('trajectory.')}

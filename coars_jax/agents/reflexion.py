@@ -98,11 +98,13 @@ def reflection_section(reflections: Sequence[str]) -> str:
 
 
 def with_section(messages: Sequence[Message], section: str) -> list[Message]:
-  """A copy of chat `messages` whose last user message ends with `section` (unchanged when it is '')."""
+  """A copy of chat `messages` whose FIRST user message ends with `section` (unchanged when it is ''): the
+  reflections are fixed for an episode, so they sit with the other fixed data and every later turn's prompt still
+  starts with the earlier one (`prompts`: append-only dialogues)."""
   messages = [dict(m) for m in messages]
   if not section:
     return messages
-  for message in reversed(messages):
+  for message in messages:
     if message.get('role') == 'user':
       message['content'] = f'{message["content"]}\n\n{section}'
       return messages

@@ -257,7 +257,10 @@ def episode_record(episode: Episode) -> dict[str, Any]:
 def to_jsonl(source: Trajectory | Sequence[Episode], path: str | os.PathLike) -> int:
   """Writes one JSON line per episode (`episode_record`) to `path`; returns the number of lines."""
   records = source.records if isinstance(source, Trajectory) else [episode_record(e) for e in source]
-  with open(path, 'w', encoding='utf-8') as handle:
+  # A message may hold a lone surrogate (an API's JSON can carry one), which UTF-8 cannot encode. json.dumps leaves
+  # it raw inside a JSON string, so writing it as its `\udXXX` escape is exactly the JSON escape that reads back to
+  # the same character.
+  with open(path, 'w', encoding='utf-8', errors='backslashreplace') as handle:
     for record in records:
       handle.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + '\n')
   return len(records)

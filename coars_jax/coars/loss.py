@@ -23,6 +23,7 @@ from coars_jax.coars.rewards import group_centred
 from coars_jax.coars.credit import teacher_student_log_probs, token_advantages
 from coars_jax.models.decoder import Decoder
 from coars_jax.sampling.distributions import SamplingParams
+from coars_jax.sampling.packed import packed_log_probs
 from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, completion_log_probs, shared_prefix_log_probs
 
 # |log ratio| bound before exp() in the PPO ratio and the k3 estimator: a token whose behaviour or base
@@ -188,7 +189,14 @@ def coars_objective(model: Decoder, batch: Mapping[str, jax.Array], *, lambda_sd
     (loss, metrics) of `coars_loss`.
   """
   completion_tokens, completion_mask = batch['completion_tokens'], batch['completion_mask']
-  if 'teacher_suffix_tokens' in batch and lambda_sd != 0:
+  if 'dialogue_tokens' in batch:
+    # Packed dialogues (`training.update_batch`): one student forward per row of dialogues, the teacher segments
+    # reading the student's keys and values; the adapter is chosen per row (one agent per row).
+    kwargs = dict(model_call_kwargs, adapter=batch['row_adapter'])
+    student, teacher = packed_log_probs(model, batch, teacher=lambda_sd != 0, params=params, chunk_size=chunk_size,
+                                        **kwargs)
+    teacher = student if teacher is None else teacher
+  elif 'teacher_suffix_tokens' in batch and lambda_sd != 0:
     student, teacher = shared_prefix_log_probs(
         model, batch['prompt_tokens'], batch['prompt_mask'], completion_tokens, completion_mask,
         batch['teacher_suffix_tokens'], batch['teacher_suffix_mask'], batch['teacher_shared_length'], params=params,

@@ -2,8 +2,10 @@
 recommender, Eq. 8 for the user, coupled through hit_t and s_t) with its exclusion rule, the terminal hit reward
 (the outcome-RL baseline's, or CoARS's ablation without the interaction reward) and the judge-RL baseline's
 terminal 2p - 1; `segment_rewards` picks one of the first two by name (`REWARD_KINDS`) for the trainer's config
-(the judge's p comes from a model pass, so the trainer calls `judge_rewards` itself). Wherever the user agent is
-rewarded, its own invalid (unparseable) message gets the fixed penalty `invalid_user_reward` (METHOD.md section 2).
+(the judge's p comes from a model pass, so the trainer calls `judge_rewards` itself). No invalid (unparseable)
+message earns more than the floor of its agent's reward (METHOD.md section 2): wherever the user agent is rewarded,
+its own invalid message gets the fixed penalty `invalid_user_reward`, and the recommender's gets the least its reward
+can be (-D_t for Eq. 7, the unhit terminal value for the outcome reward, p = 0 for the judge's).
 Pure jittable functions of per-segment arrays laid out as `agents.Trajectory` rows.
 """
 
@@ -42,10 +44,15 @@ def interaction_rewards(hit: jax.Array, acceptance_score: jax.Array, peer_simila
 
   Invalid messages (METHOD.md section 2). The rollout records an invalid recommender message as a miss (hit_t = 0,
   q_t = 0) and an invalid user message as a skip at s_t = .375; that s_t is the user's effect on the dialogue, so
-  R_rec_t keeps using it. The user agent's OWN reward for an invalid message is the fixed `invalid_user_reward`
-  instead of Eq. 8: read as a skip, a miss would pay R_user = (-1)(2 * .375 - 1) = +.25, so breaking the format
-  would pay. The penalty is set on the user's own segment only (agent = user and not valid), which stays
-  included whatever the exclusion rule says of its turn.
+  a valid recommender message's R_rec_t keeps using it. Neither agent's OWN reward for an invalid message is read
+  from Eq. 7-8, since both readings would pay for breaking the format:
+  - the user's is the fixed `invalid_user_reward`: read as a skip, a miss would pay R_user = (-1)(2 * .375 - 1) =
+    +.25;
+  - the recommender's is -D_t, the floor of Eq. 7: read as a miss the user skipped at s = .375, it would earn
+    -0.6875 D_t, more than a valid miss the user skips at s just under .5 (-0.75 D_t); and read as a miss the user
+    clicked or starred (the user sees what the message said), it would be excluded and earn nothing.
+  Each penalty is set on the agent's own invalid segment only, which stays included whatever the exclusion rule
+  says of its turn.
 
   Args:
     hit: bool[S], hit_t = 1 iff i_t = i*.
@@ -56,7 +63,7 @@ def interaction_rewards(hit: jax.Array, acceptance_score: jax.Array, peer_simila
     gamma: the decay of D_t.
     alpha: the peer-similarity strength alpha of Eq. 8.
     valid: bool[S] or None, whether each segment's own message parsed (`Trajectory.valid`); None: all valid.
-    agent: int[S], 0 recommender, 1 user; required with `valid` (only user segments are penalised).
+    agent: int[S], 0 recommender, 1 user; required with `valid` (each segment is judged by its own message).
     invalid_user_reward: R_user of an invalid user segment (-1 by default).
   Returns:
     (r_rec, r_user, included): float32[S] R_rec_t, float32[S] R_user_t (each segment carries both of its turn's
@@ -69,10 +76,29 @@ def interaction_rewards(hit: jax.Array, acceptance_score: jax.Array, peer_simila
   similarity = jnp.asarray(peer_similarity, jnp.float32)
   sign = 2.0 * hit.astype(jnp.float32) - 1.0
   centred = 2.0 * score - 1.0
-  r_rec = sign * (0.5 + 0.5 * score) * stage_weight(turn, gamma)
+  stage = stage_weight(turn, gamma)
+  r_rec = sign * (0.5 + 0.5 * score) * stage
   r_user = sign * centred * (1.0 - alpha * similarity * centred)
   included = ~(~hit & is_positive_action(action))
+  r_rec, included = penalise_invalid_recommender(r_rec, included, valid, agent, -stage, include=True)
   return penalise_invalid_user(r_rec, r_user, included, valid, agent, invalid_user_reward)
+
+
+def penalise_invalid_recommender(r_rec: jax.Array, included: jax.Array, valid: jax.Array | None,
+                                 agent: jax.Array | None, floor: jax.Array | float, *,
+                                 include: bool) -> tuple[jax.Array, jax.Array]:
+  """(r_rec, included) with R_rec = `floor` (a scalar or float[S]) on the recommender's own invalid segments
+  (agent = recommender and not valid), and with `include` those segments included too; every other value unchanged.
+  `valid` None: nothing to penalise."""
+  if valid is None:
+    return r_rec, included
+  if agent is None:
+    raise ValueError('penalise_invalid_recommender: `valid` needs `agent`, so that only the recommender\'s own '
+                     'segments are penalised')
+  chex.assert_equal_shape([r_rec, included, valid, agent])
+  invalid_rec = (jnp.asarray(agent) == RECOMMENDER_ID) & ~jnp.asarray(valid).astype(bool)
+  r_rec = jnp.where(invalid_rec, jnp.asarray(floor, jnp.float32), r_rec).astype(jnp.float32)
+  return r_rec, (included | invalid_rec) if include else included
 
 
 def penalise_invalid_user(r_rec: jax.Array, r_user: jax.Array, included: jax.Array, valid: jax.Array | None,
@@ -123,8 +149,12 @@ def outcome_rewards(final_hit: jax.Array, agent: jax.Array, turn: jax.Array, las
     every_turn: every segment stays included, with R = 0 where `assign` gives no reward, so that a
       self-distillation term lambda_SD A still acts on every turn (False: the baseline, where only the rewarded
       segments carry loss; with lambda_SD = 0 an unrewarded segment's weight is 0 anyway).
-    valid, invalid_user_reward: with `reward_user`, the user's invalid segments get R_user = invalid_user_reward
-      and are included, as in `interaction_rewards`.
+    valid, invalid_user_reward: `Trajectory.valid` (None: all valid). With `reward_user`, the user's invalid
+      segments get R_user = invalid_user_reward and are included, as in `interaction_rewards`. An included
+      recommender segment whose own message is invalid gets the unhit value (-1 signed, 0 unsigned), so that with
+      assign 'episode' or `every_turn` an invalid message in a hit episode does not share the episode's +1; which
+      segments are included does not change for it (the baseline keeps one segment per episode). With assign
+      'final' the final message's validity is already in hit_T, since an invalid message names no item.
   Returns:
     (r_rec, r_user, included): float32[S] the reward on the rewarded recommender segments and 0 elsewhere,
     float32[S] the same on the rewarded user segments (zeros unless `reward_user`), and bool[S] True on the
@@ -143,6 +173,8 @@ def outcome_rewards(final_hit: jax.Array, agent: jax.Array, turn: jax.Array, las
   r_rec = jnp.where(rec_rewarded, value, 0.0)
   r_user = jnp.where(user_rewarded, value, 0.0)
   included = jnp.ones(agent.shape, bool) if every_turn else rec_rewarded | user_rewarded
+  r_rec, _ = penalise_invalid_recommender(r_rec, included, valid, agent, -1.0 if signed else 0.0, include=False)
+  r_rec = jnp.where(included, r_rec, 0.0)
   if not reward_user:
     return r_rec, r_user, included
   return penalise_invalid_user(r_rec, r_user, included, valid, agent, invalid_user_reward)
@@ -154,8 +186,12 @@ def judge_rewards(judge_probability: jax.Array, agent: jax.Array, turn: jax.Arra
   base model's probability that the finished dialogue found an item the user wants next (METHOD.md section 8,
   "judge-based outcome rewards"; the trainer asks the base model, adapters off).
 
+  p must not pay a message the judge could not have seen as an answer: `judge_segment_probability` sets p = 0 on a
+  segment whose own message is invalid (the judge reads the text an invalid message wrote, and may like it), so such
+  a rewarded segment earns the floor -1; a p that is not a number (NaN, from a degenerate score) earns -1 as well.
+
   Args:
-    judge_probability: float[S], p of each segment's episode (the same value on all its segments).
+    judge_probability: float[S], p of each segment's episode (`judge_segment_probability`).
     agent, turn, last_turn, assign: as in `outcome_rewards`.
   Returns:
     (r_rec, r_user, included) laid out as `outcome_rewards` returns them.
@@ -164,12 +200,23 @@ def judge_rewards(judge_probability: jax.Array, agent: jax.Array, turn: jax.Arra
     raise ValueError(f'judge_rewards: assign must be one of {OUTCOME_ASSIGNMENTS}, found {assign!r}')
   chex.assert_rank([judge_probability, agent, turn, last_turn], 1)
   chex.assert_equal_shape([judge_probability, agent, turn, last_turn])
-  value = 2.0 * jnp.clip(jnp.asarray(judge_probability, jnp.float32), 0.0, 1.0) - 1.0
+  probability = jnp.asarray(judge_probability, jnp.float32)
+  # jnp.clip keeps a NaN, which would turn the whole loss into NaN; a judge that gave no number judged nothing good.
+  value = 2.0 * jnp.clip(jnp.where(jnp.isnan(probability), 0.0, probability), 0.0, 1.0) - 1.0
   rewarded = jnp.asarray(agent) == RECOMMENDER_ID
   if assign == 'final':
     rewarded = rewarded & (jnp.asarray(turn) == jnp.asarray(last_turn))
   r_rec = jnp.where(rewarded, value, 0.0)
   return r_rec, jnp.zeros_like(r_rec), rewarded
+
+
+def judge_segment_probability(judge_probability: jax.Array, episode: jax.Array, valid: jax.Array) -> jax.Array:
+  """float32[S]: the judge's p of each segment's episode (`judge_probability` float[E], `episode` int[S] as
+  `Trajectory.episode`), and 0 on a segment whose own message is invalid (`Trajectory.valid`), so that
+  `judge_rewards` pays an invalid recommender message the floor 2 * 0 - 1 = -1 (METHOD.md section 2)."""
+  probability = jnp.asarray(judge_probability, jnp.float32)[jnp.asarray(episode)]
+  chex.assert_equal_shape([probability, valid])
+  return jnp.where(jnp.asarray(valid).astype(bool), probability, 0.0)
 
 
 def agent_reward(r_rec: jax.Array, r_user: jax.Array, agent: jax.Array) -> jax.Array:

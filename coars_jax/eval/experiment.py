@@ -26,6 +26,7 @@ from coars_jax.data import DATASETS, load_dataset
 from coars_jax.data.user_sim import UserSimSet, user_sim_set
 from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic
 from coars_jax.eval.user_f1 import UserF1Config
+from coars_jax.models import peft_adapters
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.recsys import experiment as sasrec_experiment
 from coars_jax.sampling import LengthBuckets, SamplingParams
@@ -176,7 +177,8 @@ def _backend_config(config) -> LLMBackendConfig:
 
 
 def load_agents(config: ml_collections.ConfigDict):
-  """(model, tokenizer, adapters): the backbone, with the checkpoint's adapters when one is configured; `adapters`
+  """(model, tokenizer, adapters): the backbone, with the checkpoint's adapters when one is configured (a warm-start
+  or RL export, or a folder of PEFT LoRA folders, one per agent); `adapters`
   maps each agent to its adapter name, or is None for the base model (zero-shot agents)."""
   from coars_jax.training.warm_start import load_warm_start  # the checkpoint format; imported late (no cycle)
   spec = backbone.BackboneSpec(name=config.model, data_root=config.data_root or None,
@@ -188,6 +190,11 @@ def load_agents(config: ml_collections.ConfigDict):
                       'speak the protocol; pass --config.checkpoint=<warm start folder>.')
     model, tokenizer = backbone.load_backbone(spec)
     return model, tokenizer, None
+  folders = peft_adapters.peft_export_folders(config.checkpoint, AGENTS)
+  if folders is not None:  # one PEFT folder per agent (experiments.export_adapters, or trained elsewhere)
+    model, tokenizer = backbone.load_backbone(spec)
+    peft_adapters.load_peft_adapters(model, folders)
+    return model, tokenizer, {agent: agent for agent in AGENTS}
   meta = json.loads((pathlib.Path(config.checkpoint) / 'warm_start.json').read_text()) if (
       pathlib.Path(config.checkpoint) / 'warm_start.json').is_file() else None
   if meta is None:

@@ -18,6 +18,51 @@ from coars_jax.models.rope import apply_rope, inverse_frequencies
 
 # Finite rather than -inf so a row with nothing to attend to (a padding query) gives finite garbage, not NaN.
 _MASKED_SCORE = -1e30
+# A one-token decode step reads the cache in blocks of this many slots (or the largest power of two dividing the
+# cache length), from the first block any row attends to through the block of the current token.
+DECODE_BLOCK = 256
+# Read at trace time: False makes decode steps attend over every slot of the cache (the benchmarks' baseline).
+LIVE_SLOT_DECODE = True
+
+
+def _live_slot_attention(grouped: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+                         write_index: jax.Array) -> jax.Array:
+    """Attention of one query per row over the cache's LIVE slots only: grouped [B, 1, K, G, D] queries, keys and
+    values [B, S, K, D], mask [B, 1, S] -> [B, 1, K, G, D].
+
+    Prompts are left-padded to a bucket and the cache ends with room for the whole completion bucket, so most slots
+    of a decode step are padding or not written yet. The slots run in blocks, as an online softmax (running max,
+    sum and weighted values per row): blocks before the first slot any row attends to and after the current token
+    are never read. Equal to the full softmax up to float rounding.
+    """
+    batch, slots, num_kv_heads, head_dim = keys.shape
+    block = next(b for b in (DECODE_BLOCK, 128, 64, 32, 16, 8, 4, 2, 1) if slots % b == 0)
+    first = jnp.argmax(mask[:, 0, :].any(axis=0)) // block
+    last = write_index // block
+    scale = head_dim ** -0.5
+    groups = grouped.shape[3]
+
+    def read_block(index, carry):
+        running_max, running_sum, weighted = carry
+        start = index * block
+        block_keys = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1).astype(grouped.dtype)
+        block_values = jax.lax.dynamic_slice_in_dim(values, start, block, axis=1).astype(grouped.dtype)
+        block_mask = jax.lax.dynamic_slice_in_dim(mask, start, block, axis=2)
+        scores = jnp.einsum("blkgd,bskd->bkgls", grouped, block_keys, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(block_mask[:, None, None, :, :], scores, _MASKED_SCORE)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1, keepdims=True))
+        probs = jnp.exp(scores - new_max)
+        correction = jnp.exp(running_max - new_max)
+        running_sum = running_sum * correction + probs.sum(axis=-1, keepdims=True)
+        weighted = weighted * correction + jnp.einsum("bkgls,bskd->bkgld", probs, block_values.astype(jnp.float32))
+        return new_max, running_sum, weighted
+
+    shape = (batch, num_kv_heads, groups, 1)
+    init = (jnp.full(shape + (1,), _MASKED_SCORE, jnp.float32), jnp.zeros(shape + (1,), jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+    _, running_sum, weighted = jax.lax.fori_loop(first, last + 1, read_block, init)
+    out = (weighted / running_sum).astype(grouped.dtype)  # [B, K, G, 1, D]
+    return jnp.transpose(out, (0, 3, 1, 2, 4))
 
 
 class Attention(nnx.Module):
@@ -70,6 +115,9 @@ class Attention(nnx.Module):
         batch, length, num_heads, head_dim = queries.shape
         num_kv_heads = keys.shape[2]
         grouped = queries.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        if cached_kv is not None and length == 1 and LIVE_SLOT_DECODE:
+            attended = _live_slot_attention(grouped, keys, values, mask, write_index)
+            return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
         scores = jnp.einsum("blkgd,bskd->bkgls", grouped, keys, preferred_element_type=jnp.float32)
         scores = scores * (head_dim ** -0.5)
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
@@ -152,12 +200,16 @@ class Decoder(nnx.Module):
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                       cache: KVCache | None = None, *, adapter: str | jax.Array | None = None,
-                      remat: bool = False) -> tuple[jax.Array, KVCache | None]:
+                      remat: bool = False,
+                      attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, L, E] (before the vocabulary projection) and the updated cache.
 
         remat: rematerialise each layer under differentiation (`jax.checkpoint`): the backward pass keeps each
           layer's input only and recomputes the rest, trading one more forward pass of the differentiated layers
           for activation memory.
+        attention_mask: bool [B, L, S] (S = the cache's slots, or L without a cache) replaces the mask built from
+          segment ids and slots, for layouts it cannot express: packed teacher rows that each read a different
+          prefix of the student's cache (`sampling.packed`). The cache's segment ids are still written.
         The input of the lowest layer with LoRA adapters is a stop-gradient point when adapters are attached to
         upper layers only (`LoRAConfig.layers`): no trainable parameter lies below it, so no gradient has to.
         """
@@ -182,6 +234,10 @@ class Decoder(nnx.Module):
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, write_index))
             mask = _attention_mask(segment_ids, cache_segments, write_index + jnp.arange(length),
                                    jnp.arange(cache.max_len))
+        if attention_mask is not None:
+            if attention_mask.shape != mask.shape:
+                raise ValueError(f"Decoder: attention_mask must be {mask.shape}; found {attention_mask.shape}")
+            mask = attention_mask.astype(bool)
 
         x = constrain(self.token_embedding(tokens), (BATCH, LENGTH, EMBED))
         lowest_adapted = self.lowest_adapted_layer

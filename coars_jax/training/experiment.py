@@ -43,6 +43,7 @@ from coars_jax.data.user_sim import UserSimSet, user_sim_set
 from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic, play_windows
 from coars_jax.eval.metrics import paired_bootstrap
 from coars_jax.eval.user_f1 import UserF1Config
+from coars_jax.models import peft_adapters
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import BASE_PARAMS, LoRAConfig, add_lora
@@ -104,6 +105,7 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
       'model': model,  # the shared base LLM: 'tiny', 'smollm2-135m', or an HF checkpoint folder
       'tokenizer_vocab_size': tokenizer_lib.DEFAULT_VOCAB_SIZE,  # the tiny tokenizer's size (model='tiny' only)
       'model_seed': 0,  # the tiny model's random initialisation
+      'peft_adapters': '',  # a folder with a PEFT LoRA folder per agent to start from, in place of a warm start
       'sasrec_workdir': f'runs/sasrec_{dataset}',  # the peer's checkpoints (trained there if absent)
       'sasrec_seed': 0,  # which SASRec training seed gives the hint, p_t, q_t and the ranks in d
       'sasrec_max_epochs': 0,  # cap on SASRec's epochs when it is trained here (0 = its own default, early-stopped)
@@ -361,6 +363,9 @@ def _validate_folders(config) -> None:
   workdir = configlib.require_folder('workdir', config.workdir)
   sasrec = configlib.require_folder('sasrec_workdir', config.sasrec_workdir)
   warm = configlib.require_folder('warm_start.folder', config.warm_start.folder, allow_empty=True)
+  configlib.require_folder('peft_adapters', config.peft_adapters, allow_empty=True)
+  configlib.require(not (config.peft_adapters and config.warm_start.enabled), 'peft_adapters',
+                    "'' while warm_start.enabled (start from one or the other)", config.peft_adapters)
   configlib.require(isinstance(config.data_root, str) and '\x00' not in config.data_root, 'data_root',
                     "a folder path or ''", config.data_root)
   outputs = {workdir / name: f'the run output <workdir>/{name}' for name in RUN_OUTPUTS if name != WARM_START_DIR}
@@ -522,6 +527,14 @@ def prepare_agents(config, parts: Components, workdir: pathlib.Path) -> tuple[De
   config can point at the same folder so all of them start from one warm start), or the base with fresh adapters
   (B = 0: the agents start as the base model). Zero-shot and Reflexion without a warm start keep the bare base."""
   model = parts.model
+  if config.peft_adapters:
+    folders = peft_adapters.peft_export_folders(config.peft_adapters, AGENTS)
+    if folders is None:
+      raise configlib.ConfigError(f"Config field 'peft_adapters': {config.peft_adapters} holds no PEFT folder per "
+                                  f'agent {list(AGENTS)}')
+    peft_adapters.load_peft_adapters(model, folders, lora_config=lora_config(config),
+                                     rngs=nnx.Rngs(config.lora.seed))
+    return model, {'stage': 'peft', 'folder': str(pathlib.Path(config.peft_adapters).absolute())}
   if config.warm_start.enabled:
     folder = pathlib.Path(config.warm_start.folder or workdir / WARM_START_DIR).absolute()
     settings = warm_start_config(config)

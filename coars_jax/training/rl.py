@@ -58,6 +58,8 @@ from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import LengthBuckets, SamplingParams, score
 from coars_jax.sampling.buckets import left_pad, right_pad
 from coars_jax.sampling.constraints import ChoiceConstraint
+from coars_jax.sampling import packed as packed_lib
+from coars_jax.training.update_batch import pack_update_batch
 from coars_jax.sampling.sampler import common_prefix_length
 from coars_jax.sampling.compilation import record_trace, trace_counts
 from coars_jax.sampling.model_inputs import inference_view
@@ -144,6 +146,12 @@ class RLConfig:
       activation memory of one layer input per layer, for one more forward pass of the adapted layers.
     prefix_reuse: rollouts prefill only what each prompt adds to the same episode's previous prompt of that agent
       (`agents.LLMBackendConfig.prefix_reuse`); the same tokens and log-probs to float rounding.
+    packed_update: the update reads each agent's dialogue ONCE (`training.update_batch`, `sampling.packed`): the
+      append-only dialogue up to its last loss turn is one sequence, several share a row, one student forward gives
+      every turn's log-probs and the teacher of turn t reads the student's keys and values of x_t's shared part.
+      Off: one row per turn (x_t, y_t), each prompt forwarded again. The same loss and gradients to float rounding.
+    packed_tokens: tokens per microbatch of the packed update (rows x row length; at least one row of a multiple
+      of the data axis): the memory knob of the packed step.
   """
 
   iterations: int = 200
@@ -182,6 +190,8 @@ class RLConfig:
   teacher_reuses_student_cache: bool = True
   remat: bool = True
   prefix_reuse: bool = True
+  packed_update: bool = True
+  packed_tokens: int = 8192
 
   def __post_init__(self):
     if self.train_pool not in TRAIN_POOLS:
@@ -189,12 +199,12 @@ class RLConfig:
     for name, least in (('iterations', 1), ('windows_per_iteration', 1), ('rollouts_per_window', 1),
                         ('recommender_max_new_tokens', 1), ('user_max_new_tokens', 1), ('rows_per_microbatch', 1),
                         ('warmup_iterations', 0), ('max_consecutive_nonfinite', 1), ('seed', 0),
-                        ('ppo_epochs', 1)):
+                        ('ppo_epochs', 1), ('packed_tokens', 1)):
       _require_int(self, name, least)
     if self.score_chunk_size is not None:
       _require_int(self, 'score_chunk_size', 1)
     for name in ('group_baseline', 'train_user_agent', 'outcome_signed', 'constrained', 'reference_omits_samples',
-                 'teacher_reuses_student_cache', 'remat', 'prefix_reuse'):
+                 'teacher_reuses_student_cache', 'remat', 'prefix_reuse', 'packed_update'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'RLConfig.{name} must be a bool, found {getattr(self, name)!r}')
     if self.reward not in REWARDS:
@@ -507,6 +517,7 @@ class StepSettings:
   constrained: bool = False
   teacher_cache: bool = False
   remat: bool = False
+  packed: bool = False
 
   @classmethod
   def from_config(cls, config: RLConfig, pad_token_id: int) -> 'StepSettings':
@@ -516,7 +527,7 @@ class StepSettings:
                weight_decay=float(config.weight_decay), ppo_epsilon=float(config.ppo_epsilon) or None,
                constrained=bool(config.constrained),
                teacher_cache=bool(config.teacher_reuses_student_cache and config.lambda_sd != 0),
-               remat=bool(config.remat))
+               remat=bool(config.remat), packed=bool(config.packed_update))
 
   def make_optimizer(self) -> optax.GradientTransformation:
     """`optim.clipped_adamw` without its step size: the step scales the update by -learning_rate."""
@@ -534,6 +545,9 @@ TEACHER_KEYS = ('teacher_prompt_tokens', 'teacher_prompt_mask')
 # The teacher prompt as x[:shared] + suffix, read against the student's cache (`sampling.shared_prefix_log_probs`).
 TEACHER_CACHE_KEYS = ('teacher_suffix_tokens', 'teacher_suffix_mask', 'teacher_shared_length')
 PPO_KEYS = ('behaviour_log_probs',)  # pi_old of the ratio clip, when it is on
+# The packed update (`training.update_batch`): rows of dialogues [K, R, L], reply segments [K, J, ...].
+PACKED_BATCH_KEYS = packed_lib.DIALOGUE_KEYS + ('row_adapter', 'adapter', 'agent', 'reward', 'included')
+PACKED_TEACHER_KEYS = packed_lib.TEACHER_KEYS
 # Each segment's output grammar (`sampling.constraints.ChoiceConstraint`), when rollouts are constrained: the
 # per-row fields, then the vocabulary-wide ones, which are repeated on every row so that all keys are [K, R, ...].
 CONSTRAINT_ROW_FIELDS = ('head', 'head_lengths', 'choices', 'choice_lengths', 'line_budget', 'final_free',
@@ -616,9 +630,11 @@ def _update_body(lora: nnx.State, frozen: nnx.State, opt_state: optax.OptState, 
                  settings: StepSettings) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
   """One optimizer update from all microbatches of a rollout; see the module docstring."""
   record_trace(STEP_TRACE_NAME)
-  chex.assert_rank([batch['prompt_tokens'], batch['completion_tokens'], batch['completion_mask']], 3)
+  first = 'dialogue_tokens' if settings.packed else 'prompt_tokens'
+  chex.assert_rank([batch[first], batch['completion_tokens'], batch['completion_mask']], 3)
   chex.assert_rank([batch['reward'], batch['included'], batch['agent'], batch['adapter']], 2)
-  chex.assert_equal_shape_prefix([batch['prompt_tokens'], batch['completion_tokens'], batch['reward']], 2)
+  chex.assert_equal_shape_prefix([batch['completion_tokens'], batch['reward']], 2)
+  chex.assert_equal_shape_prefix([batch[first], batch['completion_tokens']], 1)
   chex.assert_rank(adapter_update_mask, 1)
   chex.assert_rank([num_episodes, learning_rate], 0)
   tx = settings.make_optimizer()
@@ -635,13 +651,17 @@ def _update_body(lora: nnx.State, frozen: nnx.State, opt_state: optax.OptState, 
     model = nnx.merge(graphdef, lora, frozen)
     # Constrained rollouts: every log-prob is taken under the segment's own grammar, as the sampler drew it.
     grammar = {'constraint': microbatch_constraint(micro)} if settings.constrained else {}
-    if settings.teacher and not settings.teacher_cache:
+    if settings.teacher and not settings.teacher_cache and not settings.packed:
       # pi_T: the same adapter and the current parameters on x + d; a forward pass only (no gradient). With
       # teacher_cache the objective scores it instead, on d + y against the student pass's keys and values.
       micro['teacher_log_probs'] = jax.lax.stop_gradient(completion_log_probs(
           model, micro['teacher_prompt_tokens'], micro['teacher_prompt_mask'], micro['completion_tokens'],
           micro['completion_mask'], adapter=micro['adapter'], **grammar, **scoring))
-    if settings.kl_coef > 0:
+    if settings.kl_coef > 0 and settings.packed:
+      base, _ = packed_lib.packed_log_probs(model, micro, teacher=False, adapter=jnp.full_like(
+          micro['row_adapter'], ADAPTERS_OFF), **grammar, **scoring)
+      micro['base_log_probs'] = jax.lax.stop_gradient(base)
+    elif settings.kl_coef > 0:
       micro['base_log_probs'] = jax.lax.stop_gradient(completion_log_probs(
           model, micro['prompt_tokens'], micro['prompt_mask'], micro['completion_tokens'], micro['completion_mask'],
           adapter=jnp.full_like(micro['adapter'], ADAPTERS_OFF), **grammar, **scoring))
@@ -686,11 +706,16 @@ def build_update_step(graphdef: nnx.GraphDef, settings: StepSettings, mesh: Mesh
 
   def scoped_body(lora, frozen, opt_state, batch, *scalars):
     config = nnx.merge(graphdef, lora, frozen).config  # trace time only
-    with activation_scope(partitioning, config, batch['prompt_tokens'].shape[1]):
+    rows = batch['dialogue_tokens' if settings.packed else 'prompt_tokens'].shape[1]
+    with activation_scope(partitioning, config, rows):
       return body(lora, frozen, opt_state, batch, *scalars)
 
-  teacher = (TEACHER_CACHE_KEYS if settings.teacher_cache else TEACHER_KEYS) if teacher_keys else ()
-  return UpdateStep(scoped_body, partitioning, BATCH_KEYS + teacher +
+  if settings.packed:
+    keys, teacher = PACKED_BATCH_KEYS, PACKED_TEACHER_KEYS if teacher_keys else ()
+  else:
+    keys = BATCH_KEYS
+    teacher = (TEACHER_CACHE_KEYS if settings.teacher_cache else TEACHER_KEYS) if teacher_keys else ()
+  return UpdateStep(scoped_body, partitioning, keys + teacher +
                     (PPO_KEYS if settings.ppo_epsilon else ()) + (CONSTRAINT_KEYS if settings.constrained else ()))
 
 
@@ -880,6 +905,7 @@ class RLTrainer:
   def _rewards(self, trajectory: Trajectory, judge_probability: np.ndarray | None, groups: np.ndarray):
     """Host arrays of every segment, from the fixed-shape jitted `rollout_rewards`: (R, the loss weight R or
     R - group mean, included by the reward rule, carries loss: included, of a trained agent, with tokens)."""
+    from coars_jax.coars.rewards import judge_segment_probability
     config, size = self.config, self.config.episodes_per_iteration * self.rollout.max_turns * len(AGENTS)
     segments = trajectory.num_segments
 
@@ -897,7 +923,8 @@ class RLTrainer:
         'final_hit': padded(trajectory.final_hit[episode], bool),
         'last_turn': padded(trajectory.num_turns[episode], np.int32, 1),
         'judge_probability': padded(np.zeros(segments) if judge_probability is None
-                                    else judge_probability[episode], np.float32),
+                                    else judge_segment_probability(judge_probability, episode, trajectory.valid),
+                                    np.float32),
         'group': padded(groups[episode], np.int32), 'real': padded(np.ones(segments, bool), bool),
     }
     reward, weight, included = rollout_rewards(rows, **config.reward_options())
@@ -914,6 +941,28 @@ class RLTrainer:
     peer = bind_peer(self.sasrec, TRAIN_SPLIT, windows.users[indices])
     scores = np.asarray(peer.candidate_scores(windows.history[indices], windows.lengths[indices], candidates))
     return [candidate_ranks(row) for row in scores]
+
+  def _pack_dialogues(self, trajectory: Trajectory, rows: np.ndarray, weight: np.ndarray,
+                      teacher_ids: list[list[int]] | None, grammar: Mapping[str, np.ndarray] | None = None):
+    """The loss-carrying segments `rows` as packed dialogue rows (`update_batch.pack_update_batch`)."""
+    data_devices = dict(zip(self.mesh.axis_names, self.mesh.devices.shape)).get(DATA_AXIS, 1)
+    prompts = [trajectory.prompt_tokens[r][trajectory.prompt_mask[r]] for r in range(trajectory.num_segments)]
+    completions = [trajectory.completion_tokens[r][trajectory.completion_mask[r]]
+                   for r in range(trajectory.num_segments)]
+    behaviour = None
+    if self.settings.ppo_epsilon:
+      behaviour = [trajectory.behaviour_log_probs[r][trajectory.completion_mask[r]] for r in rows]
+    longest = max(len(completions[r]) for r in rows)
+    # A row holds one dialogue at least and a microbatch `data_devices` rows at least: K never needs more.
+    dialogues = self.config.episodes_per_iteration * len(self.config.trained_agents)
+    capacity = -(-dialogues // data_devices)
+    return pack_update_batch(
+        prompts=prompts, completions=completions, rows=rows, episode=trajectory.episode, agent=trajectory.agent,
+        turn=trajectory.turn, reward=weight[rows].astype(np.float32), adapter_of_agent=self.adapter_of_agent,
+        num_microbatches=capacity, tokens_per_microbatch=self.config.packed_tokens,
+        completion_length=self.config.buckets.completion_length(longest), pad_token_id=self.pad_id,
+        row_multiple=data_devices, teacher_ids=teacher_ids, per_segment=grammar, behaviour_log_probs=behaviour,
+        max_positions=self.model.config.max_position_embeddings)
 
   def _pack(self, trajectory: Trajectory, rows: np.ndarray, weight: np.ndarray,
             teacher_ids: list[list[int]] | None, grammar: Mapping[str, np.ndarray] | None = None
@@ -1047,7 +1096,13 @@ class RLTrainer:
     grammar = None
     if self.settings.constrained and len(rows):
       grammar = {key: np.asarray(value)[rows] for key, value in record.constraints.items()}
-    batch = self._pack(trajectory, rows, weight, teacher_ids, grammar) if len(rows) else None
+    self.last_packing = None
+    if not len(rows):
+      batch = None
+    elif self.settings.packed:
+      batch, self.last_packing = self._pack_dialogues(trajectory, rows, weight, teacher_ids, grammar)
+    else:
+      batch = self._pack(trajectory, rows, weight, teacher_ids, grammar)
     self.last_batch = batch  # the host arrays of this update, for benchmarks and inspection
     scoring_seconds = time.perf_counter() - start + record_seconds
 
@@ -1086,6 +1141,12 @@ class RLTrainer:
     metrics['reward/excluded_share'] = float((~included[real]).mean()) if config.reward == 'interaction' else 0.0
     if judge is not None:
       metrics['reward/judge_probability'] = float(judge.mean())
+    if self.last_packing is not None:
+      packing = self.last_packing
+      metrics.update({'update/padding': packing.padding, 'update/packed_rows': packing.rows,
+                      'update/packed_microbatches': packing.microbatches,
+                      'update/packed_dialogues': packing.dialogues,
+                      'update/student_tokens': packing.student_real, 'update/teacher_tokens': packing.teacher_real})
     self._update_metrics(metrics, update, batch, update_seconds)
     state.next_window += config.windows_per_iteration
     state.iteration = number

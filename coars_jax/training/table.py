@@ -82,6 +82,7 @@ def table_defaults() -> ml_collections.ConfigDict:
       'rows': ALL_ROWS,
       'main_seeds': 3,  # RL training seeds of outcome_rl, judge_rl and coars
       'ablation_seeds': {'lastfm': 3, 'movielens': 1, 'instruments': 1},  # per dataset, for coars-<ablation>
+      'row_seeds': {},  # per RL row, a seed count that replaces main_seeds / ablation_seeds for that row
       'zero_shot_constrained': True,  # the zero-shot row decodes under the output grammars (+grammar)
       'runs_root': 'runs/table',
       'results_root': 'results/table',
@@ -93,10 +94,14 @@ def table_defaults() -> ml_collections.ConfigDict:
 def validate_table(table: ml_collections.ConfigDict) -> None:
   """Fails on the first bad field, naming it."""
   bare, defaults = table.copy_and_resolve_references(), table_defaults()
+  # Free-form mappings (their keys are rows and experiment fields, checked below), not fields of the table.
   with bare.unlocked():
     del bare['overrides']
+    if 'row_seeds' in bare:
+      del bare['row_seeds']
   with defaults.unlocked():
     del defaults['overrides']
+    del defaults['row_seeds']
   configlib.check_keys(bare, defaults)
   configlib.require(table.base in ('smollm2', 'default'), 'base', "'smollm2' or 'default'", table.base)
   for dataset in table.datasets:
@@ -107,6 +112,9 @@ def validate_table(table: ml_collections.ConfigDict) -> None:
   for dataset in table.datasets:
     count = table.ablation_seeds.get(dataset, 1)
     configlib.require(isinstance(count, int) and count >= 1, f'ablation_seeds.{dataset}', 'an int >= 1', count)
+  for row, count in table.get('row_seeds', {}).items():
+    configlib.require(row in MAIN_RL_ROWS + ABLATION_ROWS, f'row_seeds.{row}', f'an RL row of {ALL_ROWS}', row)
+    configlib.require(isinstance(count, int) and count >= 1, f'row_seeds.{row}', 'an int >= 1', count)
   for field in ('runs_root', 'results_root'):
     configlib.require_folder(field, table[field])
   # Every cell's experiment config must be valid (overrides name real fields with valid values) before any runs.
@@ -119,6 +127,7 @@ def seeds_for(table: ml_collections.ConfigDict, dataset: str, row: str) -> tuple
   if kind != 'rl':
     return (0,)
   count = table.main_seeds if row in MAIN_RL_ROWS else table.ablation_seeds.get(dataset, 1)
+  count = table.get('row_seeds', {}).get(row, count)
   return tuple(range(count))
 
 

@@ -163,23 +163,25 @@ def test_reward_inputs_follow_the_protocol():
   assert f'Recommended item: {title(other)}\n' in t1.user.prompt_text  # the candidate's title, not the lower case
 
 
-def test_memory_is_append_only_and_shown_in_later_prompts():
+def test_dialogues_are_append_only_token_for_token():
+  """Each agent's prompt at turn t is its prompt at t-1, its own reply, then the new message: as text and as
+  token ids (the reply's ids as sampled, the new message tokenised alone). Every earlier turn stays in it."""
   plan, other = reward_plan()
   (episode,) = run_episodes(DATASET, SPLIT, [0], plan_backend(plan), peer=TablePeer(),
                             config=RolloutConfig(max_turns=5))
-  assert '(none: this is the first turn)' in episode.turns[0].recommender.prompt_text
-  previous = None
-  for turn in episode.turns:
-    memory = episode.memory(turn.turn)
-    assert len(memory) == turn.turn - 1
-    shown = render_memory(memory)
-    assert shown in turn.recommender.prompt_text and shown in turn.user.prompt_text
-    if previous is not None:
-      assert memory.turns[:len(previous)] == previous.turns  # earlier records never change
-    previous = memory
+  assert episode.num_turns == 4
+  end = tokenizer_lib.end_of_turn_id(small_tokenizer())
+  for agent in ('recommender', 'user'):
+    for before, after in zip(episode.turns, episode.turns[1:]):
+      earlier, later = getattr(before, agent), getattr(after, agent)
+      head = np.concatenate([earlier.prompt_ids, earlier.completion_ids])
+      np.testing.assert_array_equal(later.prompt_ids[:len(head)], head)
+      assert later.prompt_text.startswith(earlier.prompt_text + earlier.text)
+      assert earlier.completion_ids[-1] == end
   first = episode.memory().turns[0]
   assert (first.item_title, first.user_action, first.user_reason) == (title(other), 'star', 'my reaction')
-  assert 'Turn 2:\nRecommended item: Not A Candidate' in episode.turns[3].recommender.prompt_text
+  assert "Turn 2: the user reacted to Not A Candidate." in episode.turns[3].recommender.prompt_text
+  assert episode.turns[3].user.prompt_text.count('The recommender now says:') == 4
 
 
 SENTINEL = '\u2063TARGET-TITLE\u2063'
@@ -436,5 +438,12 @@ def test_prefix_reuse_gives_the_same_greedy_episodes_and_prefills_less():
   assert backends[0].prefill_tokens['reused'] == 0
   stats = backends[1].prefill_tokens
   assert stats['prefilled'] + stats['reused'] == backends[0].prefill_tokens['prefilled']
-  assert stats['reused'] > stats['prefilled'] / 2  # turns 2 and 3 reuse most of their prompts
+  # Turn t >= 2 reads the whole previous prompt and reply from the cache but the reply's last token (never fed
+  # back to the model), and prefills only that token and the new message.
+  expected = sum(len(getattr(p, a).prompt_ids) + len(getattr(p, a).completion_ids) - 1
+                 for e in reused for p in e.turns[:-1] for a in ('recommender', 'user'))
+  assert stats['reused'] == expected
+  new = stats['prefilled'] - sum(len(getattr(e.turns[0], a).prompt_ids) for e in reused for a in ('recommender',
+                                                                                                   'user'))
+  assert 0 < new < stats['reused'] / 3  # the new messages are short beside the dialogue they extend
   assert not backends[1]._last_prompts  # the kept caches are dropped when the rollout ends

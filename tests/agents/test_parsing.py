@@ -37,6 +37,7 @@ def _item(text, candidates=CANDIDATES, **config):
     ('Item: ＭＵＳＥ', 'Muse', 'normalized'),  # full-width letters (NFKC)
     ('Item: Coldpaly', 'Coldplay', 'fuzzy'),
     ('Item: The Shawshank Redemptoin', 'Shawshank Redemption', 'fuzzy'),
+    ('Item: Cold\u200bplay\u00ad', 'Coldplay', 'normalized'),  # invisible format characters are deleted
 ])
 def test_item_matching_rules(text, title, rule):
   assert _item(text) == (title, rule)
@@ -51,6 +52,9 @@ def test_item_matching_rules(text, title, rule):
     'Reason: I pick Muse',  # no Item line
     'Reason: x Item: Muse',  # a label inside a line is not a label
     'Recommended item: Muse',
+    'Item: Cоldplay',  # Cyrillic o: a look-alike is not a misspelling
+    'Item: Shawshank Redemption, Muse',  # a second title is not a misspelling
+    'Item: Shawshank Redemption 2',  # nor is a changed digit
 ])
 def test_item_text_that_names_no_single_candidate_is_invalid(text):
   result = parse_recommender_output(text, CANDIDATES)
@@ -70,11 +74,17 @@ def test_fuzzy_ties_and_threshold():
   assert _item('Item: Coldpaly', fuzzy_threshold=0.8) == ('Coldplay', 'fuzzy')
 
 
-def test_first_item_line_wins_and_result_fields():
-  result = parse_recommender_output('Reason: Guitar\n bands.\nItem: 311\nItem: Muse\nReason: later',
-                                    CANDIDATES, candidate_ids=list(range(100, 100 + len(CANDIDATES))))
+def test_first_item_line_is_the_answer_and_a_later_one_must_agree():
+  ids = list(range(100, 100 + len(CANDIDATES)))
+  result = parse_recommender_output('Reason: Guitar\n bands.\nItem: 311\nItem: **311**\nItem:\nReason: later',
+                                    CANDIDATES, candidate_ids=ids)
   assert result == parsing.RecommenderParse(valid=True, candidate_index=5, item_id=105, title='311',
                                             match_rule='exact', reason='Guitar bands.', item_text='311')
+  # A later line naming another candidate, or nothing known, is a second answer: ambiguous, whichever came first.
+  for text in ('Item: 311\nItem: Muse', 'Item: Muse\nItem: 311', 'Item: 311\nItem: Blur'):
+    hedged = parse_recommender_output(text, CANDIDATES, candidate_ids=ids)
+    assert (hedged.valid, hedged.candidate_index, hedged.title, hedged.match_rule) == (False, None, None, None)
+    assert hedged.item_text == text.split('\n')[0][len('Item: '):]
   missing = parse_recommender_output('Item: Blur', CANDIDATES)
   assert missing.item_text == 'Blur' and missing.reason == '' and missing.item_id is None
 
@@ -219,8 +229,18 @@ def test_well_formed_recommender_output_reads_back_exactly(candidates, data, rea
                                       match_rule='exact', reason=protocol.single_line(reason),
                                       item_text=protocol.single_line(candidates[index]))
   assert parse_recommender_output(text, candidates, ids) == expected
-  # First lines win, so whatever a model writes after its answer changes nothing.
-  assert parse_recommender_output(text + '\n' + tail, candidates, ids) == expected
+  # The first lines are the answer: whatever a model writes after it changes nothing, except a second answer (a later
+  # `Item:` line naming something else), which makes the message invalid.
+  after = parse_recommender_output(text + '\n' + tail, candidates, ids)
+  later = [value for value in parsing._later_values(*_lines(text + '\n' + tail), protocol.ITEM_LABEL)]
+  if all(parsing.match_candidate(value, candidates)[0] == index for value in later):
+    assert after == expected
+  else:
+    assert not after.valid and after.candidate_index is None and after.item_text == expected.item_text
+
+
+def _lines(text):
+  return text.splitlines(), parsing._labeled_lines(text)
 
 
 def _interval_scores(action):
@@ -239,4 +259,9 @@ def test_well_formed_user_output_reads_back_exactly(data, reason, tail):
   expected = parsing.UserParse(valid=True, action=action, score=score, reason=protocol.single_line(reason),
                                score_rule='stated')
   assert parse_user_output(text) == expected
-  assert parse_user_output(text + '\n' + tail) == expected
+  after = parse_user_output(text + '\n' + tail)
+  later = parsing._later_values(*_lines(text + '\n' + tail), protocol.ACTION_LABEL)
+  if all(parsing._parse_action(value) == action for value in later):
+    assert after == expected
+  else:  # a second, different answer
+    assert (after.valid, after.action, after.score) == (False, 'skip', 0.375)

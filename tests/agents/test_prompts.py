@@ -1,3 +1,4 @@
+import dataclasses
 import inspect
 import types
 
@@ -29,7 +30,7 @@ def test_recommender_messages_hold_format_history_candidates_and_hint():
   assert "The user's history, oldest first:\n- Radiohead\n- Coldplay" in user
   numbered = '\n'.join(f'{n}. {t}' for n, t in enumerate(CANDIDATES, start=1))
   assert f'Candidate artists:\n{numbered}' in user  # titles verbatim, inner double spaces included
-  assert '(none: this is the first turn)' in user
+  assert 'Turn' not in user  # turn 1: no earlier turn
   assert 'ranks this candidate first among those not recommended yet in this dialogue:\nItem: 311' in user
 
 
@@ -47,21 +48,40 @@ def test_empty_history_and_no_hint():
   assert "oldest first:\n(none)" in user and 'Hint' not in user
 
 
-def test_memory_is_append_only_and_shown_in_full():
+def test_dialogues_are_append_only_and_hold_every_earlier_turn():
+  """Turn t's messages are turn t-1's, the agent's own reply, and one new user message with what the turn
+  brought: the moving hint and the user's reaction for the recommender, the recommender's next message for the
+  user. The peer opinion stays in the first message."""
   empty = Memory()
-  one = empty.append(_turn())
-  two = one.append(_turn('311', 'click', 0.9, number=2))
+  one = empty.append(dataclasses.replace(_turn(), recommender_message='Reason: r1\nItem: Muse',
+                                         user_message='Reason: u1\nAction: skip\nScore: 0.3', hint_title='311'))
+  # No raw messages at turn 2: the canonical forms stand in.
+  two = one.append(dataclasses.replace(_turn('311', 'star', 0.6, number=2), hint_title='Muse'))
   assert (len(empty), len(one), len(two)) == (0, 1, 2) and two.turns[0] is one.turns[0]
-  rendered = prompts.render_memory(two)
-  assert rendered == (
-      "Turn 1:\nRecommended item: Muse\nRecommender's reason: reason 1 with a break\nUser's action: skip\n"
-      "User's score: 0.3\nUser's reason: user reason 1\n\n"
-      "Turn 2:\nRecommended item: 311\nRecommender's reason: reason 2 with a break\nUser's action: click\n"
-      "User's score: 0.9\nUser's reason: user reason 2")
-  for builder in (prompts.recommender_messages(history_titles=HISTORY, candidate_titles=CANDIDATES, memory=two),
-                  prompts.user_messages(history_titles=HISTORY, recommended_title='Muse', recommender_reason='r',
-                                        memory=two)):
-    assert rendered in builder[1]['content']
+  hints = ['311', 'Muse', 'The Prodigy']
+  rec = [prompts.recommender_messages(history_titles=HISTORY, candidate_titles=CANDIDATES, memory=memory,
+                                      hint_title=hints[len(memory)]) for memory in (empty, one, two)]
+  usr = [prompts.user_messages(history_titles=HISTORY, recommended_title=title, recommender_reason=reason,
+                               memory=memory, peer_opinion=peer_opinion('Muse'))
+         for memory, title, reason in ((empty, 'Muse', 'reason 1\nwith a break'),
+                                       (one, '311', 'reason 2\nwith a break'), (two, 'The Prodigy', 'why'))]
+  for chats in (rec, usr):
+    for earlier, later in zip(chats, chats[1:]):
+      assert later[:len(earlier)] == earlier and len(later) == len(earlier) + 2
+      assert [m['role'] for m in later[len(earlier):]] == ['assistant', 'user']
+  assert rec[1][2]['content'] == 'Reason: r1\nItem: Muse'
+  assert rec[2][4]['content'] == "Reason: reason 2 with a break\nItem: 311"
+  assert rec[1][3]['content'].startswith("Turn 1: the user reacted to Muse.\nUser's action: skip\nUser's score: 0.3\n"
+                                         "User's reason: user reason 1")
+  assert rec[1][3]['content'].endswith('Item: Muse') and rec[2][5]['content'].endswith('Item: The Prodigy')
+  assert usr[1][2]['content'] == 'Reason: u1\nAction: skip\nScore: 0.3'
+  assert usr[2][4]['content'] == 'Reason: user reason 2\nAction: star\nScore: 0.6'
+  assert usr[2][5]['content'] == "The recommender now says:\nRecommended item: The Prodigy\nRecommender's reason: why"
+  assert 'Peer opinion' in usr[2][1]['content'] and all('Peer opinion' not in m['content'] for m in usr[2][2:])
+  with pytest.raises(ValueError, match="hint_title 'Blur' is not one of the candidate titles"):
+    prompts.recommender_messages(history_titles=HISTORY, candidate_titles=CANDIDATES,
+                                 memory=Memory((dataclasses.replace(_turn(), hint_title='Blur'),)))
+  assert 'Turn 2:\nRecommended item: 311' in prompts.render_memory(two)  # the summary kept for reports
 
 
 def test_turn_record_validates_action_and_score():

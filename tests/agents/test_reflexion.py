@@ -26,8 +26,12 @@ class ColumnPeer:
     return np.zeros(candidates.shape)
 
 
+def first_user(messages):
+  return next(m for m in messages if m['role'] == 'user')
+
+
 def candidates_in(messages):
-  block = messages[-1]['content'].split('Candidate items:\n')[1].split('\n\n')[0]
+  block = first_user(messages)['content'].split('Candidate items:\n')[1].split('\n\n')[0]
   return [line.split('. ', 1)[1] for line in block.splitlines()]
 
 
@@ -55,9 +59,12 @@ def test_prior_windows_are_cut_from_the_history_oldest_first():
   assert prior_windows(window, ReflexionConfig(num_prior_episodes=0)) == []
 
 
-def test_with_section_appends_to_the_last_user_message_only():
+def test_with_section_appends_to_the_first_user_message_only():
   messages = [{'role': 'system', 'content': 'S'}, {'role': 'user', 'content': 'U'}]
   assert with_section(messages, 'R') == [{'role': 'system', 'content': 'S'}, {'role': 'user', 'content': 'U\n\nR'}]
+  # A later turn's prompt keeps the section where turn 1 had it, so it still starts with turn 1's prompt.
+  later = messages + [{'role': 'assistant', 'content': 'A'}, {'role': 'user', 'content': 'V'}]
+  assert with_section(later, 'R') == with_section(messages, 'R') + later[2:]
   assert messages[1]['content'] == 'U'  # the caller's prompt is not changed
   assert with_section(messages, '') == messages
   with pytest.raises(ValueError, match='no user message'):
@@ -115,7 +122,7 @@ def test_evaluation_windows_keep_their_own_candidates_and_order():
 
 def next_title(messages):
   """The synthetic dataset's true next item for the history in a recommender prompt (stride 1)."""
-  block = messages[-1]['content'].split("The user's history, oldest first:\n")[1].split('\n\n')[0]
+  block = first_user(messages)['content'].split("The user's history, oldest first:\n")[1].split('\n\n')[0]
   last = int(block.splitlines()[-1].rsplit(' ', 1)[1])
   return last, f'Item {(last + 1) % DATASET.num_items}'
 

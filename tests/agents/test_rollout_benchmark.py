@@ -55,7 +55,9 @@ def test_summary_is_consistent_with_the_episodes(measured):
   assert summary['repeats_replayed_same_tokens'] and summary['timed_compiles'] == 0
   assert summary['stage_calls']['llm_prefill'] == summary['stage_calls']['llm_decode'] == summary['generate_calls']
   assert summary['stage_calls']['detokenize'] == summary['messages']
-  assert summary['stage_calls']['chat_template'] == summary['messages']
+  # Every prompt is rendered once; a prompt that extends its dialogue also renders the new message's text once.
+  appended = sum(e.num_turns - 1 for e in episodes) * 2
+  assert summary['stage_calls']['chat_template'] == summary['messages'] + appended
   assert summary['stage_calls']['tokenize'] == summary['generate_calls']  # one batched tokenizer call each
   assert summary['stage_calls']['parse'] == summary['messages']
   assert summary['stage_calls']['peer'] == 2

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import chex
@@ -158,3 +159,23 @@ def test_jsonl_round_trip(stopped, mixed, tmp_path):
   broken.write_text(lines[0] + '\n{"oops"\n')
   with pytest.raises(ValueError, match='broken.jsonl, line 2: not a JSON episode record'):
     read_jsonl(broken)
+
+
+def test_a_lone_surrogate_or_control_character_in_a_message_is_written_and_read_back(stopped, tmp_path):
+  # An API's JSON can carry a lone surrogate, which UTF-8 cannot encode: writing the record must neither fail nor
+  # change the text.
+  from coars_jax.agents.record import RolloutRecord
+  _, trajectory = stopped
+  odd = 'Item: \ud800Muse\x00\udfff\ufffd\x1b'
+  records = [json.loads(json.dumps(record)) for record in trajectory.records]
+  records[0]['turns'][0]['recommender']['completion'] = odd
+  odd_trajectory = dataclasses.replace(trajectory, completion_texts=(odd,) + trajectory.completion_texts[1:],
+                                       records=tuple(records))
+  path = tmp_path / 'episodes.jsonl'
+  to_jsonl(odd_trajectory, path)
+  assert read_jsonl(path)[0]['turns'][0]['recommender']['completion'] == odd
+  record = RolloutRecord(trajectory=odd_trajectory, windows=np.arange(3), groups=np.arange(3, dtype=np.int32),
+                         seed=0, seconds=0.0)
+  loaded = RolloutRecord.load(record.save(tmp_path / 'record'))
+  assert loaded.trajectory.completion_texts == odd_trajectory.completion_texts
+  assert loaded.trajectory.records[0]['turns'][0]['recommender']['completion'] == odd

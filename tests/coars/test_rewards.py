@@ -86,25 +86,51 @@ def test_invalid_user_message_gets_exactly_the_penalty_on_a_miss_and_on_a_hit():
   np.testing.assert_array_equal(included, True)
 
 
-def test_valid_messages_are_unchanged_and_only_the_users_own_segment_is_penalised():
+def test_valid_messages_are_unchanged_and_each_agent_is_penalised_on_its_own_segment_only():
   example = worked_example()
   agent = np.array([0, 1, 0, 1], np.int32)
   plain = rw.interaction_rewards(**example)
   for got, want in zip(rw.interaction_rewards(**example, valid=np.ones(4, bool), agent=agent), plain):
     np.testing.assert_array_equal(got, want)
-  # An invalid RECOMMENDER message (a miss the user starred): no user penalty on its row, and the exclusion rule
-  # still drops the turn; the valid user row of that turn keeps Eq. 8.
+  # An invalid RECOMMENDER message (a miss the user starred): its own row gets -D_t and stays included although the
+  # exclusion rule drops the turn; no user penalty, and the valid user row of that turn keeps Eq. 8 and is dropped.
   starred = dict(hit=np.array([False, False]), acceptance_score=np.full(2, 0.6, np.float32),
                  peer_similarity=np.zeros(2, np.float32), action=np.full(2, STAR, np.int32), turn=np.ones(2, np.int32))
   r_rec, r_user, included = rw.interaction_rewards(**starred, valid=np.array([False, True]), agent=agent[:2])
   np.testing.assert_allclose(r_user, [-(2 * 0.6 - 1)] * 2, rtol=1e-6)
-  np.testing.assert_array_equal(included, [False, False])
+  assert float(r_rec[0]) == -1.0
+  np.testing.assert_array_equal(included, [True, False])
   # An invalid user row stays included even where the exclusion rule would drop its turn.
   _, r_user, included = rw.interaction_rewards(**starred, valid=np.array([True, False]), agent=agent[:2])
   np.testing.assert_array_equal(included, [False, True])
   assert float(r_user[1]) == -1.0
   with pytest.raises(ValueError, match='needs `agent`'):
     rw.interaction_rewards(**starred, valid=np.array([True, False]))
+
+
+def test_invalid_recommender_message_earns_minus_d_t_below_every_valid_miss():
+  # Turns 1 and 3, each an invalid recommender message read as a miss the user skipped at s = .375 (the invalid
+  # user reading) and a valid miss the user skipped at the largest float32 s below .5. Rows: rec, user per turn.
+  below_half = float(np.nextafter(np.float32(0.5), np.float32(0)))
+  score = np.array([0.375, 0.375, below_half, below_half] * 2, np.float32)
+  turn = np.array([1, 1, 1, 1, 3, 3, 3, 3], np.int32)
+  agent = np.array([0, 1] * 4, np.int32)
+  valid = np.array([False, True, True, True] * 2)
+  r_rec, _, included = jax.jit(rw.interaction_rewards)(np.zeros(8, bool), score, np.zeros(8, np.float32),
+                                                        np.full(8, SKIP, np.int32), turn, valid=valid, agent=agent)
+  d_t = np.array([1.0, 0.81])
+  np.testing.assert_allclose(np.asarray(r_rec)[[0, 4]], -d_t, rtol=1e-6)  # was -0.6875 D_t, above the valid miss
+  np.testing.assert_allclose(np.asarray(r_rec)[[2, 6]], -0.75 * d_t, rtol=1e-6)
+  assert (np.asarray(r_rec)[[0, 4]] < np.asarray(r_rec)[[2, 6]]).all()
+  np.testing.assert_array_equal(included, True)
+  # Only the recommender's own row: the user row of the invalid turn keeps R_rec read from s = .375.
+  np.testing.assert_allclose(float(r_rec[1]), -0.6875, rtol=1e-6)
+  reward, _ = rw.segment_rewards('interaction', hit=np.zeros(8, bool), acceptance_score=score,
+                                 peer_similarity=np.zeros(8, np.float32), action=np.full(8, SKIP, np.int32),
+                                 turn=turn, agent=agent, final_hit=np.zeros(8, bool), last_turn=turn, valid=valid)
+  np.testing.assert_allclose(np.asarray(reward)[[0, 4]], -d_t, rtol=1e-6)
+  with pytest.raises(ValueError, match='needs `agent`'):
+    rw.penalise_invalid_recommender(r_rec, included, valid, None, -1.0, include=True)
 
 
 def test_outcome_rewards_terminal_hit_for_the_recommender_only():
@@ -139,10 +165,21 @@ def test_outcome_rewards_for_both_agents_on_every_turn():
   r_rec, r_user, included = rw.outcome_rewards(final_hit, agent, turn, last_turn, assign='episode', reward_user=True)
   np.testing.assert_array_equal(rw.agent_reward(r_rec, r_user, agent), [1, 1, 1, 1, -1, -1])
   np.testing.assert_array_equal(included, True)
-  # The baseline (recommender only) ignores validity: the user is not rewarded there.
+  # The baseline (recommender only) ignores the user's validity: the user is not rewarded there.
   _, r_user, included = rw.outcome_rewards(final_hit, agent, turn, last_turn, valid=valid)
   np.testing.assert_array_equal(r_user, 0)
   np.testing.assert_array_equal(included, [False, False, True, False, True, False])
+  # An invalid recommender message (row 0) of the hit episode: the unhit value wherever it is rewarded, and which
+  # rows are included does not change (the terminal-only baseline keeps one row per episode).
+  rec_invalid = np.array([False, True, True, True, True, True])
+  for kwargs, want_rec, want_included in (
+      (dict(assign='episode'), [-1, 0, 1, 0, -1, 0], [True, False, True, False, True, False]),
+      (dict(assign='episode', signed=False), [0, 0, 1, 0, 0, 0], [True, False, True, False, True, False]),
+      (dict(every_turn=True, reward_user=True), [-1, 0, 1, 1, -1, -1], [True] * 6),
+      (dict(), [0, 0, 1, 0, -1, 0], [False, False, True, False, True, False])):
+    r_rec, r_user, included = rw.outcome_rewards(final_hit, agent, turn, last_turn, valid=rec_invalid, **kwargs)
+    np.testing.assert_array_equal(rw.agent_reward(r_rec, r_user, agent), want_rec)
+    np.testing.assert_array_equal(included, want_included)
 
 
 def test_judge_rewards_terminal_two_p_minus_one_for_the_recommender_only():
@@ -160,6 +197,18 @@ def test_judge_rewards_terminal_two_p_minus_one_for_the_recommender_only():
   np.testing.assert_array_equal(included, [True, False, True, False, True, False])
   with pytest.raises(ValueError, match="assign must be one of"):
     rw.judge_rewards(probability, agent, turn, last_turn, assign='all')
+
+
+def test_judge_pays_an_invalid_message_and_a_nan_probability_the_floor():
+  # Episodes A (p = 0.8, its turn-2 recommender message invalid) and B (p = NaN). Rows as above.
+  episode = np.array([0, 0, 0, 0, 1, 1])
+  valid = np.array([True, True, False, True, True, True])
+  probability = rw.judge_segment_probability(np.array([0.8, np.nan]), episode, valid)
+  chex.assert_type(probability, jnp.float32)
+  np.testing.assert_allclose(np.asarray(probability)[:4], [0.8, 0.8, 0, 0.8], rtol=1e-6)
+  agent, turn, last_turn = np.array([0, 1, 0, 1, 0, 1]), np.array([1, 1, 2, 2, 1, 1]), np.array([2, 2, 2, 2, 1, 1])
+  r_rec, _, _ = rw.judge_rewards(probability, agent, turn, last_turn, assign='episode')
+  np.testing.assert_allclose(r_rec, [0.6, 0, -1, 0, -1, 0], rtol=1e-6, atol=1e-7)
 
 
 def test_segment_rewards_switches_by_name():

@@ -29,7 +29,8 @@ def next_item(item):
 
 
 def rec_history(messages):
-  block = messages[-1]['content'].split("The user's history, oldest first:\n")[1].split('\n\n')[0]
+  first_user = next(m for m in messages if m['role'] == 'user')  # the fixed data sits in the first message
+  block = first_user['content'].split("The user's history, oldest first:\n")[1].split('\n\n')[0]
   return [int(line.rsplit(' ', 1)[1]) for line in block.splitlines()]
 
 
@@ -47,7 +48,8 @@ def scripted_agents():
     elif turn == 1:
       item = 'Not A Candidate'
     else:
-      block = messages[-1]['content'].split('Candidate items:\n')[1].split('\n\n')[0]
+      first_user = next(m for m in messages if m['role'] == 'user')  # C sits in the first message
+      block = first_user['content'].split('Candidate items:\n')[1].split('\n\n')[0]
       item = next(line.split('. ', 1)[1] for line in block.splitlines()
                   if line.split('. ', 1)[1] != f'Item {next_item(last)}')
     return f'Reason: fits\nItem: {item}'
@@ -150,7 +152,7 @@ class ScoringPeer(ColumnPeer):
 def peer_minded_agents():
   """Recommender: the first candidate. User: click exactly when its prompt carries the peer opinion p_t."""
   def respond(agent, episode, turn, messages):
-    content = messages[-1]['content']
+    content = '\n\n'.join(m['content'] for m in messages if m['role'] == 'user')  # the whole dialogue's data
     if agent == 'user':
       return ('Reason: peers\nAction: click\nScore: 0.9' if 'Peer opinion: People with a history like yours chose'
               in content else 'Reason: alone\nAction: skip\nScore: 0.3')

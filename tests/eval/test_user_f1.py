@@ -41,7 +41,8 @@ def shown_item(messages):
 
 
 def shown_history(messages):
-  block = messages[-1]['content'].split('Your history, oldest first:\n')[1].split('\n\n')[0]
+  first_user = next(m for m in messages if m['role'] == 'user')  # the history sits in the first message
+  block = first_user['content'].split('Your history, oldest first:\n')[1].split('\n\n')[0]
   return tuple(int(line.rsplit(' ', 1)[1]) for line in block.splitlines())
 
 
@@ -184,7 +185,7 @@ def test_prompts_have_empty_memory_and_say_nothing_about_the_label():
   for case_index, position, messages in prompts:
     case = SIM_SET.cases[case_index]
     content = messages[-1]['content']
-    assert 'Earlier turns of this dialogue:\n(none: this is the first turn)' in content
+    assert [m['role'] for m in messages] == ['system', 'user'] and 'Turn ' not in content  # no earlier turn
     assert f"Recommender's reason: {reason}" in content and 'Peer opinion' not in content
     assert shown_item(messages) == case.items[position] and shown_history(messages) == case.history
     # With the item's title masked, every prompt of a case is the same text, positive or negative.

@@ -180,3 +180,34 @@ def test_parameters_are_placed_by_rules_on_two_fake_devices():
     lines = result.stdout.strip().splitlines()
     assert lines == ["P('data',)", "P('data',)", "P()",
                      "(1, 3, 16)"], lines
+
+
+def test_a_decode_step_reads_live_slots_only_and_equals_full_attention():
+    """The one-token decode attention over live blocks (`decoder._live_slot_attention`) equals the softmax over
+    every slot for ragged left-padded rows, and a step whose dead blocks hold huge values is not affected by them
+    (those blocks are never read)."""
+    from coars_jax.models import decoder as decoder_lib
+    rng = np.random.default_rng(0)
+    batch, slots, kv_heads, groups, dim = 3, 640, 2, 3, 8  # blocks of 128 slots (640 = 5 x 128)
+    queries = jnp.asarray(rng.normal(size=(batch, 1, kv_heads, groups, dim)), jnp.float32)
+    keys = np.asarray(rng.normal(size=(batch, slots, kv_heads, dim)), np.float32)
+    values = np.asarray(rng.normal(size=(batch, slots, kv_heads, dim)), np.float32)
+    mask = np.zeros((batch, 1, slots), bool)
+    for row, first in enumerate((140, 200, 300)):
+        mask[row, 0, first:380] = True
+    # The current token is at slot 379: blocks 1 and 2 are read (row 2 has nothing in block 1, so its running sums
+    # start from a fully masked block), block 0 lies before every row's first live slot and blocks 3-4 after the
+    # current token. Those are never read, so NaN there must not reach the output.
+    keys[:, :128], values[:, :128] = np.nan, np.nan
+    keys[:, 384:], values[:, 384:] = np.nan, np.nan
+    out = decoder_lib._live_slot_attention(queries, jnp.asarray(keys), jnp.asarray(values), jnp.asarray(mask),
+                                           jnp.asarray(379))
+    safe_keys, safe_values = np.nan_to_num(keys), np.nan_to_num(values)
+    scores = np.einsum("blkgd,bskd->bkgls", queries, safe_keys) * dim ** -0.5
+    scores = np.where(mask[:, None, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.einsum("bkgls,bskd->blkgd", probs, safe_values)
+    chex.assert_shape(out, (batch, 1, kv_heads, groups, dim))
+    # float32 softmax over at most 240 terms, summed in two blocks instead of at once: a few ulps of values of order 1.
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=1e-5)

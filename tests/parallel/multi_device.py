@@ -5,7 +5,8 @@ device). Prints one JSON object on its last line, which the pytest side asserts 
 MODE 'equality': the tiny preset's shape (random init, float32, adapters 'recommender' and 'user' with random B) is
 run once unsharded and once on each of the meshes (data, fsdp, tensor) = (8,1,1), (2,4,1), (2,2,2), (1,1,8):
 greedy generation, scoring of the generated completions, and one RL update step; the differences from the
-single-device results and the placements of a few arrays are reported.
+single-device results and the placements of a few arrays are reported, and so are the same differences for three
+deliberately wrong single-device updates (see `wrong_updates`), which the tolerances must reject.
 MODE 'checkpoint' FOLDER: adapters and optimizer state saved with Orbax under FOLDER on (8,1,1) are restored onto
 (2,2,2) with the target shardings; an `RLTrainer` built on (2,2,2) is checked to hold its arrays where the rules
 say.
@@ -33,6 +34,7 @@ from coars_jax.sampling import GREEDY, LengthBuckets, generate, left_pad, score,
 from coars_jax.sampling.model_inputs import inference_view  # noqa: E402
 from coars_jax.sampling.scoring import MODEL_DISTRIBUTION  # noqa: E402
 from coars_jax.training import rl  # noqa: E402
+from tests.tolerances import update_errors  # noqa: E402
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
 VOCAB = 512
@@ -71,6 +73,27 @@ def host(tree):
 def max_difference(a, b) -> float:
   return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def swap_layers(tree, first: int, second: int):
+  """`tree` (a pure dict of adapters or moments) with the leaves of two layers exchanged."""
+  layers = dict(tree['layers'])
+  layers[first], layers[second] = layers[second], layers[first]
+  return dict(tree, layers=layers)
+
+
+def wrong_updates(model, mesh, batch, lora_before, ref_lora, ref_mu) -> dict:
+  """`update_errors` of three deliberately wrong updates against the reference: the step scaled by 1.01 (a learning
+  rate 1% off), the rows of one device of the 8x1x1 mesh left out (row 0 not included: a missing shard), and the
+  gradients and steps of layers 0 and 1 exchanged (a wrong layer's gradient)."""
+  scaled = jax.tree.map(lambda new, old: old + 1.01 * (new - old), ref_lora, lora_before)
+  missing = dict(batch, included=batch['included'].copy())
+  missing['included'][0, 0] = False
+  missing_lora, missing_mu, _, _ = run_update(model, mesh, missing)
+  return {'learning_rate_x1.01': update_errors(scaled, ref_mu, ref_lora, ref_mu, lora_before),
+          'row_0_missing': update_errors(missing_lora, missing_mu, ref_lora, ref_mu, lora_before),
+          'layers_0_1_swapped': update_errors(swap_layers(ref_lora, 0, 1), swap_layers(ref_mu, 0, 1), ref_lora,
+                                              ref_mu, swap_layers(lora_before, 0, 1), lora_before)}
 
 
 def spec_list(spec) -> list:
@@ -157,7 +180,7 @@ def equality() -> dict:
                                        zip(jax.tree.leaves(ref_lora), jax.tree.leaves(lora_before))),
              'adam_mu_max': max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(ref_mu)),
              'reference_loss': float(ref_metrics['loss']), 'reference_grad_norm': float(ref_metrics['grad_norm']),
-             'meshes': {}}
+             'wrong_updates': wrong_updates(model, single, batch, lora_before, ref_lora, ref_mu), 'meshes': {}}
   for shape in MESHES:
     start = time.perf_counter()
     mesh = mesh_of(shape)
@@ -180,6 +203,7 @@ def equality() -> dict:
         'score_diff': max_difference(scores, ref_scores),
         'adapter_diff': max_difference(new_lora, ref_lora),
         'adam_mu_diff': max_difference(mu, ref_mu),
+        **update_errors(new_lora, mu, ref_lora, ref_mu, lora_before),
         'loss_diff': abs(float(metrics['loss']) - float(ref_metrics['loss'])),
         'grad_norm_diff': abs(float(metrics['grad_norm']) - float(ref_metrics['grad_norm'])),
         'tokens_spec': spec_list(out.tokens.sharding.spec), 'scores_spec': spec_list(scores.sharding.spec),
