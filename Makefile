@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 FAULT_SCENARIOS ?= 8
 FAULT_SEED ?= 0
 
-.PHONY: demo test test-slow test-faults venv clean
+.PHONY: demo test test-slow test-faults lint format venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,19 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m experiments.train --config=configs/demo_cpu.py
 
-# The unit tests, then the fault suite (about 6 minutes on 2 cores, so CI runs it whole: issue 7's 10-minute rule).
-test: $(VENV)/.installed
+# The formatter and linter (ruff.toml), the unit tests, then the fault suite (about 6 minutes on 2 cores, so CI runs
+# it whole: issue 7's 10-minute rule).
+test: lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 	$(PY) -m tests.training.fault_suite --scenarios $(FAULT_SCENARIOS) --seed $(FAULT_SEED)
+
+# `make format` rewrites the files the way `make lint` checks them.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check coars_jax experiments tests configs setup.py
+	$(VENV)/bin/ruff check coars_jax experiments tests configs setup.py
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format coars_jax experiments tests configs setup.py
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow tests

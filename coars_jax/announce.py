@@ -9,6 +9,7 @@ import sys
 def announce(message: str) -> None:
   """Prints `message` as one line on stderr (process 0 of a multi-host run only)."""
   import jax  # Imported here: announcing before JAX is configured must not initialise it.
+
   if jax.process_index() == 0:
     print(f'[coars] {message}', file=sys.stderr, flush=True)
 

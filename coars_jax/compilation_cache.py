@@ -17,6 +17,7 @@ MIN_COMPILE_SECONDS = 1.0
 def default_folder() -> pathlib.Path:
   """`<user cache dir>/coars_jax/jax_compilation_cache` (platformdirs: ~/.cache on Linux)."""
   import platformdirs
+
   return pathlib.Path(platformdirs.user_cache_dir('coars_jax')) / 'jax_compilation_cache'
 
 
@@ -29,6 +30,7 @@ def enable(folder: str | os.PathLike | None = None, *, announce: bool = True) ->
   path = pathlib.Path(chosen).expanduser().resolve()
   path.mkdir(parents=True, exist_ok=True)
   import jax
+
   jax.config.update('jax_compilation_cache_dir', str(path))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS)
   if announce:

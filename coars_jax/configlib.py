@@ -41,9 +41,12 @@ def require(condition: bool, field: str, expected: str, found: Any) -> None:
 
 def require_int_list(values: Iterable, field: str, minimum: int = 0) -> tuple[int, ...]:
   values = tuple(values)
-  require(len(values) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-                                  for v in values),
-          field, f'a non-empty list of integers >= {minimum}', values)
+  require(
+    len(values) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values),
+    field,
+    f'a non-empty list of integers >= {minimum}',
+    values,
+  )
   return values
 
 
@@ -52,8 +55,7 @@ def require_int_field(config: ml_collections.ConfigDict, field: str, least: int)
   value = config
   for part in field.split('.'):
     value = value[part]
-  require(isinstance(value, int) and not isinstance(value, bool) and value >= least, field, f'an int >= {least}',
-          value)
+  require(isinstance(value, int) and not isinstance(value, bool) and value >= least, field, f'an int >= {least}', value)
 
 
 def _is_int(value: Any) -> bool:
@@ -92,16 +94,22 @@ def require_folder(field: str, value: Any, *, allow_empty: bool = False) -> path
   Returns the resolved path (symlinks followed), or None for '' when `allow_empty`."""
   if allow_empty and value == '':
     return None
-  require(isinstance(value, str) and value.strip() != '' and not any(c in value for c in '\x00\n\r'), field,
-          'a folder path (a non-empty string without NUL or line breaks)', value)
+  require(
+    isinstance(value, str) and value.strip() != '' and not any(c in value for c in '\x00\n\r'),
+    field,
+    'a folder path (a non-empty string without NUL or line breaks)',
+    value,
+  )
   path = pathlib.Path(value).absolute().resolve()
   cwd = pathlib.Path(os.getcwd()).resolve()
   # Later entries name a place more precisely ('/' is also a parent of the current directory).
-  shared = {**{parent: 'a parent of the current directory' for parent in cwd.parents},
-            cwd: 'the current directory', pathlib.Path.home().resolve(): 'the home folder',
-            pathlib.Path(path.anchor): 'the file-system root'}
-  require(path not in shared, field, 'a folder of its own for this run',
-          f'{value} ({shared.get(path, "")}: {path})')
+  shared = {
+    **{parent: 'a parent of the current directory' for parent in cwd.parents},
+    cwd: 'the current directory',
+    pathlib.Path.home().resolve(): 'the home folder',
+    pathlib.Path(path.anchor): 'the file-system root',
+  }
+  require(path not in shared, field, 'a folder of its own for this run', f'{value} ({shared.get(path, "")}: {path})')
   return path
 
 
@@ -110,5 +118,9 @@ def require_peer_fields(config: ml_collections.ConfigDict) -> None:
   for field in ('sasrec_seed', 'sasrec_max_epochs', 'sasrec_fold_seed'):
     require_int_field(config, field, 0)
   folds = config.sasrec_folds
-  require(_is_int(folds) and (folds == 0 or folds >= 2), 'sasrec_folds',
-          '0 (training windows use the full SASRec, an oracle on them) or an int >= 2', folds)
+  require(
+    _is_int(folds) and (folds == 0 or folds >= 2),
+    'sasrec_folds',
+    '0 (training windows use the full SASRec, an oracle on them) or an int >= 2',
+    folds,
+  )

@@ -17,8 +17,16 @@ x 4 rollouts = 256 training episodes per RL row; every test window and every F1 
 from coars_jax.training import table
 
 
-STUDY_ROWS = ('reference', 'warm_start', 'zero_shot', 'outcome_rl', 'judge_rl', 'coars', 'coars-no_sd',
-              'coars-outcome_reward')
+STUDY_ROWS = (
+  'reference',
+  'warm_start',
+  'zero_shot',
+  'outcome_rl',
+  'judge_rl',
+  'coars',
+  'coars-no_sd',
+  'coars-outcome_reward',
+)
 
 
 def get_config(variant: str = ''):
@@ -32,9 +40,9 @@ def get_config(variant: str = ''):
   config.results_root = 'results/table_smollm2'
   config.compilation_cache = 'runs/jax_cache'
   config.overrides = {
-      'rl': {'iterations': 8, 'windows_per_iteration': 4, 'rollouts_per_window': 4, 'warmup_iterations': 1},
-      'eval': {'every': 2, 'val_windows': 16, 'test_windows': 0, 'user_f1': {'num_users': 0}},
-      'checkpoint': {'every': 1},
+    'rl': {'iterations': 8, 'windows_per_iteration': 4, 'rollouts_per_window': 4, 'warmup_iterations': 1},
+    'eval': {'every': 2, 'val_windows': 16, 'test_windows': 0, 'user_f1': {'num_users': 0}},
+    'checkpoint': {'every': 1},
   }
   return config
 
@@ -49,9 +57,8 @@ def lastfm_study():
   config.runs_root = 'runs/lastfm_study'
   config.results_root = 'results/lastfm_study'
   config.overrides = {
-      'rl': {'iterations': 16, 'windows_per_iteration': 4, 'rollouts_per_window': 4, 'warmup_iterations': 1},
-      'eval': {'every': 4, 'val_windows': 16, 'test_windows': 0,
-               'user_f1': {'num_users': 0, 'also_without_peer': True}},
-      'checkpoint': {'every': 1},
+    'rl': {'iterations': 16, 'windows_per_iteration': 4, 'rollouts_per_window': 4, 'warmup_iterations': 1},
+    'eval': {'every': 4, 'val_windows': 16, 'test_windows': 0, 'user_f1': {'num_users': 0, 'also_without_peer': True}},
+    'checkpoint': {'every': 1},
   }
   return config

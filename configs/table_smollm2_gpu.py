@@ -17,11 +17,21 @@ def get_config(size: str = ''):
   config.results_root = 'results/table_smollm2_gpu'
   config.compilation_cache = 'runs/jax_cache_gpu'
   config.overrides = {
-      'rl': {'iterations': 24, 'windows_per_iteration': 16, 'rollouts_per_window': 4, 'warmup_iterations': 2,
-             'rows_per_microbatch': 64},
-      'eval': {'every': 4, 'val_windows': 64, 'test_windows': 0, 'batch_size': 128,
-               'user_f1': {'num_users': 0, 'batch_size': 256}},
-      'checkpoint': {'every': 4},
+    'rl': {
+      'iterations': 24,
+      'windows_per_iteration': 16,
+      'rollouts_per_window': 4,
+      'warmup_iterations': 2,
+      'rows_per_microbatch': 64,
+    },
+    'eval': {
+      'every': 4,
+      'val_windows': 64,
+      'test_windows': 0,
+      'batch_size': 128,
+      'user_f1': {'num_users': 0, 'batch_size': 256},
+    },
+    'checkpoint': {'every': 4},
   }
   if size == 'rehearsal':
     config.name = 'table_rehearsal'
@@ -31,13 +41,18 @@ def get_config(size: str = ''):
     config.rows = ('reference', 'warm_start', 'coars')
     config.main_seeds = 1
     config.overrides = {
-        'rl': {'iterations': 1, 'windows_per_iteration': 2, 'rollouts_per_window': 2, 'warmup_iterations': 0},
-        'eval': {'every': 1, 'val_windows': 2, 'test_windows': 4, 'batch_size': 4,
-                 'user_f1': {'num_users': 2, 'batch_size': 8}},
-        'rollout': {'max_turns': 2},
-        'warm_start': {'steps': 4, 'num_dialogues': 4, 'shuffled_dialogues': 0, 'warmup_steps': 1},
-        'checkpoint': {'every': 1},
+      'rl': {'iterations': 1, 'windows_per_iteration': 2, 'rollouts_per_window': 2, 'warmup_iterations': 0},
+      'eval': {
+        'every': 1,
+        'val_windows': 2,
+        'test_windows': 4,
+        'batch_size': 4,
+        'user_f1': {'num_users': 2, 'batch_size': 8},
+      },
+      'rollout': {'max_turns': 2},
+      'warm_start': {'steps': 4, 'num_dialogues': 4, 'shuffled_dialogues': 0, 'warmup_steps': 1},
+      'checkpoint': {'every': 1},
     }
   elif size:
-    raise ValueError(f'configs/table_smollm2_gpu.py takes \'\' or \'rehearsal\', found {size!r}')
+    raise ValueError(f"configs/table_smollm2_gpu.py takes '' or 'rehearsal', found {size!r}")
   return config

@@ -7,8 +7,13 @@ random candidate order. The recipe is `coars_jax.training.warm_start.SMOLLM2_WAR
 configs `configs/<dataset>_smollm2.py`, whose warm-start folder is this config's workdir.
 """
 
-from coars_jax.training.warm_start import (SMOLLM2_BUCKETS, SMOLLM2_SASREC, SMOLLM2_TRAIN_POOL, SMOLLM2_WARM_START,
-                                           default_config)
+from coars_jax.training.warm_start import (
+  SMOLLM2_BUCKETS,
+  SMOLLM2_SASREC,
+  SMOLLM2_TRAIN_POOL,
+  SMOLLM2_WARM_START,
+  default_config,
+)
 
 
 def get_config(dataset: str = 'lastfm'):

@@ -36,21 +36,28 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Write the result as JSON here.')
 
 
 def peak_rss_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main(argv):
   del argv
   on = _SWITCHES.value == 'on'
   model, _ = backbone.load_backbone(backbone.BackboneSpec(name=backbone.SMOLLM2))
-  add_lora(model, LoRAConfig(rank=8, alpha=16.0, layers='top_third' if on else 'all'), AGENTS,
-           rngs=nnx.Rngs(0))
-  shape = benchmark.StepShape(microbatches=1, rows=_ROWS.value, prompt_length=_PROMPT.value,
-                              completion_length=_COMPLETION.value)
+  add_lora(model, LoRAConfig(rank=8, alpha=16.0, layers='top_third' if on else 'all'), AGENTS, rngs=nnx.Rngs(0))
+  shape = benchmark.StepShape(
+    microbatches=1, rows=_ROWS.value, prompt_length=_PROMPT.value, completion_length=_COMPLETION.value
+  )
   trainer = benchmark.make_trainer(model, make_mesh(), shape, teacher_reuses_student_cache=on, remat=on)
   batch = benchmark.synthetic_batch(shape, model.config.vocab_size, teacher_cache=trainer.settings.teacher_cache)
-  args = [trainer.lora, trainer.frozen, trainer.opt_state, batch, np.float32(_ROWS.value),
-          trainer.adapter_update_mask, np.float32(1e-4)]
+  args = [
+    trainer.lora,
+    trainer.frozen,
+    trainer.opt_state,
+    batch,
+    np.float32(_ROWS.value),
+    trainer.adapter_update_mask,
+    np.float32(1e-4),
+  ]
   loaded = peak_rss_gib()
   start = time.perf_counter()
   compiled = trainer._step.lower(*args).compile()
@@ -64,15 +71,23 @@ def main(argv):
     jax.block_until_ready(metrics)
     seconds.append(time.perf_counter() - start)
     args[0], args[2] = lora, opt_state  # both donated
-  result = {'switches': _SWITCHES.value, 'rows': _ROWS.value, 'prompt_length': _PROMPT.value,
-            'completion_length': _COMPLETION.value, 'lora_layers': model.lora_config.layers,
-            'layers_backpropagated': model.config.num_layers - model.lowest_adapted_layer,
-            'peak_rss_gib_model_loaded': loaded, 'peak_rss_gib_after_compile': after_compile,
-            'peak_rss_gib_after_steps': peak_rss_gib(), 'compile_seconds': compile_seconds,
-            'step_seconds': seconds, 'loss_finite': bool(np.isfinite(float(metrics['loss']))),
-            'xla_temp_gib': getattr(analysis, 'temp_size_in_bytes', 0) / 2 ** 30,
-            'xla_argument_gib': getattr(analysis, 'argument_size_in_bytes', 0) / 2 ** 30,
-            'machine': f'{platform.node()} {jax.devices()[0].platform}'}
+  result = {
+    'switches': _SWITCHES.value,
+    'rows': _ROWS.value,
+    'prompt_length': _PROMPT.value,
+    'completion_length': _COMPLETION.value,
+    'lora_layers': model.lora_config.layers,
+    'layers_backpropagated': model.config.num_layers - model.lowest_adapted_layer,
+    'peak_rss_gib_model_loaded': loaded,
+    'peak_rss_gib_after_compile': after_compile,
+    'peak_rss_gib_after_steps': peak_rss_gib(),
+    'compile_seconds': compile_seconds,
+    'step_seconds': seconds,
+    'loss_finite': bool(np.isfinite(float(metrics['loss']))),
+    'xla_temp_gib': getattr(analysis, 'temp_size_in_bytes', 0) / 2**30,
+    'xla_argument_gib': getattr(analysis, 'argument_size_in_bytes', 0) / 2**30,
+    'machine': f'{platform.node()} {jax.devices()[0].platform}',
+  }
   print(json.dumps(result, indent=1))
   if _OUTPUT.value:
     outputs.write_json(_OUTPUT.value, result)

@@ -7,7 +7,6 @@ is reported: episodes/s, generated tokens/s, prefill tokens/s, and the share of 
 LLM's jitted code, stage by stage (`coars_jax.agents.benchmark`). Prints a table and writes the JSON to --output.
 """
 
-
 from absl import flags
 
 from coars_jax.agents import benchmark
@@ -26,12 +25,14 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64, 'Token budget of ea
 _TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Sampling temperature (0 is greedy).')
 _TOP_K = flags.DEFINE_integer('top_k', None, 'Top-k for sampling.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Top-p for sampling.')
-_CONSTRAINED = flags.DEFINE_bool('constrained', False, 'Decode under the agents\' output grammars '
-                                 '(LLMBackendConfig.constrained).')
-_SEED = flags.DEFINE_integer('seed', 0, 'The rollouts\' sampling seed (every rollout uses it).')
+_CONSTRAINED = flags.DEFINE_bool(
+  'constrained', False, "Decode under the agents' output grammars (LLMBackendConfig.constrained)."
+)
+_SEED = flags.DEFINE_integer('seed', 0, "The rollouts' sampling seed (every rollout uses it).")
 _DATA_ROOT = flags.DEFINE_string('data_root', None, 'Dataset folder; default $COARS_DATA_DIR, then the cache.')
-_SASREC_WORKDIR = flags.DEFINE_string('sasrec_workdir', None, 'Folder of the trained SASRec checkpoints '
-                                      '(seed_0 is used); default runs/sasrec_<dataset>.')
+_SASREC_WORKDIR = flags.DEFINE_string(
+  'sasrec_workdir', None, 'Folder of the trained SASRec checkpoints (seed_0 is used); default runs/sasrec_<dataset>.'
+)
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the result as JSON to this file.')
 
 
@@ -39,9 +40,19 @@ def main(argv):
   del argv
   params = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
   result = benchmark.run_benchmark(
-      _MODEL.value, dataset=_DATASET.value, split=_SPLIT.value, windows=_WINDOWS.value, max_turns=_MAX_TURNS.value,
-      repeats=_REPEATS.value, max_new_tokens=_MAX_NEW_TOKENS.value, params=params, seed=_SEED.value,
-      data_root=_DATA_ROOT.value, sasrec_workdir=_SASREC_WORKDIR.value, constrained=_CONSTRAINED.value)
+    _MODEL.value,
+    dataset=_DATASET.value,
+    split=_SPLIT.value,
+    windows=_WINDOWS.value,
+    max_turns=_MAX_TURNS.value,
+    repeats=_REPEATS.value,
+    max_new_tokens=_MAX_NEW_TOKENS.value,
+    params=params,
+    seed=_SEED.value,
+    data_root=_DATA_ROOT.value,
+    sasrec_workdir=_SASREC_WORKDIR.value,
+    constrained=_CONSTRAINED.value,
+  )
   print(benchmark.format_table(result), flush=True)
   if _OUTPUT.value:
     outputs.write_json(_OUTPUT.value, result)

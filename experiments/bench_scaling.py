@@ -29,8 +29,9 @@ _MICROBATCHES = flags.DEFINE_integer('microbatches', 2, 'K, microbatches per upd
 _PROMPT = flags.DEFINE_integer('prompt_length', 64, 'Student and teacher prompt tokens per row.')
 _COMPLETION = flags.DEFINE_integer('completion_length', 16, 'Completion tokens per row.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per measurement; the fastest counts.')
-_ACCELERATOR = flags.DEFINE_enum('accelerator', 'auto', ['auto', 'on', 'off'],
-                                 'MFU and decode bandwidth on the default device: auto = only on a GPU.')
+_ACCELERATOR = flags.DEFINE_enum(
+  'accelerator', 'auto', ['auto', 'on', 'off'], 'MFU and decode bandwidth on the default device: auto = only on a GPU.'
+)
 _ACCELERATOR_PRESET = flags.DEFINE_string('accelerator_preset', 'qwen2p5_1p5b', 'Shape of the accelerator check.')
 _ACCELERATOR_ROWS = flags.DEFINE_integer('accelerator_rows', 4, 'R of the accelerator update step (K = 1).')
 _ACCELERATOR_PROMPT = flags.DEFINE_integer('accelerator_prompt_length', 512, 'Its prompt tokens (completion 128).')
@@ -41,34 +42,47 @@ def main(argv):
   del argv
   cpus = jax.devices('cpu')
   meshes = [tuple(int(size) for size in text.split('x')) for text in _MESHES.value]
-  shape = benchmark.StepShape(microbatches=_MICROBATCHES.value, rows=_ROWS.value, prompt_length=_PROMPT.value,
-                              completion_length=_COMPLETION.value)
-  result = {'backend': jax.default_backend(), 'cpu_devices': len(cpus), 'preset': _PRESET.value,
-            'step_shape': dataclasses.asdict(shape), 'meshes': []}
+  shape = benchmark.StepShape(
+    microbatches=_MICROBATCHES.value, rows=_ROWS.value, prompt_length=_PROMPT.value, completion_length=_COMPLETION.value
+  )
+  result = {
+    'backend': jax.default_backend(),
+    'cpu_devices': len(cpus),
+    'preset': _PRESET.value,
+    'step_shape': dataclasses.asdict(shape),
+    'meshes': [],
+  }
   if len(cpus) < 8:
-    print(f'bench_scaling: only {len(cpus)} CPU devices (JAX started before XLA_FLAGS was set?); the mesh sweep '
-          f'needs 8')
+    print(
+      f'bench_scaling: only {len(cpus)} CPU devices (JAX started before XLA_FLAGS was set?); the mesh sweep needs 8'
+    )
   else:
-    result['meshes'] = benchmark.mesh_sweep(meshes, preset=_PRESET.value, shape=shape, repeats=_REPEATS.value,
-                                            devices=cpus[:8])
+    result['meshes'] = benchmark.mesh_sweep(
+      meshes, preset=_PRESET.value, shape=shape, repeats=_REPEATS.value, devices=cpus[:8]
+    )
     print(f'{"mesh (data, fsdp, tensor)":<28}{"s / step":>10}{"first call s":>14}{"traces":>8}{"compiles":>10}')
     for entry in result['meshes']:
       label = str(tuple(entry['mesh'].values()))
       if 'error' in entry:
         print(f'{label:<28}{entry["error"]}')
         continue
-      print(f'{label:<28}{entry["seconds_per_step"]:>10.3f}{entry["first_call_seconds"]:>14.2f}'
-            f'{entry["step_traces_warm_up"]:>4} +{entry["step_traces_timed"]:<3}'
-            f'{entry["backend_compiles_warm_up"]:>5} +{entry["backend_compiles_timed"]}')
+      print(
+        f'{label:<28}{entry["seconds_per_step"]:>10.3f}{entry["first_call_seconds"]:>14.2f}'
+        f'{entry["step_traces_warm_up"]:>4} +{entry["step_traces_timed"]:<3}'
+        f'{entry["backend_compiles_warm_up"]:>5} +{entry["backend_compiles_timed"]}'
+      )
   if _ACCELERATOR.value == 'on' or (_ACCELERATOR.value == 'auto' and jax.default_backend() == 'gpu'):
-    accelerator_shape = benchmark.StepShape(microbatches=1, rows=_ACCELERATOR_ROWS.value,
-                                            prompt_length=_ACCELERATOR_PROMPT.value, completion_length=128)
+    accelerator_shape = benchmark.StepShape(
+      microbatches=1, rows=_ACCELERATOR_ROWS.value, prompt_length=_ACCELERATOR_PROMPT.value, completion_length=128
+    )
     result['accelerator'] = benchmark.accelerator_efficiency(_ACCELERATOR_PRESET.value, shape=accelerator_shape)
     update, decode = result['accelerator']['update_step'], result['accelerator']['decode']
-    print(f'\n{result["accelerator"]["device"]} {_ACCELERATOR_PRESET.value} bf16: update step '
-          f'{update["seconds_per_step"]:.3f} s, MFU {update["mfu_vs_measured_bf16_matmul"]:.1%} of the measured '
-          f'bf16 matmul rate; decode step {decode["seconds_per_step"] * 1e3:.2f} ms, '
-          f'{decode["bandwidth_utilisation"]:.1%} of the measured copy bandwidth')
+    print(
+      f'\n{result["accelerator"]["device"]} {_ACCELERATOR_PRESET.value} bf16: update step '
+      f'{update["seconds_per_step"]:.3f} s, MFU {update["mfu_vs_measured_bf16_matmul"]:.1%} of the measured '
+      f'bf16 matmul rate; decode step {decode["seconds_per_step"] * 1e3:.2f} ms, '
+      f'{decode["bandwidth_utilisation"]:.1%} of the measured copy bandwidth'
+    )
   if _OUTPUT.value:
     outputs.write_json(_OUTPUT.value, result)
 

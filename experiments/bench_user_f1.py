@@ -26,7 +26,7 @@ from experiments import cli
 
 _DATASET = flags.DEFINE_enum('dataset', 'lastfm', ('lastfm', 'movielens', 'instruments'), 'Dataset.')
 _USERS = flags.DEFINE_integer('users', 8, 'The first this many users of the user-simulation set.')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', '', 'An adapters folder (warm start or RL); \'\' = the bare base.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', '', "An adapters folder (warm start or RL); '' = the bare base.")
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Judgements (flat) or users (rounds) per call.')
 _OUTPUT = flags.DEFINE_string('output', '', 'Write the measurements as JSON here.')
 
@@ -38,36 +38,64 @@ def main(argv):
   agentic_experiment.validate(config)
   dataset = load_dataset(_DATASET.value)
   sasrec, _ = sasrec_experiment.train_or_load(
-      sasrec_experiment.peer_config(_DATASET.value, workdir=f'runs/sasrec_{_DATASET.value}', max_epochs=20),
-      dataset, 0)
+    sasrec_experiment.peer_config(_DATASET.value, workdir=f'runs/sasrec_{_DATASET.value}', max_epochs=20), dataset, 0
+  )
   model, tokenizer, adapters = agentic_experiment.load_agents(config)
   full = user_sim_set(dataset)
-  sim = UserSimSet(dataset=full.dataset, cases=full.cases[:_USERS.value], users_left_out=0)
+  sim = UserSimSet(dataset=full.dataset, cases=full.cases[: _USERS.value], users_left_out=0)
   results = {}
   for name, share in (('flat', False), ('rounds', True)):
     for attempt in ('first (with compilation)', 'second'):
-      backend = LLMBackend(model, tokenizer, adapters=adapters, config=LLMBackendConfig(
-          user_max_new_tokens=64, sampling=GREEDY, buckets=LengthBuckets(prompt=(512, 1024, 2048),
-                                                                          completion=(64, 128))))
+      backend = LLMBackend(
+        model,
+        tokenizer,
+        adapters=adapters,
+        config=LLMBackendConfig(
+          user_max_new_tokens=64, sampling=GREEDY, buckets=LengthBuckets(prompt=(512, 1024, 2048), completion=(64, 128))
+        ),
+      )
       start = time.perf_counter()
-      result = evaluate_user_f1(dataset, sim, backend, peer=sasrec, seed=0, config=UserF1Config(
-          batch_size=_BATCH.value, show_peer_opinion=True, share_history=share))
+      result = evaluate_user_f1(
+        dataset,
+        sim,
+        backend,
+        peer=sasrec,
+        seed=0,
+        config=UserF1Config(batch_size=_BATCH.value, show_peer_opinion=True, share_history=share),
+      )
       seconds = time.perf_counter() - start
-      results[f'{name}/{attempt}'] = {'seconds': round(seconds, 1), **backend.prefill_tokens,
-                                      'f1': result.scores['micro_f1'], 'calls': len(backend.calls)}
+      results[f'{name}/{attempt}'] = {
+        'seconds': round(seconds, 1),
+        **backend.prefill_tokens,
+        'f1': result.scores['micro_f1'],
+        'calls': len(backend.calls),
+      }
       results[name] = result
-      print(f'{name:>6} {attempt:<24} {seconds:7.1f} s  prefilled {backend.prefill_tokens["prefilled"]:>7}  '
-            f'reused {backend.prefill_tokens["reused"]:>7}  calls {len(backend.calls):>3}  F1 '
-            f'{result.scores["micro_f1"]:.3f}', flush=True)
+      print(
+        f'{name:>6} {attempt:<24} {seconds:7.1f} s  prefilled {backend.prefill_tokens["prefilled"]:>7}  '
+        f'reused {backend.prefill_tokens["reused"]:>7}  calls {len(backend.calls):>3}  F1 '
+        f'{result.scores["micro_f1"]:.3f}',
+        flush=True,
+      )
   flat, rounds = results.pop('flat'), results.pop('rounds')
   agree = sum(a.positive == b.positive for a, b in zip(flat.judgements, rounds.judgements))
   same_text = sum(a.generation.text == b.generation.text for a, b in zip(flat.judgements, rounds.judgements))
   speedup = results['flat/second']['seconds'] / max(results['rounds/second']['seconds'], 1e-9)
-  summary = {'dataset': _DATASET.value, 'users': len(sim.cases), 'judgements': len(flat.judgements),
-             'checkpoint': _CHECKPOINT.value or None, 'batch_size': _BATCH.value, 'passes': results,
-             'speedup_second_pass': round(speedup, 2), 'same_decision': agree, 'same_text': same_text}
-  print(f'rounds vs flat (second passes): {speedup:.2f}x; {agree}/{len(flat.judgements)} same decisions, '
-        f'{same_text} identical messages')
+  summary = {
+    'dataset': _DATASET.value,
+    'users': len(sim.cases),
+    'judgements': len(flat.judgements),
+    'checkpoint': _CHECKPOINT.value or None,
+    'batch_size': _BATCH.value,
+    'passes': results,
+    'speedup_second_pass': round(speedup, 2),
+    'same_decision': agree,
+    'same_text': same_text,
+  }
+  print(
+    f'rounds vs flat (second passes): {speedup:.2f}x; {agree}/{len(flat.judgements)} same decisions, '
+    f'{same_text} identical messages'
+  )
   if _OUTPUT.value:
     path = pathlib.Path(_OUTPUT.value)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,11 @@ from coars_jax.training.checkpointing import CheckpointError
 EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError)
 USAGE_STATUS = 2
 
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the full traceback of expected errors (config, data, '
-                             'checkpoint) instead of a one-line message.')
+_VERBOSE = flags.DEFINE_bool(
+  'verbose',
+  False,
+  'Show the full traceback of expected errors (config, data, checkpoint) instead of a one-line message.',
+)
 
 
 def program() -> str:
@@ -56,7 +59,7 @@ def _config_problem(name: str, error: BaseException, argv) -> str:
   overrides = [arg.split('=', 1)[0][2:] for arg in argv if arg.startswith(f'--{name}.')]
   if typo or isinstance(root, (KeyError, AttributeError)):
     wrong = typo.group(2) if typo else text.splitlines()[0]
-    path = next((o[len(name) + 1:] for o in overrides if o.split('.')[-1] == wrong), wrong)
+    path = next((o[len(name) + 1 :] for o in overrides if o.split('.')[-1] == wrong), wrong)
     hint = f"; did you mean '{path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{typo.group(1)}'?" if typo else ''
     return f"unknown config field '{path}' (from --{name}.{path}){hint}"
   given = next((arg.split('=', 1)[1] for arg in argv if arg.startswith(f'--{name}=')), '')
@@ -75,9 +78,13 @@ def resolve_config_paths(argv, names) -> list[str]:
     for name in names:
       prefix = f'--{name}='
       if arg.startswith(prefix):
-        path, colon, rest = arg[len(prefix):].partition(':')
-        if path and not pathlib.Path(path).is_absolute() and not pathlib.Path(path).exists() and (
-            REPOSITORY / path).is_file():
+        path, colon, rest = arg[len(prefix) :].partition(':')
+        if (
+          path
+          and not pathlib.Path(path).is_absolute()
+          and not pathlib.Path(path).exists()
+          and (REPOSITORY / path).is_file()
+        ):
           arg = f'{prefix}{REPOSITORY / path}{colon}{rest}'
     out.append(arg)
   return out

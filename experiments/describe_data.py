@@ -18,9 +18,14 @@ def main(argv):
   stats = data.describe(dataset)
   sim = data.user_sim_set(dataset, _DATA_ROOT.value)
   # The user-simulation set: its users, its judgements (every item of every case) and its distinct items.
-  stats.update({'user_sim_users': len(sim), 'user_sim_users_left_out': sim.users_left_out,
-                'user_sim_judgements': sum(len(c.items) for c in sim.cases),
-                'user_sim_distinct_items': len({int(i) for c in sim.cases for i in c.items})})
+  stats.update(
+    {
+      'user_sim_users': len(sim),
+      'user_sim_users_left_out': sim.users_left_out,
+      'user_sim_judgements': sum(len(c.items) for c in sim.cases),
+      'user_sim_distinct_items': len({int(i) for c in sim.cases for i in c.items}),
+    }
+  )
   roots = data.candidate_roots(_DATA_ROOT.value)
   folder = next((root / _DATASET.value for root in roots if (root / _DATASET.value).is_dir()), None)
   stats['data_folder'] = str(folder) if folder is not None else f'(not found under {", ".join(map(str, roots))})'

@@ -22,13 +22,18 @@ from coars_jax.eval import experiment as agentic_experiment
 from coars_jax.recsys import experiment
 from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/eval_*.py or configs/sasrec_*.py file.',
-                                          lock_config=True)
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Agentic configs: a folder with both agents\' adapters '
-                                  '(overrides config.checkpoint).')
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'A configs/eval_*.py or configs/sasrec_*.py file.', lock_config=True
+)
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint', None, "Agentic configs: a folder with both agents' adapters (overrides config.checkpoint)."
+)
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the rows as JSON to this file.')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved config and what would be trained (SASRec) or '
-                             'reused, then exit without evaluating.')
+_DRY_RUN = flags.DEFINE_bool(
+  'dry_run',
+  False,
+  'Print the resolved config and what would be trained (SASRec) or reused, then exit without evaluating.',
+)
 
 
 def _write(rows, path):
@@ -45,8 +50,10 @@ def agentic_main(config):
   rows = agentic_experiment.run(config)
   for row in rows:
     print(agentic_experiment.summary_line(row))
-  print(f'\n## {rows[0]["dataset"]}, {config.split} split, {rows[0]["num_windows"]} of '
-        f'{rows[0]["windows_of_split"]} windows\n')
+  print(
+    f'\n## {rows[0]["dataset"]}, {config.split} split, {rows[0]["num_windows"]} of '
+    f'{rows[0]["windows_of_split"]} windows\n'
+  )
   print(agentic.format_markdown(rows))
   return rows
 
@@ -58,13 +65,14 @@ def reference_main(config):
   dataset = experiment.load_configured_dataset(config)
   models = {seed: experiment.train_or_load(config, dataset, seed)[0] for seed in config.train_seeds}
   rows = reference.reference_rows(dataset, models, config.candidate_seeds, config.split)
-  print(f'\n## Reference table: {dataset.name}, {config.split} split, {len(dataset.split(config.split))} windows, '
-        f'{len(config.candidate_seeds)} candidate seeds\n')
+  print(
+    f'\n## Reference table: {dataset.name}, {config.split} split, {len(dataset.split(config.split))} windows, '
+    f'{len(config.candidate_seeds)} candidate seeds\n'
+  )
   print(reference.format_markdown(rows))
   if dataset.name == 'lastfm' and config.split == 'test':
     prior = reference.afl_prior_hit_at_1(config.data_root or None, allow_download=config.allow_download)
-    print(f'\nAFL\'s shipped SASRec top-1 picks (prior_lastfm/SASRec.csv, their candidate lists): '
-          f'Hit@1 = {prior:.3f}')
+    print(f"\nAFL's shipped SASRec top-1 picks (prior_lastfm/SASRec.csv, their candidate lists): Hit@1 = {prior:.3f}")
   return rows
 
 
@@ -80,21 +88,31 @@ def dry_run(config) -> None:
   print(config.to_json_best_effort(indent=2, sort_keys=True))
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=False)
   if agentic:
-    peer = experiment.peer_config(config.dataset, workdir=config.sasrec_workdir, data_root=config.data_root,
-                                  max_epochs=config.sasrec_max_epochs)
+    peer = experiment.peer_config(
+      config.dataset, workdir=config.sasrec_workdir, data_root=config.data_root, max_epochs=config.sasrec_max_epochs
+    )
     seeds = (config.sasrec_seed,)
   else:
     peer, seeds = config, tuple(config.train_seeds)
   print('\nStages:')
   for seed in seeds:
     reusable, why = experiment.checkpoint_status(peer, dataset, seed)
-    print(f'  SASRec seed {seed}: {"cached" if reusable else "to train"} '
-          f'({experiment.checkpoint_folder(peer, seed)}: {why})')
+    print(
+      f'  SASRec seed {seed}: {"cached" if reusable else "to train"} '
+      f'({experiment.checkpoint_folder(peer, seed)}: {why})'
+    )
   if agentic:
-    agents = (f'the API at {config.backend.base_url}' if config.backend.kind == 'openai' else
-              f'adapters from {config.checkpoint}' if config.checkpoint else f'the bare {config.model} base')
-    print(f'  {config.method} row: to run, {agents}, {config.num_windows or len(dataset.split(config.split))} '
-          f'{config.split} windows x seeds {tuple(config.seeds)}')
+    agents = (
+      f'the API at {config.backend.base_url}'
+      if config.backend.kind == 'openai'
+      else f'adapters from {config.checkpoint}'
+      if config.checkpoint
+      else f'the bare {config.model} base'
+    )
+    print(
+      f'  {config.method} row: to run, {agents}, {config.num_windows or len(dataset.split(config.split))} '
+      f'{config.split} windows x seeds {tuple(config.seeds)}'
+    )
   else:
     print(f'  reference rows: to run, {len(config.candidate_seeds)} candidate seeds')
 

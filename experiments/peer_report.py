@@ -19,8 +19,9 @@ from coars_jax.data import load_dataset
 from coars_jax.recsys import experiment
 from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'An agentic config (configs/<dataset>_smollm2.py, '
-                                          'configs/warm_start_*.py).', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'An agentic config (configs/<dataset>_smollm2.py, configs/warm_start_*.py).', lock_config=True
+)
 _TRAIN_WINDOWS = flags.DEFINE_integer('train_windows', 2000, 'Training windows scored (a seeded sample; 0 = all).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write the rates as JSON here.')
 
@@ -33,25 +34,44 @@ def main(argv):
   start = time.perf_counter()
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
   full, peer = experiment.train_or_load_peer(
-      experiment.peer_config(config.dataset, workdir=config.sasrec_workdir, data_root=config.data_root,
-                             allow_download=config.allow_download, max_epochs=config.sasrec_max_epochs),
-      dataset, config.sasrec_seed, num_folds=config.sasrec_folds, fold_seed=config.sasrec_fold_seed)
+    experiment.peer_config(
+      config.dataset,
+      workdir=config.sasrec_workdir,
+      data_root=config.data_root,
+      allow_download=config.allow_download,
+      max_epochs=config.sasrec_max_epochs,
+    ),
+    dataset,
+    config.sasrec_seed,
+    num_folds=config.sasrec_folds,
+    fold_seed=config.sasrec_fold_seed,
+  )
   # The training experiment's configs hold the pool and the candidate seed at the top level and in `rollout`, the
   # warm start's in its `warm_start` group.
   candidate_seed = config.rollout.candidate_seed if 'rollout' in config else config.warm_start.candidate_seed
   pool = config.train_pool if 'train_pool' in config else config.warm_start.train_pool
-  rates = experiment.peer_hit_rates(dataset, full, peer, candidate_seed=candidate_seed,
-                                    train_windows=_TRAIN_WINDOWS.value, pool=pool)
-  row = {'dataset': dataset.name, 'sasrec_seed': config.sasrec_seed, 'sasrec_folds': config.sasrec_folds,
-         'sasrec_max_epochs': config.sasrec_max_epochs, 'candidate_seed': candidate_seed, **rates,
-         'gap_out_of_fold_vs_val': rates['train_out_of_fold'] - rates['val'],
-         'seconds': round(time.perf_counter() - start, 1)}
+  rates = experiment.peer_hit_rates(
+    dataset, full, peer, candidate_seed=candidate_seed, train_windows=_TRAIN_WINDOWS.value, pool=pool
+  )
+  row = {
+    'dataset': dataset.name,
+    'sasrec_seed': config.sasrec_seed,
+    'sasrec_folds': config.sasrec_folds,
+    'sasrec_max_epochs': config.sasrec_max_epochs,
+    'candidate_seed': candidate_seed,
+    **rates,
+    'gap_out_of_fold_vs_val': rates['train_out_of_fold'] - rates['val'],
+    'seconds': round(time.perf_counter() - start, 1),
+  }
   every = rates.get('train_out_of_fold_all_windows')
-  print(f'{dataset.name}: peer top-1 hit rate on training windows ({pool}, {rates["train_windows_scored"]} scored, '
-        f'K = {config.sasrec_folds}): in-sample {rates["train_in_sample"]:.3f}, out-of-fold '
-        f'{rates["train_out_of_fold"]:.3f}' + ('' if every is None else f' (all windows: {every:.3f})')
-        + f'; val {rates["val"]:.3f}, test {rates["test"]:.3f}; out-of-fold minus val '
-        f'{rates["train_out_of_fold"] - rates["val"]:+.3f}')
+  print(
+    f'{dataset.name}: peer top-1 hit rate on training windows ({pool}, {rates["train_windows_scored"]} scored, '
+    f'K = {config.sasrec_folds}): in-sample {rates["train_in_sample"]:.3f}, out-of-fold '
+    f'{rates["train_out_of_fold"]:.3f}'
+    + ('' if every is None else f' (all windows: {every:.3f})')
+    + f'; val {rates["val"]:.3f}, test {rates["test"]:.3f}; out-of-fold minus val '
+    f'{rates["train_out_of_fold"] - rates["val"]:+.3f}'
+  )
   print(json.dumps(row))
   if _OUTPUT.value:
     path = pathlib.Path(_OUTPUT.value)

@@ -19,8 +19,9 @@ from coars_jax.parallel import planner
 from coars_jax.training import experiment
 from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A training config file (configs/presets/*.py, ...).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'A training config file (configs/presets/*.py, ...).', lock_config=True
+)
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write the plan as JSON to this file.')
 
 

@@ -21,12 +21,20 @@ from experiments import report
 from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/table_*.py file.', lock_config=True)
-_ONLY = flags.DEFINE_list('only', [], 'Cells to run: row names (coars), dataset/row (lastfm/coars-*) or full '
-                          'cell names (lastfm/coars/seed_1); fnmatch patterns. Default: every cell.')
+_ONLY = flags.DEFINE_list(
+  'only',
+  [],
+  'Cells to run: row names (coars), dataset/row (lastfm/coars-*) or full '
+  'cell names (lastfm/coars/seed_1); fnmatch patterns. Default: every cell.',
+)
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the cells, their status and estimates, and exit.')
-_HOURS = flags.DEFINE_float('hours', 0.0, 'Start no cell after this many hours, and stop the one in flight at the '
-                            'deadline (with a checkpoint when it is an RL cell); 0 = no limit.')
-_REPORT = flags.DEFINE_bool('report', True, 'Rebuild the report from the table\'s rows at the end.')
+_HOURS = flags.DEFINE_float(
+  'hours',
+  0.0,
+  'Start no cell after this many hours, and stop the one in flight at the '
+  'deadline (with a checkpoint when it is an RL cell); 0 = no limit.',
+)
+_REPORT = flags.DEFINE_bool('report', True, "Rebuild the report from the table's rows at the end.")
 
 
 def _status(table, cell, done) -> str:
@@ -50,8 +58,11 @@ def main(argv):
     raise app.UsageError(str(error))
   done = table_lib.finished_seconds(table, cells)
   todo = [cell for cell in chosen if cell not in done]
-  print(f'Table {table.name}: {len(cells)} cells, {len(done)} done; selected {len(chosen)}, '
-        f'{table_lib.eta_line(todo, done)}', flush=True)
+  print(
+    f'Table {table.name}: {len(cells)} cells, {len(done)} done; selected {len(chosen)}, '
+    f'{table_lib.eta_line(todo, done)}',
+    flush=True,
+  )
   if _DRY_RUN.value:
     for cell in chosen:
       print(f'  {cell.name:<40} {cell.kind:<9} {_status(table, cell, done)}')
@@ -67,25 +78,35 @@ def main(argv):
     if _HOURS.value and time.perf_counter() - start > _HOURS.value * 3600:
       stopped = True
       break
-    print(f'\n[{number}/{len(todo)}] {cell.name} ({cell.kind}), est. '
-          f'{table_lib.format_seconds(table_lib.estimate(cell, done))}; after it: '
-          f'{table_lib.eta_line(todo[number:], done)}', flush=True)
+    print(
+      f'\n[{number}/{len(todo)}] {cell.name} ({cell.kind}), est. '
+      f'{table_lib.format_seconds(table_lib.estimate(cell, done))}; after it: '
+      f'{table_lib.eta_line(todo[number:], done)}',
+      flush=True,
+    )
     result = table_lib.run_cell(table, cell)
     if not result.finished:
-      print(f'{cell.name} stopped after {table_lib.format_seconds(result.seconds)} with a checkpoint; rerun the same '
-            f'command to continue it', flush=True)
+      print(
+        f'{cell.name} stopped after {table_lib.format_seconds(result.seconds)} with a checkpoint; rerun the same '
+        f'command to continue it',
+        flush=True,
+      )
       stopped = True
       break
     done[cell] = result.seconds
-    print(f'{cell.name} done in {table_lib.format_seconds(result.seconds)} -> '
-          f'{table_lib.results_file(table, cell)}', flush=True)
+    print(
+      f'{cell.name} done in {table_lib.format_seconds(result.seconds)} -> {table_lib.results_file(table, cell)}',
+      flush=True,
+    )
   signal.alarm(0)
   if _REPORT.value:
     root = table_lib.absolute_path(table.results_root)
     report.build(tables=[str(root)], rows=[], runs=[], output=str(root / 'README.md'), preamble='')
   left = [cell for cell in chosen if cell not in done]
-  print(f'\n{len(chosen) - len(left)} of {len(chosen)} selected cells done' +
-        (f'; {len(left)} left: rerun the same command to continue' if left else ''))
+  print(
+    f'\n{len(chosen) - len(left)} of {len(chosen)} selected cells done'
+    + (f'; {len(left)} left: rerun the same command to continue' if left else '')
+  )
   if stopped:
     sys.exit(0)
 

@@ -17,13 +17,14 @@ from coars_jax.sampling import LengthBuckets
 from experiments import cli
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'The backbone: a preset name or an HF checkpoint folder.')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', '', 'A folder with both agents\' adapters (\'\' serves the base).')
-_DATA_ROOT = flags.DEFINE_string('data_root', '', 'Where the backbone\'s files live (default $COARS_DATA_DIR).')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', '', "A folder with both agents' adapters ('' serves the base).")
+_DATA_ROOT = flags.DEFINE_string('data_root', '', "Where the backbone's files live (default $COARS_DATA_DIR).")
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'The address to listen on (loopback by default).')
 _PORT = flags.DEFINE_integer('port', 8000, 'The port.')
-_NAME = flags.DEFINE_string('name', '', 'The model id prefix (default: the backbone\'s label).')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 256, 'The cap on a request\'s max_tokens (at most the '
-                                       'largest completion bucket, 256).')
+_NAME = flags.DEFINE_string('name', '', "The model id prefix (default: the backbone's label).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+  'max_new_tokens', 256, "The cap on a request's max_tokens (at most the largest completion bucket, 256)."
+)
 _MAX_BODY_BYTES = flags.DEFINE_integer('max_body_bytes', 1 << 20, 'Larger request bodies get 413, unread.')
 _MAX_PENDING = flags.DEFINE_integer('max_pending', 64, 'Requests beyond this many waiting get 503 (retryable).')
 
@@ -35,10 +36,17 @@ def main(argv):
   agentic_experiment.validate(config)
   model, tokenizer, _ = agentic_experiment.load_agents(config)
   name = _NAME.value or agentic_experiment.model_label(config)
-  server = make_server(model, tokenizer, name=name, host=_HOST.value, port=_PORT.value,
-                       max_new_tokens=_MAX_NEW_TOKENS.value, max_body_bytes=_MAX_BODY_BYTES.value,
-                       max_pending=_MAX_PENDING.value,
-                       buckets=LengthBuckets(prompt=(512, 1024, 2048), completion=(64, 128, 256)))
+  server = make_server(
+    model,
+    tokenizer,
+    name=name,
+    host=_HOST.value,
+    port=_PORT.value,
+    max_new_tokens=_MAX_NEW_TOKENS.value,
+    max_body_bytes=_MAX_BODY_BYTES.value,
+    max_pending=_MAX_PENDING.value,
+    buckets=LengthBuckets(prompt=(512, 1024, 2048), completion=(64, 128, 256)),
+  )
   host, port = server.server_address[:2]
   models = [name] + [f'{name}:{adapter}' for adapter in model.adapter_names]
   print(f'Serving {models} at http://{host}:{port}/v1 (chat completions); Ctrl-C stops', flush=True)

@@ -18,10 +18,14 @@ from coars_jax.parallel import distributed
 from coars_jax.training import experiment
 from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/<dataset>_<model>.py[:method] file.',
-                                          lock_config=True)
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved config and each stage (cached, done or to run), '
-                             'then exit without training anything.')
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'A configs/<dataset>_<model>.py[:method] file.', lock_config=True
+)
+_DRY_RUN = flags.DEFINE_bool(
+  'dry_run',
+  False,
+  'Print the resolved config and each stage (cached, done or to run), then exit without training anything.',
+)
 
 
 def main(argv):
@@ -29,6 +33,7 @@ def main(argv):
   config = _CONFIG.value
   if _DRY_RUN.value:
     from coars_jax.training import stages
+
     print(stages.format_plan(config, stages.plan(config)))
     return
   # Multi-host runs (config.distributed.enabled) join the other hosts before anything touches a device.
@@ -44,22 +49,28 @@ def main(argv):
     print(f'[{row["stage"]}] {summary_line(row)}')
   if not any(row['stage'] == 'after' for row in rows):
     reason = f'stop_after={config.stop_after}' if config.stop_after else 'SIGTERM'
-    print(f'\nStopped before the last iteration ({reason}) after writing a checkpoint in '
-          f'{pathlib.Path(config.workdir).absolute()}; continue with '
-          f'--config.resume=True')
+    print(
+      f'\nStopped before the last iteration ({reason}) after writing a checkpoint in '
+      f'{pathlib.Path(config.workdir).absolute()}; continue with '
+      f'--config.resume=True'
+    )
     return
   reference = next((row for row in rows if row.get('accept_all_f1') is not None), None)
   if reference is not None:
     sasrec_auc, sasrec_f1 = reference.get('sasrec_auc'), reference.get('sasrec_top_half_f1')
-    print(f"User-F1 references on the same {reference['user_f1_judgements']} judgements: accept everything F1 "
-          f"{reference['accept_all_f1']:.3f}; SASRec's scores AUC "
-          f"{'—' if sasrec_auc is None else f'{sasrec_auc:.3f}'}, its top half per user F1 "
-          f"{'—' if sasrec_f1 is None else f'{sasrec_f1:.3f}'}")
+    print(
+      f'User-F1 references on the same {reference["user_f1_judgements"]} judgements: accept everything F1 '
+      f"{reference['accept_all_f1']:.3f}; SASRec's scores AUC "
+      f'{"—" if sasrec_auc is None else f"{sasrec_auc:.3f}"}, its top half per user F1 '
+      f'{"—" if sasrec_f1 is None else f"{sasrec_f1:.3f}"}'
+    )
   print()
   print(agentic.format_markdown(rows))
   workdir = pathlib.Path(config.workdir).absolute()
-  print(f'\nRows written to {workdir / experiment.RESULTS_FILE}; run folder {workdir} (metrics.jsonl, tensorboard/, '
-        f'trajectories/, final/, best/)')
+  print(
+    f'\nRows written to {workdir / experiment.RESULTS_FILE}; run folder {workdir} (metrics.jsonl, tensorboard/, '
+    f'trajectories/, final/, best/)'
+  )
 
 
 def entry():

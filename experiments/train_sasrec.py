@@ -17,8 +17,14 @@ def main(argv):
   dataset = experiment.load_configured_dataset(config)
   for seed in config.train_seeds:
     _, meta = experiment.train_or_load(config, dataset, seed)
-    print(json.dumps({k: meta[k] for k in ('dataset', 'seed', 'best_epoch', 'best_val', 'epochs_run',
-                                           'train_seconds', 'peak_rss_mib')}))
+    print(
+      json.dumps(
+        {
+          k: meta[k]
+          for k in ('dataset', 'seed', 'best_epoch', 'best_val', 'epochs_run', 'train_seconds', 'peak_rss_mib')
+        }
+      )
+    )
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ from experiments import cli
 
 _INPUT = flags.DEFINE_string('input', None, 'A training run folder, a rollout record folder or an episodes JSONL.')
 _OUTPUT = flags.DEFINE_string('output', '', 'The HTML file to write (default: <input folder>/view.html).')
-_TITLE = flags.DEFINE_string('title', '', 'The page title (default: the input\'s name).')
+_TITLE = flags.DEFINE_string('title', '', "The page title (default: the input's name).")
 _LIMIT = flags.DEFINE_integer('limit', 500, 'At most this many dialogues (the latest iterations first kept).')
 
 
@@ -27,12 +27,13 @@ def main(argv):
   except (FileNotFoundError, ValueError) as error:
     cli.fail(str(error))
   if len(records) > _LIMIT.value:
-    records = records[-_LIMIT.value:]
+    records = records[-_LIMIT.value :]
   default = (source if source.is_dir() else source.parent) / 'view.html'
   output = pathlib.Path(_OUTPUT.value or default).absolute()
   output.parent.mkdir(parents=True, exist_ok=True)
-  output.write_text(viewer.render_html(records, title=_TITLE.value or f'CoARS dialogues: {source.name}'),
-                    encoding='utf-8')
+  output.write_text(
+    viewer.render_html(records, title=_TITLE.value or f'CoARS dialogues: {source.name}'), encoding='utf-8'
+  )
   print(f'Wrote {output} ({len(records)} dialogues); open it in a browser')
 
 

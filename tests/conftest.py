@@ -25,8 +25,11 @@ def real_data_root() -> pathlib.Path | None:
 def require_files(*relpaths: str) -> pathlib.Path:
   """The data root holding every `relpath`, or a skip that names what is missing and where it looked."""
   root = real_data_root()
-  looked = (f'$COARS_DATA_DIR={os.environ["COARS_DATA_DIR"]}' if os.environ.get('COARS_DATA_DIR')
-            else f'{_SIBLING} ($COARS_DATA_DIR is unset)')
+  looked = (
+    f'$COARS_DATA_DIR={os.environ["COARS_DATA_DIR"]}'
+    if os.environ.get('COARS_DATA_DIR')
+    else f'{_SIBLING} ($COARS_DATA_DIR is unset)'
+  )
   if root is None:
     pytest.skip(f'real datasets absent: no data root at {looked}; set COARS_DATA_DIR to run this test')
   missing = [r for r in relpaths if not (root / r).is_file()]
@@ -47,7 +50,8 @@ def run_module(*args: str, env_root: pathlib.Path, timeout: int = 1200) -> str:
   """Runs `python -m <args>` from the repository root as a user would, with the data root set; returns stdout
   and fails the test with the end of stderr when the command fails."""
   env = dict(os.environ, COARS_DATA_DIR=str(env_root), JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+  result = subprocess.run(
+    [sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout

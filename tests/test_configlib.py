@@ -24,12 +24,15 @@ def test_unknown_field_suggests_the_closest_name():
     experiment.validate(config)
 
 
-@pytest.mark.parametrize('field, value, message', [
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
     ('dataset', 'netflix', "'dataset': expected one of"),
     ('split', 'train', "'split': expected one of"),
     ('candidate_seeds', (), "'candidate_seeds': expected a non-empty list"),
     ('train_seeds', (-1,), "'train_seeds': expected a non-empty list of integers >= 0"),
-])
+  ],
+)
 def test_bad_values_name_the_field(field, value, message):
   config = experiment.default_config('lastfm')
   config[field] = value
@@ -50,13 +53,21 @@ def test_bad_nested_values_name_the_field():
 
 def test_check_types_holds_every_field_to_its_defaults_kind():
   import ml_collections
-  defaults = ml_collections.ConfigDict({'steps': 1, 'rate': 0.5, 'on': True, 'name': 'x', 'sizes': (1,),
-                                        'group': {'scale': 1.0}})
+
+  defaults = ml_collections.ConfigDict(
+    {'steps': 1, 'rate': 0.5, 'on': True, 'name': 'x', 'sizes': (1,), 'group': {'scale': 1.0}}
+  )
   configlib.check_types(ml_collections.ConfigDict({'steps': 2, 'rate': 3, 'group': {'scale': 2.0}}), defaults)
-  for field, value, expected in (('steps', 1.5, 'an int'), ('steps', True, 'an int'), ('rate', 'x', 'a finite number'),
-                                 ('rate', float('inf'), 'a finite number'),
-                                 ('on', 1, 'a bool'), ('name', 3, 'a string'), ('sizes', 'x', 'a list'),
-                                 ('group.scale', float('nan'), 'a finite number')):
+  for field, value, expected in (
+    ('steps', 1.5, 'an int'),
+    ('steps', True, 'an int'),
+    ('rate', 'x', 'a finite number'),
+    ('rate', float('inf'), 'a finite number'),
+    ('on', 1, 'a bool'),
+    ('name', 3, 'a string'),
+    ('sizes', 'x', 'a list'),
+    ('group.scale', float('nan'), 'a finite number'),
+  ):
     config = ml_collections.ConfigDict(defaults.to_dict())
     group, _, name = field.rpartition('.')
     target = config[group] if group else config
@@ -72,9 +83,13 @@ def test_a_run_folder_is_not_a_shared_place(tmp_path, monkeypatch):
   monkeypatch.chdir(cwd)
   assert configlib.require_folder('workdir', 'runs/x') == cwd / 'runs' / 'x'
   assert configlib.require_folder('warm_start.folder', '', allow_empty=True) is None
-  for value, reason in (('/', 'the file-system root'), ('.', 'the current directory'),
-                        ('..', 'a parent of the current directory'), ('runs/..', 'the current directory'),
-                        (str(pathlib.Path.home()), 'the home folder')):
+  for value, reason in (
+    ('/', 'the file-system root'),
+    ('.', 'the current directory'),
+    ('..', 'a parent of the current directory'),
+    ('runs/..', 'the current directory'),
+    (str(pathlib.Path.home()), 'the home folder'),
+  ):
     with pytest.raises(configlib.ConfigError, match=rf"'workdir': expected a folder of its own .*\({reason}"):
       configlib.require_folder('workdir', value)
   for value in ('', 'runs/\x00x', 'a\nb', 3):

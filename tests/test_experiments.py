@@ -26,9 +26,16 @@ def test_describe_data_prints_source_md_figures():
 def test_evaluate_trains_checkpoints_and_writes_rows(tmp_path):
   root = require_files(instruments.RATINGS_FILE, instruments.META_FILE)
   output = tmp_path / 'rows.json'
-  args = ['experiments.evaluate', '--config=configs/sasrec_instruments.py', '--config.train_seeds=(0,)',
-          '--config.candidate_seeds=(0,1)', '--config.train.max_epochs=2', '--config.progress=False',
-          f'--config.workdir={tmp_path / "work"}', f'--output={output}']
+  args = [
+    'experiments.evaluate',
+    '--config=configs/sasrec_instruments.py',
+    '--config.train_seeds=(0,)',
+    '--config.candidate_seeds=(0,1)',
+    '--config.train.max_epochs=2',
+    '--config.progress=False',
+    f'--config.workdir={tmp_path / "work"}',
+    f'--output={output}',
+  ]
   out = run_module(*args, env_root=root)
   assert '| instruments | sasrec |' in out
   rows = json.loads(output.read_text())
@@ -43,16 +50,28 @@ def test_evaluate_trains_checkpoints_and_writes_rows(tmp_path):
 
 def test_bad_config_fails_before_any_work(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', 'experiments.evaluate', '--config=configs/sasrec_lastfm.py',
-                           '--config.split=train'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, '-m', 'experiments.evaluate', '--config=configs/sasrec_lastfm.py', '--config.split=train'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode != 0
   assert "Config field 'split'" in result.stderr
 
 
 def test_evaluate_dry_run_names_what_it_would_train_and_trains_nothing(tmp_path):
   root = require_files(instruments.RATINGS_FILE, instruments.META_FILE)
-  out = run_module('experiments.evaluate', '--config=configs/sasrec_instruments.py', '--config.train_seeds=(0,)',
-                   f'--config.workdir={tmp_path / "work"}', '--dry_run', env_root=root)
+  out = run_module(
+    'experiments.evaluate',
+    '--config=configs/sasrec_instruments.py',
+    '--config.train_seeds=(0,)',
+    f'--config.workdir={tmp_path / "work"}',
+    '--dry_run',
+    env_root=root,
+  )
   assert out.startswith('Resolved config:') and '"train_seeds": [' in out
   assert f'SASRec seed 0: to train ({tmp_path / "work" / "seed_0"}: no checkpoint there yet)' in out
   assert not (tmp_path / 'work').exists()

@@ -15,9 +15,25 @@ from coars_jax.models import tokenizer as tokenizer_lib
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCANNED = ('coars_jax', 'experiments', 'configs')
 # Calls that execute code or build objects named by the bytes they read.
-UNSAFE_CALLS = {'pickle.load', 'pickle.loads', 'pickle.Unpickler', 'pd.read_pickle', 'pandas.read_pickle',
-                'torch.load', 'joblib.load', 'dill.load', 'dill.loads', 'cloudpickle.load', 'cloudpickle.loads',
-                'marshal.load', 'marshal.loads', 'shelve.open', 'yaml.load', 'yaml.unsafe_load', 'runpy.run_path'}
+UNSAFE_CALLS = {
+  'pickle.load',
+  'pickle.loads',
+  'pickle.Unpickler',
+  'pd.read_pickle',
+  'pandas.read_pickle',
+  'torch.load',
+  'joblib.load',
+  'dill.load',
+  'dill.loads',
+  'cloudpickle.load',
+  'cloudpickle.loads',
+  'marshal.load',
+  'marshal.loads',
+  'shelve.open',
+  'yaml.load',
+  'yaml.unsafe_load',
+  'runpy.run_path',
+}
 UNSAFE_BUILTINS = {'eval', 'exec', '__import__'}  # by their bare names only (`model.eval()` is a torch mode switch)
 # The one place that unpickles: after the file's sha256 matches a pinned value, through an allow-list.
 ALLOWED = {('coars_jax/data/files.py', 'pickle.Unpickler')}
@@ -52,11 +68,13 @@ def test_the_package_has_no_call_that_runs_code_from_files():
       if isinstance(node, ast.Call):
         names.append(_name(node.func))
         for keyword in node.keywords:
-          if keyword.arg == 'trust_remote_code' and not (isinstance(keyword.value, ast.Constant)
-                                                          and keyword.value.value is False):
+          if keyword.arg == 'trust_remote_code' and not (
+            isinstance(keyword.value, ast.Constant) and keyword.value.value is False
+          ):
             found.append(f'{relpath}:{node.lineno}: trust_remote_code={ast.unparse(keyword.value)}')
-          if keyword.arg == 'allow_pickle' and not (isinstance(keyword.value, ast.Constant)
-                                                     and keyword.value.value is False):
+          if keyword.arg == 'allow_pickle' and not (
+            isinstance(keyword.value, ast.Constant) and keyword.value.value is False
+          ):
             found.append(f'{relpath}:{node.lineno}: allow_pickle={ast.unparse(keyword.value)}')
       if isinstance(node, ast.ClassDef):
         names += [_name(base) for base in node.bases]
@@ -68,8 +86,10 @@ def test_the_package_has_no_call_that_runs_code_from_files():
 
 
 def test_the_scan_would_catch_what_it_looks_for():
-  tree = ast.parse('import pickle, transformers\npickle.loads(b"")\n'
-                   'transformers.AutoModel.from_pretrained("x", trust_remote_code=True)\n')
+  tree = ast.parse(
+    'import pickle, transformers\npickle.loads(b"")\n'
+    'transformers.AutoModel.from_pretrained("x", trust_remote_code=True)\n'
+  )
   calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
   assert _unsafe(_name(calls[0].func)) == 'pickle.loads' and _unsafe('hf_model.eval') is None
   assert _unsafe('eval') == 'eval' and _unsafe('pandas.read_pickle') == 'pandas.read_pickle'
@@ -83,8 +103,9 @@ def test_a_tokenizer_folder_with_custom_code_does_not_run_it(tmp_path):
   folder = tokenizer_lib.build_tokenizer(lines, tmp_path / 'tok', vocab_size=400)
   folder = pathlib.Path(folder)
   marker = tmp_path / 'code_ran'
-  (folder / 'evil_tokenizer.py').write_text(f'open({str(marker)!r}, "w").write("ran")\n'
-                                            'from transformers import PreTrainedTokenizerFast as EvilTokenizer\n')
+  (folder / 'evil_tokenizer.py').write_text(
+    f'open({str(marker)!r}, "w").write("ran")\nfrom transformers import PreTrainedTokenizerFast as EvilTokenizer\n'
+  )
   config_path = folder / 'tokenizer_config.json'
   config = json.loads(config_path.read_text())
   config['auto_map'] = {'AutoTokenizer': ['evil_tokenizer.EvilTokenizer', 'evil_tokenizer.EvilTokenizer']}
@@ -99,8 +120,9 @@ def test_a_tokenizer_folder_with_custom_code_does_not_run_it(tmp_path):
 
 def test_tokenizer_loaders_ask_for_local_files_and_no_remote_code(monkeypatch, tmp_path):
   calls = []
-  monkeypatch.setattr(tokenizer_lib.transformers.AutoTokenizer, 'from_pretrained',
-                      lambda *args, **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(
+    tokenizer_lib.transformers.AutoTokenizer, 'from_pretrained', lambda *args, **kwargs: calls.append(kwargs)
+  )
   (tmp_path / 'tokenizer.json').write_text('{}')
   (tmp_path / 'model.gguf').write_bytes(b'GGUF')
   tokenizer_lib.load_tokenizer(tmp_path)
@@ -113,6 +135,9 @@ def test_tokenizer_loaders_ask_for_local_files_and_no_remote_code(monkeypatch, t
 def test_downloads_and_pickles_stay_tested_against_pinned_checksums():
   # The behaviour is tested in tests/data/test_files.py; this keeps that test from disappearing unnoticed.
   source = (REPO / 'tests' / 'data' / 'test_files.py').read_text()
-  for test in ('test_download_verifies_checksum_before_use', 'test_unpinned_pickle_is_refused',
-               'test_pinned_pickle_that_calls_code_is_refused'):
+  for test in (
+    'test_download_verifies_checksum_before_use',
+    'test_unpinned_pickle_is_refused',
+    'test_pinned_pickle_that_calls_code_is_refused',
+  ):
     assert f'def {test}(' in source, test

@@ -81,15 +81,23 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:
   """Raises ValueError, saying what does not match, when `tokenizer` can produce an id the model has no embedding
   for: more tokens than `vocab_size`, or a special (bos / eos / end-of-turn / pad) id beyond it."""
   if len(tokenizer) > vocab_size:
-    raise ValueError(f'{where}: the tokenizer has {len(tokenizer)} tokens but the model\'s vocab_size is '
-                     f'{vocab_size}; the tokenizer files and the weights come from different models')
+    raise ValueError(
+      f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+      f'{vocab_size}; the tokenizer files and the weights come from different models'
+    )
   special = tokenizer_lib.special_token_ids(tokenizer)
-  named = {'bos': special.bos_id, 'pad': special.pad_id, 'unk': special.unk_id,
-           **{f'eos/end-of-turn #{i}': token for i, token in enumerate(special.eos_ids)}}
+  named = {
+    'bos': special.bos_id,
+    'pad': special.pad_id,
+    'unk': special.unk_id,
+    **{f'eos/end-of-turn #{i}': token for i, token in enumerate(special.eos_ids)},
+  }
   beyond = {name: token for name, token in named.items() if token is not None and not 0 <= token < vocab_size}
   if beyond:
-    raise ValueError(f'{where}: the tokenizer\'s special ids {beyond} are outside the model\'s vocab_size '
-                     f'{vocab_size}; the tokenizer files and the weights come from different models')
+    raise ValueError(
+      f"{where}: the tokenizer's special ids {beyond} are outside the model's vocab_size "
+      f'{vocab_size}; the tokenizer files and the weights come from different models'
+    )
 
 
 def load_backbone(spec: BackboneSpec, *, with_weights: bool = True) -> tuple[Decoder | None, Any]:
@@ -99,8 +107,9 @@ def load_backbone(spec: BackboneSpec, *, with_weights: bool = True) -> tuple[Dec
   a folder both are checked before any weight is read."""
   canonical = spec.canonical
   if canonical not in (TINY, SMOLLM2) and not pathlib.Path(canonical).is_dir():
-    raise FileNotFoundError(f'backbone {spec.name!r} is neither a preset ({sorted(ALIASES)}) nor an existing HF '
-                            f'checkpoint folder')
+    raise FileNotFoundError(
+      f'backbone {spec.name!r} is neither a preset ({sorted(ALIASES)}) nor an existing HF checkpoint folder'
+    )
   folder_config = None if canonical in (TINY, SMOLLM2) else check_checkpoint_folder(canonical)
   tokenizer = load_tokenizer_for(spec)
   if folder_config is not None:

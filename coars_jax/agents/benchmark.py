@@ -43,9 +43,18 @@ import numpy as np
 
 from coars_jax.agents import backbone
 from coars_jax.agents import chat_tokens
-from coars_jax.agents import episodes as episodes_lib
-from coars_jax.agents.episodes import (AGENTS, Episode, LLMBackend, LLMBackendConfig, RolloutConfig, SASRecPeer,
-                                       episode_metrics, run_episodes)
+from coars_jax.agents import dialogue_loop
+from coars_jax.agents import llm_backend
+from coars_jax.agents.episodes import (
+  AGENTS,
+  Episode,
+  LLMBackend,
+  LLMBackendConfig,
+  RolloutConfig,
+  SASRecPeer,
+  episode_metrics,
+  run_episodes,
+)
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import SamplingParams
 from coars_jax.sampling import sampler as sampler_lib
@@ -55,8 +64,19 @@ MODELS = ('tiny', 'smollm2_135m')
 # The issue's bar: at most this share of a rollout's wall time outside the LLM's jitted code.
 TARGET_OUTSIDE_JIT_SHARE = 0.20
 JIT_STAGES = ('llm_prefill', 'llm_decode')
-STAGES = (*JIT_STAGES, 'sampler_host', 'chat_template', 'tokenize', 'prompt_messages', 'detokenize', 'parse', 'peer',
-          'candidates', 'constraint', 'other_python')
+STAGES = (
+  *JIT_STAGES,
+  'sampler_host',
+  'chat_template',
+  'tokenize',
+  'prompt_messages',
+  'detokenize',
+  'parse',
+  'peer',
+  'candidates',
+  'constraint',
+  'other_python',
+)
 
 
 class StageTimer:
@@ -143,15 +163,16 @@ def _patched(replacements: Sequence[tuple[Any, str, Any]]) -> Iterator[None]:
         delattr(owner, name)
 
 
-def _instrumented_rollout(backend: LLMBackend, run: Callable[[Any], list[Episode]], peer
-                          ) -> tuple[list[Episode], float, StageTimer, list[CallRecord]]:
+def _instrumented_rollout(
+  backend: LLMBackend, run: Callable[[Any], list[Episode]], peer
+) -> tuple[list[Episode], float, StageTimer, list[CallRecord]]:
   """Runs `run(timed_peer)` with every stage wrapped: (episodes, wall seconds, timer, one record per generate)."""
   timer = StageTimer()
   records: list[CallRecord] = []
   prefill = timer.wrap('llm_prefill', sampler_lib._prefill, block=True)
   prefill_after_prefix = timer.wrap('llm_prefill', sampler_lib._prefill_after_prefix, block=True)
   decode = timer.wrap('llm_decode', sampler_lib._decode, block=True)
-  timed_generate = timer.wrap('sampler_host', episodes_lib.generate)
+  timed_generate = timer.wrap('sampler_host', llm_backend.generate)
 
   def generate(*args, **kwargs):
     before = (timer.seconds.get('llm_prefill', 0.0), timer.seconds.get('llm_decode', 0.0))
@@ -160,29 +181,37 @@ def _instrumented_rollout(backend: LLMBackend, run: Callable[[Any], list[Episode
     # are small host copies.
     call = backend.calls[-1]
     lengths, mask = np.asarray(output.lengths), np.asarray(output.prompt_mask)
-    records.append(CallRecord(
-        agent=call.agent, turn=call.turn, live=call.batch_size, padded_batch=int(lengths.shape[0]),
-        prompt_bucket=int(mask.shape[1]), completion_bucket=int(output.tokens.shape[1]),
-        num_steps=int(output.num_steps), generated_tokens=int(lengths[:call.batch_size].sum()),
-        prompt_tokens=int(mask[:call.batch_size].sum()),
+    records.append(
+      CallRecord(
+        agent=call.agent,
+        turn=call.turn,
+        live=call.batch_size,
+        padded_batch=int(lengths.shape[0]),
+        prompt_bucket=int(mask.shape[1]),
+        completion_bucket=int(output.tokens.shape[1]),
+        num_steps=int(output.num_steps),
+        generated_tokens=int(lengths[: call.batch_size].sum()),
+        prompt_tokens=int(mask[: call.batch_size].sum()),
         prefill_seconds=timer.seconds.get('llm_prefill', 0.0) - before[0],
-        decode_seconds=timer.seconds.get('llm_decode', 0.0) - before[1]))
+        decode_seconds=timer.seconds.get('llm_decode', 0.0) - before[1],
+      )
+    )
     return output
 
   tokenizer = backend.tokenizer
   replacements = [
-      (sampler_lib, '_prefill', prefill),
-      (sampler_lib, '_prefill_after_prefix', prefill_after_prefix),
-      (sampler_lib, '_decode', decode),
-      (episodes_lib, 'generate', generate),
-      (chat_tokens, 'render_chat', timer.wrap('chat_template', chat_tokens.render_chat)),
-      (chat_tokens.DialogueTokens, 'encode', timer.wrap('tokenize', chat_tokens.DialogueTokens.encode)),
-      (episodes_lib, 'recommender_messages', timer.wrap('prompt_messages', episodes_lib.recommender_messages)),
-      (episodes_lib, 'user_messages', timer.wrap('prompt_messages', episodes_lib.user_messages)),
-      (episodes_lib, 'parse_recommender_output', timer.wrap('parse', episodes_lib.parse_recommender_output)),
-      (episodes_lib, 'parse_user_output', timer.wrap('parse', episodes_lib.parse_user_output)),
-      (episodes_lib, 'candidate_list', timer.wrap('candidates', episodes_lib.candidate_list)),
-      (tokenizer, 'decode', timer.wrap('detokenize', tokenizer.decode)),
+    (sampler_lib, '_prefill', prefill),
+    (sampler_lib, '_prefill_after_prefix', prefill_after_prefix),
+    (sampler_lib, '_decode', decode),
+    (llm_backend, 'generate', generate),
+    (chat_tokens, 'render_chat', timer.wrap('chat_template', chat_tokens.render_chat)),
+    (chat_tokens.DialogueTokens, 'encode', timer.wrap('tokenize', chat_tokens.DialogueTokens.encode)),
+    (dialogue_loop, 'recommender_messages', timer.wrap('prompt_messages', dialogue_loop.recommender_messages)),
+    (dialogue_loop, 'user_messages', timer.wrap('prompt_messages', dialogue_loop.user_messages)),
+    (dialogue_loop, 'parse_recommender_output', timer.wrap('parse', dialogue_loop.parse_recommender_output)),
+    (dialogue_loop, 'parse_user_output', timer.wrap('parse', dialogue_loop.parse_user_output)),
+    (dialogue_loop, 'candidate_list', timer.wrap('candidates', dialogue_loop.candidate_list)),
+    (tokenizer, 'decode', timer.wrap('detokenize', tokenizer.decode)),
   ]
   if callable(getattr(backend, 'constraint', None)):
     replacements.append((backend, 'constraint', timer.wrap('constraint', backend.constraint)))
@@ -209,9 +238,20 @@ def episode_token_counts(episodes: Sequence[Episode]) -> dict[str, int]:
   return counts
 
 
-def measure_rollouts(model, tokenizer, dataset, peer, *, split: str, window_indices: Sequence[int],
-                     rollout: RolloutConfig = RolloutConfig(), backend_config: LLMBackendConfig = LLMBackendConfig(),
-                     adapters=None, repeats: int = 3, seed: int = 0) -> tuple[dict[str, Any], list[Episode]]:
+def measure_rollouts(
+  model,
+  tokenizer,
+  dataset,
+  peer,
+  *,
+  split: str,
+  window_indices: Sequence[int],
+  rollout: RolloutConfig = RolloutConfig(),
+  backend_config: LLMBackendConfig = LLMBackendConfig(),
+  adapters=None,
+  repeats: int = 3,
+  seed: int = 0,
+) -> tuple[dict[str, Any], list[Episode]]:
   """Times `run_episodes` on `window_indices`: one warm-up rollout (it compiles), then `repeats` timed ones.
 
   Every rollout uses the same seed, so the timed rollouts replay the warm-up's messages and compile nothing; the
@@ -239,8 +279,7 @@ def measure_rollouts(model, tokenizer, dataset, peer, *, split: str, window_indi
   backend = LLMBackend(model, tokenizer, adapters=adapters, config=backend_config)
 
   def rollout_once():
-    run = lambda timed_peer: run_episodes(dataset, split, indices, backend, peer=timed_peer, config=rollout,
-                                          seed=seed)
+    run = lambda timed_peer: run_episodes(dataset, split, indices, backend, peer=timed_peer, config=rollout, seed=seed)
     return _instrumented_rollout(backend, run, peer)
 
   with count_backend_compiles() as warmup_compiles:
@@ -260,46 +299,46 @@ def measure_rollouts(model, tokenizer, dataset, peer, *, split: str, window_indi
   outside = wall - jit_seconds
   padded_prompt_tokens = sum(r.padded_batch * r.prompt_bucket for r in records)
   summary = {
-      'split': split,
-      'windows': len(indices),
-      'window_indices': indices,
-      'max_turns': rollout.max_turns,
-      'repeats': repeats,
-      'seed': seed,
-      'recommender_max_new_tokens': backend_config.recommender_max_new_tokens,
-      'user_max_new_tokens': backend_config.user_max_new_tokens,
-      'sampling': dataclasses.asdict(backend_config.sampling),
-      **counts,
-      'generate_calls': len(records),
-      'padded_prompt_tokens': padded_prompt_tokens,
-      'decode_steps': sum(max(r.num_steps - 1, 0) for r in records),
-      'wall_seconds': wall,
-      'wall_seconds_all_repeats': walls,
-      'warmup_seconds': warmup_seconds,
-      'warmup_compiles': warmup_compiles.count,
-      'warmup_compile_seconds': warmup_compiles.seconds,
-      'timed_compiles': timed_compiles.count,
-      'repeats_replayed_same_tokens': replayed,
-      'episodes_per_s': counts['episodes'] / wall,
-      'generated_tokens_per_s': counts['generated_tokens'] / wall,
-      'prefill_tokens_per_s': counts['prompt_tokens'] / seconds['llm_prefill'] if seconds['llm_prefill'] else None,
-      'padded_prefill_tokens_per_s': (padded_prompt_tokens / seconds['llm_prefill'] if seconds['llm_prefill']
-                                      else None),
-      'decode_tokens_per_s': counts['generated_tokens'] / seconds['llm_decode'] if seconds['llm_decode'] else None,
-      'jit_seconds': jit_seconds,
-      'outside_jit_seconds': outside,
-      'outside_jit_share': outside / wall,
-      'target_outside_jit_share': TARGET_OUTSIDE_JIT_SHARE,
-      'meets_target': outside / wall <= TARGET_OUTSIDE_JIT_SHARE,
-      'seconds': seconds,
-      'shares': {stage: value / wall for stage, value in seconds.items()},
-      'outside_jit_shares': {stage: value / outside for stage, value in seconds.items()
-                             if stage not in JIT_STAGES} if outside > 0 else None,
-      'stage_calls': dict(timer.calls),
-      'calls': [dataclasses.asdict(r) for r in records],
-      # Real prompt tokens prefilled and read from a kept cache, per rollout (every rollout replays the same).
-      'prefill_tokens': {k: v // (1 + repeats) for k, v in backend.prefill_tokens.items()},
-      'metrics': episode_metrics(episodes),
+    'split': split,
+    'windows': len(indices),
+    'window_indices': indices,
+    'max_turns': rollout.max_turns,
+    'repeats': repeats,
+    'seed': seed,
+    'recommender_max_new_tokens': backend_config.recommender_max_new_tokens,
+    'user_max_new_tokens': backend_config.user_max_new_tokens,
+    'sampling': dataclasses.asdict(backend_config.sampling),
+    **counts,
+    'generate_calls': len(records),
+    'padded_prompt_tokens': padded_prompt_tokens,
+    'decode_steps': sum(max(r.num_steps - 1, 0) for r in records),
+    'wall_seconds': wall,
+    'wall_seconds_all_repeats': walls,
+    'warmup_seconds': warmup_seconds,
+    'warmup_compiles': warmup_compiles.count,
+    'warmup_compile_seconds': warmup_compiles.seconds,
+    'timed_compiles': timed_compiles.count,
+    'repeats_replayed_same_tokens': replayed,
+    'episodes_per_s': counts['episodes'] / wall,
+    'generated_tokens_per_s': counts['generated_tokens'] / wall,
+    'prefill_tokens_per_s': counts['prompt_tokens'] / seconds['llm_prefill'] if seconds['llm_prefill'] else None,
+    'padded_prefill_tokens_per_s': (padded_prompt_tokens / seconds['llm_prefill'] if seconds['llm_prefill'] else None),
+    'decode_tokens_per_s': counts['generated_tokens'] / seconds['llm_decode'] if seconds['llm_decode'] else None,
+    'jit_seconds': jit_seconds,
+    'outside_jit_seconds': outside,
+    'outside_jit_share': outside / wall,
+    'target_outside_jit_share': TARGET_OUTSIDE_JIT_SHARE,
+    'meets_target': outside / wall <= TARGET_OUTSIDE_JIT_SHARE,
+    'seconds': seconds,
+    'shares': {stage: value / wall for stage, value in seconds.items()},
+    'outside_jit_shares': {stage: value / outside for stage, value in seconds.items() if stage not in JIT_STAGES}
+    if outside > 0
+    else None,
+    'stage_calls': dict(timer.calls),
+    'calls': [dataclasses.asdict(r) for r in records],
+    # Real prompt tokens prefilled and read from a kept cache, per rollout (every rollout replays the same).
+    'prefill_tokens': {k: v // (1 + repeats) for k, v in backend.prefill_tokens.items()},
+    'metrics': episode_metrics(episodes),
   }
   return summary, episodes
 
@@ -324,22 +363,36 @@ def load_sasrec_peer(dataset, *, workdir: str | None = None, seed: int = 0, data
   folder = sasrec_experiment.workdir(config) / f'seed_{seed}'
   meta_path = folder / 'meta.json'
   if not meta_path.is_file():
-    raise FileNotFoundError(f'no trained SASRec checkpoint at {folder}; train it first with '
-                            f'`python -m experiments.train_sasrec` or pass the workdir that holds it')
+    raise FileNotFoundError(
+      f'no trained SASRec checkpoint at {folder}; train it first with '
+      f'`python -m experiments.train_sasrec` or pass the workdir that holds it'
+    )
   meta = json.loads(meta_path.read_text())
   expected = dataclasses.asdict(sasrec_experiment.model_config(config, dataset.num_items))
   if meta.get('dataset') != dataset.name or meta.get('model_config') != expected:
-    raise ValueError(f'the SASRec checkpoint at {folder} was trained for dataset {meta.get("dataset")!r} or another '
-                     f'model config; train_or_load would retrain it')
+    raise ValueError(
+      f'the SASRec checkpoint at {folder} was trained for dataset {meta.get("dataset")!r} or another '
+      f'model config; train_or_load would retrain it'
+    )
   model, _ = sasrec_experiment.train_or_load(config, dataset, seed)
   return model
 
 
-def run_benchmark(model_name: str, *, dataset: str = 'lastfm', split: str = 'train', windows: int = 64,
-                  max_turns: int = 5, repeats: int = 3, max_new_tokens: int = 64,
-                  params: SamplingParams = SamplingParams(temperature=1.0), seed: int = 0,
-                  data_root: str | None = None, sasrec_workdir: str | None = None,
-                  constrained: bool = False) -> dict[str, Any]:
+def run_benchmark(
+  model_name: str,
+  *,
+  dataset: str = 'lastfm',
+  split: str = 'train',
+  windows: int = 64,
+  max_turns: int = 5,
+  repeats: int = 3,
+  max_new_tokens: int = 64,
+  params: SamplingParams = SamplingParams(temperature=1.0),
+  seed: int = 0,
+  data_root: str | None = None,
+  sasrec_workdir: str | None = None,
+  constrained: bool = False,
+) -> dict[str, Any]:
   """Loads `model_name` ('tiny' at random init or 'smollm2_135m'), `dataset` and its trained SASRec (seed 0),
   then `measure_rollouts` on `windows` evenly spaced windows of `split`, both agents on the base model (no
   adapters). `constrained` decodes under the agents' output grammars (`LLMBackendConfig.constrained`). Returns
@@ -354,46 +407,58 @@ def run_benchmark(model_name: str, *, dataset: str = 'lastfm', split: str = 'tra
   sasrec = load_sasrec_peer(data, workdir=sasrec_workdir, data_root=data_root)
   model, tokenizer = backbone.load_backbone(backbone.BackboneSpec(name=model_name, data_root=data_root))
   summary, _ = measure_rollouts(
-      model, tokenizer, data, sasrec, split=split, window_indices=indices, rollout=RolloutConfig(max_turns=max_turns),
-      backend_config=LLMBackendConfig(recommender_max_new_tokens=max_new_tokens, user_max_new_tokens=max_new_tokens,
-                                      sampling=params, **({'constrained': True} if constrained else {})),
-      repeats=repeats, seed=seed)
+    model,
+    tokenizer,
+    data,
+    sasrec,
+    split=split,
+    window_indices=indices,
+    rollout=RolloutConfig(max_turns=max_turns),
+    backend_config=LLMBackendConfig(
+      recommender_max_new_tokens=max_new_tokens,
+      user_max_new_tokens=max_new_tokens,
+      sampling=params,
+      **({'constrained': True} if constrained else {}),
+    ),
+    repeats=repeats,
+    seed=seed,
+  )
   device = jax.devices()[0]
   return {
-      'model': model_name,
-      'model_parameters': model.config.num_params(),
-      'dataset': dataset,
-      'constrained': constrained,
-      **summary,
-      # The figure is a share of the wall time against the issue's bar; no other implementation is compared.
-      'ratio_baseline': None,
-      'device': f'{device.platform}: {device.device_kind}',
-      'cpu_count': os.cpu_count(),
-      'processor': platform.processor() or platform.machine(),
-      'jax_version': jax.__version__,
-      'load_average_at_start': load_at_start,
-      'load_average': os.getloadavg(),
+    'model': model_name,
+    'model_parameters': model.config.num_params(),
+    'dataset': dataset,
+    'constrained': constrained,
+    **summary,
+    # The figure is a share of the wall time against the issue's bar; no other implementation is compared.
+    'ratio_baseline': None,
+    'device': f'{device.platform}: {device.device_kind}',
+    'cpu_count': os.cpu_count(),
+    'processor': platform.processor() or platform.machine(),
+    'jax_version': jax.__version__,
+    'load_average_at_start': load_at_start,
+    'load_average': os.getloadavg(),
   }
 
 
 def format_table(result: dict[str, Any]) -> str:
   """The headline numbers and the stage breakdown of one result as markdown."""
   lines = [
-      f"{result.get('model', 'model')} on {result.get('dataset', '?')} {result['split']}: {result['episodes']} "
-      f"episodes, {result['turns']} turns, {result['generate_calls']} generate calls, best of {result['repeats']}",
-      '',
-      '| figure | value |',
-      '|---|---|',
-      f"| wall (s) | {result['wall_seconds']:.2f} |",
-      f"| episodes/s | {result['episodes_per_s']:.3f} |",
-      f"| generated tokens/s | {result['generated_tokens_per_s']:.1f} |",
-      f"| prefill tokens/s (real prompt tokens) | {result['prefill_tokens_per_s'] or 0:.0f} |",
-      f"| decode tokens/s (inside jit) | {result['decode_tokens_per_s'] or 0:.1f} |",
-      f"| share outside jit (target <= {TARGET_OUTSIDE_JIT_SHARE:.2f}) | {result['outside_jit_share']:.3f} |",
-      '',
-      '| stage | seconds | share of wall |',
-      '|---|---|---|',
+    f'{result.get("model", "model")} on {result.get("dataset", "?")} {result["split"]}: {result["episodes"]} '
+    f'episodes, {result["turns"]} turns, {result["generate_calls"]} generate calls, best of {result["repeats"]}',
+    '',
+    '| figure | value |',
+    '|---|---|',
+    f'| wall (s) | {result["wall_seconds"]:.2f} |',
+    f'| episodes/s | {result["episodes_per_s"]:.3f} |',
+    f'| generated tokens/s | {result["generated_tokens_per_s"]:.1f} |',
+    f'| prefill tokens/s (real prompt tokens) | {result["prefill_tokens_per_s"] or 0:.0f} |',
+    f'| decode tokens/s (inside jit) | {result["decode_tokens_per_s"] or 0:.1f} |',
+    f'| share outside jit (target <= {TARGET_OUTSIDE_JIT_SHARE:.2f}) | {result["outside_jit_share"]:.3f} |',
+    '',
+    '| stage | seconds | share of wall |',
+    '|---|---|---|',
   ]
   for stage in STAGES:
-    lines.append(f"| {stage} | {result['seconds'][stage]:.3f} | {result['shares'][stage]:.3f} |")
+    lines.append(f'| {stage} | {result["seconds"][stage]:.3f} | {result["shares"][stage]:.3f} |')
   return '\n'.join(lines)

@@ -58,21 +58,29 @@ class DialogueTokens:
     """The text the template writes after the reply (its end-of-turn marker left out when the reply's ids hold
     it), or None when `messages` does not extend the kept dialogue or the template is not append-only there."""
     frozen = _frozen(messages)
-    if len(frozen) != len(kept.messages) + 2 or frozen[:-2] != kept.messages or frozen[-2] != (
-        'assistant', kept.reply_text) or frozen[-1][0] != 'user':
+    if (
+      len(frozen) != len(kept.messages) + 2
+      or frozen[:-2] != kept.messages
+      or frozen[-2] != ('assistant', kept.reply_text)
+      or frozen[-1][0] != 'user'
+    ):
       return None
-    probe = render_chat(self.tokenizer, [dict(role=r, content=c) for r, c in kept.messages] +
-                        [{'role': 'assistant', 'content': _REPLY_SENTINEL}, dict(messages[-1])])
+    probe = render_chat(
+      self.tokenizer,
+      [dict(role=r, content=c) for r, c in kept.messages]
+      + [{'role': 'assistant', 'content': _REPLY_SENTINEL}, dict(messages[-1])],
+    )
     head = kept.prompt_text + _REPLY_SENTINEL
     if not probe.startswith(head):
       return None
-    tail = probe[len(head):]
+    tail = probe[len(head) :]
     if self.end_text and tail.startswith(self.end_text):
-      tail = tail[len(self.end_text):]
+      tail = tail[len(self.end_text) :]
     return tail
 
-  def encode(self, agent: str, episode_ids: Sequence[int],
-             prompts: Sequence[Sequence[Message]]) -> list[tuple[str, list[int]]]:
+  def encode(
+    self, agent: str, episode_ids: Sequence[int], prompts: Sequence[Sequence[Message]]
+  ) -> list[tuple[str, list[int]]]:
     texts, heads, tails, whole = [], [], [], []
     for position, (episode, messages) in enumerate(zip(episode_ids, prompts, strict=True)):
       texts.append(render_chat(self.tokenizer, messages))
@@ -99,11 +107,22 @@ class DialogueTokens:
     self.encoded += len(whole)
     return out
 
-  def remember(self, agent: str, episode_ids: Sequence[int], prompts: Sequence[Sequence[Message]],
-               encoded: Sequence[tuple[str, list[int]]], completions: Sequence[np.ndarray],
-               replies: Sequence[str]) -> None:
-    for episode, messages, (text, ids), completion, reply in zip(episode_ids, prompts, encoded, completions, replies,
-                                                                  strict=True):
+  def remember(
+    self,
+    agent: str,
+    episode_ids: Sequence[int],
+    prompts: Sequence[Sequence[Message]],
+    encoded: Sequence[tuple[str, list[int]]],
+    completions: Sequence[np.ndarray],
+    replies: Sequence[str],
+  ) -> None:
+    for episode, messages, (text, ids), completion, reply in zip(
+      episode_ids, prompts, encoded, completions, replies, strict=True
+    ):
       self._kept[(agent, int(episode))] = _Kept(
-          messages=_frozen(messages), prompt_text=text, prompt_ids=tuple(int(i) for i in ids),
-          completion_ids=tuple(int(i) for i in np.asarray(completion).tolist()), reply_text=reply)
+        messages=_frozen(messages),
+        prompt_text=text,
+        prompt_ids=tuple(int(i) for i in ids),
+        completion_ids=tuple(int(i) for i in np.asarray(completion).tolist()),
+        reply_text=reply,
+      )

@@ -105,8 +105,7 @@ class OpenAIBackend:
   def __init__(self, config: OpenAIConfig):
     self.config = config
     self.calls: list[Any] = []
-    self.usage = {'requests': 0, 'cached': 0, 'prompt_tokens': 0, 'completion_tokens': 0, 'cost_usd': 0.0,
-                  'retries': 0}
+    self.usage = {'requests': 0, 'cached': 0, 'prompt_tokens': 0, 'completion_tokens': 0, 'cost_usd': 0.0, 'retries': 0}
     self._lock = threading.Lock()
 
   def clear_prefixes(self) -> None:
@@ -123,8 +122,9 @@ class OpenAIBackend:
     headers = {'Content-Type': 'application/json'}
     if config.api_key_env:
       headers['Authorization'] = f'Bearer {os.environ[config.api_key_env]}'
-    request = urllib.request.Request(config.base_url.rstrip('/') + '/chat/completions',
-                                     data=json.dumps(body).encode(), headers=headers, method='POST')
+    request = urllib.request.Request(
+      config.base_url.rstrip('/') + '/chat/completions', data=json.dumps(body).encode(), headers=headers, method='POST'
+    )
     for attempt in range(config.max_retries + 1):
       try:
         with urllib.request.urlopen(request, timeout=config.timeout) as response:
@@ -139,15 +139,16 @@ class OpenAIBackend:
           raise APIError(f'{config.base_url}: {error} after {attempt + 1} attempts') from error
       with self._lock:
         self.usage['retries'] += 1
-      time.sleep(config.backoff * 2 ** attempt)
+      time.sleep(config.backoff * 2**attempt)
     usage = answer.get('usage') or {}
     with self._lock:
       self.usage['requests'] += 1
       self.usage['prompt_tokens'] += int(usage.get('prompt_tokens', 0))
       self.usage['completion_tokens'] += int(usage.get('completion_tokens', 0))
-      self.usage['cost_usd'] += (int(usage.get('prompt_tokens', 0)) * config.price_per_1k_prompt_tokens
-                                 + int(usage.get('completion_tokens', 0)) * config.price_per_1k_completion_tokens
-                                 ) / 1000.0
+      self.usage['cost_usd'] += (
+        int(usage.get('prompt_tokens', 0)) * config.price_per_1k_prompt_tokens
+        + int(usage.get('completion_tokens', 0)) * config.price_per_1k_completion_tokens
+      ) / 1000.0
     if cached is not None:
       cached.parent.mkdir(parents=True, exist_ok=True)
       tmp = cached.with_suffix('.tmp')
@@ -155,24 +156,49 @@ class OpenAIBackend:
       tmp.replace(cached)
     return answer
 
-  def generate(self, agent: str, prompts: Sequence[Sequence[Message]], *, seed: int, episode_ids: Sequence[int],
-               turn: int, candidates: Sequence[Sequence[str]] | None = None) -> list[Generation]:
+  def generate(
+    self,
+    agent: str,
+    prompts: Sequence[Sequence[Message]],
+    *,
+    seed: int,
+    episode_ids: Sequence[int],
+    turn: int,
+    candidates: Sequence[Sequence[str]] | None = None,
+  ) -> list[Generation]:
     del candidates  # an API cannot decode under the project's grammars
     from coars_jax.agents.episodes import BackendCall  # the call log `LLMBackend` keeps too
+
     self.calls.append(BackendCall(agent=agent, turn=turn, seed=seed, episode_ids=tuple(int(e) for e in episode_ids)))
     config = self.config
-    bodies = [{'model': config.models[agent], 'messages': [dict(m) for m in messages],
-               'max_tokens': int(config.max_tokens[agent]), 'temperature': float(config.temperature),
-               'top_p': float(config.top_p), 'seed': int(seed), 'n': 1} for messages in prompts]
+    bodies = [
+      {
+        'model': config.models[agent],
+        'messages': [dict(m) for m in messages],
+        'max_tokens': int(config.max_tokens[agent]),
+        'temperature': float(config.temperature),
+        'top_p': float(config.top_p),
+        'seed': int(seed),
+        'n': 1,
+      }
+      for messages in prompts
+    ]
     with concurrent.futures.ThreadPoolExecutor(max_workers=config.concurrency) as pool:
       answers = list(pool.map(self._request, bodies))
     out = []
     for messages, answer in zip(prompts, answers):
       choice = answer['choices'][0]
       empty = np.zeros(0, np.int32)
-      out.append(Generation(prompt_text=json.dumps([dict(m) for m in messages], ensure_ascii=False),
-                            prompt_ids=empty, completion_ids=empty, log_probs=np.zeros(0, np.float32),
-                            text=choice['message']['content'] or '', finished=choice.get('finish_reason') == 'stop'))
+      out.append(
+        Generation(
+          prompt_text=json.dumps([dict(m) for m in messages], ensure_ascii=False),
+          prompt_ids=empty,
+          completion_ids=empty,
+          log_probs=np.zeros(0, np.float32),
+          text=choice['message']['content'] or '',
+          finished=choice.get('finish_reason') == 'stop',
+        )
+      )
     return out
 
 
@@ -183,24 +209,24 @@ ROLES = ('system', 'user', 'assistant')
 # temperature and top_p to this grid: at most 41 x 20 settings can ever be compiled, whatever clients send.
 SAMPLING_STEP = 0.05
 MAX_TEMPERATURE = 2.0  # OpenAI's range
-SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # a signed 64-bit seed, as OpenAI's; jax.random.key takes all of them
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit seed, as OpenAI's; jax.random.key takes all of them
 # Fields that OpenAI clients send by habit, accepted only at the value that changes nothing here (and null, which
 # means "unset" for every optional field); anything else names a feature this server does not have.
 NEUTRAL_FIELDS: dict[str, tuple[str, Any]] = {
-    'stream': ('false', lambda value: value is False),
-    'stream_options': ('null', lambda value: False),
-    'n': ('1', lambda value: _is_int(value) and value == 1),
-    'stop': ('null or []', lambda value: value == []),
-    'frequency_penalty': ('0', lambda value: _is_number(value) and value == 0),
-    'presence_penalty': ('0', lambda value: _is_number(value) and value == 0),
-    'logprobs': ('false', lambda value: value is False),
-    'top_logprobs': ('0', lambda value: _is_int(value) and value == 0),
-    'logit_bias': ('{}', lambda value: value == {}),
-    'tools': ('[]', lambda value: value == []),
-    'tool_choice': ("'none'", lambda value: value == 'none'),
-    'parallel_tool_calls': ('a bool', lambda value: isinstance(value, bool)),
-    'response_format': ("{'type': 'text'}", lambda value: value == {'type': 'text'}),
-    'user': ('a string (an end-user id; ignored)', lambda value: isinstance(value, str)),
+  'stream': ('false', lambda value: value is False),
+  'stream_options': ('null', lambda value: False),
+  'n': ('1', lambda value: _is_int(value) and value == 1),
+  'stop': ('null or []', lambda value: value == []),
+  'frequency_penalty': ('0', lambda value: _is_number(value) and value == 0),
+  'presence_penalty': ('0', lambda value: _is_number(value) and value == 0),
+  'logprobs': ('false', lambda value: value is False),
+  'top_logprobs': ('0', lambda value: _is_int(value) and value == 0),
+  'logit_bias': ('{}', lambda value: value == {}),
+  'tools': ('[]', lambda value: value == []),
+  'tool_choice': ("'none'", lambda value: value == 'none'),
+  'parallel_tool_calls': ('a bool', lambda value: isinstance(value, bool)),
+  'response_format': ("{'type': 'text'}", lambda value: value == {'type': 'text'}),
+  'user': ('a string (an end-user id; ignored)', lambda value: isinstance(value, str)),
 }
 DRAIN_LIMIT = 16 << 20  # bytes of a refused body read (64 KiB at a time) and dropped before closing
 SAMPLING_FIELDS = ('max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'seed')
@@ -230,8 +256,15 @@ def _shown(value: Any) -> str:
 class RequestError(Exception):
   """A request the server refuses (before any work): its HTTP status and the fields of OpenAI's error body."""
 
-  def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-               kind: str = 'invalid_request_error'):
+  def __init__(
+    self,
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str = 'invalid_request_error',
+  ):
     super().__init__(message)
     self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -264,8 +297,9 @@ class ChatRequest:
     return self.model.partition(':')[2] or None
 
 
-def _optional_number(body: Mapping[str, Any], field: str, *, low: float, high: float, low_open: bool = False,
-                     integer: bool = False) -> Any:
+def _optional_number(
+  body: Mapping[str, Any], field: str, *, low: float, high: float, low_open: bool = False, integer: bool = False
+) -> Any:
   """body[field] when it is a number (an int if `integer`) in [low, high] ((low, high] if `low_open`); None when
   absent or null; otherwise a 400 naming the field, the range and what was found."""
   value = body.get(field)
@@ -274,8 +308,9 @@ def _optional_number(body: Mapping[str, Any], field: str, *, low: float, high: f
   kind = 'an integer' if integer else 'a number'
   interval = f'{"(" if low_open else "["}{low}, {high}]'
   # Compared before any float conversion: a 400-digit integer must not overflow on the way to its 400.
-  if not (_is_int(value) if integer else _is_number(value)) or value > high or value < low or (
-      low_open and value == low):
+  if (
+    not (_is_int(value) if integer else _is_number(value)) or value > high or value < low or (low_open and value == low)
+  ):
     raise RequestError(400, f'{field} must be {kind} in {interval}, found {_shown(value)}', param=field)
   return value
 
@@ -290,24 +325,30 @@ def parse_chat_request(raw: bytes, *, model_ids: Sequence[str], max_new_tokens: 
   try:
     body = json.loads(raw.decode('utf-8'), parse_constant=lambda name: _raise(ValueError(f'{name} is not JSON')))
   except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
-    raise RequestError(400, f'the body must be UTF-8 JSON: {str(error)[:200]}', param='body',
-                       code='invalid_json') from None
+    raise RequestError(
+      400, f'the body must be UTF-8 JSON: {str(error)[:200]}', param='body', code='invalid_json'
+    ) from None
   if not isinstance(body, dict):
     raise RequestError(400, f'the body must be a JSON object, found {type(body).__name__}', param='body')
   unknown = sorted(set(body) - set(KNOWN_FIELDS))
   if unknown:
-    raise RequestError(400, f'unknown field {_shown(unknown[0])}; this server reads {list(KNOWN_FIELDS)}',
-                       param=unknown[0])
+    raise RequestError(
+      400, f'unknown field {_shown(unknown[0])}; this server reads {list(KNOWN_FIELDS)}', param=unknown[0]
+    )
   model_id = body.get('model')
   if not isinstance(model_id, str):
     raise RequestError(400, f'model must be a string (a model id), found {_shown(model_id)}', param='model')
   if model_id not in model_ids:
-    raise RequestError(404, f'model {_shown(model_id)} is not served; models: {list(model_ids)}', param='model',
-                       code='model_not_found')
+    raise RequestError(
+      404, f'model {_shown(model_id)} is not served; models: {list(model_ids)}', param='model', code='model_not_found'
+    )
   messages = body.get('messages')
   if not isinstance(messages, list) or not messages:
-    raise RequestError(400, f'messages must be a non-empty list of {{"role", "content"}} objects, found '
-                       f'{_shown(messages)}', param='messages')
+    raise RequestError(
+      400,
+      f'messages must be a non-empty list of {{"role", "content"}} objects, found {_shown(messages)}',
+      param='messages',
+    )
   checked = []
   for index, message in enumerate(messages):
     where = f'messages[{index}]'
@@ -315,14 +356,21 @@ def parse_chat_request(raw: bytes, *, model_ids: Sequence[str], max_new_tokens: 
       raise RequestError(400, f'{where} must be an object, found {_shown(message)}', param=where)
     extra = sorted(set(message) - set(MESSAGE_FIELDS))
     if extra:
-      raise RequestError(400, f'{where}.{extra[0]} is not served (no tools); a message has {list(MESSAGE_FIELDS)}',
-                         param=f'{where}.{extra[0]}')
+      raise RequestError(
+        400,
+        f'{where}.{extra[0]} is not served (no tools); a message has {list(MESSAGE_FIELDS)}',
+        param=f'{where}.{extra[0]}',
+      )
     if not isinstance(message.get('role'), str) or message['role'] not in ROLES:
-      raise RequestError(400, f'{where}.role must be one of {list(ROLES)}, found {_shown(message.get("role"))}',
-                         param=f'{where}.role')
+      raise RequestError(
+        400, f'{where}.role must be one of {list(ROLES)}, found {_shown(message.get("role"))}', param=f'{where}.role'
+      )
     if not isinstance(message.get('content'), str):
-      raise RequestError(400, f'{where}.content must be a string (no content parts), found '
-                         f'{_shown(message.get("content"))}', param=f'{where}.content')
+      raise RequestError(
+        400,
+        f'{where}.content must be a string (no content parts), found {_shown(message.get("content"))}',
+        param=f'{where}.content',
+      )
     if not isinstance(message.get('name', ''), str):
       raise RequestError(400, f'{where}.name must be a string, found {_shown(message["name"])}', param=f'{where}.name')
     checked.append({'role': message['role'], 'content': message['content']})
@@ -334,20 +382,31 @@ def parse_chat_request(raw: bytes, *, model_ids: Sequence[str], max_new_tokens: 
     if value is not None:
       budgets[field] = min(value, max_new_tokens)
   if len(set(budgets.values())) > 1:
-    raise RequestError(400, f'max_tokens ({body["max_tokens"]}) and max_completion_tokens '
-                       f'({body["max_completion_tokens"]}) disagree; send one', param='max_completion_tokens')
+    raise RequestError(
+      400,
+      f'max_tokens ({body["max_tokens"]}) and max_completion_tokens '
+      f'({body["max_completion_tokens"]}) disagree; send one',
+      param='max_completion_tokens',
+    )
   temperature = _optional_number(body, 'temperature', low=0.0, high=MAX_TEMPERATURE)
   top_p = _optional_number(body, 'top_p', low=0.0, high=1.0, low_open=True)
   seed = _optional_number(body, 'seed', low=SEED_RANGE[0], high=SEED_RANGE[1], integer=True)
   for field, (allowed, accepts) in NEUTRAL_FIELDS.items():
     if body.get(field) is not None and not accepts(body[field]):
-      raise RequestError(400, f'{field} must be {allowed} (or absent) on this server, found {_shown(body[field])}',
-                         param=field)
+      raise RequestError(
+        400, f'{field} must be {allowed} (or absent) on this server, found {_shown(body[field])}', param=field
+      )
   temperature = _on_grid(1.0 if temperature is None else temperature)
   # Greedy decoding has no nucleus (SamplingParams refuses top_p < 1 with temperature 0).
   top_p = 1.0 if temperature == 0 else max(SAMPLING_STEP, _on_grid(1.0 if top_p is None else top_p))
-  return ChatRequest(model=model_id, messages=tuple(checked), max_tokens=next(iter(budgets.values()), max_new_tokens),
-                     temperature=temperature, top_p=top_p, seed=0 if seed is None else seed)
+  return ChatRequest(
+    model=model_id,
+    messages=tuple(checked),
+    max_tokens=next(iter(budgets.values()), max_new_tokens),
+    temperature=temperature,
+    top_p=top_p,
+    seed=0 if seed is None else seed,
+  )
 
 
 class _ChatServer(http.server.ThreadingHTTPServer):
@@ -355,10 +414,21 @@ class _ChatServer(http.server.ThreadingHTTPServer):
   request_queue_size = 128
 
 
-def make_server(model, tokenizer, *, name: str, host: str = '127.0.0.1', port: int = 8000,
-                max_new_tokens: int = 256, buckets: LengthBuckets = LengthBuckets(), max_body_bytes: int = 1 << 20,
-                max_backends: int = 4, max_dialogues: int = 64, max_pending: int = 64, timeout: float = 30.0
-                ) -> http.server.ThreadingHTTPServer:
+def make_server(
+  model,
+  tokenizer,
+  *,
+  name: str,
+  host: str = '127.0.0.1',
+  port: int = 8000,
+  max_new_tokens: int = 256,
+  buckets: LengthBuckets = LengthBuckets(),
+  max_body_bytes: int = 1 << 20,
+  max_backends: int = 4,
+  max_dialogues: int = 64,
+  max_pending: int = 64,
+  timeout: float = 30.0,
+) -> http.server.ThreadingHTTPServer:
   """An HTTP server (not yet serving: call `serve_forever`) with `/v1/models` and `/v1/chat/completions` on the
   project's sampler: model '<name>' is the base, '<name>:<adapter>' each of `model`'s LoRA adapters.
 
@@ -373,10 +443,16 @@ def make_server(model, tokenizer, *, name: str, host: str = '127.0.0.1', port: i
   that a request continuing one (its messages but the last = an earlier request's messages and reply) is encoded
   as the in-process backend encodes its next turn (the server's `dialogues`, an LRU from conversation to slot)."""
   if not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= buckets.completion[-1]:
-    raise ValueError(f'make_server: max_new_tokens must be an int in [1, {buckets.completion[-1]}] (the largest '
-                     f'completion bucket), found {max_new_tokens!r}')
-  for field, value in (('max_body_bytes', max_body_bytes), ('max_backends', max_backends),
-                       ('max_dialogues', max_dialogues), ('max_pending', max_pending)):
+    raise ValueError(
+      f'make_server: max_new_tokens must be an int in [1, {buckets.completion[-1]}] (the largest '
+      f'completion bucket), found {max_new_tokens!r}'
+    )
+  for field, value in (
+    ('max_body_bytes', max_body_bytes),
+    ('max_backends', max_backends),
+    ('max_dialogues', max_dialogues),
+    ('max_pending', max_pending),
+  ):
     if not _is_int(value) or value < 1:
       raise ValueError(f'make_server: {field} must be a positive int, found {value!r}')
   if not _is_number(timeout) or timeout <= 0:
@@ -395,12 +471,18 @@ def make_server(model, tokenizer, *, name: str, host: str = '127.0.0.1', port: i
       backends.move_to_end(key)
     else:
       # The adapter runs as the 'user' agent's; both agents' budgets are the request's.
-      backends[key] = LLMBackend(model, tokenizer, adapters={'user': request.adapter} if request.adapter else None,
-                                 config=LLMBackendConfig(
-                                     recommender_max_new_tokens=request.max_tokens,
-                                     user_max_new_tokens=request.max_tokens,
-                                     sampling=SamplingParams(temperature=request.temperature, top_p=request.top_p),
-                                     buckets=buckets, prefix_reuse=False))
+      backends[key] = LLMBackend(
+        model,
+        tokenizer,
+        adapters={'user': request.adapter} if request.adapter else None,
+        config=LLMBackendConfig(
+          recommender_max_new_tokens=request.max_tokens,
+          user_max_new_tokens=request.max_tokens,
+          sampling=SamplingParams(temperature=request.temperature, top_p=request.top_p),
+          buckets=buckets,
+          prefix_reuse=False,
+        ),
+      )
       while len(backends) > max_backends:
         backends.popitem(last=False)
     return backends[key]
@@ -409,18 +491,29 @@ def make_server(model, tokenizer, *, name: str, host: str = '127.0.0.1', port: i
     try:
       _, prompt_ids = encode_prompt(tokenizer, request.messages)
     except Exception as error:  # noqa: BLE001 (a chat template may refuse a role order, a tokenizer a surrogate)
-      raise RequestError(400, f'messages could not be rendered and tokenized: {type(error).__name__}: '
-                         f'{str(error)[:200]}', param='messages') from None
+      raise RequestError(
+        400,
+        f'messages could not be rendered and tokenized: {type(error).__name__}: {str(error)[:200]}',
+        param='messages',
+      ) from None
     if not prompt_ids:
       raise RequestError(400, 'messages render to an empty prompt', param='messages')
     if len(prompt_ids) > longest_prompt:
-      raise RequestError(400, f'messages make a prompt of {len(prompt_ids)} tokens, over this server\'s limit of '
-                         f'{longest_prompt} tokens (its largest prompt bucket)', param='messages',
-                         code='context_length_exceeded')
+      raise RequestError(
+        400,
+        f"messages make a prompt of {len(prompt_ids)} tokens, over this server's limit of "
+        f'{longest_prompt} tokens (its largest prompt bucket)',
+        param='messages',
+        code='context_length_exceeded',
+      )
     if len(prompt_ids) + request.max_tokens > positions:
-      raise RequestError(400, f'the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) '
-                         f'exceed the model\'s {positions} positions; lower max_tokens', param='max_tokens',
-                         code='context_length_exceeded')
+      raise RequestError(
+        400,
+        f'the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) '
+        f"exceed the model's {positions} positions; lower max_tokens",
+        param='max_tokens',
+        code='context_length_exceeded',
+      )
 
   def dialogue_key(request: ChatRequest, messages: Sequence[Message]) -> str:
     settings = (request.adapter, request.max_tokens, request.temperature, request.top_p)
@@ -442,8 +535,13 @@ def make_server(model, tokenizer, *, name: str, host: str = '127.0.0.1', port: i
       check_prompt(request)
       backend = backend_for(request)
       slot, continued = dialogue_slot(request)
-      run = lambda: backend.generate('user', [list(request.messages)], seed=request.seed,  # noqa: E731
-                                     episode_ids=[slot], turn=1)[0]
+      run = lambda: backend.generate(
+        'user',
+        [list(request.messages)],
+        seed=request.seed,  # noqa: E731
+        episode_ids=[slot],
+        turn=1,
+      )[0]
       try:
         try:
           generation = run()
@@ -461,12 +559,23 @@ def make_server(model, tokenizer, *, name: str, host: str = '127.0.0.1', port: i
       dialogue_slots[dialogue_key(request, list(request.messages) + [reply])] = slot
     prompt_tokens, completion_tokens = len(generation.prompt_ids), len(generation.completion_ids)
     return {
-        'id': f'chatcmpl-{hashlib.sha256(generation.prompt_text.encode()).hexdigest()[:16]}',
-        'object': 'chat.completion', 'created': int(time.time()), 'model': request.model,
-        'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': generation.text},
-                     'finish_reason': 'stop' if generation.finished else 'length'}],
-        'usage': {'prompt_tokens': prompt_tokens, 'completion_tokens': completion_tokens,
-                  'total_tokens': prompt_tokens + completion_tokens}}
+      'id': f'chatcmpl-{hashlib.sha256(generation.prompt_text.encode()).hexdigest()[:16]}',
+      'object': 'chat.completion',
+      'created': int(time.time()),
+      'model': request.model,
+      'choices': [
+        {
+          'index': 0,
+          'message': {'role': 'assistant', 'content': generation.text},
+          'finish_reason': 'stop' if generation.finished else 'length',
+        }
+      ],
+      'usage': {
+        'prompt_tokens': prompt_tokens,
+        'completion_tokens': completion_tokens,
+        'total_tokens': prompt_tokens + completion_tokens,
+      },
+    }
 
   class Handler(http.server.BaseHTTPRequestHandler):
     server_version = 'coars_jax'
@@ -513,8 +622,13 @@ def make_server(model, tokenizer, *, name: str, host: str = '127.0.0.1', port: i
       except Exception as error:  # noqa: BLE001 (the one place that turns any failure into an answer)
         logger.exception('coars_jax server: %s %s failed', self.command, self.path)
         self.close_connection = True
-        self._refuse(RequestError(500, f'the server failed on this request ({type(error).__name__}: '
-                                  f'{str(error)[:200]}); it is still up', kind='server_error'))
+        self._refuse(
+          RequestError(
+            500,
+            f'the server failed on this request ({type(error).__name__}: {str(error)[:200]}); it is still up',
+            kind='server_error',
+          )
+        )
 
     def _refuse(self, error: RequestError) -> None:
       try:
@@ -533,15 +647,17 @@ def make_server(model, tokenizer, *, name: str, host: str = '127.0.0.1', port: i
         raise RequestError(405, 'use POST for /v1/chat/completions')
       if self._route() != '/v1/models':
         raise RequestError(404, f'no route {_shown(self.path)}; try GET /v1/models or POST /v1/chat/completions')
-      self._send(200, {'object': 'list', 'data': [{'id': i, 'object': 'model', 'owned_by': 'coars_jax'}
-                                                  for i in ids]})
+      self._send(200, {'object': 'list', 'data': [{'id': i, 'object': 'model', 'owned_by': 'coars_jax'} for i in ids]})
 
     def do_POST(self):  # noqa: N802
       self._guarded(self._post)
 
     def _refuse_other_methods(self):
-      self._guarded(lambda: _raise(RequestError(405, f'{self.command} is not served; use GET /v1/models or POST '
-                                                     '/v1/chat/completions')))
+      self._guarded(
+        lambda: _raise(
+          RequestError(405, f'{self.command} is not served; use GET /v1/models or POST /v1/chat/completions')
+        )
+      )
 
     do_PUT = do_DELETE = do_PATCH = _refuse_other_methods  # noqa: N815
 
@@ -549,16 +665,21 @@ def make_server(model, tokenizer, *, name: str, host: str = '127.0.0.1', port: i
       """The request body, read only when its declared length is within `max_body_bytes`."""
       declared = self.headers.get_all('Content-Length') or []
       if self.headers.get('Transfer-Encoding') or not declared:
-        raise RequestError(411, 'send the body with a Content-Length header (chunked bodies are not read)',
-                           param='Content-Length')
+        raise RequestError(
+          411, 'send the body with a Content-Length header (chunked bodies are not read)', param='Content-Length'
+        )
       if len(set(declared)) > 1 or not declared[0].strip().isdigit():
-        raise RequestError(400, f'Content-Length must be one non-negative integer, found {declared}',
-                           param='Content-Length')
+        raise RequestError(
+          400, f'Content-Length must be one non-negative integer, found {declared}', param='Content-Length'
+        )
       length = int(declared[0])
       if length > max_body_bytes:
-        raise RequestError(413, f'the body (Content-Length {length}) is over this server\'s limit of '
-                           f'{max_body_bytes} bytes; it was not read', param='Content-Length',
-                           code='request_too_large')
+        raise RequestError(
+          413,
+          f"the body (Content-Length {length}) is over this server's limit of {max_body_bytes} bytes; it was not read",
+          param='Content-Length',
+          code='request_too_large',
+        )
       self.unread_body = False
       try:
         raw = self.rfile.read(length)
@@ -596,8 +717,9 @@ def make_server(model, tokenizer, *, name: str, host: str = '127.0.0.1', port: i
       if route != '/v1/chat/completions':
         raise RequestError(404, f'no route {_shown(self.path)}; try POST /v1/chat/completions')
       if not pending.acquire(blocking=False):
-        raise RequestError(503, f'{max_pending} requests are already waiting; retry later', kind='server_error',
-                           code='server_busy')
+        raise RequestError(
+          503, f'{max_pending} requests are already waiting; retry later', kind='server_error', code='server_busy'
+        )
       try:
         request = parse_chat_request(self._body(), model_ids=ids, max_new_tokens=max_new_tokens)
         self._send(200, complete(request))

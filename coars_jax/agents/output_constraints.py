@@ -18,8 +18,13 @@ from typing import Sequence
 from coars_jax.agents.prompts import format_recommender_output, format_user_output
 from coars_jax.agents.protocol import ACTIONS, SCORE_LABEL, interval_midpoint
 from coars_jax.models.tokenizer import end_of_turn_id
-from coars_jax.sampling.constraints import (ChoiceConstraint, TokenClasses, build_constraint, continuation_ids,
-                                            token_classes)
+from coars_jax.sampling.constraints import (
+  ChoiceConstraint,
+  TokenClasses,
+  build_constraint,
+  continuation_ids,
+  token_classes,
+)
 
 # What a completion's first token follows: the generation prompt of a chat template ends its header with a line
 # break (ours '<|assistant|>\n', ChatML '<|im_start|>assistant\n').
@@ -31,7 +36,7 @@ DEFAULT_SCORE_TOKENS = 8
 def _split_reason(text: str) -> tuple[str, str]:
   """A formatted message -> (its label 'Reason:', everything after the reason line)."""
   first_line, rest = text.split('\n', 1)
-  return first_line[:first_line.index(':') + 1], rest
+  return first_line[: first_line.index(':') + 1], rest
 
 
 def message_head() -> str:
@@ -54,7 +59,7 @@ def user_tail(action: str) -> str:
   """'Action: <action>\\nScore:', `format_user_output`'s lines after the reason, cut after the Score label."""
   rest = _split_reason(format_user_output('x', action, interval_midpoint(action)))[1]
   score_label = f'\n{SCORE_LABEL}:'
-  return rest[:rest.index(score_label) + len(score_label)]
+  return rest[: rest.index(score_label) + len(score_label)]
 
 
 def _tokens(tokenizer, end_token_id: int | None, vocab_size: int | None, classes: TokenClasses | None):
@@ -69,10 +74,18 @@ def _tokens(tokenizer, end_token_id: int | None, vocab_size: int | None, classes
   return int(end_token_id), classes, head, reason_line
 
 
-def recommender_constraint(tokenizer, candidate_titles: Sequence[Sequence[str]], *, max_new_tokens: int,
-                           vocab_size: int | None = None, end_token_id: int | None = None,
-                           classes: TokenClasses | None = None, max_reason_tokens: int | None = None,
-                           num_choices: int | None = None, choice_length: int | None = None) -> ChoiceConstraint:
+def recommender_constraint(
+  tokenizer,
+  candidate_titles: Sequence[Sequence[str]],
+  *,
+  max_new_tokens: int,
+  vocab_size: int | None = None,
+  end_token_id: int | None = None,
+  classes: TokenClasses | None = None,
+  max_reason_tokens: int | None = None,
+  num_choices: int | None = None,
+  choice_length: int | None = None,
+) -> ChoiceConstraint:
   """The recommender's grammar for a batch: row b must name one of candidate_titles[b].
 
   Args:
@@ -88,23 +101,47 @@ def recommender_constraint(tokenizer, candidate_titles: Sequence[Sequence[str]],
   if isinstance(candidate_titles, str) or any(isinstance(row, str) for row in candidate_titles):
     raise TypeError('recommender_constraint: candidate_titles must be one sequence of titles per row')
   end, classes, head, reason_line = _tokens(tokenizer, end_token_id, vocab_size, classes)
-  choices = [[continuation_ids(tokenizer, reason_line, recommender_tail(title)) for title in row]
-             for row in candidate_titles]
-  return build_constraint(classes, [head] * len(choices), choices, end_token_id=end, max_new_tokens=max_new_tokens,
-                          max_line_tokens=max_reason_tokens, num_choices=num_choices, choice_length=choice_length)
+  choices = [
+    [continuation_ids(tokenizer, reason_line, recommender_tail(title)) for title in row] for row in candidate_titles
+  ]
+  return build_constraint(
+    classes,
+    [head] * len(choices),
+    choices,
+    end_token_id=end,
+    max_new_tokens=max_new_tokens,
+    max_line_tokens=max_reason_tokens,
+    num_choices=num_choices,
+    choice_length=choice_length,
+  )
 
 
-def user_constraint(tokenizer, batch_size: int, *, max_new_tokens: int, vocab_size: int | None = None,
-                    end_token_id: int | None = None, classes: TokenClasses | None = None,
-                    max_reason_tokens: int | None = None, max_score_tokens: int = DEFAULT_SCORE_TOKENS,
-                    choice_length: int | None = None) -> ChoiceConstraint:
+def user_constraint(
+  tokenizer,
+  batch_size: int,
+  *,
+  max_new_tokens: int,
+  vocab_size: int | None = None,
+  end_token_id: int | None = None,
+  classes: TokenClasses | None = None,
+  max_reason_tokens: int | None = None,
+  max_score_tokens: int = DEFAULT_SCORE_TOKENS,
+  choice_length: int | None = None,
+) -> ChoiceConstraint:
   """The user agent's grammar, the same for each of `batch_size` rows: a reason line, one of the four actions,
   then a Score line of at most `max_score_tokens` free tokens. Other arguments as in `recommender_constraint`."""
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
     raise ValueError(f'user_constraint: batch_size must be a positive int, found {batch_size!r}')
   end, classes, head, reason_line = _tokens(tokenizer, end_token_id, vocab_size, classes)
   tails = [continuation_ids(tokenizer, reason_line, user_tail(action)) for action in ACTIONS]
-  return build_constraint(classes, [head] * batch_size, [tails] * batch_size, end_token_id=end,
-                          max_new_tokens=max_new_tokens, max_line_tokens=max_reason_tokens, final_free=True,
-                          final_tokens=max_score_tokens, choice_length=choice_length)
-
+  return build_constraint(
+    classes,
+    [head] * batch_size,
+    [tails] * batch_size,
+    end_token_id=end,
+    max_new_tokens=max_new_tokens,
+    max_line_tokens=max_reason_tokens,
+    final_free=True,
+    final_tokens=max_score_tokens,
+    choice_length=choice_length,
+  )

@@ -25,9 +25,18 @@ import re
 import unicodedata
 from typing import Iterable, Iterator, Sequence
 
-from coars_jax.agents.protocol import (ACTION_LABEL, ACTIONS, ITEM_LABEL, REASON_LABEL, SCORE_LABEL,
-                                       action_for_score, clip_to_action, in_interval, interval_midpoint,
-                                       single_line)
+from coars_jax.agents.protocol import (
+  ACTION_LABEL,
+  ACTIONS,
+  ITEM_LABEL,
+  REASON_LABEL,
+  SCORE_LABEL,
+  action_for_score,
+  clip_to_action,
+  in_interval,
+  interval_midpoint,
+  single_line,
+)
 
 # The user's output when it is invalid: a skip at the skip interval's midpoint (METHOD.md section 2).
 INVALID_ACTION = 'skip'
@@ -110,13 +119,14 @@ class UserParse:
 
 
 _LABEL_LINE = re.compile(
-    r'^[ \t]*(?:[-*+>#]+[ \t]+)*'  # bullets, block quotes and headings before the label
-    r'(?P<open>\*\*|__|\*|_)?'  # markdown emphasis opened before the label ...
-    r'(?P<label>' + '|'.join((REASON_LABEL, ITEM_LABEL, ACTION_LABEL, SCORE_LABEL)) + r')'
-    # ... and closed before the colon, after it, or not at all.
-    r'(?:(?(open)(?P=open))[ \t]*:|[ \t]*:(?(open)(?P=open))|[ \t]*:)'
-    r'(?P<value>.*)$',
-    re.IGNORECASE)
+  r'^[ \t]*(?:[-*+>#]+[ \t]+)*'  # bullets, block quotes and headings before the label
+  r'(?P<open>\*\*|__|\*|_)?'  # markdown emphasis opened before the label ...
+  r'(?P<label>' + '|'.join((REASON_LABEL, ITEM_LABEL, ACTION_LABEL, SCORE_LABEL)) + r')'
+  # ... and closed before the colon, after it, or not at all.
+  r'(?:(?(open)(?P=open))[ \t]*:|[ \t]*:(?(open)(?P=open))|[ \t]*:)'
+  r'(?P<value>.*)$',
+  re.IGNORECASE,
+)
 # Characters that may wrap a title or an action: quotes, markdown emphasis and code, and the template's <...>.
 _WRAPPERS = '*_`"\'“”‘’«»„‚<>'
 _TRAILING_PUNCTUATION = '.,;:!?'
@@ -226,7 +236,7 @@ def title_forms(value: str) -> list[str]:
     marker = _LIST_NUMBER.match(current)
     if marker is None:
       break
-    current = add(current[marker.end():])
+    current = add(current[marker.end() :])
   return forms
 
 
@@ -249,12 +259,12 @@ def _may_be_misspelling(query: str, title: str) -> bool:
   at most one character longer (a second title or a comment added is another answer, not a typo), the same digits
   in the same order (a sequel, a volume or a year names another item), and no letter from a script the title does
   not use (Cyrillic 'а' for Latin 'a' is a look-alike, not a typo)."""
-  return (len(query) <= len(title) + 1 and _digits(query) == _digits(title)
-          and _scripts(query) <= _scripts(title))
+  return len(query) <= len(title) + 1 and _digits(query) == _digits(title) and _scripts(query) <= _scripts(title)
 
 
-def match_candidate(value: str, candidate_titles: Sequence[str],
-                    config: ParseConfig = ParseConfig()) -> tuple[int | None, str | None]:
+def match_candidate(
+  value: str, candidate_titles: Sequence[str], config: ParseConfig = ParseConfig()
+) -> tuple[int | None, str | None]:
   """(candidate index, rule) for an `Item:` value, or (None, None) when it names no single candidate.
 
   Only the candidate titles are searched, by the first rule that fits: `exact` (one of `title_forms(value)` equals
@@ -306,8 +316,12 @@ def match_candidate(value: str, candidate_titles: Sequence[str],
   return None, None
 
 
-def parse_recommender_output(text: str, candidate_titles: Sequence[str], candidate_ids: Sequence[int] | None = None,
-                             config: ParseConfig = ParseConfig()) -> RecommenderParse:
+def parse_recommender_output(
+  text: str,
+  candidate_titles: Sequence[str],
+  candidate_ids: Sequence[int] | None = None,
+  config: ParseConfig = ParseConfig(),
+) -> RecommenderParse:
   """Reads a recommender message m_rec_t against its candidate list C; never raises on `text`.
 
   Args:
@@ -317,24 +331,31 @@ def parse_recommender_output(text: str, candidate_titles: Sequence[str], candida
     config: tolerance settings.
   """
   if candidate_ids is not None and len(candidate_ids) != len(candidate_titles):
-    raise ValueError(f'candidate_ids has {len(candidate_ids)} entries but candidate_titles has '
-                     f'{len(candidate_titles)}; they must describe the same list')
+    raise ValueError(
+      f'candidate_ids has {len(candidate_ids)} entries but candidate_titles has '
+      f'{len(candidate_titles)}; they must describe the same list'
+    )
   text = text if isinstance(text, str) else ''
   lines = text.splitlines()
   labeled = _labeled_lines(text)
   reason = _reason(lines, labeled)
   item_value = _first_value(lines, labeled, ITEM_LABEL, continue_lines=False)
   index, rule = (None, None) if item_value is None else match_candidate(item_value, candidate_titles, config)
-  if index is not None and any(match_candidate(value, candidate_titles, config)[0] != index
-                               for value in _later_values(lines, labeled, ITEM_LABEL)):
+  if index is not None and any(
+    match_candidate(value, candidate_titles, config)[0] != index for value in _later_values(lines, labeled, ITEM_LABEL)
+  ):
     # Two answers: reading the first as the answer would pay a hedge over several items as a hit.
     index, rule = None, None
   valid = index is not None and (bool(reason) or not config.require_reason)
   return RecommenderParse(
-      valid=valid, candidate_index=index,
-      item_id=None if index is None or candidate_ids is None else int(candidate_ids[index]),
-      title=None if index is None else candidate_titles[index], match_rule=rule, reason=reason,
-      item_text=None if item_value is None else single_line(item_value))
+    valid=valid,
+    candidate_index=index,
+    item_id=None if index is None or candidate_ids is None else int(candidate_ids[index]),
+    title=None if index is None else candidate_titles[index],
+    match_rule=rule,
+    reason=reason,
+    item_text=None if item_value is None else single_line(item_value),
+  )
 
 
 def _parse_action(value: str | None) -> str | None:
@@ -357,7 +378,7 @@ def parse_score(value: str | None) -> tuple[float | None, bool]:
     return None, False
   try:
     score = float(number.group().replace(',', '.'))
-    rest = value[number.end():]
+    rest = value[number.end() :]
     if rest.lstrip().startswith('%'):
       score /= 100.0
     else:
@@ -389,8 +410,9 @@ def parse_user_output(text: str, config: ParseConfig = ParseConfig()) -> UserPar
   labeled = _labeled_lines(text)
   reason = _reason(lines, labeled)
   action = _parse_action(_first_value(lines, labeled, ACTION_LABEL, continue_lines=False))
-  if action is not None and any(_parse_action(value) != action
-                                for value in _later_values(lines, labeled, ACTION_LABEL)):
+  if action is not None and any(
+    _parse_action(value) != action for value in _later_values(lines, labeled, ACTION_LABEL)
+  ):
     action = None  # two answers: the message hedges, and neither action is the user's
   score, clipped = parse_score(_first_value(lines, labeled, SCORE_LABEL, continue_lines=False))
   inferred = False
@@ -399,11 +421,23 @@ def parse_user_output(text: str, config: ParseConfig = ParseConfig()) -> UserPar
   if action is None or (config.require_reason and not reason):
     return UserParse(valid=False, action=INVALID_ACTION, score=INVALID_SCORE, reason=reason, score_rule=None)
   if score is None:
-    return UserParse(valid=True, action=action, score=interval_midpoint(action), reason=reason,
-                     score_rule='midpoint', action_inferred=inferred)
+    return UserParse(
+      valid=True,
+      action=action,
+      score=interval_midpoint(action),
+      reason=reason,
+      score_rule='midpoint',
+      action_inferred=inferred,
+    )
   rule = 'clipped' if clipped or not in_interval(action, score) else 'stated'
-  return UserParse(valid=True, action=action, score=clip_to_action(action, score), reason=reason, score_rule=rule,
-                   action_inferred=inferred)
+  return UserParse(
+    valid=True,
+    action=action,
+    score=clip_to_action(action, score),
+    reason=reason,
+    score_rule=rule,
+    action_inferred=inferred,
+  )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -444,19 +478,24 @@ class ParseSummary:
       return NotImplemented
     add = lambda a, b: tuple((rule, count + dict(b)[rule]) for rule, count in a)
     return ParseSummary(
-        recommender_messages=self.recommender_messages + other.recommender_messages,
-        recommender_valid=self.recommender_valid + other.recommender_valid,
-        match_rules=add(self.match_rules, other.match_rules),
-        user_messages=self.user_messages + other.user_messages, user_valid=self.user_valid + other.user_valid,
-        score_rules=add(self.score_rules, other.score_rules),
-        actions_inferred=self.actions_inferred + other.actions_inferred)
+      recommender_messages=self.recommender_messages + other.recommender_messages,
+      recommender_valid=self.recommender_valid + other.recommender_valid,
+      match_rules=add(self.match_rules, other.match_rules),
+      user_messages=self.user_messages + other.user_messages,
+      user_valid=self.user_valid + other.user_valid,
+      score_rules=add(self.score_rules, other.score_rules),
+      actions_inferred=self.actions_inferred + other.actions_inferred,
+    )
 
   def as_metrics(self, prefix: str = 'parse/') -> dict[str, float]:
     """Flat scalars for a metric writer."""
-    metrics = {f'{prefix}valid_ratio': self.valid_ratio, f'{prefix}user_valid_ratio': self.user_valid_ratio,
-               f'{prefix}recommender_messages': float(self.recommender_messages),
-               f'{prefix}user_messages': float(self.user_messages),
-               f'{prefix}actions_inferred': float(self.actions_inferred)}
+    metrics = {
+      f'{prefix}valid_ratio': self.valid_ratio,
+      f'{prefix}user_valid_ratio': self.user_valid_ratio,
+      f'{prefix}recommender_messages': float(self.recommender_messages),
+      f'{prefix}user_messages': float(self.user_messages),
+      f'{prefix}actions_inferred': float(self.actions_inferred),
+    }
     metrics.update({f'{prefix}match_{rule}': float(count) for rule, count in self.match_rules})
     metrics.update({f'{prefix}score_{rule}': float(count) for rule, count in self.score_rules})
     return metrics
@@ -468,8 +507,11 @@ def summarize(recommender: Iterable[RecommenderParse] = (), user: Iterable[UserP
   rec_valid = [r for r in recommender if r.valid]
   user_valid = [u for u in user if u.valid]
   return ParseSummary(
-      recommender_messages=len(recommender), recommender_valid=len(rec_valid),
-      match_rules=tuple((rule, sum(r.match_rule == rule for r in rec_valid)) for rule in MATCH_RULES),
-      user_messages=len(user), user_valid=len(user_valid),
-      score_rules=tuple((rule, sum(u.score_rule == rule for u in user_valid)) for rule in SCORE_RULES),
-      actions_inferred=sum(u.action_inferred for u in user_valid))
+    recommender_messages=len(recommender),
+    recommender_valid=len(rec_valid),
+    match_rules=tuple((rule, sum(r.match_rule == rule for r in rec_valid)) for rule in MATCH_RULES),
+    user_messages=len(user),
+    user_valid=len(user_valid),
+    score_rules=tuple((rule, sum(u.score_rule == rule for u in user_valid)) for rule in SCORE_RULES),
+    actions_inferred=sum(u.action_inferred for u in user_valid),
+  )

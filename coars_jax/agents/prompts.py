@@ -17,15 +17,28 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
-from coars_jax.agents.protocol import (ACTION_INTERVALS, ACTION_LABEL, ACTIONS, ITEM_LABEL, REASON_LABEL,
-                                       SCORE_LABEL, check_action, check_score_for_action, format_score,
-                                       is_single_line_title, single_line)
+from coars_jax.agents.protocol import (
+  ACTION_INTERVALS,
+  ACTION_LABEL,
+  ACTIONS,
+  ITEM_LABEL,
+  REASON_LABEL,
+  SCORE_LABEL,
+  check_action,
+  check_score_for_action,
+  format_score,
+  is_single_line_title,
+  single_line,
+)
 
 Message = dict[str, str]
 
 # The item noun each dataset's prompts use; anything else gets the generic 'item'.
-DATASET_ITEM_NOUNS = {'lastfm': ('artist', 'artists'), 'movielens': ('movie', 'movies'),
-                      'instruments': ('product', 'products')}
+DATASET_ITEM_NOUNS = {
+  'lastfm': ('artist', 'artists'),
+  'movielens': ('movie', 'movies'),
+  'instruments': ('product', 'products'),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,8 +97,9 @@ class TurnRecord:
   def __post_init__(self):
     check_action(self.user_action, 'TurnRecord.user_action')
     # Stored as a Python float so that a record built from a numpy scalar renders and compares the same way.
-    object.__setattr__(self, 'user_score',
-                       check_score_for_action(self.user_action, self.user_score, 'TurnRecord.user_score'))
+    object.__setattr__(
+      self, 'user_score', check_score_for_action(self.user_action, self.user_score, 'TurnRecord.user_score')
+    )
     for name in ('item_title', 'recommender_reason', 'user_reason'):
       if not isinstance(getattr(self, name), str):
         raise TypeError(f'TurnRecord.{name} must be a str, found {type(getattr(self, name)).__name__}')
@@ -105,8 +119,10 @@ class TurnRecord:
     """m_user_t as the user agent's later prompts hold it."""
     if self.user_message is not None:
       return self.user_message
-    return (f'{REASON_LABEL}: {single_line(self.user_reason)}\n{ACTION_LABEL}: {self.user_action}\n'
-            f'{SCORE_LABEL}: {format_score(self.user_score)}')
+    return (
+      f'{REASON_LABEL}: {single_line(self.user_reason)}\n{ACTION_LABEL}: {self.user_action}\n'
+      f'{SCORE_LABEL}: {format_score(self.user_score)}'
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,12 +177,14 @@ def render_candidates(candidate_titles: Sequence[str]) -> str:
 def render_reaction(number: int, turn: TurnRecord) -> str:
   """How turn `number` went, as the recommender's next message tells it: the item as shown and the user's
   action, score and reason (the recommender's own reason is already in its reply)."""
-  return '\n'.join([
+  return '\n'.join(
+    [
       f'Turn {number}: the user reacted to {_title_line(turn.item_title)}.',
       f"User's action: {turn.user_action}",
       f"User's score: {format_score(turn.user_score)}",
       f"User's reason: {single_line(turn.user_reason)}",
-  ])
+    ]
+  )
 
 
 def render_memory(memory: Memory) -> str:
@@ -176,33 +194,40 @@ def render_memory(memory: Memory) -> str:
     return '(none: this is the first turn)'
   blocks = []
   for number, turn in enumerate(memory.turns, start=1):
-    blocks.append('\n'.join([
-        f'Turn {number}:',
-        f'Recommended item: {_title_line(turn.item_title)}',
-        f"Recommender's reason: {single_line(turn.recommender_reason)}",
-        f"User's action: {turn.user_action}",
-        f"User's score: {format_score(turn.user_score)}",
-        f"User's reason: {single_line(turn.user_reason)}",
-    ]))
+    blocks.append(
+      '\n'.join(
+        [
+          f'Turn {number}:',
+          f'Recommended item: {_title_line(turn.item_title)}',
+          f"Recommender's reason: {single_line(turn.recommender_reason)}",
+          f"User's action: {turn.user_action}",
+          f"User's score: {format_score(turn.user_score)}",
+          f"User's reason: {single_line(turn.user_reason)}",
+        ]
+      )
+    )
   return '\n\n'.join(blocks)
 
 
 def _score_scale() -> str:
-  return ', '.join(f'{action} [{format_score(low)}, {format_score(high)}{"]" if action == "click" else ")"}'
-                   for action, (low, high) in ACTION_INTERVALS.items())
+  return ', '.join(
+    f'{action} [{format_score(low)}, {format_score(high)}{"]" if action == "click" else ")"}'
+    for action, (low, high) in ACTION_INTERVALS.items()
+  )
 
 
 def recommender_system_prompt(config: PromptConfig = PromptConfig()) -> str:
   noun, plural = config.item_noun, config.item_noun_plural
   return (
-      f'You are a recommender agent talking with a user. Each turn you recommend one {noun} and the user answers '
-      f'with an action (click, star, skip or dislike), an acceptance score between 0 and 1, and a reason. The '
-      f'dialogue ends when the user clicks. After each of your answers you are told how the user reacted: use it '
-      f'to learn what they want.\n'
-      f'Recommend exactly one item from the candidates. Answer with a Reason line and an Item line, exactly:\n'
-      f'{REASON_LABEL}: <one sentence on why this user will like the {noun}>\n'
-      f'{ITEM_LABEL}: <the exact title of one candidate, copied from the list without its number>\n'
-      f'Only the candidate {plural} count; any other title is a wasted turn.')
+    f'You are a recommender agent talking with a user. Each turn you recommend one {noun} and the user answers '
+    f'with an action (click, star, skip or dislike), an acceptance score between 0 and 1, and a reason. The '
+    f'dialogue ends when the user clicks. After each of your answers you are told how the user reacted: use it '
+    f'to learn what they want.\n'
+    f'Recommend exactly one item from the candidates. Answer with a Reason line and an Item line, exactly:\n'
+    f'{REASON_LABEL}: <one sentence on why this user will like the {noun}>\n'
+    f'{ITEM_LABEL}: <the exact title of one candidate, copied from the list without its number>\n'
+    f'Only the candidate {plural} count; any other title is a wasted turn.'
+  )
 
 
 def _hint_section(hint_title: str | None) -> list[str]:
@@ -210,13 +235,20 @@ def _hint_section(hint_title: str | None) -> list[str]:
     return []
   # The hint ends in the very line the answer must end in ('Item: <title>'), so that a model can answer by copying
   # what follows the last 'Item:' it has seen (an induction copy), not by learning where a quote is.
-  return [f'Hint: a sequential recommender trained on past interactions ranks this candidate first among those not '
-          f'recommended yet in this dialogue:\n{ITEM_LABEL}: {_title_line(hint_title)}']
+  return [
+    f'Hint: a sequential recommender trained on past interactions ranks this candidate first among those not '
+    f'recommended yet in this dialogue:\n{ITEM_LABEL}: {_title_line(hint_title)}'
+  ]
 
 
-def recommender_messages(*, history_titles: Sequence[str], candidate_titles: Sequence[str],
-                         memory: Memory = Memory(), hint_title: str | None = None,
-                         config: PromptConfig = PromptConfig()) -> list[Message]:
+def recommender_messages(
+  *,
+  history_titles: Sequence[str],
+  candidate_titles: Sequence[str],
+  memory: Memory = Memory(),
+  hint_title: str | None = None,
+  config: PromptConfig = PromptConfig(),
+) -> list[Message]:
   """The recommender's input x_rec_t = (h_u, C, M_{t-1}, optional hint) as one append-only chat.
 
   Turn t = len(memory) + 1. The first user message holds h_u and C (and turn 1's hint); each earlier turn k adds
@@ -237,43 +269,58 @@ def recommender_messages(*, history_titles: Sequence[str], candidate_titles: Seq
   hints = [turn.hint_title for turn in memory] + [hint_title]
   for hint in hints:
     if hint is not None and hint not in candidate_titles:
-      raise ValueError(f'hint_title {hint!r} is not one of the candidate titles; the hint names SASRec\'s top '
-                       f'candidate, so it must be in C')
+      raise ValueError(
+        f"hint_title {hint!r} is not one of the candidate titles; the hint names SASRec's top "
+        f'candidate, so it must be in C'
+      )
   plural = config.item_noun_plural
-  first = [f"The user's history, oldest first:\n{render_history(history_titles)}",
-           f'Candidate {plural}:\n{render_candidates(candidate_titles)}'] + _hint_section(hints[0])
-  messages = [{'role': 'system', 'content': recommender_system_prompt(config)},
-              {'role': 'user', 'content': '\n\n'.join(first)}]
+  first = [
+    f"The user's history, oldest first:\n{render_history(history_titles)}",
+    f'Candidate {plural}:\n{render_candidates(candidate_titles)}',
+  ] + _hint_section(hints[0])
+  messages = [
+    {'role': 'system', 'content': recommender_system_prompt(config)},
+    {'role': 'user', 'content': '\n\n'.join(first)},
+  ]
   for number, turn in enumerate(memory, start=1):
     messages.append({'role': 'assistant', 'content': turn.recommender_text})
-    messages.append({'role': 'user', 'content': '\n\n'.join([render_reaction(number, turn)]
-                                                             + _hint_section(hints[number]))})
+    messages.append(
+      {'role': 'user', 'content': '\n\n'.join([render_reaction(number, turn)] + _hint_section(hints[number]))}
+    )
   return messages
 
 
 def user_system_prompt(config: PromptConfig = PromptConfig()) -> str:
   noun = config.item_noun
   return (
-      f'You are a user with the history below. A recommender suggests one {noun} per turn and says why. Decide how '
-      f'you react to the recommended {noun}, as this user would.\n'
-      f'Answer with a Reason line, an Action line (click, star, skip or dislike) and a Score line between 0 and 1, '
-      f'exactly:\n'
-      f'{REASON_LABEL}: <one sentence, in your own voice, on why you react this way>\n'
-      f'{ACTION_LABEL}: <{"|".join(reversed(ACTIONS))}>\n'
-      f'{SCORE_LABEL}: <your acceptance score, a number from 0 to 1>\n'
-      f'The score must fit the action: {_score_scale()}. click means you accept the {noun} and end the dialogue; '
-      f'star means you like it but want to see more; skip means it does not interest you; dislike means you do '
-      f'not want it.')
+    f'You are a user with the history below. A recommender suggests one {noun} per turn and says why. Decide how '
+    f'you react to the recommended {noun}, as this user would.\n'
+    f'Answer with a Reason line, an Action line (click, star, skip or dislike) and a Score line between 0 and 1, '
+    f'exactly:\n'
+    f'{REASON_LABEL}: <one sentence, in your own voice, on why you react this way>\n'
+    f'{ACTION_LABEL}: <{"|".join(reversed(ACTIONS))}>\n'
+    f'{SCORE_LABEL}: <your acceptance score, a number from 0 to 1>\n'
+    f'The score must fit the action: {_score_scale()}. click means you accept the {noun} and end the dialogue; '
+    f'star means you like it but want to see more; skip means it does not interest you; dislike means you do '
+    f'not want it.'
+  )
 
 
 def _recommendation(title: str, reason: str) -> str:
-  return (f'The recommender now says:\nRecommended item: {_title_line(title)}\n'
-          f"Recommender's reason: {single_line(reason)}")
+  return (
+    f"The recommender now says:\nRecommended item: {_title_line(title)}\nRecommender's reason: {single_line(reason)}"
+  )
 
 
-def user_messages(*, history_titles: Sequence[str], recommended_title: str, recommender_reason: str,
-                  memory: Memory = Memory(), peer_opinion: str | None = None,
-                  config: PromptConfig = PromptConfig()) -> list[Message]:
+def user_messages(
+  *,
+  history_titles: Sequence[str],
+  recommended_title: str,
+  recommender_reason: str,
+  memory: Memory = Memory(),
+  peer_opinion: str | None = None,
+  config: PromptConfig = PromptConfig(),
+) -> list[Message]:
   """The user agent's input x_user_t = (h_u, m_rec_t, M_{t-1}, p_t) as one append-only chat.
 
   Turn t = len(memory) + 1. The first user message holds h_u, the peer opinion p_t (one sentence, the same at
@@ -297,8 +344,10 @@ def user_messages(*, history_titles: Sequence[str], recommended_title: str, reco
   if peer_opinion is not None:
     first.append(f'Peer opinion: {single_line(peer_opinion)}')
   first.append(_recommendation(*shown[0]))
-  messages = [{'role': 'system', 'content': user_system_prompt(config)},
-              {'role': 'user', 'content': '\n\n'.join(first)}]
+  messages = [
+    {'role': 'system', 'content': user_system_prompt(config)},
+    {'role': 'user', 'content': '\n\n'.join(first)},
+  ]
   for number, turn in enumerate(memory, start=1):
     messages.append({'role': 'assistant', 'content': turn.user_text})
     messages.append({'role': 'user', 'content': _recommendation(*shown[number])})
@@ -312,8 +361,9 @@ def format_recommender_output(reason: str, title: str) -> str:
   The title is written unchanged, so it must already fit on one line (`protocol.is_single_line_title`).
   """
   if not (isinstance(title, str) and is_single_line_title(title)):
-    raise ValueError(f'title must be non-empty, without line breaks and without whitespace at its ends, '
-                     f'found {title!r}')
+    raise ValueError(
+      f'title must be non-empty, without line breaks and without whitespace at its ends, found {title!r}'
+    )
   return f'{REASON_LABEL}: {single_line(reason)}\n{ITEM_LABEL}: {title}'
 
 

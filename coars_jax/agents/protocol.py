@@ -34,10 +34,15 @@ def check_action(action: str, field: str = 'action') -> None:
 def check_score_for_action(action: str, score, field: str = 'score') -> float:
   """`score` as a float after checking it is a finite real number inside `action`'s interval."""
   check_action(action)
-  if not (isinstance(score, numbers.Real) and not isinstance(score, bool) and math.isfinite(score)
-          and in_interval(action, float(score))):
-    raise ValueError(f'{field} must be a finite number in {action!r}\'s interval {ACTION_INTERVALS[action]}, '
-                     f'found {score!r}')
+  if not (
+    isinstance(score, numbers.Real)
+    and not isinstance(score, bool)
+    and math.isfinite(score)
+    and in_interval(action, float(score))
+  ):
+    raise ValueError(
+      f"{field} must be a finite number in {action!r}'s interval {ACTION_INTERVALS[action]}, found {score!r}"
+    )
   return float(score)
 
 

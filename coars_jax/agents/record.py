@@ -57,15 +57,19 @@ class RolloutRecord:
     if self.groups.shape != (episodes,):
       raise ValueError(f'RolloutRecord.groups must have one entry per episode ({episodes}), found {self.groups.shape}')
     if self.teacher_ids is not None and len(self.teacher_ids) != segments:
-      raise ValueError(f'RolloutRecord.teacher_ids must have one entry per segment ({segments}), found '
-                       f'{len(self.teacher_ids)}')
+      raise ValueError(
+        f'RolloutRecord.teacher_ids must have one entry per segment ({segments}), found {len(self.teacher_ids)}'
+      )
     if self.judge_ids is not None and len(self.judge_ids) != episodes:
-      raise ValueError(f'RolloutRecord.judge_ids must have one entry per episode ({episodes}), found '
-                       f'{len(self.judge_ids)}')
+      raise ValueError(
+        f'RolloutRecord.judge_ids must have one entry per episode ({episodes}), found {len(self.judge_ids)}'
+      )
     for name, value in (self.constraints or {}).items():
       if np.shape(value)[0] != segments:
-        raise ValueError(f'RolloutRecord.constraints[{name!r}] must have one row per segment ({segments}), found '
-                         f'shape {np.shape(value)}')
+        raise ValueError(
+          f'RolloutRecord.constraints[{name!r}] must have one row per segment ({segments}), found '
+          f'shape {np.shape(value)}'
+        )
 
   def save(self, folder: str | os.PathLike) -> pathlib.Path:
     """Writes the record to `folder` (created); returns its absolute path."""
@@ -82,12 +86,18 @@ class RolloutRecord:
     for name, value in (self.constraints or {}).items():
       arrays[f'constraints.{name}'] = np.asarray(value)
     np.savez(folder / ARRAYS_FILE, **arrays)
-    meta = {'seed': int(self.seed), 'seconds': float(self.seconds),
-            **{name: list(getattr(self.trajectory, name)) if name != 'split' else self.trajectory.split
-               for name in _TEXT_FIELDS}}
+    meta = {
+      'seed': int(self.seed),
+      'seconds': float(self.seconds),
+      **{
+        name: list(getattr(self.trajectory, name)) if name != 'split' else self.trajectory.split
+        for name in _TEXT_FIELDS
+      },
+    }
     # As in `to_jsonl`: a lone surrogate in a message is written as the JSON escape that reads back to it.
-    (folder / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, allow_nan=False), encoding='utf-8',
-                                    errors='backslashreplace')
+    (folder / META_FILE).write_text(
+      json.dumps(meta, ensure_ascii=False, allow_nan=False), encoding='utf-8', errors='backslashreplace'
+    )
     to_jsonl(self.trajectory, folder / JSONL_FILE)
     return folder
 
@@ -102,14 +112,28 @@ class RolloutRecord:
     with np.load(folder / ARRAYS_FILE) as stored:
       arrays = {key: stored[key] for key in stored.files}
     fields = {key.split('.', 1)[1]: value for key, value in arrays.items() if key.startswith('trajectory.')}
-    fields.update(prompt_texts=tuple(meta['prompt_texts']), completion_texts=tuple(meta['completion_texts']),
-                  records=tuple(meta['records']), split=meta['split'])
-    ragged = {name: _unflatten(arrays[f'{name}.flat'], arrays[f'{name}.lengths'])
-              for name in ('teacher_ids', 'judge_ids') if f'{name}.flat' in arrays}
+    fields.update(
+      prompt_texts=tuple(meta['prompt_texts']),
+      completion_texts=tuple(meta['completion_texts']),
+      records=tuple(meta['records']),
+      split=meta['split'],
+    )
+    ragged = {
+      name: _unflatten(arrays[f'{name}.flat'], arrays[f'{name}.lengths'])
+      for name in ('teacher_ids', 'judge_ids')
+      if f'{name}.flat' in arrays
+    }
     constraints = {key.split('.', 1)[1]: value for key, value in arrays.items() if key.startswith('constraints.')}
-    return cls(trajectory=Trajectory(**fields), windows=arrays['windows'], groups=arrays['groups'],
-               seed=int(meta['seed']), seconds=float(meta['seconds']), teacher_ids=ragged.get('teacher_ids'),
-               constraints=constraints or None, judge_ids=ragged.get('judge_ids'))
+    return cls(
+      trajectory=Trajectory(**fields),
+      windows=arrays['windows'],
+      groups=arrays['groups'],
+      seed=int(meta['seed']),
+      seconds=float(meta['seconds']),
+      teacher_ids=ragged.get('teacher_ids'),
+      constraints=constraints or None,
+      judge_ids=ragged.get('judge_ids'),
+    )
 
 
 def _flatten(ragged: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -120,4 +144,4 @@ def _flatten(ragged: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
 
 def _unflatten(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
   ends = np.cumsum(lengths)
-  return [flat[end - length:end] for end, length in zip(ends.tolist(), lengths.tolist())]
+  return [flat[end - length : end] for end, length in zip(ends.tolist(), lengths.tolist())]

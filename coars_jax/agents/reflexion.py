@@ -17,8 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import tqdm
 
-from coars_jax.agents.episodes import (RECOMMENDER, USER, AgentBackend, Episode, Generation, RolloutConfig,
-                                       run_episodes)
+from coars_jax.agents.episodes import RECOMMENDER, USER, AgentBackend, Episode, Generation, RolloutConfig, run_episodes
 from coars_jax.agents.prompts import Message
 from coars_jax.agents.protocol import format_score
 from coars_jax.data.schema import Dataset, Window, WindowSplit
@@ -55,11 +54,10 @@ class ReflexionConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f'ReflexionConfig.{name} must be an int >= {least}, found {value!r}')
-    if self.max_reflections is not None and (isinstance(self.max_reflections, bool)
-                                             or not isinstance(self.max_reflections, int)
-                                             or self.max_reflections < 1):
-      raise ValueError(f'ReflexionConfig.max_reflections must be None or an int >= 1, found '
-                       f'{self.max_reflections!r}')
+    if self.max_reflections is not None and (
+      isinstance(self.max_reflections, bool) or not isinstance(self.max_reflections, int) or self.max_reflections < 1
+    ):
+      raise ValueError(f'ReflexionConfig.max_reflections must be None or an int >= 1, found {self.max_reflections!r}')
     if not isinstance(self.show_to_user, bool):
       raise ValueError(f'ReflexionConfig.show_to_user must be a bool, found {self.show_to_user!r}')
 
@@ -93,8 +91,11 @@ def reflection_section(reflections: Sequence[str]) -> str:
   """The prompt section holding earlier episodes' reflections; '' when there are none."""
   if not reflections:
     return ''
-  return (f'{SECTION_TITLE}:\n' + '\n'.join(reflections) +
-          '\nUse them: what the user rejected before is unlikely to suit them now.')
+  return (
+    f'{SECTION_TITLE}:\n'
+    + '\n'.join(reflections)
+    + '\nUse them: what the user rejected before is unlikely to suit them now.'
+  )
 
 
 def with_section(messages: Sequence[Message], section: str) -> list[Message]:
@@ -170,8 +171,10 @@ def prior_windows(window: Window, config: ReflexionConfig) -> list[Window]:
   """The prior windows cut from `window`'s history, oldest first (see the module docstring)."""
   length = len(window.history)
   count = max(0, min(config.num_prior_episodes, length - config.min_prior_history))
-  return [Window(user=window.user, history=window.history[:length - j], target=window.history[length - j])
-          for j in range(count, 0, -1)]
+  return [
+    Window(user=window.user, history=window.history[: length - j], target=window.history[length - j])
+    for j in range(count, 0, -1)
+  ]
 
 
 def batch_seed(seed: int, *keys: int) -> int:
@@ -179,10 +182,19 @@ def batch_seed(seed: int, *keys: int) -> int:
   return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def run_reflexion_episodes(dataset: Dataset, split: str, window_indices: Sequence[int], backend: AgentBackend, *,
-                           peer, config: ReflexionConfig = ReflexionConfig(),
-                           rollout: RolloutConfig = RolloutConfig(), seed: int = 0, batch_size: int | None = None,
-                           progress: bool = False) -> ReflexionRun:
+def run_reflexion_episodes(
+  dataset: Dataset,
+  split: str,
+  window_indices: Sequence[int],
+  backend: AgentBackend,
+  *,
+  peer,
+  config: ReflexionConfig = ReflexionConfig(),
+  rollout: RolloutConfig = RolloutConfig(),
+  seed: int = 0,
+  batch_size: int | None = None,
+  progress: bool = False,
+) -> ReflexionRun:
   """Plays each user's chain (prior windows, then evaluation windows) in order, with reflections in the prompts.
 
   Chains run side by side, aligned on their last episode: stage s plays every chain's episode that falls in it,
@@ -207,8 +219,9 @@ def run_reflexion_episodes(dataset: Dataset, split: str, window_indices: Sequenc
   if not isinstance(config, ReflexionConfig):
     raise TypeError(f'config must be a ReflexionConfig, found {type(config).__name__}')
   if split == PRIOR_SPLIT:
-    raise ValueError(f'the Reflexion baseline evaluates val or test windows; split {split!r} is where its prior '
-                     f'windows are played')
+    raise ValueError(
+      f'the Reflexion baseline evaluates val or test windows; split {split!r} is where its prior windows are played'
+    )
   if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
     raise ValueError(f'batch_size must be None or an int >= 1, found {batch_size!r}')
   indices = [int(i) for i in window_indices]
@@ -216,12 +229,14 @@ def run_reflexion_episodes(dataset: Dataset, split: str, window_indices: Sequenc
     raise ValueError('window_indices is empty; give at least one window to play')
   if len(set(indices)) != len(indices):
     repeated = sorted({i for i in indices if indices.count(i) > 1})
-    raise ValueError(f'window_indices repeats {repeated[:5]}; each window is one episode of its user\'s chain')
+    raise ValueError(f"window_indices repeats {repeated[:5]}; each window is one episode of its user's chain")
   windows = dataset.split(split)
   out_of_range = [i for i in indices if not 0 <= i < len(windows)]
   if out_of_range:
-    raise ValueError(f'window_indices {out_of_range[:5]} are outside split {split!r} of {dataset.name!r}, which '
-                     f'has {len(windows)} windows')
+    raise ValueError(
+      f'window_indices {out_of_range[:5]} are outside split {split!r} of {dataset.name!r}, which '
+      f'has {len(windows)} windows'
+    )
 
   # Chains: per user (in order of first appearance), the prior windows of the first evaluation window, then the
   # evaluation windows in split order, which every loader writes in time order.
@@ -242,19 +257,23 @@ def run_reflexion_episodes(dataset: Dataset, split: str, window_indices: Sequenc
   for user, own in evaluated_by_user.items():
     extra = {item for i in own for item in windows.window(i).history} | {int(windows.targets[i]) for i in own}
     user_items[user] = frozenset(user_items.get(user, frozenset())) | frozenset(extra)
-  prior_dataset = dataclasses.replace(dataset, splits={**dataset.splits, PRIOR_SPLIT: prior_split},
-                                      user_items=user_items)
+  prior_dataset = dataclasses.replace(
+    dataset, splits={**dataset.splits, PRIOR_SPLIT: prior_split}, user_items=user_items
+  )
 
   stages = max(len(spec) for spec in chains_spec.values())
   steps: dict[int, list[ReflexionStep]] = {user: [] for user in chains_spec}
   plan = []  # (stage, kind, [(user, window index)]) per run_episodes call
   for stage in range(stages):
     for kind, evaluated in enumerate((False, True)):
-      rows = [(user, spec[stage - (stages - len(spec))][1]) for user, spec in chains_spec.items()
-              if stage >= stages - len(spec) and spec[stage - (stages - len(spec))][0] == evaluated]
+      rows = [
+        (user, spec[stage - (stages - len(spec))][1])
+        for user, spec in chains_spec.items()
+        if stage >= stages - len(spec) and spec[stage - (stages - len(spec))][0] == evaluated
+      ]
       size = batch_size or max(len(rows), 1)
       for chunk, begin in enumerate(range(0, len(rows), size)):
-        plan.append((stage, kind, chunk, rows[begin:begin + size]))
+        plan.append((stage, kind, chunk, rows[begin : begin + size]))
 
   for stage, kind, chunk, rows in tqdm.tqdm(plan, desc=f'Reflexion {dataset.name} {split}', disable=not progress):
     evaluated = kind == 1
@@ -262,18 +281,34 @@ def run_reflexion_episodes(dataset: Dataset, split: str, window_indices: Sequenc
     for user, _ in rows:
       earlier = [step.reflection for step in steps[user]]
       if config.max_reflections is not None:
-        earlier = earlier[-config.max_reflections:]
+        earlier = earlier[-config.max_reflections :]
       sections.append(reflection_section(earlier))
     wrapped = _ReflectingBackend(backend, sections, config.show_to_user)
-    episodes = run_episodes(dataset if evaluated else prior_dataset, split if evaluated else PRIOR_SPLIT,
-                            [index for _, index in rows], wrapped, peer=peer, config=rollout,
-                            seed=batch_seed(seed, stage, kind, chunk))
+    episodes = run_episodes(
+      dataset if evaluated else prior_dataset,
+      split if evaluated else PRIOR_SPLIT,
+      [index for _, index in rows],
+      wrapped,
+      peer=peer,
+      config=rollout,
+      seed=batch_seed(seed, stage, kind, chunk),
+    )
     for (user, _), section, episode in zip(rows, sections, episodes, strict=True):
       number = len(steps[user]) + 1
-      steps[user].append(ReflexionStep(user=user, position=number - 1, evaluated=evaluated, episode=episode,
-                                       shown_reflections=section, reflection=reflection_text(episode, number)))
+      steps[user].append(
+        ReflexionStep(
+          user=user,
+          position=number - 1,
+          evaluated=evaluated,
+          episode=episode,
+          shown_reflections=section,
+          reflection=reflection_text(episode, number),
+        )
+      )
 
-  by_window = {step.episode.window_index: step.episode for chain in steps.values() for step in chain
-               if step.evaluated}
-  return ReflexionRun(episodes=tuple(by_window[i] for i in indices),
-                      chains={user: tuple(chain) for user, chain in steps.items()}, priors=prior_split)
+  by_window = {step.episode.window_index: step.episode for chain in steps.values() for step in chain if step.evaluated}
+  return ReflexionRun(
+    episodes=tuple(by_window[i] for i in indices),
+    chains={user: tuple(chain) for user, chain in steps.items()},
+    priors=prior_split,
+  )

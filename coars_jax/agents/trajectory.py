@@ -93,33 +93,72 @@ class Trajectory:
     segments, episodes = self.prompt_tokens.shape[0], self.num_turns.shape[0]
     prompt_length, completion_length = self.prompt_tokens.shape[1], self.completion_tokens.shape[1]
     chex.assert_shape([self.prompt_tokens, self.prompt_mask], (segments, prompt_length))
-    chex.assert_shape([self.completion_tokens, self.completion_mask, self.behaviour_log_probs],
-                      (segments, completion_length))
-    chex.assert_shape([self.episode, self.window_index, self.turn, self.agent, self.valid, self.finished, self.item,
-                       self.hit, self.acceptance_score, self.peer_similarity, self.action], (segments,))
-    chex.assert_shape([self.num_turns, self.final_item, self.final_hit, self.clicked, self.target,
-                       self.episode_window_index], (episodes,))
-    chex.assert_type([self.prompt_tokens, self.completion_tokens, self.episode, self.window_index, self.turn,
-                      self.agent, self.item, self.action, self.num_turns, self.final_item, self.target,
-                      self.episode_window_index], np.int32)
-    chex.assert_type([self.prompt_mask, self.completion_mask, self.valid, self.finished, self.hit, self.final_hit,
-                      self.clicked], np.bool_)
+    chex.assert_shape(
+      [self.completion_tokens, self.completion_mask, self.behaviour_log_probs], (segments, completion_length)
+    )
+    chex.assert_shape(
+      [
+        self.episode,
+        self.window_index,
+        self.turn,
+        self.agent,
+        self.valid,
+        self.finished,
+        self.item,
+        self.hit,
+        self.acceptance_score,
+        self.peer_similarity,
+        self.action,
+      ],
+      (segments,),
+    )
+    chex.assert_shape(
+      [self.num_turns, self.final_item, self.final_hit, self.clicked, self.target, self.episode_window_index],
+      (episodes,),
+    )
+    chex.assert_type(
+      [
+        self.prompt_tokens,
+        self.completion_tokens,
+        self.episode,
+        self.window_index,
+        self.turn,
+        self.agent,
+        self.item,
+        self.action,
+        self.num_turns,
+        self.final_item,
+        self.target,
+        self.episode_window_index,
+      ],
+      np.int32,
+    )
+    chex.assert_type(
+      [self.prompt_mask, self.completion_mask, self.valid, self.finished, self.hit, self.final_hit, self.clicked],
+      np.bool_,
+    )
     chex.assert_type([self.behaviour_log_probs, self.acceptance_score, self.peer_similarity], np.float32)
     check_left_padded(self.prompt_mask, 'Trajectory.prompt_mask')
     check_right_padded(self.completion_mask, 'Trajectory.completion_mask')
     if np.any(self.behaviour_log_probs[~self.completion_mask] != 0):
       raise ValueError('Trajectory.behaviour_log_probs must be 0 outside completion_mask')
     if not (len(self.prompt_texts) == len(self.completion_texts) == segments and len(self.records) == episodes):
-      raise ValueError(f'Trajectory has {segments} segments and {episodes} episodes but {len(self.prompt_texts)} '
-                       f'prompt texts, {len(self.completion_texts)} completion texts and {len(self.records)} records')
+      raise ValueError(
+        f'Trajectory has {segments} segments and {episodes} episodes but {len(self.prompt_texts)} '
+        f'prompt texts, {len(self.completion_texts)} completion texts and {len(self.records)} records'
+      )
     if segments and (self.episode.min() < 0 or self.episode.max() >= episodes):
-      raise ValueError(f'Trajectory.episode must index the {episodes} episodes, found values in '
-                       f'[{self.episode.min()}, {self.episode.max()}]')
+      raise ValueError(
+        f'Trajectory.episode must index the {episodes} episodes, found values in '
+        f'[{self.episode.min()}, {self.episode.max()}]'
+      )
     if not np.isin(self.agent, (RECOMMENDER_ID, USER_ID)).all():
       raise ValueError(f'Trajectory.agent must hold 0 (recommender) or 1 (user), found {np.unique(self.agent)}')
     if segments != 2 * int(self.num_turns.sum()):
-      raise ValueError(f'Trajectory has {segments} segments but its episodes have {int(self.num_turns.sum())} turns '
-                       f'of two messages each')
+      raise ValueError(
+        f'Trajectory has {segments} segments but its episodes have {int(self.num_turns.sum())} turns '
+        f'of two messages each'
+      )
 
   @property
   def num_segments(self) -> int:
@@ -143,16 +182,17 @@ class Trajectory:
     """The same metrics as `episodes.episode_metrics`, from the arrays."""
     recommender = self.agent == RECOMMENDER_ID
     return {
-        'hit_at_1': float(self.final_hit.mean()),
-        'valid_ratio': float(self.valid[recommender].mean()),
-        'average_turns': float(self.num_turns.mean()),
-        'click_rate': float(self.clicked.mean()),
-        'user_valid_ratio': float(self.valid[~recommender].mean()),
+      'hit_at_1': float(self.final_hit.mean()),
+      'valid_ratio': float(self.valid[recommender].mean()),
+      'average_turns': float(self.num_turns.mean()),
+      'click_rate': float(self.clicked.mean()),
+      'user_valid_ratio': float(self.valid[~recommender].mean()),
     }
 
   @classmethod
-  def from_episodes(cls, episodes: Sequence[Episode], *, pad_token_id: int = 0,
-                    buckets: LengthBuckets | None = None) -> 'Trajectory':
+  def from_episodes(
+    cls, episodes: Sequence[Episode], *, pad_token_id: int = 0, buckets: LengthBuckets | None = None
+  ) -> 'Trajectory':
     """Pads the episodes' messages into arrays.
 
     Args:
@@ -166,8 +206,9 @@ class Trajectory:
       raise ValueError('Trajectory.from_episodes needs at least one episode')
     splits = {episode.split for episode in episodes}
     if len(splits) != 1:
-      raise ValueError(f'Trajectory.from_episodes: episodes come from several splits {sorted(splits)}; build one '
-                       f'trajectory per split')
+      raise ValueError(
+        f'Trajectory.from_episodes: episodes come from several splits {sorted(splits)}; build one trajectory per split'
+      )
     empty = [index for index, episode in enumerate(episodes) if not episode.turns]
     if empty:
       raise ValueError(f'Trajectory.from_episodes: episodes {empty[:5]} have no turns')
@@ -187,7 +228,7 @@ class Trajectory:
     completion_tokens, completion_mask = right_pad(completions, completion_length, pad_token_id)
     log_probs = np.zeros(completion_tokens.shape, np.float32)
     for row, (*_, generation) in enumerate(rows):
-      log_probs[row, :len(generation.log_probs)] = generation.log_probs
+      log_probs[row, : len(generation.log_probs)] = generation.log_probs
 
     def column(values, dtype):
       return np.asarray(values, dtype).reshape(len(values))
@@ -196,24 +237,33 @@ class Trajectory:
       return turn.recommender_parse.valid if agent == RECOMMENDER_ID else turn.user_parse.valid
 
     return cls(
-        prompt_tokens=prompt_tokens, prompt_mask=prompt_mask.astype(bool), completion_tokens=completion_tokens,
-        completion_mask=completion_mask.astype(bool), behaviour_log_probs=log_probs,
-        episode=column([r[0] for r in rows], np.int32),
-        window_index=column([r[1].window_index for r in rows], np.int32),
-        turn=column([r[2].turn for r in rows], np.int32), agent=column([r[3] for r in rows], np.int32),
-        valid=column([own_validity(r[2], r[3]) for r in rows], bool),
-        finished=column([r[4].finished for r in rows], bool), item=column([r[2].item for r in rows], np.int32),
-        hit=column([r[2].hit for r in rows], bool),
-        acceptance_score=column([r[2].acceptance_score for r in rows], np.float32),
-        peer_similarity=column([r[2].peer_similarity for r in rows], np.float32),
-        action=column([action_id(r[2].action) for r in rows], np.int32),
-        num_turns=column([e.num_turns for e in episodes], np.int32),
-        final_item=column([e.final_item for e in episodes], np.int32),
-        final_hit=column([e.final_hit for e in episodes], bool), clicked=column([e.clicked for e in episodes], bool),
-        target=column([e.target for e in episodes], np.int32),
-        episode_window_index=column([e.window_index for e in episodes], np.int32),
-        prompt_texts=tuple(r[4].prompt_text for r in rows), completion_texts=tuple(r[4].text for r in rows),
-        records=tuple(episode_record(e) for e in episodes), split=splits.pop())
+      prompt_tokens=prompt_tokens,
+      prompt_mask=prompt_mask.astype(bool),
+      completion_tokens=completion_tokens,
+      completion_mask=completion_mask.astype(bool),
+      behaviour_log_probs=log_probs,
+      episode=column([r[0] for r in rows], np.int32),
+      window_index=column([r[1].window_index for r in rows], np.int32),
+      turn=column([r[2].turn for r in rows], np.int32),
+      agent=column([r[3] for r in rows], np.int32),
+      valid=column([own_validity(r[2], r[3]) for r in rows], bool),
+      finished=column([r[4].finished for r in rows], bool),
+      item=column([r[2].item for r in rows], np.int32),
+      hit=column([r[2].hit for r in rows], bool),
+      acceptance_score=column([r[2].acceptance_score for r in rows], np.float32),
+      peer_similarity=column([r[2].peer_similarity for r in rows], np.float32),
+      action=column([action_id(r[2].action) for r in rows], np.int32),
+      num_turns=column([e.num_turns for e in episodes], np.int32),
+      final_item=column([e.final_item for e in episodes], np.int32),
+      final_hit=column([e.final_hit for e in episodes], bool),
+      clicked=column([e.clicked for e in episodes], bool),
+      target=column([e.target for e in episodes], np.int32),
+      episode_window_index=column([e.window_index for e in episodes], np.int32),
+      prompt_texts=tuple(r[4].prompt_text for r in rows),
+      completion_texts=tuple(r[4].text for r in rows),
+      records=tuple(episode_record(e) for e in episodes),
+      split=splits.pop(),
+    )
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -222,10 +272,14 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _message_record(generation: Generation) -> dict[str, Any]:
-  return {'prompt': generation.prompt_text, 'completion': generation.text,
-          'num_prompt_tokens': int(generation.prompt_ids.size), 'num_tokens': int(generation.completion_ids.size),
-          'finished': generation.finished,
-          'sum_log_prob': _finite_or_none(float(generation.log_probs.astype(np.float64).sum()))}
+  return {
+    'prompt': generation.prompt_text,
+    'completion': generation.text,
+    'num_prompt_tokens': int(generation.prompt_ids.size),
+    'num_tokens': int(generation.completion_ids.size),
+    'finished': generation.finished,
+    'sum_log_prob': _finite_or_none(float(generation.log_probs.astype(np.float64).sum())),
+  }
 
 
 def episode_record(episode: Episode) -> dict[str, Any]:
@@ -234,23 +288,52 @@ def episode_record(episode: Episode) -> dict[str, Any]:
   turns = []
   for turn in episode.turns:
     rec, user = turn.recommender_parse, turn.user_parse
-    turns.append({
-        't': turn.turn, 'item': turn.item, 'hit': turn.hit, 'acceptance_score': turn.acceptance_score,
-        'peer_similarity': turn.peer_similarity, 'action': turn.action, 'hint_title': turn.hint_title,
-        'recommender': {**_message_record(turn.recommender), 'valid': rec.valid, 'item_text': rec.item_text,
-                        'title': rec.title, 'match_rule': rec.match_rule, 'reason': rec.reason,
-                        'shown_title': turn.shown_title, 'shown_reason': turn.shown_reason},
-        'user': {**_message_record(turn.user), 'valid': user.valid, 'action': user.action, 'score': user.score,
-                 'score_rule': user.score_rule, 'reason': user.reason},
-    })
+    turns.append(
+      {
+        't': turn.turn,
+        'item': turn.item,
+        'hit': turn.hit,
+        'acceptance_score': turn.acceptance_score,
+        'peer_similarity': turn.peer_similarity,
+        'action': turn.action,
+        'hint_title': turn.hint_title,
+        'recommender': {
+          **_message_record(turn.recommender),
+          'valid': rec.valid,
+          'item_text': rec.item_text,
+          'title': rec.title,
+          'match_rule': rec.match_rule,
+          'reason': rec.reason,
+          'shown_title': turn.shown_title,
+          'shown_reason': turn.shown_reason,
+        },
+        'user': {
+          **_message_record(turn.user),
+          'valid': user.valid,
+          'action': user.action,
+          'score': user.score,
+          'score_rule': user.score_rule,
+          'reason': user.reason,
+        },
+      }
+    )
   return {
-      'split': episode.split, 'window_index': episode.window_index, 'user': episode.user,
-      'history': list(episode.history), 'history_titles': list(episode.history_titles),
-      'target': episode.target, 'target_title': episode.target_title,
-      'candidates': list(episode.candidates), 'candidate_titles': list(episode.candidate_titles),
-      'peer_item': episode.peer_item, 'peer_title': episode.peer_title,
-      'num_turns': episode.num_turns, 'final_item': episode.final_item, 'final_hit': episode.final_hit,
-      'clicked': episode.clicked, 'turns': turns,
+    'split': episode.split,
+    'window_index': episode.window_index,
+    'user': episode.user,
+    'history': list(episode.history),
+    'history_titles': list(episode.history_titles),
+    'target': episode.target,
+    'target_title': episode.target_title,
+    'candidates': list(episode.candidates),
+    'candidate_titles': list(episode.candidate_titles),
+    'peer_item': episode.peer_item,
+    'peer_title': episode.peer_title,
+    'num_turns': episode.num_turns,
+    'final_item': episode.final_item,
+    'final_hit': episode.final_hit,
+    'clicked': episode.clicked,
+    'turns': turns,
   }
 
 
@@ -276,6 +359,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
       try:
         records.append(json.loads(line))
       except json.JSONDecodeError as error:
-        raise ValueError(f'{path}, line {number}: not a JSON episode record ({error.msg} at column '
-                         f'{error.colno})') from error
+        raise ValueError(
+          f'{path}, line {number}: not a JSON episode record ({error.msg} at column {error.colno})'
+        ) from error
   return records

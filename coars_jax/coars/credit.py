@@ -17,8 +17,9 @@ from coars_jax.sampling.distributions import SamplingParams
 from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, completion_log_probs
 
 
-def token_advantages(teacher_log_probs: jax.Array, student_log_probs: jax.Array, mask: jax.Array, *,
-                     clip: float = 1.0) -> jax.Array:
+def token_advantages(
+  teacher_log_probs: jax.Array, student_log_probs: jax.Array, mask: jax.Array, *, clip: float = 1.0
+) -> jax.Array:
   """A_{t,n} of Eq. 10: clip(log pi_T - log pi_S, -clip, clip) on `mask`, 0 elsewhere; float32 [S, N].
 
   Both inputs are under stop-gradient here: A is part of the constant weight R + lambda_SD A of Eq. 11-12, so it
@@ -34,8 +35,9 @@ def token_advantages(teacher_log_probs: jax.Array, student_log_probs: jax.Array,
   chex.assert_equal_shape([teacher_log_probs, student_log_probs, mask])
   if not clip > 0:
     raise ValueError(f'token_advantages: clip must be positive, found {clip!r}')
-  gap = (jax.lax.stop_gradient(teacher_log_probs).astype(jnp.float32)
-         - jax.lax.stop_gradient(student_log_probs).astype(jnp.float32))
+  gap = jax.lax.stop_gradient(teacher_log_probs).astype(jnp.float32) - jax.lax.stop_gradient(student_log_probs).astype(
+    jnp.float32
+  )
   # The mask is applied last, so whatever sits off the mask (the scorer's zeros, or -inf) never reaches A.
   return jnp.where(jnp.asarray(mask) != 0, jnp.clip(gap, -clip, clip), 0.0)
 
@@ -51,12 +53,21 @@ class TeacherStudentLogProbs(NamedTuple):
   teacher: jax.Array
 
 
-def teacher_student_log_probs(model: Decoder, student_prompt_tokens: jax.Array, student_prompt_mask: jax.Array,
-                              teacher_prompt_tokens: jax.Array, teacher_prompt_mask: jax.Array,
-                              completion_tokens: jax.Array, completion_mask: jax.Array, *,
-                              adapter: str | jax.Array | None = None, pad_token_id: int = 0,
-                              params: SamplingParams = MODEL_DISTRIBUTION, chunk_size: int | None = None,
-                              **model_call_kwargs: Any) -> TeacherStudentLogProbs:
+def teacher_student_log_probs(
+  model: Decoder,
+  student_prompt_tokens: jax.Array,
+  student_prompt_mask: jax.Array,
+  teacher_prompt_tokens: jax.Array,
+  teacher_prompt_mask: jax.Array,
+  completion_tokens: jax.Array,
+  completion_mask: jax.Array,
+  *,
+  adapter: str | jax.Array | None = None,
+  pad_token_id: int = 0,
+  params: SamplingParams = MODEL_DISTRIBUTION,
+  chunk_size: int | None = None,
+  **model_call_kwargs: Any,
+) -> TeacherStudentLogProbs:
   """Student and teacher log-probs of the sampled completions from one `completion_log_probs` call.
 
   The student rows (x, y) and the teacher rows (x + d, y) are stacked along the batch axis, [2S, ...]: both
@@ -79,8 +90,17 @@ def teacher_student_log_probs(model: Decoder, student_prompt_tokens: jax.Array, 
     pad_token_id: fills the added left padding (masked, so any valid id works).
     params, chunk_size, model_call_kwargs: passed to `completion_log_probs`.
   """
-  chex.assert_rank([student_prompt_tokens, student_prompt_mask, teacher_prompt_tokens, teacher_prompt_mask,
-                    completion_tokens, completion_mask], 2)
+  chex.assert_rank(
+    [
+      student_prompt_tokens,
+      student_prompt_mask,
+      teacher_prompt_tokens,
+      teacher_prompt_mask,
+      completion_tokens,
+      completion_mask,
+    ],
+    2,
+  )
   chex.assert_equal_shape([student_prompt_tokens, student_prompt_mask])
   chex.assert_equal_shape([teacher_prompt_tokens, teacher_prompt_mask])
   chex.assert_equal_shape([completion_tokens, completion_mask])
@@ -88,16 +108,20 @@ def teacher_student_log_probs(model: Decoder, student_prompt_tokens: jax.Array, 
   if model_call_kwargs.get('constraint') is not None:
     # A per-row output grammar has S rows, the stacked batch 2S; the teacher must be scored under the same
     # grammar as the student, so rather than guess which constraint fields are per row, ask for the two calls.
-    raise ValueError('teacher_student_log_probs: a constraint is not repeated for the teacher rows; score the '
-                     'teacher with its own call (sampling.score or completion_log_probs with the same constraint) '
-                     "and pass it as batch['teacher_log_probs'] / to token_advantages")
+    raise ValueError(
+      'teacher_student_log_probs: a constraint is not repeated for the teacher rows; score the '
+      'teacher with its own call (sampling.score or completion_log_probs with the same constraint) '
+      "and pass it as batch['teacher_log_probs'] / to token_advantages"
+    )
   rows = completion_tokens.shape[0]
   width = max(student_prompt_tokens.shape[1], teacher_prompt_tokens.shape[1])
 
   def widen(tokens, mask):
     extra = width - tokens.shape[1]
-    return (jnp.pad(jnp.asarray(tokens, jnp.int32), ((0, 0), (extra, 0)), constant_values=pad_token_id),
-            jnp.pad(jnp.asarray(mask, jnp.int32), ((0, 0), (extra, 0))))
+    return (
+      jnp.pad(jnp.asarray(tokens, jnp.int32), ((0, 0), (extra, 0)), constant_values=pad_token_id),
+      jnp.pad(jnp.asarray(mask, jnp.int32), ((0, 0), (extra, 0))),
+    )
 
   student_tokens, student_mask = widen(student_prompt_tokens, student_prompt_mask)
   teacher_tokens, teacher_mask = widen(teacher_prompt_tokens, teacher_prompt_mask)
@@ -106,7 +130,14 @@ def teacher_student_log_probs(model: Decoder, student_prompt_tokens: jax.Array, 
     chex.assert_shape(adapter, (rows,))
     adapter = jnp.concatenate([adapter, adapter])
   both = completion_log_probs(
-      model, jnp.concatenate([student_tokens, teacher_tokens]), jnp.concatenate([student_mask, teacher_mask]),
-      jnp.concatenate([completion_tokens, completion_tokens]), jnp.concatenate([completion_mask, completion_mask]),
-      params=params, chunk_size=chunk_size, adapter=adapter, **model_call_kwargs)
+    model,
+    jnp.concatenate([student_tokens, teacher_tokens]),
+    jnp.concatenate([student_mask, teacher_mask]),
+    jnp.concatenate([completion_tokens, completion_tokens]),
+    jnp.concatenate([completion_mask, completion_mask]),
+    params=params,
+    chunk_size=chunk_size,
+    adapter=adapter,
+    **model_call_kwargs,
+  )
   return TeacherStudentLogProbs(student=both[:rows], teacher=jax.lax.stop_gradient(both[rows:]))

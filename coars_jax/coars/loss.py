@@ -31,11 +31,22 @@ from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, completion_log_probs,
 MAX_LOG_RATIO = 20.0
 
 
-def coars_loss(student_log_probs: jax.Array, advantages: jax.Array, rewards: jax.Array, included: jax.Array,
-               completion_mask: jax.Array, agent: jax.Array, *, num_episodes: int | jax.Array,
-               lambda_sd: float = 0.1, group: jax.Array | None = None,
-               behaviour_log_probs: jax.Array | None = None, ppo_epsilon: float | None = None,
-               base_log_probs: jax.Array | None = None, kl_coef: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def coars_loss(
+  student_log_probs: jax.Array,
+  advantages: jax.Array,
+  rewards: jax.Array,
+  included: jax.Array,
+  completion_mask: jax.Array,
+  agent: jax.Array,
+  *,
+  num_episodes: int | jax.Array,
+  lambda_sd: float = 0.1,
+  group: jax.Array | None = None,
+  behaviour_log_probs: jax.Array | None = None,
+  ppo_epsilon: float | None = None,
+  base_log_probs: jax.Array | None = None,
+  kl_coef: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Eq. 11 + Eq. 12 as a loss to minimise, with its metrics.
 
   A segment (row) whose turn is excluded (`included` False, the reward rule) or whose completion mask is empty
@@ -109,8 +120,9 @@ def coars_loss(student_log_probs: jax.Array, advantages: jax.Array, rewards: jax
   if ppo_epsilon is None:
     token_objective = weights * student
   else:
-    log_ratio = jnp.clip(student - jax.lax.stop_gradient(behaviour_log_probs.astype(jnp.float32)),
-                         -MAX_LOG_RATIO, MAX_LOG_RATIO)
+    log_ratio = jnp.clip(
+      student - jax.lax.stop_gradient(behaviour_log_probs.astype(jnp.float32)), -MAX_LOG_RATIO, MAX_LOG_RATIO
+    )
     ratio = jnp.exp(jnp.where(mask, log_ratio, 0.0))
     clipped = jnp.clip(ratio, 1.0 - ppo_epsilon, 1.0 + ppo_epsilon)
     token_objective = jnp.minimum(ratio * weights, clipped * weights)
@@ -119,8 +131,7 @@ def coars_loss(student_log_probs: jax.Array, advantages: jax.Array, rewards: jax
   per_token = 1.0 / jnp.maximum(lengths, 1.0)
   segment_loss = -jnp.where(mask, token_objective, 0.0).sum(axis=1) * per_token
   if kl_coef > 0:
-    gap = jnp.clip(jax.lax.stop_gradient(base_log_probs.astype(jnp.float32)) - student,
-                   -MAX_LOG_RATIO, MAX_LOG_RATIO)
+    gap = jnp.clip(jax.lax.stop_gradient(base_log_probs.astype(jnp.float32)) - student, -MAX_LOG_RATIO, MAX_LOG_RATIO)
     gap = jnp.where(mask, gap, 0.0)
     k3 = jnp.exp(gap) - gap - 1.0
     segment_kl = jnp.where(mask, k3, 0.0).sum(axis=1) * per_token
@@ -151,14 +162,22 @@ def coars_loss(student_log_probs: jax.Array, advantages: jax.Array, rewards: jax
 def _masked_mean(values: jax.Array, where: jax.Array) -> jax.Array:
   """Mean of `values` over `where` (0 when empty), float32."""
   where = jnp.broadcast_to(where, values.shape)
-  return (jnp.where(where, values.astype(jnp.float32), 0.0).sum()
-          / jnp.maximum(where.sum().astype(jnp.float32), 1.0))
+  return jnp.where(where, values.astype(jnp.float32), 0.0).sum() / jnp.maximum(where.sum().astype(jnp.float32), 1.0)
 
 
-def coars_objective(model: Decoder, batch: Mapping[str, jax.Array], *, lambda_sd: float = 0.1,
-                    advantage_clip: float = 1.0, ppo_epsilon: float | None = None, kl_coef: float = 0.0,
-                    params: SamplingParams = MODEL_DISTRIBUTION, chunk_size: int | None = None,
-                    pad_token_id: int = 0, **model_call_kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+def coars_objective(
+  model: Decoder,
+  batch: Mapping[str, jax.Array],
+  *,
+  lambda_sd: float = 0.1,
+  advantage_clip: float = 1.0,
+  ppo_epsilon: float | None = None,
+  kl_coef: float = 0.0,
+  params: SamplingParams = MODEL_DISTRIBUTION,
+  chunk_size: int | None = None,
+  pad_token_id: int = 0,
+  **model_call_kwargs: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The loss of one batch of segments on `model`: scoring, token advantages (Eq. 10) and `coars_loss`.
 
   Differentiate it with `nnx.value_and_grad(..., argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)` so only
@@ -193,35 +212,85 @@ def coars_objective(model: Decoder, batch: Mapping[str, jax.Array], *, lambda_sd
     # Packed dialogues (`training.update_batch`): one student forward per row of dialogues, the teacher segments
     # reading the student's keys and values; the adapter is chosen per row (one agent per row).
     kwargs = dict(model_call_kwargs, adapter=batch['row_adapter'])
-    student, teacher = packed_log_probs(model, batch, teacher=lambda_sd != 0, params=params, chunk_size=chunk_size,
-                                        **kwargs)
+    student, teacher = packed_log_probs(
+      model, batch, teacher=lambda_sd != 0, params=params, chunk_size=chunk_size, **kwargs
+    )
     teacher = student if teacher is None else teacher
   elif 'teacher_suffix_tokens' in batch and lambda_sd != 0:
     student, teacher = shared_prefix_log_probs(
-        model, batch['prompt_tokens'], batch['prompt_mask'], completion_tokens, completion_mask,
-        batch['teacher_suffix_tokens'], batch['teacher_suffix_mask'], batch['teacher_shared_length'], params=params,
-        chunk_size=chunk_size, adapter=batch['adapter'], **model_call_kwargs)
+      model,
+      batch['prompt_tokens'],
+      batch['prompt_mask'],
+      completion_tokens,
+      completion_mask,
+      batch['teacher_suffix_tokens'],
+      batch['teacher_suffix_mask'],
+      batch['teacher_shared_length'],
+      params=params,
+      chunk_size=chunk_size,
+      adapter=batch['adapter'],
+      **model_call_kwargs,
+    )
   elif 'teacher_log_probs' in batch:
-    student = completion_log_probs(model, batch['prompt_tokens'], batch['prompt_mask'], completion_tokens,
-                                   completion_mask, params=params, chunk_size=chunk_size, adapter=batch['adapter'],
-                                   **model_call_kwargs)
+    student = completion_log_probs(
+      model,
+      batch['prompt_tokens'],
+      batch['prompt_mask'],
+      completion_tokens,
+      completion_mask,
+      params=params,
+      chunk_size=chunk_size,
+      adapter=batch['adapter'],
+      **model_call_kwargs,
+    )
     teacher = batch['teacher_log_probs']
   elif lambda_sd != 0:
     missing = [key for key in ('teacher_prompt_tokens', 'teacher_prompt_mask') if key not in batch]
     if missing:
-      raise ValueError(f'coars_objective: lambda_sd = {lambda_sd} needs the teacher: the batch has no '
-                       f"'teacher_log_probs' and lacks {missing}")
+      raise ValueError(
+        f'coars_objective: lambda_sd = {lambda_sd} needs the teacher: the batch has no '
+        f"'teacher_log_probs' and lacks {missing}"
+      )
     student, teacher = teacher_student_log_probs(
-        model, batch['prompt_tokens'], batch['prompt_mask'], batch['teacher_prompt_tokens'],
-        batch['teacher_prompt_mask'], completion_tokens, completion_mask, adapter=batch['adapter'],
-        pad_token_id=pad_token_id, params=params, chunk_size=chunk_size, **model_call_kwargs)
+      model,
+      batch['prompt_tokens'],
+      batch['prompt_mask'],
+      batch['teacher_prompt_tokens'],
+      batch['teacher_prompt_mask'],
+      completion_tokens,
+      completion_mask,
+      adapter=batch['adapter'],
+      pad_token_id=pad_token_id,
+      params=params,
+      chunk_size=chunk_size,
+      **model_call_kwargs,
+    )
   else:
-    student = completion_log_probs(model, batch['prompt_tokens'], batch['prompt_mask'], completion_tokens,
-                                   completion_mask, params=params, chunk_size=chunk_size, adapter=batch['adapter'],
-                                   **model_call_kwargs)
+    student = completion_log_probs(
+      model,
+      batch['prompt_tokens'],
+      batch['prompt_mask'],
+      completion_tokens,
+      completion_mask,
+      params=params,
+      chunk_size=chunk_size,
+      adapter=batch['adapter'],
+      **model_call_kwargs,
+    )
     teacher = student
   advantages = token_advantages(teacher, student, completion_mask, clip=advantage_clip)
-  return coars_loss(student, advantages, batch['reward'], batch['included'], completion_mask, batch['agent'],
-                    num_episodes=batch['num_episodes'], lambda_sd=lambda_sd, group=batch.get('group'),
-                    behaviour_log_probs=batch.get('behaviour_log_probs'), ppo_epsilon=ppo_epsilon,
-                    base_log_probs=batch.get('base_log_probs'), kl_coef=kl_coef)
+  return coars_loss(
+    student,
+    advantages,
+    batch['reward'],
+    batch['included'],
+    completion_mask,
+    batch['agent'],
+    num_episodes=batch['num_episodes'],
+    lambda_sd=lambda_sd,
+    group=batch.get('group'),
+    behaviour_log_probs=batch.get('behaviour_log_probs'),
+    ppo_epsilon=ppo_epsilon,
+    base_log_probs=batch.get('base_log_probs'),
+    kl_coef=kl_coef,
+  )

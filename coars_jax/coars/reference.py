@@ -13,8 +13,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from coars_jax.agents.protocol import (ACTION_INTERVALS, ACTION_LABEL, ACTIONS, AGENTS, ITEM_LABEL, POSITIVE_ACTIONS,
-                                       REASON_LABEL, SCORE_LABEL, check_action, format_score, single_line)
+from coars_jax.agents.protocol import (
+  ACTION_INTERVALS,
+  ACTION_LABEL,
+  ACTIONS,
+  AGENTS,
+  ITEM_LABEL,
+  POSITIVE_ACTIONS,
+  REASON_LABEL,
+  SCORE_LABEL,
+  check_action,
+  format_score,
+  single_line,
+)
 
 Message = dict[str, str]
 
@@ -50,8 +61,11 @@ class TurnHindsight:
     if self.item_title is not None and not isinstance(self.item_title, str):
       raise TypeError(f'TurnHindsight.item_title must be a str or None, found {type(self.item_title).__name__}')
     if self.sasrec_rank is not None:
-      if isinstance(self.sasrec_rank, bool) or not isinstance(self.sasrec_rank, (int, np.integer)) \
-          or self.sasrec_rank < 1:
+      if (
+        isinstance(self.sasrec_rank, bool)
+        or not isinstance(self.sasrec_rank, (int, np.integer))
+        or self.sasrec_rank < 1
+      ):
         raise ValueError(f'TurnHindsight.sasrec_rank must be an int >= 1 or None, found {self.sasrec_rank!r}')
       object.__setattr__(self, 'sasrec_rank', int(self.sasrec_rank))
     check_action(self.action, 'TurnHindsight.action')
@@ -96,8 +110,14 @@ def _turn_line(turn: TurnHindsight, facts: str, verdict: str, omit_samples: bool
   return f'Turn {turn.turn}: {verdict}' if omit_samples else f'Turn {turn.turn}: {facts}. {verdict}'
 
 
-def recommender_reference(turns: Sequence[TurnHindsight], *, target_title: str, target_rank: int | None = None,
-                          num_candidates: int | None = None, omit_samples: bool = False) -> str:
+def recommender_reference(
+  turns: Sequence[TurnHindsight],
+  *,
+  target_title: str,
+  target_rank: int | None = None,
+  num_candidates: int | None = None,
+  omit_samples: bool = False,
+) -> str:
   """d for the recommender: the ground truth, then per turn what was recommended, the user's reaction, whether
   the pick was right and what should have been recommended, e.g.
 
@@ -114,24 +134,33 @@ def recommender_reference(turns: Sequence[TurnHindsight], *, target_title: str, 
     reaction = _reaction(turn, 'the user')
     if turn.item_title is None:
       facts = f'your message named no candidate; {reaction}'
-      verdict = (f'That was wrong: name exactly one candidate title; the true next item was {target}, so you should '
-                 f'have recommended {target}.')
+      verdict = (
+        f'That was wrong: name exactly one candidate title; the true next item was {target}, so you should '
+        f'have recommended {target}.'
+      )
     else:
       facts = f'you recommended {_quoted(turn.item_title)}{_rank_note(turn.sasrec_rank, num_candidates)}; {reaction}'
       if turn.hit:
-        verdict = 'That was right: it is the user\'s true next item.'
+        verdict = "That was right: it is the user's true next item."
       elif turn.action in POSITIVE_ACTIONS:
-        verdict = (f'The user may really like it, but it is not the true next item; you should have recommended '
-                   f'{target}.')
+        verdict = (
+          f'The user may really like it, but it is not the true next item; you should have recommended {target}.'
+        )
       else:
-        verdict = f'That was wrong: the user\'s true next item was {target}; you should have recommended {target}.'
+        verdict = f"That was wrong: the user's true next item was {target}; you should have recommended {target}."
     lines.append(_turn_line(turn, facts, verdict, omit_samples))
   lines.append(f'The right recommendation at every turn was {target}.')
   return '\n'.join(lines)
 
 
-def user_reference(turns: Sequence[TurnHindsight], *, target_title: str, target_rank: int | None = None,
-                   num_candidates: int | None = None, omit_samples: bool = False) -> str:
+def user_reference(
+  turns: Sequence[TurnHindsight],
+  *,
+  target_title: str,
+  target_rank: int | None = None,
+  num_candidates: int | None = None,
+  omit_samples: bool = False,
+) -> str:
   """d for the user agent: the ground truth, then per turn the item suggested, the reaction given, whether it was
   right and which reaction would have been: click with a high score for the true next item, a low score (skip
   or dislike) for any other; a non-target the user clicked or starred is not judged (the exclusion rule of
@@ -144,31 +173,53 @@ def user_reference(turns: Sequence[TurnHindsight], *, target_title: str, target_
   lines = [REFERENCE_HEADER, _target_line(target_title, target_rank, num_candidates, 'Your')]
   for turn in turns:
     reaction = _reaction(turn, 'you')
-    suggested = ('the recommender named no candidate' if turn.item_title is None else
-                 f'the recommender suggested {_quoted(turn.item_title)}{_rank_note(turn.sasrec_rank, num_candidates)}')
+    suggested = (
+      'the recommender named no candidate'
+      if turn.item_title is None
+      else f'the recommender suggested {_quoted(turn.item_title)}{_rank_note(turn.sasrec_rank, num_candidates)}'
+    )
     if turn.hit:
-      verdict = (f'{"That was right" if turn.action == "click" else "That was wrong"}: it is your true next item, so '
-                 f'the right reaction was click with a high score (at least {format_score(click_low)}).')
+      verdict = (
+        f'{"That was right" if turn.action == "click" else "That was wrong"}: it is your true next item, so '
+        f'the right reaction was click with a high score (at least {format_score(click_low)}).'
+      )
     elif turn.action in POSITIVE_ACTIONS:
-      verdict = (f'It is not your true next item ({target}), but you may really like it, so this reaction is not '
-                 f'judged.')
+      verdict = f'It is not your true next item ({target}), but you may really like it, so this reaction is not judged.'
     else:
-      verdict = (f'That was right: it is not your true next item ({target}), so the right reaction was a low score '
-                 f'(skip or dislike, below {format_score(skip_high)}); the lower, the better.')
+      verdict = (
+        f'That was right: it is not your true next item ({target}), so the right reaction was a low score '
+        f'(skip or dislike, below {format_score(skip_high)}); the lower, the better.'
+      )
     lines.append(_turn_line(turn, f'{suggested}; {reaction}', verdict, omit_samples))
   return '\n'.join(lines)
 
 
-def reference_trajectory(agent: str, turns: Sequence[TurnHindsight], *, target_title: str,
-                         target_rank: int | None = None, num_candidates: int | None = None,
-                         omit_samples: bool = False) -> str:
+def reference_trajectory(
+  agent: str,
+  turns: Sequence[TurnHindsight],
+  *,
+  target_title: str,
+  target_rank: int | None = None,
+  num_candidates: int | None = None,
+  omit_samples: bool = False,
+) -> str:
   """The template d of `agent` ('recommender' or 'user'); `omit_samples` as in `recommender_reference`."""
   if agent == 'recommender':
-    return recommender_reference(turns, target_title=target_title, target_rank=target_rank,
-                                 num_candidates=num_candidates, omit_samples=omit_samples)
+    return recommender_reference(
+      turns,
+      target_title=target_title,
+      target_rank=target_rank,
+      num_candidates=num_candidates,
+      omit_samples=omit_samples,
+    )
   if agent == 'user':
-    return user_reference(turns, target_title=target_title, target_rank=target_rank, num_candidates=num_candidates,
-                          omit_samples=omit_samples)
+    return user_reference(
+      turns,
+      target_title=target_title,
+      target_rank=target_rank,
+      num_candidates=num_candidates,
+      omit_samples=omit_samples,
+    )
   raise ValueError(f'agent must be one of {AGENTS}, found {agent!r}')
 
 
@@ -201,29 +252,47 @@ def hindsight_turns(episode: Any, ranks: Sequence[int] | None = None) -> tuple[l
   for turn in episode.turns:
     named = int(turn.item) in candidates
     title = episode.candidate_titles[candidates.index(int(turn.item))] if named else None
-    turns.append(TurnHindsight(turn=turn.turn, item_title=title, sasrec_rank=rank_of(int(turn.item)),
-                               hit=turn.hit, action=turn.action, acceptance_score=turn.acceptance_score))
+    turns.append(
+      TurnHindsight(
+        turn=turn.turn,
+        item_title=title,
+        sasrec_rank=rank_of(int(turn.item)),
+        hit=turn.hit,
+        action=turn.action,
+        acceptance_score=turn.acceptance_score,
+      )
+    )
   return turns, rank_of(int(episode.target))
 
 
-def episode_reference(episode: Any, agent: str, ranks: Sequence[int] | None = None, *,
-                      omit_samples: bool = False) -> str:
+def episode_reference(
+  episode: Any, agent: str, ranks: Sequence[int] | None = None, *, omit_samples: bool = False
+) -> str:
   """The template d of `agent` for a finished `agents.Episode` (ranks as in `hindsight_turns`; `omit_samples` as
   in `recommender_reference`)."""
   turns, target_rank = hindsight_turns(episode, ranks)
-  return reference_trajectory(agent, turns, target_title=episode.target_title, target_rank=target_rank,
-                              num_candidates=len(episode.candidates) if ranks is not None else None,
-                              omit_samples=omit_samples)
+  return reference_trajectory(
+    agent,
+    turns,
+    target_title=episode.target_title,
+    target_rank=target_rank,
+    num_candidates=len(episode.candidates) if ranks is not None else None,
+    omit_samples=omit_samples,
+  )
 
 
 def restated_instructions(agent: str) -> str:
   """The output format, restated after d so that the format is the last thing the teacher reads."""
   if agent == 'recommender':
-    return (f'With this hindsight, answer the current turn exactly as instructed: a {REASON_LABEL} line, then an '
-            f'{ITEM_LABEL} line with the exact title of one candidate.')
+    return (
+      f'With this hindsight, answer the current turn exactly as instructed: a {REASON_LABEL} line, then an '
+      f'{ITEM_LABEL} line with the exact title of one candidate.'
+    )
   if agent == 'user':
-    return (f'With this hindsight, react to the current recommendation exactly as instructed: a {REASON_LABEL} '
-            f'line, an {ACTION_LABEL} line ({"|".join(reversed(ACTIONS))}) and a {SCORE_LABEL} line.')
+    return (
+      f'With this hindsight, react to the current recommendation exactly as instructed: a {REASON_LABEL} '
+      f'line, an {ACTION_LABEL} line ({"|".join(reversed(ACTIONS))}) and a {SCORE_LABEL} line.'
+    )
   raise ValueError(f'agent must be one of {AGENTS}, found {agent!r}')
 
 
@@ -240,27 +309,39 @@ def teacher_messages(student_messages: Sequence[Message], reference: str, *, age
   if isinstance(student_messages, dict) or not student_messages:
     raise ValueError('teacher_messages: student_messages must be a non-empty list of {"role", "content"} dicts')
   for index, message in enumerate(student_messages):
-    if not (isinstance(message, dict) and isinstance(message.get('role'), str)
-            and isinstance(message.get('content'), str)):
-      raise ValueError(f'teacher_messages: student_messages[{index}] must be a dict with str "role" and '
-                       f'"content", found {message!r}')
+    if not (
+      isinstance(message, dict) and isinstance(message.get('role'), str) and isinstance(message.get('content'), str)
+    ):
+      raise ValueError(
+        f'teacher_messages: student_messages[{index}] must be a dict with str "role" and "content", found {message!r}'
+      )
   if not isinstance(reference, str) or not reference.strip():
     raise ValueError('teacher_messages: the reference trajectory d is empty')
   users = [index for index, message in enumerate(student_messages) if message['role'] == 'user']
   if not users:
-    raise ValueError(f'teacher_messages: the student prompt has no user message (roles '
-                     f'{[m["role"] for m in student_messages]}); d is appended to the last one')
+    raise ValueError(
+      f'teacher_messages: the student prompt has no user message (roles '
+      f'{[m["role"] for m in student_messages]}); d is appended to the last one'
+    )
   last = users[-1]
   messages = [dict(message) for message in student_messages]
   messages[last]['content'] = REFERENCE_SEPARATOR.join(
-      [messages[last]['content'], reference.strip(), restated_instructions(agent)])
+    [messages[last]['content'], reference.strip(), restated_instructions(agent)]
+  )
   return messages
 
 
 # --- option: the agent writes its own diagnosis -----------------------------------------------------------------
 
-def self_diagnosis_messages(agent: str, turns: Sequence[TurnHindsight], *, target_title: str,
-                            target_rank: int | None = None, num_candidates: int | None = None) -> list[Message]:
+
+def self_diagnosis_messages(
+  agent: str,
+  turns: Sequence[TurnHindsight],
+  *,
+  target_title: str,
+  target_rank: int | None = None,
+  num_candidates: int | None = None,
+) -> list[Message]:
   """The prompt asking `agent` to write d itself from the facts of the episode and the ground truth (section 4's
   option): the facts of each turn without any verdict, and a request for one diagnosis line per turn."""
   if agent not in AGENTS:
@@ -269,31 +350,52 @@ def self_diagnosis_messages(agent: str, turns: Sequence[TurnHindsight], *, targe
   role = 'recommender agent' if agent == 'recommender' else 'simulated user'
   facts = [_target_line(target_title, target_rank, num_candidates, "The user's")]
   for turn in turns:
-    item = ('no candidate was named' if turn.item_title is None else
-            f'{_quoted(turn.item_title)}{_rank_note(turn.sasrec_rank, num_candidates)} was recommended')
+    item = (
+      'no candidate was named'
+      if turn.item_title is None
+      else f'{_quoted(turn.item_title)}{_rank_note(turn.sasrec_rank, num_candidates)} was recommended'
+    )
     facts.append(f'Turn {turn.turn}: {item}; {_reaction(turn, "the user")}.')
-  request = ('For each turn, write one line "Turn t: ..." saying whether the recommendation was right and what '
-             'should have been recommended.' if agent == 'recommender' else
-             'For each turn, write one line "Turn t: ..." saying whether the reaction was right and which reaction '
-             '(action and score) would have been right.')
-  return [{'role': 'system', 'content': f'You are the {role} of a finished recommendation dialogue. Review it in '
-                                        f'hindsight, knowing the ground truth.'},
-          {'role': 'user', 'content': '\n'.join(facts) + '\n\n' + request}]
+  request = (
+    'For each turn, write one line "Turn t: ..." saying whether the recommendation was right and what '
+    'should have been recommended.'
+    if agent == 'recommender'
+    else 'For each turn, write one line "Turn t: ..." saying whether the reaction was right and which reaction '
+    '(action and score) would have been right.'
+  )
+  return [
+    {
+      'role': 'system',
+      'content': f'You are the {role} of a finished recommendation dialogue. Review it in '
+      f'hindsight, knowing the ground truth.',
+    },
+    {'role': 'user', 'content': '\n'.join(facts) + '\n\n' + request},
+  ]
 
 
-def self_written_reference(generate: Callable[[list[Message]], str], agent: str, turns: Sequence[TurnHindsight], *,
-                           target_title: str, target_rank: int | None = None,
-                           num_candidates: int | None = None) -> str:
+def self_written_reference(
+  generate: Callable[[list[Message]], str],
+  agent: str,
+  turns: Sequence[TurnHindsight],
+  *,
+  target_title: str,
+  target_rank: int | None = None,
+  num_candidates: int | None = None,
+) -> str:
   """d written by the agent itself: `generate` (chat messages -> text, e.g. the agent's adapter sampling
   greedily) answers `self_diagnosis_messages`; d is the header, the ground truth and that text. An empty answer
   falls back to the template d, so a teacher prompt never loses its privileged context."""
-  text = generate(self_diagnosis_messages(agent, turns, target_title=target_title, target_rank=target_rank,
-                                          num_candidates=num_candidates))
+  text = generate(
+    self_diagnosis_messages(
+      agent, turns, target_title=target_title, target_rank=target_rank, num_candidates=num_candidates
+    )
+  )
   if not isinstance(text, str):
     raise TypeError(f'self_written_reference: generate must return a str, found {type(text).__name__}')
   lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
   if not lines:
-    return reference_trajectory(agent, turns, target_title=target_title, target_rank=target_rank,
-                                num_candidates=num_candidates)
+    return reference_trajectory(
+      agent, turns, target_title=target_title, target_rank=target_rank, num_candidates=num_candidates
+    )
   whose = "The user's" if agent == 'recommender' else 'Your'
   return '\n'.join([REFERENCE_HEADER, _target_line(target_title, target_rank, num_candidates, whose), *lines])

@@ -30,10 +30,19 @@ def stage_weight(turn: jax.Array, gamma: float = 0.9) -> jax.Array:
   return jnp.asarray(gamma, jnp.float32) ** (jnp.asarray(turn, jnp.float32) - 1.0)
 
 
-def interaction_rewards(hit: jax.Array, acceptance_score: jax.Array, peer_similarity: jax.Array,
-                        action: jax.Array, turn: jax.Array, *, gamma: float = 0.9, alpha: float = 0.1,
-                        valid: jax.Array | None = None, agent: jax.Array | None = None,
-                        invalid_user_reward: float = INVALID_USER_REWARD) -> tuple[jax.Array, jax.Array, jax.Array]:
+def interaction_rewards(
+  hit: jax.Array,
+  acceptance_score: jax.Array,
+  peer_similarity: jax.Array,
+  action: jax.Array,
+  turn: jax.Array,
+  *,
+  gamma: float = 0.9,
+  alpha: float = 0.1,
+  valid: jax.Array | None = None,
+  agent: jax.Array | None = None,
+  invalid_user_reward: float = INVALID_USER_REWARD,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The interaction rewards of every segment's turn (Eq. 7, Eq. 8) and which segments enter the loss.
 
     R_rec_t  = (2 hit_t - 1) (0.5 + 0.5 s_t) D_t,                      D_t = gamma^(t-1)
@@ -84,32 +93,44 @@ def interaction_rewards(hit: jax.Array, acceptance_score: jax.Array, peer_simila
   return penalise_invalid_user(r_rec, r_user, included, valid, agent, invalid_user_reward)
 
 
-def penalise_invalid_recommender(r_rec: jax.Array, included: jax.Array, valid: jax.Array | None,
-                                 agent: jax.Array | None, floor: jax.Array | float, *,
-                                 include: bool) -> tuple[jax.Array, jax.Array]:
+def penalise_invalid_recommender(
+  r_rec: jax.Array,
+  included: jax.Array,
+  valid: jax.Array | None,
+  agent: jax.Array | None,
+  floor: jax.Array | float,
+  *,
+  include: bool,
+) -> tuple[jax.Array, jax.Array]:
   """(r_rec, included) with R_rec = `floor` (a scalar or float[S]) on the recommender's own invalid segments
   (agent = recommender and not valid), and with `include` those segments included too; every other value unchanged.
   `valid` None: nothing to penalise."""
   if valid is None:
     return r_rec, included
   if agent is None:
-    raise ValueError('penalise_invalid_recommender: `valid` needs `agent`, so that only the recommender\'s own '
-                     'segments are penalised')
+    raise ValueError(
+      "penalise_invalid_recommender: `valid` needs `agent`, so that only the recommender's own segments are penalised"
+    )
   chex.assert_equal_shape([r_rec, included, valid, agent])
   invalid_rec = (jnp.asarray(agent) == RECOMMENDER_ID) & ~jnp.asarray(valid).astype(bool)
   r_rec = jnp.where(invalid_rec, jnp.asarray(floor, jnp.float32), r_rec).astype(jnp.float32)
   return r_rec, (included | invalid_rec) if include else included
 
 
-def penalise_invalid_user(r_rec: jax.Array, r_user: jax.Array, included: jax.Array, valid: jax.Array | None,
-                          agent: jax.Array | None, penalty: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def penalise_invalid_user(
+  r_rec: jax.Array,
+  r_user: jax.Array,
+  included: jax.Array,
+  valid: jax.Array | None,
+  agent: jax.Array | None,
+  penalty: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(r_rec, r_user, included) with R_user = `penalty` and included = True on the user's own invalid segments
   (agent = user and not valid); every other value unchanged. `valid` None: nothing to penalise."""
   if valid is None:
     return r_rec, r_user, included
   if agent is None:
-    raise ValueError('penalise_invalid_user: `valid` needs `agent`, so that only the user\'s own segments are '
-                     'penalised')
+    raise ValueError("penalise_invalid_user: `valid` needs `agent`, so that only the user's own segments are penalised")
   chex.assert_equal_shape([r_user, included, valid, agent])
   invalid_user = (jnp.asarray(agent) == USER_ID) & ~jnp.asarray(valid).astype(bool)
   r_user = jnp.where(invalid_user, jnp.asarray(penalty, jnp.float32), r_user).astype(jnp.float32)
@@ -122,10 +143,19 @@ def is_positive_action(action: jax.Array) -> jax.Array:
   return (action == POSITIVE_ACTION_IDS[0]) | (action == POSITIVE_ACTION_IDS[1])
 
 
-def outcome_rewards(final_hit: jax.Array, agent: jax.Array, turn: jax.Array, last_turn: jax.Array, *,
-                    assign: str = 'final', signed: bool = True, reward_user: bool = False,
-                    every_turn: bool = False, valid: jax.Array | None = None,
-                    invalid_user_reward: float = INVALID_USER_REWARD) -> tuple[jax.Array, jax.Array, jax.Array]:
+def outcome_rewards(
+  final_hit: jax.Array,
+  agent: jax.Array,
+  turn: jax.Array,
+  last_turn: jax.Array,
+  *,
+  assign: str = 'final',
+  signed: bool = True,
+  reward_user: bool = False,
+  every_turn: bool = False,
+  valid: jax.Array | None = None,
+  invalid_user_reward: float = INVALID_USER_REWARD,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """A terminal hit reward: by default the outcome-RL baseline's, for the recommender only (METHOD.md section 8);
   with `reward_user` and `every_turn`, CoARS's ablation without the interaction reward, where the reward is the
   only thing that changes.
@@ -180,8 +210,9 @@ def outcome_rewards(final_hit: jax.Array, agent: jax.Array, turn: jax.Array, las
   return penalise_invalid_user(r_rec, r_user, included, valid, agent, invalid_user_reward)
 
 
-def judge_rewards(judge_probability: jax.Array, agent: jax.Array, turn: jax.Array, last_turn: jax.Array, *,
-                  assign: str = 'final') -> tuple[jax.Array, jax.Array, jax.Array]:
+def judge_rewards(
+  judge_probability: jax.Array, agent: jax.Array, turn: jax.Array, last_turn: jax.Array, *, assign: str = 'final'
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The judge-RL baseline: a terminal reward for the recommender only, 2 p - 1 in [-1, 1], where p is the frozen
   base model's probability that the finished dialogue found an item the user wants next (METHOD.md section 8,
   "judge-based outcome rewards"; the trainer asks the base model, adapters off).
@@ -225,12 +256,26 @@ def agent_reward(r_rec: jax.Array, r_user: jax.Array, agent: jax.Array) -> jax.A
   return jnp.where(jnp.asarray(agent) == RECOMMENDER_ID, r_rec, r_user).astype(jnp.float32)
 
 
-def segment_rewards(kind: str, *, hit: jax.Array, acceptance_score: jax.Array, peer_similarity: jax.Array,
-                    action: jax.Array, turn: jax.Array, agent: jax.Array, final_hit: jax.Array,
-                    last_turn: jax.Array, valid: jax.Array | None = None, gamma: float = 0.9, alpha: float = 0.1,
-                    invalid_user_reward: float = INVALID_USER_REWARD, outcome_assign: str = 'final',
-                    outcome_signed: bool = True, outcome_reward_user: bool = False,
-                    outcome_every_turn: bool = False) -> tuple[jax.Array, jax.Array]:
+def segment_rewards(
+  kind: str,
+  *,
+  hit: jax.Array,
+  acceptance_score: jax.Array,
+  peer_similarity: jax.Array,
+  action: jax.Array,
+  turn: jax.Array,
+  agent: jax.Array,
+  final_hit: jax.Array,
+  last_turn: jax.Array,
+  valid: jax.Array | None = None,
+  gamma: float = 0.9,
+  alpha: float = 0.1,
+  invalid_user_reward: float = INVALID_USER_REWARD,
+  outcome_assign: str = 'final',
+  outcome_signed: bool = True,
+  outcome_reward_user: bool = False,
+  outcome_every_turn: bool = False,
+) -> tuple[jax.Array, jax.Array]:
   """(R[S], included[S]) for the reward named by config (`REWARD_KINDS`): each segment's own agent's reward.
 
   'interaction' is Eq. 7-8 with the exclusion rule (`interaction_rewards`); 'outcome' the terminal hit reward
@@ -239,14 +284,31 @@ def segment_rewards(kind: str, *, hit: jax.Array, acceptance_score: jax.Array, p
   reward on its own invalid segments wherever the user agent is rewarded.
   """
   if kind == 'interaction':
-    r_rec, r_user, included = interaction_rewards(hit, acceptance_score, peer_similarity, action, turn,
-                                                  gamma=gamma, alpha=alpha, valid=valid, agent=agent,
-                                                  invalid_user_reward=invalid_user_reward)
+    r_rec, r_user, included = interaction_rewards(
+      hit,
+      acceptance_score,
+      peer_similarity,
+      action,
+      turn,
+      gamma=gamma,
+      alpha=alpha,
+      valid=valid,
+      agent=agent,
+      invalid_user_reward=invalid_user_reward,
+    )
   elif kind == 'outcome':
-    r_rec, r_user, included = outcome_rewards(final_hit, agent, turn, last_turn, assign=outcome_assign,
-                                              signed=outcome_signed, reward_user=outcome_reward_user,
-                                              every_turn=outcome_every_turn, valid=valid,
-                                              invalid_user_reward=invalid_user_reward)
+    r_rec, r_user, included = outcome_rewards(
+      final_hit,
+      agent,
+      turn,
+      last_turn,
+      assign=outcome_assign,
+      signed=outcome_signed,
+      reward_user=outcome_reward_user,
+      every_turn=outcome_every_turn,
+      valid=valid,
+      invalid_user_reward=invalid_user_reward,
+    )
   else:
     raise ValueError(f'segment_rewards: kind must be one of {REWARD_KINDS}, found {kind!r}')
   return agent_reward(r_rec, r_user, agent), included

@@ -20,15 +20,33 @@ def load_dataset(name: str, data_root=None, *, allow_download: bool = True) -> D
 
 
 __all__ = [
-    'TRAIN_POOLS',
-    'ChecksumError', 'DATASETS', 'DATA_DIR_ENV', 'DataError', 'Dataset', 'ItemCatalog', 'MAX_HISTORY',
-    'MalformedDataError', 'MissingDataError', 'NUM_CANDIDATES', 'UserSimCase', 'UserSimSet', 'Window',
-    'WindowSplit', 'candidate_list', 'candidate_matrix', 'candidate_roots', 'describe', 'format_description',
-    'dataset_titles', 'load_dataset', 'locate', 'user_sim_set',
+  'TRAIN_POOLS',
+  'ChecksumError',
+  'DATASETS',
+  'DATA_DIR_ENV',
+  'DataError',
+  'Dataset',
+  'ItemCatalog',
+  'MAX_HISTORY',
+  'MalformedDataError',
+  'MissingDataError',
+  'NUM_CANDIDATES',
+  'UserSimCase',
+  'UserSimSet',
+  'Window',
+  'WindowSplit',
+  'candidate_list',
+  'candidate_matrix',
+  'candidate_roots',
+  'describe',
+  'format_description',
+  'dataset_titles',
+  'load_dataset',
+  'locate',
+  'user_sim_set',
 ]
 
 
 def dataset_titles(data_root=None, *, allow_download: bool = True) -> dict[str, tuple[str, ...]]:
   """The item titles of every dataset in `DATASETS`, in catalog order (what the tiny tokenizer is trained on)."""
-  return {name: tuple(load_dataset(name, data_root, allow_download=allow_download).catalog.titles)
-          for name in DATASETS}
+  return {name: tuple(load_dataset(name, data_root, allow_download=allow_download).catalog.titles) for name in DATASETS}

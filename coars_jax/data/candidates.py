@@ -40,8 +40,9 @@ def sample_negatives(rng: np.random.Generator, num_items: int, excluded: frozens
   return chosen
 
 
-def candidate_list(dataset: Dataset, split: str, index: int, seed: int,
-                   num_candidates: int = NUM_CANDIDATES) -> np.ndarray:
+def candidate_list(
+  dataset: Dataset, split: str, index: int, seed: int, num_candidates: int = NUM_CANDIDATES
+) -> np.ndarray:
   """int32[num_candidates]: the window's target and num_candidates-1 negatives, in shuffled order."""
   rng = window_rng(dataset.name, split, index, seed)
   target = int(dataset.split(split).targets[index])
@@ -49,8 +50,9 @@ def candidate_list(dataset: Dataset, split: str, index: int, seed: int,
   return rng.permutation(np.asarray([target] + negatives, dtype=np.int32))
 
 
-def candidate_matrix(dataset: Dataset, split: str, seed: int,
-                     num_candidates: int = NUM_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
+def candidate_matrix(
+  dataset: Dataset, split: str, seed: int, num_candidates: int = NUM_CANDIDATES
+) -> tuple[np.ndarray, np.ndarray]:
   """Candidate lists for every window of a split.
 
   Returns:

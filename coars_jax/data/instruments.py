@@ -75,8 +75,11 @@ def split_users(num_users: int, seed: int = DEFAULT_SPLIT_SEED) -> dict[str, np.
   n_val = int(round(num_users * SPLIT_FRACTIONS[1]))
   n_test = int(round(num_users * SPLIT_FRACTIONS[2]))
   n_train = num_users - n_val - n_test
-  return {'train': np.sort(order[:n_train]), 'val': np.sort(order[n_train:n_train + n_val]),
-          'test': np.sort(order[n_train + n_val:])}
+  return {
+    'train': np.sort(order[:n_train]),
+    'val': np.sort(order[n_train : n_train + n_val]),
+    'test': np.sort(order[n_train + n_val :]),
+  }
 
 
 def load(data_root=None, *, allow_download: bool = True, split_seed: int = DEFAULT_SPLIT_SEED) -> Dataset:
@@ -105,11 +108,21 @@ def load(data_root=None, *, allow_download: bool = True, split_seed: int = DEFAU
       seq = sequences[int(user)]
       positions = range(1, len(seq)) if split == 'train' else [len(seq) - 1]
       for position in positions:
-        windows.append(Window(user=int(user), history=tuple(seq[max(0, position - MAX_HISTORY):position]),
-                              target=seq[position]))
+        windows.append(
+          Window(user=int(user), history=tuple(seq[max(0, position - MAX_HISTORY) : position]), target=seq[position])
+        )
     splits[split] = WindowSplit.from_windows(windows, pad_id=len(asins))
-  notes = {'users': len(reviewers), 'ratings': len(rows), 'split_seed': split_seed,
-           **{f'{split}_users': int(len(users)) for split, users in users_of.items()}}
-  return Dataset(name='instruments', catalog=ItemCatalog(tuple(titles[a] for a in asins)), splits=splits,
-                 user_items={u: frozenset(s) for u, s in sequences.items()},
-                 user_sequences={u: np.asarray(s, dtype=np.int32) for u, s in sequences.items()}, notes=notes)
+  notes = {
+    'users': len(reviewers),
+    'ratings': len(rows),
+    'split_seed': split_seed,
+    **{f'{split}_users': int(len(users)) for split, users in users_of.items()},
+  }
+  return Dataset(
+    name='instruments',
+    catalog=ItemCatalog(tuple(titles[a] for a in asins)),
+    splits=splits,
+    user_items={u: frozenset(s) for u, s in sequences.items()},
+    user_sequences={u: np.asarray(s, dtype=np.int32) for u, s in sequences.items()},
+    notes=notes,
+  )

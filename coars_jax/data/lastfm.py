@@ -18,8 +18,11 @@ from coars_jax.data.schema import MAX_HISTORY, Dataset, ItemCatalog, Window, Win
 ROOT = 'lastfm/afl_llara_format'
 ITEM_FILE = f'{ROOT}/lastfm/id2name.txt'
 STATS_FILE = f'{ROOT}/lastfm/data_statis.df'
-SPLIT_FILES = {'train': f'{ROOT}/lastfm/train_data.df', 'val': f'{ROOT}/lastfm/Val_data.df',
-               'test': f'{ROOT}/lastfm/Test_data.df'}
+SPLIT_FILES = {
+  'train': f'{ROOT}/lastfm/train_data.df',
+  'val': f'{ROOT}/lastfm/Val_data.df',
+  'test': f'{ROOT}/lastfm/Test_data.df',
+}
 USER_SIM_FILE = f'{ROOT}/lastfm_ab/test_llara.pkl'
 PRIOR_SASREC_FILE = f'{ROOT}/prior_lastfm/SASRec.csv'
 
@@ -31,8 +34,9 @@ def parse_id2name(path: pathlib.Path) -> ItemCatalog:
     if not sep or not item.strip().isdigit():
       raise MalformedDataError(path, number, f'expected "<id>::<artist name>", found {line[:80]!r}')
     if int(item) != len(titles):
-      raise MalformedDataError(path, number, f'expected item id {len(titles)} (ids are 0..n-1 in order), '
-                               f'found {int(item)}')
+      raise MalformedDataError(
+        path, number, f'expected item id {len(titles)} (ids are 0..n-1 in order), found {int(item)}'
+      )
     if not name.strip():
       raise MalformedDataError(path, number, 'the artist name is empty')
     titles.append(name.strip())
@@ -51,7 +55,7 @@ def _windows_from_frame(frame, path: pathlib.Path, num_items: int) -> tuple[list
     if len(seq) != MAX_HISTORY:
       raise MalformedDataError(path, None, f'row {row}: seq has {len(seq)} ids, expected {MAX_HISTORY}')
     real = [i for i in seq if i != num_items]
-    if seq[:len(real)] != real:
+    if seq[: len(real)] != real:
       raise MalformedDataError(path, None, f'row {row}: padding id {num_items} occurs before a real item')
     for item in real + [int(target)]:
       if not 0 <= item < num_items:
@@ -68,8 +72,9 @@ def load(data_root=None, *, allow_download: bool = True) -> Dataset:
   files.warn_if_modified(item_path, ITEM_FILE)
   stats = files.load_pinned_pickle(locate(STATS_FILE), STATS_FILE)
   if int(stats['item_num'].iloc[0]) != len(catalog):
-    raise MalformedDataError(item_path, None, f'holds {len(catalog)} items but {STATS_FILE} says '
-                             f'{int(stats["item_num"].iloc[0])}')
+    raise MalformedDataError(
+      item_path, None, f'holds {len(catalog)} items but {STATS_FILE} says {int(stats["item_num"].iloc[0])}'
+    )
 
   splits, user_items, user_sequences = {}, {}, {}
   next_user = 0
@@ -79,8 +84,12 @@ def load(data_root=None, *, allow_download: bool = True) -> Dataset:
     windows = []
     previous = None
     for history, target in zip(histories, targets):
-      continues = (split == 'train' and previous is not None
-                   and history == (previous.history + (previous.target,))[-MAX_HISTORY:] and history)
+      continues = (
+        split == 'train'
+        and previous is not None
+        and history == (previous.history + (previous.target,))[-MAX_HISTORY:]
+        and history
+      )
       if not continues:
         next_user += 1
         user_sequences[next_user - 1] = list(history)
@@ -94,7 +103,10 @@ def load(data_root=None, *, allow_download: bool = True) -> Dataset:
     user_sequences[user] = np.asarray(sequence, dtype=np.int32)
     user_items[user] = frozenset(sequence)
   train = splits['train']
-  notes = {'train_users_recovered': int(len(np.unique(train.users))),
-           'train_windows_len_seq_ge_3': int(np.sum(train.lengths >= 3))}
-  return Dataset(name='lastfm', catalog=catalog, splits=splits, user_items=user_items,
-                 user_sequences=user_sequences, notes=notes)
+  notes = {
+    'train_users_recovered': int(len(np.unique(train.users))),
+    'train_windows_len_seq_ge_3': int(np.sum(train.lengths >= 3)),
+  }
+  return Dataset(
+    name='lastfm', catalog=catalog, splits=splits, user_items=user_items, user_sequences=user_sequences, notes=notes
+  )

@@ -56,8 +56,9 @@ def parse_ratings(path: pathlib.Path, num_items: int) -> dict[int, list[tuple[in
   for number, line in files.read_text_lines(path):
     fields = line.split('\t')
     if len(fields) != 4 or not all(f.isdigit() for f in fields):
-      raise MalformedDataError(path, number, f'expected 4 tab-separated integers (user item rating '
-                               f'timestamp), found {line[:80]!r}')
+      raise MalformedDataError(
+        path, number, f'expected 4 tab-separated integers (user item rating timestamp), found {line[:80]!r}'
+      )
     user, movie, rating, timestamp = map(int, fields)
     if not 1 <= movie <= num_items:
       raise MalformedDataError(path, number, f'unknown movie id {movie}; u.item has ids 1..{num_items}')
@@ -83,8 +84,11 @@ def _llara_windows(frame, path: pathlib.Path, num_items: int) -> list[tuple[tupl
   return windows
 
 
-def _find_users(window: tuple[tuple[int, int], ...], ratings_by_item: dict[int, dict[int, tuple[int, int]]],
-                kept_times: dict[int, list[tuple[int, int]]]) -> list[int]:
+def _find_users(
+  window: tuple[tuple[int, int], ...],
+  ratings_by_item: dict[int, dict[int, tuple[int, int]]],
+  kept_times: dict[int, list[tuple[int, int]]],
+) -> list[int]:
   """Users whose ratings explain `window`, a sequence of (item, rating) pairs from LLaRA's files.
 
   A user matches when they rated every item with the same rating, the timestamps never decrease along the
@@ -158,12 +162,18 @@ def load(data_root=None, *, allow_download: bool = True) -> Dataset:
       continue
     seq = sequences[user]
     for position in range(MIN_HISTORY, len(seq)):
-      train.append(Window(user=user, history=tuple(seq[max(0, position - MAX_HISTORY):position]),
-                          target=seq[position]))
+      train.append(
+        Window(user=user, history=tuple(seq[max(0, position - MAX_HISTORY) : position]), target=seq[position])
+      )
   splits['train'] = WindowSplit.from_windows(train, catalog.pad_id)
   notes['users'] = len(ratings)
   notes['users_held_out_of_training'] = len(held_out)
   notes['train_users'] = len(sequences) - len(held_out & set(sequences))
-  return Dataset(name='movielens', catalog=catalog, splits={k: splits[k] for k in ('train', 'val', 'test')},
-                 user_items=user_items,
-                 user_sequences={u: np.asarray(s, dtype=np.int32) for u, s in sequences.items()}, notes=notes)
+  return Dataset(
+    name='movielens',
+    catalog=catalog,
+    splits={k: splits[k] for k in ('train', 'val', 'test')},
+    user_items=user_items,
+    user_sequences={u: np.asarray(s, dtype=np.int32) for u, s in sequences.items()},
+    notes=notes,
+  )

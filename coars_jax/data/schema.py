@@ -75,9 +75,11 @@ class WindowSplit:
 
   def window(self, index: int) -> Window:
     length = int(self.lengths[index])
-    return Window(user=int(self.users[index]),
-                  history=tuple(int(i) for i in self.history[index, :length]),
-                  target=int(self.targets[index]))
+    return Window(
+      user=int(self.users[index]),
+      history=tuple(int(i) for i in self.history[index, :length]),
+      target=int(self.targets[index]),
+    )
 
   def pool(self, name: str) -> np.ndarray:
     """int64[P], ascending: the windows a trainer draws from (`TRAIN_POOLS`). 'all' is every window; 'last_per_user'
@@ -93,8 +95,9 @@ class WindowSplit:
     raise ValueError(f'unknown window pool {name!r}; expected one of {TRAIN_POOLS}')
 
   def select(self, mask: np.ndarray) -> 'WindowSplit':
-    return WindowSplit(users=self.users[mask], history=self.history[mask], lengths=self.lengths[mask],
-                       targets=self.targets[mask])
+    return WindowSplit(
+      users=self.users[mask], history=self.history[mask], lengths=self.lengths[mask], targets=self.targets[mask]
+    )
 
   @classmethod
   def from_windows(cls, windows: Sequence[Window], pad_id: int) -> 'WindowSplit':
@@ -103,11 +106,14 @@ class WindowSplit:
     lengths = np.zeros((n,), dtype=np.int32)
     for row, window in enumerate(windows):
       items = window.history[-MAX_HISTORY:]
-      history[row, :len(items)] = items
+      history[row, : len(items)] = items
       lengths[row] = len(items)
-    return cls(users=np.array([w.user for w in windows], dtype=np.int32).reshape(n),
-               history=history, lengths=lengths,
-               targets=np.array([w.target for w in windows], dtype=np.int32).reshape(n))
+    return cls(
+      users=np.array([w.user for w in windows], dtype=np.int32).reshape(n),
+      history=history,
+      lengths=lengths,
+      targets=np.array([w.target for w in windows], dtype=np.int32).reshape(n),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,8 +46,12 @@ def _case(dataset: Dataset, user: int, index: int, history, positives, excluded,
   items = np.asarray(list(positives) + negatives, dtype=np.int32)
   labels = np.asarray([True] * len(positives) + [False] * len(negatives))
   order = rng.permutation(len(items))
-  return UserSimCase(user=user, history=tuple(int(i) for i in history[-MAX_HISTORY:]),
-                     items=tuple(int(i) for i in items[order]), labels=tuple(bool(b) for b in labels[order]))
+  return UserSimCase(
+    user=user,
+    history=tuple(int(i) for i in history[-MAX_HISTORY:]),
+    items=tuple(int(i) for i in items[order]),
+    labels=tuple(bool(b) for b in labels[order]),
+  )
 
 
 def lastfm_user_sim(dataset: Dataset, data_root=None, *, seed: int = 0, allow_download: bool = True) -> UserSimSet:

@@ -30,9 +30,16 @@ from coars_jax.eval.user_f1 import UserF1Config, UserF1Result, evaluate_user_f1
 ROW_KEYS = ('dataset', 'method', 'model', 'hit@1', 'valid_ratio', 'avg_turns', 'user_f1', 'seed')
 # (row key, column header) of the markdown summary. User precision and AUC sit beside the F1 because F1 alone cannot
 # show discrimination on the 1:1 sets (accepting everything scores 2/3).
-TABLE_METRICS = (('hit@1', 'Hit@1'), ('valid_ratio', 'ValidRatio'), ('avg_turns', 'avg turns'),
-                 ('click_rate', 'click rate'), ('user_f1', 'user F1 (micro)'), ('user_f1_macro', 'user F1 (macro)'),
-                 ('user_precision', 'user P'), ('user_auc', 'user AUC'))
+TABLE_METRICS = (
+  ('hit@1', 'Hit@1'),
+  ('valid_ratio', 'ValidRatio'),
+  ('avg_turns', 'avg turns'),
+  ('click_rate', 'click rate'),
+  ('user_f1', 'user F1 (micro)'),
+  ('user_f1_macro', 'user F1 (macro)'),
+  ('user_precision', 'user P'),
+  ('user_auc', 'user AUC'),
+)
 # The prefix of the user-agent keys of the F1 pass without the peer opinion p_t (`user_f1_both_peer_settings`).
 NO_PEER_PREFIX = 'no_peer_'
 
@@ -81,18 +88,22 @@ class AgenticEvalConfig:
     if self.window_indices is not None:
       indices = tuple(self.window_indices)
       if not indices or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in indices):
-        raise ValueError(f'AgenticEvalConfig.window_indices must be None or a non-empty sequence of ints >= 0, '
-                         f'found {self.window_indices!r}')
+        raise ValueError(
+          f'AgenticEvalConfig.window_indices must be None or a non-empty sequence of ints >= 0, '
+          f'found {self.window_indices!r}'
+        )
       object.__setattr__(self, 'window_indices', tuple(int(i) for i in indices))
     if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
       raise ValueError(f'AgenticEvalConfig.batch_size must be an int >= 1, found {self.batch_size!r}')
     for name, kind in (('rollout', RolloutConfig), ('user_f1', UserF1Config)):
       if not isinstance(getattr(self, name), kind):
-        raise TypeError(f'AgenticEvalConfig.{name} must be a {kind.__name__}, found '
-                        f'{type(getattr(self, name)).__name__}')
+        raise TypeError(
+          f'AgenticEvalConfig.{name} must be a {kind.__name__}, found {type(getattr(self, name)).__name__}'
+        )
     if self.reflexion is not None and not isinstance(self.reflexion, ReflexionConfig):
-      raise TypeError(f'AgenticEvalConfig.reflexion must be a ReflexionConfig or None, found '
-                      f'{type(self.reflexion).__name__}')
+      raise TypeError(
+        f'AgenticEvalConfig.reflexion must be a ReflexionConfig or None, found {type(self.reflexion).__name__}'
+      )
     for name in ('user_f1_both_peer_settings', 'progress'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'AgenticEvalConfig.{name} must be a bool, found {getattr(self, name)!r}')
@@ -123,8 +134,10 @@ def _encode(value: Any) -> Any:
   scalars, tuples, lists, dicts and plain values. Data only: nothing in it names code to run."""
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
     kind = type(value)
-    return {'__dataclass__': f'{kind.__module__}:{kind.__qualname__}',
-            'fields': {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}}
+    return {
+      '__dataclass__': f'{kind.__module__}:{kind.__qualname__}',
+      'fields': {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init},
+    }
   if isinstance(value, np.ndarray):
     return {'__ndarray__': value.dtype.str, 'shape': list(value.shape), 'data': value.ravel().tolist()}
   if isinstance(value, np.generic):
@@ -192,9 +205,19 @@ class ResumeStore:
     tmp.replace(path)
 
 
-def play_windows(dataset: Dataset, backend: AgentBackend, *, peer, split: str, window_indices: Sequence[int],
-                 rollout: RolloutConfig = RolloutConfig(), batch_size: int = 64, seed: int = 0,
-                 progress: bool = False, store: ResumeStore | None = None) -> list[Episode]:
+def play_windows(
+  dataset: Dataset,
+  backend: AgentBackend,
+  *,
+  peer,
+  split: str,
+  window_indices: Sequence[int],
+  rollout: RolloutConfig = RolloutConfig(),
+  batch_size: int = 64,
+  seed: int = 0,
+  progress: bool = False,
+  store: ResumeStore | None = None,
+) -> list[Episode]:
   """`run_episodes` over the windows in batches of `batch_size`; batch b samples with `batch_seed(seed, b)`, so
   a rerun with the same batch size draws the same messages. With `store`, a batch kept by an earlier run of the
   same key is loaded instead of played, and each played batch is kept."""
@@ -202,17 +225,30 @@ def play_windows(dataset: Dataset, backend: AgentBackend, *, peer, split: str, w
   episodes: list[Episode] = []
   starts = range(0, len(indices), batch_size)
   # Ticks per turn of each batch (T_u per batch; a batch whose episodes all end early skips its remaining turns).
-  bar = tqdm.tqdm(total=len(starts) * rollout.max_turns, desc=f'episodes {dataset.name} {split}', unit='turn',
-                  disable=not progress, dynamic_ncols=True)
+  bar = tqdm.tqdm(
+    total=len(starts) * rollout.max_turns,
+    desc=f'episodes {dataset.name} {split}',
+    unit='turn',
+    disable=not progress,
+    dynamic_ncols=True,
+  )
   with bar:
     for batch, begin in enumerate(starts):
       played = []
-      chunk = indices[begin:begin + batch_size]
+      chunk = indices[begin : begin + batch_size]
       piece = ('episodes', dataset.name, split, tuple(chunk), batch_seed(seed, batch), repr(rollout))
       kept = store.get(*piece) if store is not None else None
       if kept is None:
-        kept = run_episodes(dataset, split, chunk, backend, peer=peer, config=rollout, seed=batch_seed(seed, batch),
-                            on_turn=lambda t: (played.append(t), bar.update(1)))
+        kept = run_episodes(
+          dataset,
+          split,
+          chunk,
+          backend,
+          peer=peer,
+          config=rollout,
+          seed=batch_seed(seed, batch),
+          on_turn=lambda t: (played.append(t), bar.update(1)),
+        )
         if store is not None:
           store.put(kept, *piece)
       episodes += kept
@@ -221,9 +257,17 @@ def play_windows(dataset: Dataset, backend: AgentBackend, *, peer, split: str, w
   return episodes
 
 
-def evaluate_agentic(dataset: Dataset, backend: AgentBackend, *, peer, method: str, model: str, seed: int = 0,
-                     config: AgenticEvalConfig = AgenticEvalConfig(),
-                     user_sim: UserSimSet | None = None) -> AgenticEvalResult:
+def evaluate_agentic(
+  dataset: Dataset,
+  backend: AgentBackend,
+  *,
+  peer,
+  method: str,
+  model: str,
+  seed: int = 0,
+  config: AgenticEvalConfig = AgenticEvalConfig(),
+  user_sim: UserSimSet | None = None,
+) -> AgenticEvalResult:
   """Plays the configured windows and (with `user_sim`) the user-agent F1, and returns one report row.
 
   Args:
@@ -241,31 +285,52 @@ def evaluate_agentic(dataset: Dataset, backend: AgentBackend, *, peer, method: s
   for name, value in (('method', method), ('model', model)):
     if not (isinstance(value, str) and value.strip()):
       raise ValueError(f'{name} must be a non-empty str naming the row, found {value!r}')
-  indices = (list(config.window_indices) if config.window_indices is not None
-             else list(range(len(dataset.split(config.split)))))
+  indices = (
+    list(config.window_indices) if config.window_indices is not None else list(range(len(dataset.split(config.split))))
+  )
   start = time.perf_counter()
   reflexion = None
   store = ResumeStore(config.resume_dir, config.resume_key) if config.resume_dir else None
   if config.reflexion is None:
-    episodes = play_windows(dataset, backend, peer=peer, split=config.split, window_indices=indices,
-                            rollout=config.rollout, batch_size=config.batch_size, seed=seed,
-                            progress=config.progress, store=store)
+    episodes = play_windows(
+      dataset,
+      backend,
+      peer=peer,
+      split=config.split,
+      window_indices=indices,
+      rollout=config.rollout,
+      batch_size=config.batch_size,
+      seed=seed,
+      progress=config.progress,
+      store=store,
+    )
   else:
-    reflexion = run_reflexion_episodes(dataset, config.split, indices, backend, peer=peer, config=config.reflexion,
-                                       rollout=config.rollout, seed=seed, batch_size=config.batch_size,
-                                       progress=config.progress)
+    reflexion = run_reflexion_episodes(
+      dataset,
+      config.split,
+      indices,
+      backend,
+      peer=peer,
+      config=config.reflexion,
+      rollout=config.rollout,
+      seed=seed,
+      batch_size=config.batch_size,
+      progress=config.progress,
+    )
     episodes = list(reflexion.episodes)
   episode_seconds = time.perf_counter() - start
   f1 = no_peer_f1 = None
   f1_config = config.user_f1
   if config.user_f1_both_peer_settings:
     f1_config = dataclasses.replace(config.user_f1, show_peer_opinion=True)
+
   def user_f1(f1_settings):
     piece = ('user_f1', dataset.name, repr(user_sim), seed, repr(f1_settings))
     kept = store.get(*piece) if store is not None else None
     if kept is None:
-      kept = evaluate_user_f1(dataset, user_sim, backend, config=f1_settings, peer=peer, seed=seed,
-                              progress=config.progress)
+      kept = evaluate_user_f1(
+        dataset, user_sim, backend, config=f1_settings, peer=peer, seed=seed, progress=config.progress
+      )
       if store is not None:
         store.put(kept, *piece)
     return kept
@@ -278,16 +343,26 @@ def evaluate_agentic(dataset: Dataset, backend: AgentBackend, *, peer, method: s
 
   metrics = episode_metrics(episodes)
   row = {
-      'dataset': dataset.name, 'method': method, 'model': model, 'hit@1': metrics['hit_at_1'],
-      'valid_ratio': metrics['valid_ratio'], 'avg_turns': metrics['average_turns'],
-      'user_f1': None if f1 is None else f1.scores['micro_f1'], 'seed': int(seed),
-      'split': config.split, 'num_windows': len(episodes), 'click_rate': metrics['click_rate'],
-      'user_valid_ratio': metrics['user_valid_ratio'], 'max_turns': config.rollout.max_turns,
-      'candidate_seed': config.rollout.candidate_seed, 'show_hint': config.rollout.show_hint,
-      'prior_episodes': 0 if reflexion is None else reflexion.num_prior_episodes,
-      'episode_seconds': episode_seconds,
-      # Per window, in `window_indices` order: what paired comparisons between rows resample (`paired_bootstrap`).
-      'window_indices': [int(i) for i in indices], 'window_hits': [int(e.final_hit) for e in episodes],
+    'dataset': dataset.name,
+    'method': method,
+    'model': model,
+    'hit@1': metrics['hit_at_1'],
+    'valid_ratio': metrics['valid_ratio'],
+    'avg_turns': metrics['average_turns'],
+    'user_f1': None if f1 is None else f1.scores['micro_f1'],
+    'seed': int(seed),
+    'split': config.split,
+    'num_windows': len(episodes),
+    'click_rate': metrics['click_rate'],
+    'user_valid_ratio': metrics['user_valid_ratio'],
+    'max_turns': config.rollout.max_turns,
+    'candidate_seed': config.rollout.candidate_seed,
+    'show_hint': config.rollout.show_hint,
+    'prior_episodes': 0 if reflexion is None else reflexion.num_prior_episodes,
+    'episode_seconds': episode_seconds,
+    # Per window, in `window_indices` order: what paired comparisons between rows resample (`paired_bootstrap`).
+    'window_indices': [int(i) for i in indices],
+    'window_hits': [int(e.final_hit) for e in episodes],
   }
   if f1 is not None:
     row['user_f1_peer_opinion'] = f1_config.show_peer_opinion
@@ -296,8 +371,9 @@ def evaluate_agentic(dataset: Dataset, backend: AgentBackend, *, peer, method: s
     # Only the user agent's keys: the set's references (accept-all, SASRec) are the same in both passes.
     row.update({NO_PEER_PREFIX + key: value for key, value in no_peer_f1.as_dict().items() if key.startswith('user_')})
   row['wall_seconds'] = time.perf_counter() - start
-  return AgenticEvalResult(row=row, episodes=tuple(episodes), user_f1=f1, reflexion=reflexion,
-                           user_f1_no_peer=no_peer_f1)
+  return AgenticEvalResult(
+    row=row, episodes=tuple(episodes), user_f1=f1, reflexion=reflexion, user_f1_no_peer=no_peer_f1
+  )
 
 
 def _cell(values: Sequence[float | None]) -> str:
@@ -326,8 +402,11 @@ def format_markdown(rows: Sequence[dict]) -> str:
   for r in rows:
     cells = ' | '.join(_cell([r.get(key)]) for key, _ in TABLE_METRICS)
     lines.append(f'| {r["dataset"]} | {r["method"]} | {r["model"]} | {r["seed"]} | {cells} |')
-  lines += ['', 'Values: mean ± standard deviation over sampling seeds; Hit@1 counts the final item i_T; '
-                'user F1 treats click and star as positive; user P is its micro precision and user AUC ranks the '
-                'judgements by the acceptance score s (accepting everything gets F1 2/3 and P 1/2; a constant s gets '
-                'AUC 1/2).']
+  lines += [
+    '',
+    'Values: mean ± standard deviation over sampling seeds; Hit@1 counts the final item i_T; '
+    'user F1 treats click and star as positive; user P is its micro precision and user AUC ranks the '
+    'judgements by the acceptance score s (accepting everything gets F1 2/3 and P 1/2; a constant s gets '
+    'AUC 1/2).',
+  ]
   return '\n'.join(lines)

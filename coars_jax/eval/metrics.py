@@ -45,12 +45,16 @@ def ndcg_at_k(rank: jax.Array, k: int) -> jax.Array:
 def ranking_metrics(scores: jax.Array, target_index: jax.Array) -> dict[str, float]:
   """Mean Hit@1, Hit@5 and NDCG@5 over the rows."""
   rank = target_rank(scores, target_index)
-  return {'hit@1': float(jnp.mean(hit_at_k(rank, 1))), 'hit@5': float(jnp.mean(hit_at_k(rank, 5))),
-          'ndcg@5': float(jnp.mean(ndcg_at_k(rank, 5)))}
+  return {
+    'hit@1': float(jnp.mean(hit_at_k(rank, 1))),
+    'hit@5': float(jnp.mean(hit_at_k(rank, 5))),
+    'ndcg@5': float(jnp.mean(ndcg_at_k(rank, 5))),
+  }
 
 
-def paired_bootstrap(hits: np.ndarray, reference_hits: np.ndarray, *, resamples: int = 10_000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, float]:
+def paired_bootstrap(
+  hits: np.ndarray, reference_hits: np.ndarray, *, resamples: int = 10_000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
   """The Hit@1 difference of a row from a reference row over the same windows, with its paired bootstrap interval.
 
   Windows are resampled with replacement (the same draw for both rows, so the pairing is kept) `resamples` times;
@@ -64,8 +68,10 @@ def paired_bootstrap(hits: np.ndarray, reference_hits: np.ndarray, *, resamples:
   """
   hits, reference_hits = np.asarray(hits, np.float64), np.asarray(reference_hits, np.float64)
   if hits.shape != reference_hits.shape or hits.ndim != 1 or not len(hits):
-    raise ValueError(f'paired_bootstrap needs two equal-length non-empty hit vectors over the same windows, found '
-                     f'shapes {hits.shape} and {reference_hits.shape}')
+    raise ValueError(
+      f'paired_bootstrap needs two equal-length non-empty hit vectors over the same windows, found '
+      f'shapes {hits.shape} and {reference_hits.shape}'
+    )
   difference = hits - reference_hits
   rng = np.random.default_rng(seed)
   draws = rng.integers(0, len(difference), size=(resamples, len(difference)))
@@ -83,8 +89,9 @@ def micro_f1(counts: np.ndarray) -> np.ndarray:
   return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-12), 0.0)
 
 
-def paired_bootstrap_f1(cases: np.ndarray, reference_cases: np.ndarray, *, resamples: int = 10_000, seed: int = 0,
-                        level: float = 0.95) -> dict[str, float]:
+def paired_bootstrap_f1(
+  cases: np.ndarray, reference_cases: np.ndarray, *, resamples: int = 10_000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
   """The micro-F1 difference of a user agent from a reference over the same users, with its paired bootstrap
   interval: users (cases) are resampled with replacement, the same draw for both, and F1 is recomputed from the
   resampled counts.
@@ -97,8 +104,10 @@ def paired_bootstrap_f1(cases: np.ndarray, reference_cases: np.ndarray, *, resam
   """
   cases, reference_cases = np.asarray(cases, np.float64), np.asarray(reference_cases, np.float64)
   if cases.shape != reference_cases.shape or cases.ndim != 2 or cases.shape[1] != 3 or not len(cases):
-    raise ValueError(f'paired_bootstrap_f1 needs two [users, 3] count arrays over the same users, found shapes '
-                     f'{cases.shape} and {reference_cases.shape}')
+    raise ValueError(
+      f'paired_bootstrap_f1 needs two [users, 3] count arrays over the same users, found shapes '
+      f'{cases.shape} and {reference_cases.shape}'
+    )
   rng = np.random.default_rng(seed)
   draws = rng.integers(0, len(cases), size=(resamples, len(cases)))
   differences = micro_f1(cases[draws].sum(axis=1)) - micro_f1(reference_cases[draws].sum(axis=1))

@@ -38,8 +38,9 @@ def _row(dataset: str, method: str, seed: int, candidate_seeds: Sequence[int], p
   return row
 
 
-def reference_rows(dataset: Dataset, models: Mapping[int, SASRec], candidate_seeds: Sequence[int],
-                   split: str = 'test') -> list[dict]:
+def reference_rows(
+  dataset: Dataset, models: Mapping[int, SASRec], candidate_seeds: Sequence[int], split: str = 'test'
+) -> list[dict]:
   """Rows for random, popularity and each trained SASRec, on `split`'s candidate lists."""
   windows = dataset.split(split)
   cands, target_index = candidates_lib.candidate_stack(dataset, split, candidate_seeds)
@@ -47,34 +48,63 @@ def reference_rows(dataset: Dataset, models: Mapping[int, SASRec], candidate_see
   rows = []
   for seed, model in sorted(models.items()):
     # One stream per (training seed, candidate seed): the training seed takes the window-index slot.
-    random_scores = [candidates_lib.window_rng(dataset.name, split, seed, s, purpose='random_baseline')
-                     .random(cands.shape[1:]) for s in candidate_seeds]
-    rows.append(_row(dataset.name, 'random', seed, candidate_seeds,
-                     [metrics.ranking_metrics(r, t) for r, t in zip(random_scores, target_index)]))
-    rows.append(_row(dataset.name, 'popularity', seed, candidate_seeds,
-                     [metrics.ranking_metrics(counts[c], t) for c, t in zip(cands, target_index)]))
-    rows.append(_row(dataset.name, 'sasrec', seed, candidate_seeds,
-                     evaluate_per_seed(model, windows, cands, target_index)))
+    random_scores = [
+      candidates_lib.window_rng(dataset.name, split, seed, s, purpose='random_baseline').random(cands.shape[1:])
+      for s in candidate_seeds
+    ]
+    rows.append(
+      _row(
+        dataset.name,
+        'random',
+        seed,
+        candidate_seeds,
+        [metrics.ranking_metrics(r, t) for r, t in zip(random_scores, target_index)],
+      )
+    )
+    rows.append(
+      _row(
+        dataset.name,
+        'popularity',
+        seed,
+        candidate_seeds,
+        [metrics.ranking_metrics(counts[c], t) for c, t in zip(cands, target_index)],
+      )
+    )
+    rows.append(
+      _row(dataset.name, 'sasrec', seed, candidate_seeds, evaluate_per_seed(model, windows, cands, target_index))
+    )
   return rows
 
 
-def window_rows(dataset: Dataset, model: SASRec, candidate_seed: int, *, split: str = 'test',
-                limit: int = 0) -> list[dict]:
+def window_rows(
+  dataset: Dataset, model: SASRec, candidate_seed: int, *, split: str = 'test', limit: int = 0
+) -> list[dict]:
   """Random, popularity and SASRec on one candidate seed's lists of the first `limit` windows of `split` (0 = all),
   with each window's hit, so that they pair with agentic rows over the same windows."""
   windows = dataset.split(split)
   count = min(limit, len(windows)) if limit else len(windows)
   cands, target_index = candidates_lib.candidate_stack(dataset, split, (candidate_seed,))
   cands, target_index = cands[0, :count], target_index[0, :count]
-  random_scores = candidates_lib.window_rng(dataset.name, split, 0, candidate_seed,
-                                            purpose='random_baseline').random(cands.shape)
+  random_scores = candidates_lib.window_rng(dataset.name, split, 0, candidate_seed, purpose='random_baseline').random(
+    cands.shape
+  )
   sasrec = np.asarray(peer_lib.candidate_scores(model, windows.history[:count], windows.lengths[:count], cands))
   rows = []
   for method, scores in (('random', random_scores), ('popularity', popularity(dataset)[cands]), ('sasrec', sasrec)):
     hits = np.asarray(metrics.hit_at_k(metrics.target_rank(scores, target_index), 1))
-    rows.append({'dataset': dataset.name, 'method': method, 'split': split, 'candidate_seed': int(candidate_seed),
-                 'num_windows': int(count), 'windows_of_split': len(windows), 'hit@1': float(hits.mean()),
-                 'window_indices': list(range(count)), 'window_hits': [int(h) for h in hits]})
+    rows.append(
+      {
+        'dataset': dataset.name,
+        'method': method,
+        'split': split,
+        'candidate_seed': int(candidate_seed),
+        'num_windows': int(count),
+        'windows_of_split': len(windows),
+        'hit@1': float(hits.mean()),
+        'window_indices': list(range(count)),
+        'window_hits': [int(h) for h in hits],
+      }
+    )
   return rows
 
 
@@ -89,8 +119,9 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
       values = [r[name] for r in group]
       summary[name] = float(np.mean(values))
       summary[f'{name}_std_over_seeds'] = float(np.std(values))
-      summary[f'{name}_std_over_candidate_seeds'] = float(np.mean([r[f'{name}_std_over_candidate_seeds']
-                                                                   for r in group]))
+      summary[f'{name}_std_over_candidate_seeds'] = float(
+        np.mean([r[f'{name}_std_over_candidate_seeds'] for r in group])
+      )
     out.append(summary)
   return out
 
@@ -99,16 +130,20 @@ def format_markdown(rows: Sequence[dict]) -> str:
   """The summary table, then every per-seed row."""
   lines = ['| dataset | method | Hit@1 | Hit@5 | NDCG@5 | training seeds |', '|---|---|---|---|---|---|']
   for s in summarize(rows):
-    cells = [f'{s[m]:.4f} ± {s[m + "_std_over_seeds"]:.4f} (cand. ± {s[m + "_std_over_candidate_seeds"]:.3f})'
-             for m in METRICS]
+    cells = [
+      f'{s[m]:.4f} ± {s[m + "_std_over_seeds"]:.4f} (cand. ± {s[m + "_std_over_candidate_seeds"]:.3f})' for m in METRICS
+    ]
     lines.append(f'| {s["dataset"]} | {s["method"]} | ' + ' | '.join(cells) + f' | {s["seeds"]} |')
   lines += ['', '| dataset | method | seed | Hit@1 | Hit@5 | NDCG@5 |', '|---|---|---|---|---|---|']
   for r in rows:
-    lines.append(f'| {r["dataset"]} | {r["method"]} | {r["seed"]} | '
-                 + ' | '.join(f'{r[m]:.4f}' for m in METRICS) + ' |')
+    lines.append(
+      f'| {r["dataset"]} | {r["method"]} | {r["seed"]} | ' + ' | '.join(f'{r[m]:.4f}' for m in METRICS) + ' |'
+    )
   lines.append('')
-  lines.append('Values: mean over training seeds ± their standard deviation; "cand." is the mean standard '
-               'deviation over candidate seeds within one training seed.')
+  lines.append(
+    'Values: mean over training seeds ± their standard deviation; "cand." is the mean standard '
+    'deviation over candidate seeds within one training seed.'
+  )
   return '\n'.join(lines)
 
 

@@ -24,7 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 # Rows in the order of the issue's table; the label is what the table prints.
-ROW_LABELS = collections.OrderedDict([
+ROW_LABELS = collections.OrderedDict(
+  [
     ('random', 'Random'),
     ('popularity', 'Popularity'),
     ('sasrec', 'SASRec'),
@@ -37,14 +38,18 @@ ROW_LABELS = collections.OrderedDict([
     ('coars-outcome_reward', 'CoARS w/o interaction reward'),
     ('coars-no_sd', 'CoARS w/o self-distillation'),
     ('coars-rec_only', 'CoARS w/o co-evolution'),
-])
+  ]
+)
 # The rows issue 5 asks for on every dataset (zero-shot is extra).
 EXPECTED_ROWS = tuple(name for name in ROW_LABELS if name != 'zero_shot')
 DATASET_ORDER = ('lastfm', 'movielens', 'instruments')
 REFERENCE_METHODS = ('random', 'popularity', 'sasrec')
 # Learning-curve series: (metrics.jsonl key, axis label).
-CURVES = (('val/hit_at_1', 'val Hit@1 (greedy)'), ('rollout/hit_at_1', 'rollout Hit@1 (sampled)'),
-          ('reward/recommender', 'mean recommender reward'))
+CURVES = (
+  ('val/hit_at_1', 'val Hit@1 (greedy)'),
+  ('rollout/hit_at_1', 'rollout Hit@1 (sampled)'),
+  ('reward/recommender', 'mean recommender reward'),
+)
 
 
 def read_rows(paths: Iterable[str | pathlib.Path]) -> list[dict[str, Any]]:
@@ -99,8 +104,9 @@ class Cell:
     return f'{self.mean:.{digits}f} ± {self.std:.{digits}f}'
 
 
-def aggregate(rows: Sequence[Mapping[str, Any]], dataset: str, model: str | None = None
-              ) -> 'collections.OrderedDict[str, dict[str, Any]]':
+def aggregate(
+  rows: Sequence[Mapping[str, Any]], dataset: str, model: str | None = None
+) -> 'collections.OrderedDict[str, dict[str, Any]]':
   """Per table row of `dataset`: Hit@1, ValidRatio and user F1 cells over seeds, the seeds, and the sources.
 
   Reference rows (random, popularity, SASRec) have no model; agentic rows are kept only for `model` when given.
@@ -118,8 +124,10 @@ def aggregate(rows: Sequence[Mapping[str, Any]], dataset: str, model: str | None
     key, seed = row_key(row), _seed(row)
     earlier = by_key[key].get(seed)
     if earlier is not None and not np.isclose(earlier.get('hit@1', 0.0), row.get('hit@1', 0.0)):
-      raise ValueError(f'{dataset} {key} seed {seed}: {earlier["source"]} has Hit@1 {earlier.get("hit@1")} but '
-                       f'{row["source"]} has {row.get("hit@1")}; pass only one run per (method, seed)')
+      raise ValueError(
+        f'{dataset} {key} seed {seed}: {earlier["source"]} has Hit@1 {earlier.get("hit@1")} but '
+        f'{row["source"]} has {row.get("hit@1")}; pass only one run per (method, seed)'
+      )
     by_key[key][seed] = row
 
   def order(key: str) -> tuple[int, str]:
@@ -134,11 +142,16 @@ def aggregate(rows: Sequence[Mapping[str, Any]], dataset: str, model: str | None
     def cell(name: str) -> Cell:
       return Cell(tuple(float(r[name]) for r in picked if r.get(name) is not None))
 
-    table[key] = {'hit@1': cell('hit@1'), 'valid_ratio': cell('valid_ratio'), 'user_f1': cell('user_f1'),
-                  'avg_turns': cell('avg_turns'), 'seeds': seeds,
-                  'windows': sorted({r.get('num_windows') for r in picked if r.get('num_windows')}),
-                  'budget': sorted({r.get('rl_episodes') for r in picked if r.get('rl_episodes')}),
-                  'sources': sorted({r['source'] for r in picked})}
+    table[key] = {
+      'hit@1': cell('hit@1'),
+      'valid_ratio': cell('valid_ratio'),
+      'user_f1': cell('user_f1'),
+      'avg_turns': cell('avg_turns'),
+      'seeds': seeds,
+      'windows': sorted({r.get('num_windows') for r in picked if r.get('num_windows')}),
+      'budget': sorted({r.get('rl_episodes') for r in picked if r.get('rl_episodes')}),
+      'sources': sorted({r['source'] for r in picked}),
+    }
   return table
 
 
@@ -149,14 +162,18 @@ def label(key: str) -> str:
 
 def format_table(table: Mapping[str, Mapping[str, Any]]) -> str:
   """The markdown table of one dataset."""
-  lines = ['| Method | Hit@1 | ValidRatio | User F1 | Turns | Seeds | Test windows | RL episodes |',
-           '|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| Method | Hit@1 | ValidRatio | User F1 | Turns | Seeds | Test windows | RL episodes |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for key, cells in table.items():
     windows = ', '.join(str(w) for w in cells['windows']) or 'all'
     budget = ', '.join(str(b) for b in cells['budget']) or '–'
-    lines.append(f'| {label(key)} | {cells["hit@1"].format()} | {cells["valid_ratio"].format()} | '
-                 f'{cells["user_f1"].format()} | {cells["avg_turns"].format(2)} | {len(cells["seeds"])} | '
-                 f'{windows} | {budget} |')
+    lines.append(
+      f'| {label(key)} | {cells["hit@1"].format()} | {cells["valid_ratio"].format()} | '
+      f'{cells["user_f1"].format()} | {cells["avg_turns"].format(2)} | {len(cells["seeds"])} | '
+      f'{windows} | {budget} |'
+    )
   return '\n'.join(lines)
 
 
@@ -167,6 +184,7 @@ def missing_rows(table: Mapping[str, Any]) -> list[str]:
 
 
 # --- learning curves ---------------------------------------------------------------------------------------------
+
 
 def curve_points(metrics_path: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
   """Per curve key (`CURVES`), the (iteration, value) points a metrics.jsonl logged."""
@@ -196,8 +214,15 @@ def read_curves(run_dirs: Iterable[str | pathlib.Path]) -> list[dict[str, Any]]:
       rows = json.loads(results_path.read_text(encoding='utf-8'))
       method = rows[-1].get('method', method)
     points = curve_points(metrics_path)
-    runs.append({'dataset': config.get('dataset'), 'method': method, 'seed': int(config.get('rl', {}).get('seed', 0)),
-                 'folder': str(folder), 'points': points})
+    runs.append(
+      {
+        'dataset': config.get('dataset'),
+        'method': method,
+        'seed': int(config.get('rl', {}).get('seed', 0)),
+        'folder': str(folder),
+        'points': points,
+      }
+    )
   return runs
 
 
@@ -208,12 +233,14 @@ def plot_curves(runs: Sequence[Mapping[str, Any]], dataset: str, path: str | pat
   if not mine:
     return None
   import matplotlib  # Imported here: only the report draws, and the Agg backend needs no display.
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6), squeeze=False)
-  methods = sorted({run['method'] for run in mine}, key=lambda m: (list(ROW_LABELS).index(m)
-                                                                    if m in ROW_LABELS else 99, m))
+  methods = sorted(
+    {run['method'] for run in mine}, key=lambda m: (list(ROW_LABELS).index(m) if m in ROW_LABELS else 99, m)
+  )
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for panel, (key, title) in zip(axes[0], CURVES):
     for index, method in enumerate(methods):
@@ -225,8 +252,13 @@ def plot_curves(runs: Sequence[Mapping[str, Any]], dataset: str, path: str | pat
         steps = sorted(points)
         panel.plot(steps, [points[s] for s in steps], color=color, alpha=0.25, linewidth=0.8)
       common = sorted(set.intersection(*(set(points) for points in series)))
-      panel.plot(common, [np.mean([points[s] for points in series]) for s in common], color=color,
-                 label=f'{label(method)} ({len(series)} seed{"s" if len(series) > 1 else ""})', linewidth=1.8)
+      panel.plot(
+        common,
+        [np.mean([points[s] for points in series]) for s in common],
+        color=color,
+        label=f'{label(method)} ({len(series)} seed{"s" if len(series) > 1 else ""})',
+        linewidth=1.8,
+      )
     panel.set_title(title)
     panel.set_xlabel('RL iteration')
     panel.grid(alpha=0.3)
@@ -242,11 +274,20 @@ def plot_curves(runs: Sequence[Mapping[str, Any]], dataset: str, path: str | pat
 
 # --- the report --------------------------------------------------------------------------------------------------
 
-def write_report(rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]], output: str | pathlib.Path,
-                 *, model: str = '', preamble: str = '', tables: Sequence[Mapping[str, Any]] = ()) -> pathlib.Path:
+
+def write_report(
+  rows: Sequence[Mapping[str, Any]],
+  runs: Sequence[Mapping[str, Any]],
+  output: str | pathlib.Path,
+  *,
+  model: str = '',
+  preamble: str = '',
+  tables: Sequence[Mapping[str, Any]] = (),
+) -> pathlib.Path:
   """Writes `output` (markdown) and `<dataset>_curves.png` beside it; returns the markdown path. `tables`
   (`eval.table_report.read_table`) come first, each with its own sections."""
   from coars_jax.eval import table_report  # Imported here: it imports this module.
+
   output = pathlib.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   datasets = [d for d in DATASET_ORDER if any(r['dataset'] == d for r in rows)]
@@ -257,12 +298,18 @@ def write_report(rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, 
   if tables and rows:
     parts += ['## Other rows', '']
   if rows:
-    parts += ['Hit@1 and user-agent F1 are mean ± std over seeds (population std; one seed shows the value alone). '
-              '"+ grammar" rows decode under the output grammar, so their ValidRatio is 1 by construction. One table '
-              'per dataset and model (the reference rows, which use no LLM, repeat in each).', '']
+    parts += [
+      'Hit@1 and user-agent F1 are mean ± std over seeds (population std; one seed shows the value alone). '
+      '"+ grammar" rows decode under the output grammar, so their ValidRatio is 1 by construction. One table '
+      'per dataset and model (the reference rows, which use no LLM, repeat in each).',
+      '',
+    ]
   for dataset in datasets:
-    models = ([model] if model else sorted({row_model(r) for r in rows if r['dataset'] == dataset
-                                            and r['method'] not in REFERENCE_METHODS})) or [None]
+    models = (
+      [model]
+      if model
+      else sorted({row_model(r) for r in rows if r['dataset'] == dataset and r['method'] not in REFERENCE_METHODS})
+    ) or [None]
     for name in models:
       table = aggregate(rows, dataset, name)
       parts += [f'## {dataset}' + (f', {name}' if name else ''), '', format_table(table), '']

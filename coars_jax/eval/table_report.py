@@ -22,24 +22,34 @@ import numpy as np
 from coars_jax.eval import metrics, report
 
 # Row name -> label, in table order.
-ROWS = collections.OrderedDict([
-    ('random', 'Random'), ('popularity', 'Popularity'), ('sasrec', 'SASRec (the peer)'),
-    ('zero_shot', 'Zero-shot'), ('reflexion', 'Reflexion memory'), ('warm_start', 'Warm start (SFT)'),
-    ('outcome_rl', 'Outcome-reward RL'), ('judge_rl', 'Judge-reward RL'), ('coars', 'CoARS'),
-    ('coars-no_sd', 'CoARS w/o self-distillation'), ('coars-outcome_reward', 'CoARS w/ outcome reward'),
-    ('coars-rec_only', 'CoARS, recommender alone'), ('coars-constant_d', 'CoARS, constant D_t'),
+ROWS = collections.OrderedDict(
+  [
+    ('random', 'Random'),
+    ('popularity', 'Popularity'),
+    ('sasrec', 'SASRec (the peer)'),
+    ('zero_shot', 'Zero-shot'),
+    ('reflexion', 'Reflexion memory'),
+    ('warm_start', 'Warm start (SFT)'),
+    ('outcome_rl', 'Outcome-reward RL'),
+    ('judge_rl', 'Judge-reward RL'),
+    ('coars', 'CoARS'),
+    ('coars-no_sd', 'CoARS w/o self-distillation'),
+    ('coars-outcome_reward', 'CoARS w/ outcome reward'),
+    ('coars-rec_only', 'CoARS, recommender alone'),
+    ('coars-constant_d', 'CoARS, constant D_t'),
     ('coars-d_without_samples', 'CoARS, d without samples'),
-])
+  ]
+)
 COMPARED_WITH = ('warm_start', 'outcome_rl')
 GRID_FILE = 'grid.json'  # a table's cells and budget, beside its row files (`training.table.write_grid`)
 # (claim, row, reference row, metric): "What holds".
 CLAIMS = (
-    ('CoARS beats outcome-reward RL on Hit@1', 'coars', 'outcome_rl', 'hit'),
-    ('CoARS beats memory-based agents (Reflexion) on Hit@1', 'coars', 'reflexion', 'hit'),
-    ('Self-distillation adds (CoARS vs lambda_SD = 0)', 'coars', 'coars-no_sd', 'hit'),
-    ('The interaction reward adds (CoARS vs the outcome reward)', 'coars', 'coars-outcome_reward', 'hit'),
-    ('Co-evolving the user adds (CoARS vs the recommender alone)', 'coars', 'coars-rec_only', 'hit'),
-    ("The user agent's F1 improves (CoARS vs the warm start)", 'coars', 'warm_start', 'f1'),
+  ('CoARS beats outcome-reward RL on Hit@1', 'coars', 'outcome_rl', 'hit'),
+  ('CoARS beats memory-based agents (Reflexion) on Hit@1', 'coars', 'reflexion', 'hit'),
+  ('Self-distillation adds (CoARS vs lambda_SD = 0)', 'coars', 'coars-no_sd', 'hit'),
+  ('The interaction reward adds (CoARS vs the outcome reward)', 'coars', 'coars-outcome_reward', 'hit'),
+  ('Co-evolving the user adds (CoARS vs the recommender alone)', 'coars', 'coars-rec_only', 'hit'),
+  ("The user agent's F1 improves (CoARS vs the warm start)", 'coars', 'warm_start', 'f1'),
 )
 
 
@@ -55,13 +65,21 @@ def read_table(root: str | pathlib.Path) -> dict[str, Any]:
       continue
     found = json.loads(path.read_text())
     for row in found:
-      rows.append({**row, 'row': row.get('row') if row.get('row') != 'reference' else row['method'],
-                   'source': str(path)})
+      rows.append(
+        {**row, 'row': row.get('row') if row.get('row') != 'reference' else row['method'], 'source': str(path)}
+      )
     metrics_path = path.with_suffix('.metrics.jsonl')
     if metrics_path.is_file():
       first = found[0]
-      curves.append({'dataset': first['dataset'], 'method': first.get('row'), 'seed': int(first.get('train_seed', 0)),
-                     'platform': first.get('platform', 'cpu'), 'points': report.curve_points(metrics_path)})
+      curves.append(
+        {
+          'dataset': first['dataset'],
+          'method': first.get('row'),
+          'seed': int(first.get('train_seed', 0)),
+          'platform': first.get('platform', 'cpu'),
+          'points': report.curve_points(metrics_path),
+        }
+      )
   return {'root': str(root), 'grid': grid, 'rows': rows, 'curves': curves}
 
 
@@ -70,8 +88,9 @@ def _by_row(rows: Sequence[Mapping[str, Any]]) -> 'collections.OrderedDict[str, 
   for row in rows:
     grouped[row['row']].append(row)
   order = list(ROWS)
-  return collections.OrderedDict(sorted(grouped.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
-                                                                          else len(order), kv[0])))
+  return collections.OrderedDict(
+    sorted(grouped.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+  )
 
 
 def window_rates(rows: Sequence[Mapping[str, Any]]) -> tuple[tuple[int, ...], np.ndarray] | None:
@@ -127,20 +146,26 @@ def _wall(rows: Sequence[Mapping]) -> str:
 
 def format_rows(by_row: Mapping[str, Sequence[Mapping]]) -> str:
   """The markdown table of one (platform, dataset)."""
-  lines = ['| Method | Seeds | Hit@1 | vs warm start (95% CI) | vs outcome RL (95% CI) | ValidRatio | Turns | '
-           'User F1 (P / R) | RL episodes | Test windows | Wall time |', '|' + '---|' * 11]
+  lines = [
+    '| Method | Seeds | Hit@1 | vs warm start (95% CI) | vs outcome RL (95% CI) | ValidRatio | Turns | '
+    'User F1 (P / R) | RL episodes | Test windows | Wall time |',
+    '|' + '---|' * 11,
+  ]
   for name, rows in by_row.items():
     f1 = _cell(rows, 'user_f1')
     if f1 != '–':
       f1 += f' ({_cell(rows, "user_precision", 2)} / {_cell(rows, "user_recall", 2)})'
-    versus = [_interval(compare(rows, by_row[other])) if other in by_row and other != name else '–'
-              for other in COMPARED_WITH]
+    versus = [
+      _interval(compare(rows, by_row[other])) if other in by_row and other != name else '–' for other in COMPARED_WITH
+    ]
     budget = sorted({r.get('rl_episodes') for r in rows if r.get('rl_episodes')})
     windows = sorted({f'{r.get("num_windows")} of {r.get("windows_of_split")}' for r in rows})
-    lines.append(f'| {ROWS.get(name, name)}{" + grammar" if rows[0].get("constrained") else ""} | {len(rows)} | '
-                 f'{_cell(rows, "hit@1")} | {versus[0]} | {versus[1]} | {_cell(rows, "valid_ratio")} | '
-                 f'{_cell(rows, "avg_turns", 2)} | {f1} | {", ".join(map(str, budget)) or "–"} | '
-                 f'{", ".join(windows)} | {_wall(rows)} |')
+    lines.append(
+      f'| {ROWS.get(name, name)}{" + grammar" if rows[0].get("constrained") else ""} | {len(rows)} | '
+      f'{_cell(rows, "hit@1")} | {versus[0]} | {versus[1]} | {_cell(rows, "valid_ratio")} | '
+      f'{_cell(rows, "avg_turns", 2)} | {f1} | {", ".join(map(str, budget)) or "–"} | '
+      f'{", ".join(windows)} | {_wall(rows)} |'
+    )
   return '\n'.join(lines)
 
 
@@ -172,8 +197,11 @@ def missing_cells(grid: Mapping[str, Any] | None, rows: Sequence[Mapping], datas
   if not grid:
     return []
   present = {r.get('cell') for r in rows}
-  return [f'{c["row"]}/seed_{c["seed"]}' for c in grid['cells'] if c['dataset'] == dataset
-          and f'{c["dataset"]}/{c["row"]}/seed_{c["seed"]}' not in present]
+  return [
+    f'{c["row"]}/seed_{c["seed"]}'
+    for c in grid['cells']
+    if c['dataset'] == dataset and f'{c["dataset"]}/{c["row"]}/seed_{c["seed"]}' not in present
+  ]
 
 
 def table_sections(table: Mapping[str, Any], output_dir: str | pathlib.Path) -> list[str]:
@@ -183,12 +211,17 @@ def table_sections(table: Mapping[str, Any], output_dir: str | pathlib.Path) -> 
   parts = [f'## Table `{name}`', '']
   if grid and grid.get('budget'):
     budget = grid['budget']
-    parts += [f'Every RL row: {budget["iterations"]} iterations x {budget["windows_per_iteration"]} windows x '
-              f'{budget["rollouts_per_window"]} rollouts = {budget["episodes"]} episodes, from the same warm start.',
-              '']
+    parts += [
+      f'Every RL row: {budget["iterations"]} iterations x {budget["windows_per_iteration"]} windows x '
+      f'{budget["rollouts_per_window"]} rollouts = {budget["episodes"]} episodes, from the same warm start.',
+      '',
+    ]
   platforms = sorted({r.get('platform', 'cpu') for r in rows}) or ['cpu']
-  datasets = [d for d in report.DATASET_ORDER if any(c['dataset'] == d for c in (grid or {}).get('cells', []))
-              or any(r['dataset'] == d for r in rows)]
+  datasets = [
+    d
+    for d in report.DATASET_ORDER
+    if any(c['dataset'] == d for c in (grid or {}).get('cells', [])) or any(r['dataset'] == d for r in rows)
+  ]
   for platform in platforms:
     mine = [r for r in rows if r.get('platform', 'cpu') == platform]
     devices = sorted({r.get('device', platform) for r in mine})
@@ -199,8 +232,15 @@ def table_sections(table: Mapping[str, Any], output_dir: str | pathlib.Path) -> 
         parts += [f'Device: {"; ".join(devices)}.', '']
       by_row = _by_row(here)
       if by_row:
-        parts += [format_rows(by_row), '', '**What holds** (each claim: the paired 95% interval of the difference; '
-                  '"not supported" where it includes 0):', '', *what_holds(by_row), '']
+        parts += [
+          format_rows(by_row),
+          '',
+          '**What holds** (each claim: the paired 95% interval of the difference; '
+          '"not supported" where it includes 0):',
+          '',
+          *what_holds(by_row),
+          '',
+        ]
       missing = missing_cells(grid, here, dataset)
       if missing:
         parts += [f'Missing ({len(missing)} cells, not estimated): {", ".join(missing)}.', '']

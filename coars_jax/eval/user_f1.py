@@ -69,8 +69,9 @@ class UserF1Config:
     for name in ('show_peer_opinion', 'share_history'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'UserF1Config.{name} must be a bool, found {getattr(self, name)!r}')
-    if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
-                                        or self.batch_size < 1):
+    if self.batch_size is not None and (
+      isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+    ):
       raise ValueError(f'UserF1Config.batch_size must be None or an int >= 1, found {self.batch_size!r}')
     if self.prompt is not None and not isinstance(self.prompt, PromptConfig):
       raise TypeError(f'UserF1Config.prompt must be a PromptConfig or None, found {type(self.prompt).__name__}')
@@ -102,8 +103,9 @@ def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float:
   """
   labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
   if labels.ndim != 1 or labels.shape != scores.shape:
-    raise ValueError(f'roc_auc needs two equal-length 1-d sequences, found labels {labels.shape} and scores '
-                     f'{scores.shape}')
+    raise ValueError(
+      f'roc_auc needs two equal-length 1-d sequences, found labels {labels.shape} and scores {scores.shape}'
+    )
   if not np.isin(labels, (0, 1)).all():
     raise ValueError('roc_auc labels must be booleans (or 0/1)')
   if not np.isfinite(scores).all():
@@ -112,8 +114,10 @@ def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float:
   positives = int(labels.sum())
   negatives = len(labels) - positives
   if not positives or not negatives:
-    raise ValueError(f'roc_auc needs both classes but found {positives} positives and {negatives} negatives; the '
-                     f'AUC is undefined with one class')
+    raise ValueError(
+      f'roc_auc needs both classes but found {positives} positives and {negatives} negatives; the '
+      f'AUC is undefined with one class'
+    )
   order = np.argsort(scores, kind='stable')
   ordered = scores[order]
   starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
@@ -129,8 +133,9 @@ def top_k_predictions(scores: Sequence[float], k: int) -> list[bool]:
   carries no label (`data.user_sim` shuffles each case's items)."""
   scores = np.asarray(scores, np.float64)
   if scores.ndim != 1 or isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= len(scores):
-    raise ValueError(f'top_k_predictions needs a 1-d score list and 0 <= k <= its length, found k={k!r} for shape '
-                     f'{scores.shape}')
+    raise ValueError(
+      f'top_k_predictions needs a 1-d score list and 0 <= k <= its length, found k={k!r} for shape {scores.shape}'
+    )
   accepted = np.zeros(len(scores), bool)
   accepted[np.argsort(-scores, kind='stable')[:k]] = True
   return accepted.tolist()
@@ -158,8 +163,10 @@ def f1_scores(labels: Sequence[Sequence[bool]], predictions: Sequence[Sequence[b
   for user, (truth, predicted) in enumerate(zip(labels, predictions)):
     truth, predicted = np.asarray(truth, bool), np.asarray(predicted, bool)
     if truth.shape != predicted.shape or truth.ndim != 1:
-      raise ValueError(f'user {user}: labels has shape {truth.shape} but predictions has {predicted.shape}; '
-                       f'give one prediction per labelled item')
+      raise ValueError(
+        f'user {user}: labels has shape {truth.shape} but predictions has {predicted.shape}; '
+        f'give one prediction per labelled item'
+      )
     counts = np.array([np.sum(truth & predicted), np.sum(~truth & predicted), np.sum(truth & ~predicted)])
     totals += counts
     precision, recall = _ratio(counts[0], counts[0] + counts[1]), _ratio(counts[0], counts[0] + counts[2])
@@ -169,10 +176,15 @@ def f1_scores(labels: Sequence[Sequence[bool]], predictions: Sequence[Sequence[b
   recall = _ratio(true_positives, true_positives + false_negatives)
   macro = np.mean(np.asarray(per_user, np.float64), axis=0)
   return {
-      'micro_precision': precision, 'micro_recall': recall, 'micro_f1': _f1(precision, recall),
-      'macro_precision': float(macro[0]), 'macro_recall': float(macro[1]), 'macro_f1': float(macro[2]),
-      'true_positives': float(true_positives), 'false_positives': float(false_positives),
-      'false_negatives': float(false_negatives),
+    'micro_precision': precision,
+    'micro_recall': recall,
+    'micro_f1': _f1(precision, recall),
+    'macro_precision': float(macro[0]),
+    'macro_recall': float(macro[1]),
+    'macro_f1': float(macro[2]),
+    'true_positives': float(true_positives),
+    'false_positives': float(false_positives),
+    'false_negatives': float(false_negatives),
   }
 
 
@@ -288,20 +300,27 @@ class UserF1Result:
     set's references `accept_all_*` and `sasrec_*`, the latter None without peer scores)."""
     accept_all, top_half = self.accept_all_scores, self.sasrec_top_half_scores
     return {
-        'user_f1': self.scores['micro_f1'], 'user_precision': self.scores['micro_precision'],
-        'user_recall': self.scores['micro_recall'], 'user_f1_macro': self.scores['macro_f1'],
-        'user_precision_macro': self.scores['macro_precision'], 'user_recall_macro': self.scores['macro_recall'],
-        'user_auc': self.user_auc, 'user_accept_rate': self.accept_rate,
-        'user_f1_judgements': len(self.judgements), 'user_f1_invalid': self.num_invalid,
-        'user_f1_users': self.num_users, 'user_f1_users_left_out': self.users_left_out,
-        'user_f1_seconds': self.wall_seconds,
-        # Per case [true positives, false positives, false negatives]: a paired bootstrap over users resamples these
-        'user_f1_cases': self.case_counts(),
-        'accept_all_f1': accept_all['micro_f1'], 'accept_all_precision': accept_all['micro_precision'],
-        'sasrec_auc': self.sasrec_auc,
-        'sasrec_top_half_f1': None if top_half is None else top_half['micro_f1'],
-        'sasrec_top_half_precision': None if top_half is None else top_half['micro_precision'],
-        'sasrec_top_half_recall': None if top_half is None else top_half['micro_recall'],
+      'user_f1': self.scores['micro_f1'],
+      'user_precision': self.scores['micro_precision'],
+      'user_recall': self.scores['micro_recall'],
+      'user_f1_macro': self.scores['macro_f1'],
+      'user_precision_macro': self.scores['macro_precision'],
+      'user_recall_macro': self.scores['macro_recall'],
+      'user_auc': self.user_auc,
+      'user_accept_rate': self.accept_rate,
+      'user_f1_judgements': len(self.judgements),
+      'user_f1_invalid': self.num_invalid,
+      'user_f1_users': self.num_users,
+      'user_f1_users_left_out': self.users_left_out,
+      'user_f1_seconds': self.wall_seconds,
+      # Per case [true positives, false positives, false negatives]: a paired bootstrap over users resamples these
+      'user_f1_cases': self.case_counts(),
+      'accept_all_f1': accept_all['micro_f1'],
+      'accept_all_precision': accept_all['micro_precision'],
+      'sasrec_auc': self.sasrec_auc,
+      'sasrec_top_half_f1': None if top_half is None else top_half['micro_f1'],
+      'sasrec_top_half_precision': None if top_half is None else top_half['micro_precision'],
+      'sasrec_top_half_recall': None if top_half is None else top_half['micro_recall'],
     }
 
 
@@ -316,7 +335,7 @@ def _case_batches(dataset: Dataset, sim_set: UserSimSet):
     lengths = np.zeros((len(rows),), np.int32)
     for row, index in enumerate(rows):
       items = sim_set.cases[index].history[-MAX_HISTORY:]
-      history[row, :len(items)] = items
+      history[row, : len(items)] = items
       lengths[row] = len(items)
     yield rows, history, lengths, np.asarray([sim_set.cases[i].items for i in rows], np.int32)
 
@@ -350,19 +369,24 @@ def _peer_items(dataset: Dataset, sim_set: UserSimSet, peer) -> list[int]:
   return tops
 
 
-def judgement_prompts(dataset: Dataset, sim_set: UserSimSet, *, config: UserF1Config = UserF1Config(),
-                      peer=None) -> list[tuple[int, int, list[Message]]]:
+def judgement_prompts(
+  dataset: Dataset, sim_set: UserSimSet, *, config: UserF1Config = UserF1Config(), peer=None
+) -> list[tuple[int, int, list[Message]]]:
   """(case index, item position, user-agent prompt) for every item of every case, case by case.
 
   Each prompt is `prompts.user_messages` with the case's history, the item as the recommended title, the config's
   reason, an empty memory and (when configured) the peer opinion; nothing else, so the label cannot reach it.
   """
   if sim_set.dataset != dataset.name:
-    raise ValueError(f'the user-sim set is for dataset {sim_set.dataset!r} but the dataset is {dataset.name!r}; '
-                     f'build it with data.user_sim_set(dataset)')
+    raise ValueError(
+      f'the user-sim set is for dataset {sim_set.dataset!r} but the dataset is {dataset.name!r}; '
+      f'build it with data.user_sim_set(dataset)'
+    )
   if config.show_peer_opinion and peer is None:
-    raise ValueError('UserF1Config.show_peer_opinion is on but no peer was given; pass peer= (a SASRec or a '
-                     'Peer) or turn the peer opinion off')
+    raise ValueError(
+      'UserF1Config.show_peer_opinion is on but no peer was given; pass peer= (a SASRec or a '
+      'Peer) or turn the peer opinion off'
+    )
   prompt_config = config.prompt or PromptConfig.for_dataset(dataset.name)
   reason = config.recommender_reason.replace('{noun}', prompt_config.item_noun)
   titles = dataset.catalog.titles
@@ -372,36 +396,56 @@ def judgement_prompts(dataset: Dataset, sim_set: UserSimSet, *, config: UserF1Co
     history_titles = [titles[item] for item in case.history]
     opinion = peer_opinion(titles[peer_items[index]]) if peer_items is not None else None
     for position, item in enumerate(case.items):
-      out.append((index, position, user_messages(history_titles=history_titles, recommended_title=titles[item],
-                                                 recommender_reason=reason, peer_opinion=opinion,
-                                                 config=prompt_config)))
+      out.append(
+        (
+          index,
+          position,
+          user_messages(
+            history_titles=history_titles,
+            recommended_title=titles[item],
+            recommender_reason=reason,
+            peer_opinion=opinion,
+            config=prompt_config,
+          ),
+        )
+      )
   return out
 
 
-def judgement_calls(prompts: Sequence[tuple[int, int, list[Message]]], config: UserF1Config
-                    ) -> list[tuple[int, list[int], list[int]]]:
+def judgement_calls(
+  prompts: Sequence[tuple[int, int, list[Message]]], config: UserF1Config
+) -> list[tuple[int, list[int], list[int]]]:
   """The backend calls of an F1 evaluation, as (turn, indices into `prompts`, episode ids); see
   `UserF1Config.share_history`."""
   size = config.batch_size or len(prompts)
   if not config.share_history:
-    return [(1, list(range(begin, min(begin + size, len(prompts)))),
-             list(range(begin, min(begin + size, len(prompts))))) for begin in range(0, len(prompts), size)]
+    return [
+      (1, list(range(begin, min(begin + size, len(prompts)))), list(range(begin, min(begin + size, len(prompts)))))
+      for begin in range(0, len(prompts), size)
+    ]
   by_case: dict[int, list[int]] = {}
   for index, (case, _, _) in enumerate(prompts):
     by_case.setdefault(case, []).append(index)
   cases = list(by_case)
   calls = []
   for begin in range(0, len(cases), size):
-    group = cases[begin:begin + size]
+    group = cases[begin : begin + size]
     for position in range(max(len(by_case[case]) for case in group)):
       live = [case for case in group if position < len(by_case[case])]
       calls.append((position + 1, [by_case[case][position] for case in live], live))
   return calls
 
 
-def evaluate_user_f1(dataset: Dataset, sim_set: UserSimSet, backend: AgentBackend, *,
-                     config: UserF1Config = UserF1Config(), peer=None, seed: int = 0,
-                     progress: bool = False) -> UserF1Result:
+def evaluate_user_f1(
+  dataset: Dataset,
+  sim_set: UserSimSet,
+  backend: AgentBackend,
+  *,
+  config: UserF1Config = UserF1Config(),
+  peer=None,
+  seed: int = 0,
+  progress: bool = False,
+) -> UserF1Result:
   """Runs the user-agent F1 protocol: every judgement through `backend.generate('user', ...)`, in
   ceil(judgements / batch_size) calls (one when `batch_size` is None).
 
@@ -419,19 +463,33 @@ def evaluate_user_f1(dataset: Dataset, sim_set: UserSimSet, backend: AgentBacken
   if not isinstance(config, UserF1Config):
     raise TypeError(f'config must be a UserF1Config, found {type(config).__name__}')
   if not sim_set.cases:
-    raise ValueError(f'the user-sim set of {sim_set.dataset!r} has no cases ({sim_set.users_left_out} users left '
-                     f'out); there is nothing to judge')
+    raise ValueError(
+      f'the user-sim set of {sim_set.dataset!r} has no cases ({sim_set.users_left_out} users left '
+      f'out); there is nothing to judge'
+    )
   if peer is not None and not hasattr(peer, 'top_candidates'):
     peer = SASRecPeer(peer)  # a bare SASRec model, accepted as run_episodes accepts it
   start = time.perf_counter()
   prompts = judgement_prompts(dataset, sim_set, config=config, peer=peer)
   generations: list[Generation | None] = [None] * len(prompts)
-  bar = tqdm.tqdm(total=len(prompts), desc=f'user F1 {dataset.name}{" with p_t" if config.show_peer_opinion else ""}',
-                  unit='judgement', disable=not progress, dynamic_ncols=True)
+  bar = tqdm.tqdm(
+    total=len(prompts),
+    desc=f'user F1 {dataset.name}{" with p_t" if config.show_peer_opinion else ""}',
+    unit='judgement',
+    disable=not progress,
+    dynamic_ncols=True,
+  )
   try:
     for call, (turn, indices, episode_ids) in enumerate(judgement_calls(prompts, config)):
-      out = list(backend.generate(USER, [prompts[i][2] for i in indices], seed=turn_seed(seed, call + 1, USER),
-                                  episode_ids=episode_ids, turn=turn))
+      out = list(
+        backend.generate(
+          USER,
+          [prompts[i][2] for i in indices],
+          seed=turn_seed(seed, call + 1, USER),
+          episode_ids=episode_ids,
+          turn=turn,
+        )
+      )
       if len(out) != len(indices):
         raise ValueError(f'the backend returned {len(out)} user messages for {len(indices)} prompts')
       for index, generation in zip(indices, out):
@@ -446,13 +504,25 @@ def evaluate_user_f1(dataset: Dataset, sim_set: UserSimSet, backend: AgentBacken
   judgements = []
   for (index, position, _), generation in zip(prompts, generations):
     case = sim_set.cases[index]
-    judgements.append(Judgement(case=index, user=case.user, item=case.items[position], label=case.labels[position],
-                                generation=generation, parse=parse_user_output(generation.text, config.parse),
-                                peer_score=None if scores is None else scores[index][position]))
+    judgements.append(
+      Judgement(
+        case=index,
+        user=case.user,
+        item=case.items[position],
+        label=case.labels[position],
+        generation=generation,
+        parse=parse_user_output(generation.text, config.parse),
+        peer_score=None if scores is None else scores[index][position],
+      )
+    )
   labels = [list(case.labels) for case in sim_set.cases]
   predictions = [[] for _ in sim_set.cases]
   for judgement in judgements:
     predictions[judgement.case].append(judgement.positive)
-  return UserF1Result(scores=f1_scores(labels, predictions), judgements=tuple(judgements),
-                      num_users=len(sim_set.cases), users_left_out=sim_set.users_left_out,
-                      wall_seconds=time.perf_counter() - start)
+  return UserF1Result(
+    scores=f1_scores(labels, predictions),
+    judgements=tuple(judgements),
+    num_users=len(sim_set.cases),
+    users_left_out=sim_set.users_left_out,
+    wall_seconds=time.perf_counter() - start,
+  )

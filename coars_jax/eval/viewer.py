@@ -29,8 +29,9 @@ def load(path: str | pathlib.Path) -> list[dict[str, Any]]:
     if not files and (path / JSONL_FILE).is_file():
       files = [path / JSONL_FILE]
     if not files:
-      raise FileNotFoundError(f'{path} holds neither {TRAJECTORY_DIR}/iteration_*.jsonl (a training run) nor '
-                              f'{JSONL_FILE} (a rollout record)')
+      raise FileNotFoundError(
+        f'{path} holds neither {TRAJECTORY_DIR}/iteration_*.jsonl (a training run) nor {JSONL_FILE} (a rollout record)'
+      )
   elif path.is_file():
     files = [path]
   else:
@@ -50,14 +51,14 @@ def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
   credits = [abs(a) for m in messages['recommender'] + messages['user'] for a in (m.get('credit') or [])]
   count = len(records)
   return {
-      'dialogues': count,
-      'hit_rate': sum(bool(r['final_hit']) for r in records) / count if count else 0.0,
-      'mean_turns': sum(r['num_turns'] for r in records) / count if count else 0.0,
-      'recommender_valid': _share(m.get('valid') for m in messages['recommender']),
-      'user_valid': _share(m.get('valid') for m in messages['user']),
-      'tokens_with_credit': len(credits),
-      'mean_abs_credit': sum(credits) / len(credits) if credits else None,
-      'iterations': sorted({r['iteration'] for r in records if r.get('iteration') is not None}),
+    'dialogues': count,
+    'hit_rate': sum(bool(r['final_hit']) for r in records) / count if count else 0.0,
+    'mean_turns': sum(r['num_turns'] for r in records) / count if count else 0.0,
+    'recommender_valid': _share(m.get('valid') for m in messages['recommender']),
+    'user_valid': _share(m.get('valid') for m in messages['user']),
+    'tokens_with_credit': len(credits),
+    'mean_abs_credit': sum(credits) / len(credits) if credits else None,
+    'iterations': sorted({r['iteration'] for r in records if r.get('iteration') is not None}),
   }
 
 
@@ -165,11 +166,15 @@ def render_html(records: Sequence[dict[str, Any]], *, title: str = 'CoARS dialog
   def pct(value):
     return '–' if value is None else f'{100 * value:.1f}%'
 
-  credit = ('no token credit in these records' if stats['mean_abs_credit'] is None else
-            f'{stats["tokens_with_credit"]} tokens with credit, mean |A| {stats["mean_abs_credit"]:.3f}')
+  credit = (
+    'no token credit in these records'
+    if stats['mean_abs_credit'] is None
+    else f'{stats["tokens_with_credit"]} tokens with credit, mean |A| {stats["mean_abs_credit"]:.3f}'
+  )
   iterations = stats['iterations']
-  legend = ''.join(f'<span style="background:{_legend_colour(v)}">{v:+.1f}</span>' for v in
-                   (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0))
+  legend = ''.join(
+    f'<span style="background:{_legend_colour(v)}">{v:+.1f}</span>' for v in (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
+  )
   payload = json.dumps({'records': list(records), 'clip': clip}, ensure_ascii=False).replace('</', '<\\/')
   sources = sorted({r.get('source', '') for r in records})
   return f"""<!DOCTYPE html>
@@ -198,4 +203,4 @@ Hover a token for its value. <span class="legend">{legend}</span></p>
 
 
 def _legend_colour(value: float) -> str:
-  return (f'rgba(40,160,60,{0.85 * value:.3f})' if value >= 0 else f'rgba(220,50,47,{-0.85 * value:.3f})')
+  return f'rgba(40,160,60,{0.85 * value:.3f})' if value >= 0 else f'rgba(220,50,47,{-0.85 * value:.3f})'

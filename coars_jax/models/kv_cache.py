@@ -19,38 +19,38 @@ from coars_jax.models.logical_axes import BATCH, HEAD_DIM, KV_HEADS, LENGTH
 
 @struct.dataclass
 class KVCache:
-    """keys[layer], values[layer]: [B, max_len, kv_heads, head_dim]; segment_ids: [B, max_len] int32;
-    end_index: int32 scalar, the first free slot."""
+  """keys[layer], values[layer]: [B, max_len, kv_heads, head_dim]; segment_ids: [B, max_len] int32;
+  end_index: int32 scalar, the first free slot."""
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    segment_ids: jax.Array
-    end_index: jax.Array
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  segment_ids: jax.Array
+  end_index: jax.Array
 
-    @property
-    def max_len(self) -> int:
-        return self.segment_ids.shape[1]
+  @property
+  def max_len(self) -> int:
+    return self.segment_ids.shape[1]
 
-    @property
-    def batch_size(self) -> int:
-        return self.segment_ids.shape[0]
+  @property
+  def batch_size(self) -> int:
+    return self.segment_ids.shape[0]
 
-    @staticmethod
-    def logical_axes(num_layers: int) -> KVCache:
-        """The same pytree with a tuple of logical axis names in place of each array."""
-        per_layer = tuple((BATCH, LENGTH, KV_HEADS, HEAD_DIM) for _ in range(num_layers))
-        return KVCache(keys=per_layer, values=per_layer, segment_ids=(BATCH, LENGTH), end_index=())
+  @staticmethod
+  def logical_axes(num_layers: int) -> KVCache:
+    """The same pytree with a tuple of logical axis names in place of each array."""
+    per_layer = tuple((BATCH, LENGTH, KV_HEADS, HEAD_DIM) for _ in range(num_layers))
+    return KVCache(keys=per_layer, values=per_layer, segment_ids=(BATCH, LENGTH), end_index=())
 
 
 def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype | str | None = None) -> KVCache:
-    """An empty cache for `batch` rows of up to `max_len` tokens; dtype defaults to config.compute_dtype."""
-    if batch <= 0 or max_len <= 0:
-        raise ValueError(f"init_cache: batch and max_len must be positive, found batch={batch}, max_len={max_len}")
-    dtype = jnp.dtype(dtype or config.compute_dtype)
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-    return KVCache(
-        keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        segment_ids=jnp.zeros((batch, max_len), jnp.int32),
-        end_index=jnp.zeros((), jnp.int32),
-    )
+  """An empty cache for `batch` rows of up to `max_len` tokens; dtype defaults to config.compute_dtype."""
+  if batch <= 0 or max_len <= 0:
+    raise ValueError(f'init_cache: batch and max_len must be positive, found batch={batch}, max_len={max_len}')
+  dtype = jnp.dtype(dtype or config.compute_dtype)
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  return KVCache(
+    keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+    values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+    segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+    end_index=jnp.zeros((), jnp.int32),
+  )

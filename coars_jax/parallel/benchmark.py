@@ -45,6 +45,7 @@ class StepShape:
 
 # --- an RLTrainer without data files ---------------------------------------------------------------------------
 
+
 def _synthetic_parts(vocab_size: int):
   """The synthetic dataset, a small tokenizer trained on its titles (it only supplies the pad id and the chat
   template here) and an untrained micro SASRec: what `RLTrainer` needs besides the model."""
@@ -56,10 +57,12 @@ def _synthetic_parts(vocab_size: int):
   lines = tokenizer_lib.tokenizer_corpus([dataset.catalog.titles], repeats=4)
   for text in (recommender_system_prompt(), user_system_prompt()):
     lines += [line for line in text.splitlines() if line]
-  folder = tokenizer_lib.build_tokenizer(lines, tempfile.mkdtemp(prefix='bench-scaling-tokenizer-'),
-                                         vocab_size=min(700, vocab_size))
-  sasrec = SASRec(SASRecConfig(num_items=dataset.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0),
-                  rngs=nnx.Rngs(0))
+  folder = tokenizer_lib.build_tokenizer(
+    lines, tempfile.mkdtemp(prefix='bench-scaling-tokenizer-'), vocab_size=min(700, vocab_size)
+  )
+  sasrec = SASRec(
+    SASRecConfig(num_items=dataset.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0), rngs=nnx.Rngs(0)
+  )
   return dataset, tokenizer_lib.load_tokenizer(folder), sasrec
 
 
@@ -67,8 +70,9 @@ def model_with_adapters(config: DecoderConfig, rank: int = 8, seed: int = 0) -> 
   """Random weights of `config` with both agents' adapters, B random so that the adapters change the outputs."""
   from coars_jax.models.lora import adapted_linears
 
-  model = add_lora(Decoder(config, rngs=nnx.Rngs(seed)), LoRAConfig(rank=rank, alpha=2.0 * rank), AGENTS,
-                   rngs=nnx.Rngs(seed + 1))
+  model = add_lora(
+    Decoder(config, rngs=nnx.Rngs(seed)), LoRAConfig(rank=rank, alpha=2.0 * rank), AGENTS, rngs=nnx.Rngs(seed + 1)
+  )
   rng = np.random.default_rng(seed + 2)
   for _, linear in adapted_linears(model):
     b = linear.lora.b.get_value()
@@ -83,14 +87,21 @@ def make_trainer(model: Decoder, mesh, shape: StepShape, parts=None, **rl_fields
   from coars_jax.training import rl
 
   dataset, tokenizer, sasrec = parts or _synthetic_parts(model.config.vocab_size)
-  config = rl.RLConfig(iterations=10, windows_per_iteration=1, rows_per_microbatch=shape.rows, warmup_iterations=0,
-                       recommender_max_new_tokens=shape.completion_length,
-                       user_max_new_tokens=shape.completion_length, **rl_fields)
+  config = rl.RLConfig(
+    iterations=10,
+    windows_per_iteration=1,
+    rows_per_microbatch=shape.rows,
+    warmup_iterations=0,
+    recommender_max_new_tokens=shape.completion_length,
+    user_max_new_tokens=shape.completion_length,
+    **rl_fields,
+  )
   return rl.RLTrainer(model, tokenizer, dataset, sasrec, config, rollout=RolloutConfig(max_turns=1), mesh=mesh)
 
 
-def synthetic_batch(shape: StepShape, vocab_size: int, seed: int = 0, *,
-                    teacher_cache: bool = True) -> dict[str, np.ndarray]:
+def synthetic_batch(
+  shape: StepShape, vocab_size: int, seed: int = 0, *, teacher_cache: bool = True
+) -> dict[str, np.ndarray]:
   """Every row real and carrying loss; rows alternate between the two adapters. The teacher prompt is x + d of
   2P tokens: with `teacher_cache` (the trainer's default layout) as the suffix d of P tokens after x's first P - 4
   (`rl.TEACHER_CACHE_KEYS`), else whole (`rl.TEACHER_KEYS`)."""
@@ -98,13 +109,22 @@ def synthetic_batch(shape: StepShape, vocab_size: int, seed: int = 0, *,
   k, r, p, c = shape.microbatches, shape.rows, shape.prompt_length, shape.completion_length
   tokens = lambda length: rng.integers(3, vocab_size, size=(k, r, length)).astype(np.int32)
   agent = np.broadcast_to(np.arange(r, dtype=np.int32) % 2, (k, r)).copy()
-  batch = {'prompt_tokens': tokens(p), 'prompt_mask': np.ones((k, r, p), np.int32),
-           'completion_tokens': tokens(c), 'completion_mask': np.ones((k, r, c), np.int32),
-           'adapter': agent, 'agent': agent.copy(), 'reward': rng.standard_normal((k, r)).astype(np.float32),
-           'included': np.ones((k, r), bool)}
+  batch = {
+    'prompt_tokens': tokens(p),
+    'prompt_mask': np.ones((k, r, p), np.int32),
+    'completion_tokens': tokens(c),
+    'completion_mask': np.ones((k, r, c), np.int32),
+    'adapter': agent,
+    'agent': agent.copy(),
+    'reward': rng.standard_normal((k, r)).astype(np.float32),
+    'included': np.ones((k, r), bool),
+  }
   if teacher_cache:
-    batch.update(teacher_suffix_tokens=tokens(p), teacher_suffix_mask=np.ones((k, r, p), np.int32),
-                 teacher_shared_length=np.full((k, r), max(p - 4, 1), np.int32))
+    batch.update(
+      teacher_suffix_tokens=tokens(p),
+      teacher_suffix_mask=np.ones((k, r, p), np.int32),
+      teacher_shared_length=np.full((k, r), max(p - 4, 1), np.int32),
+    )
   else:
     batch.update(teacher_prompt_tokens=tokens(2 * p), teacher_prompt_mask=np.ones((k, r, 2 * p), np.int32))
   return batch
@@ -115,8 +135,9 @@ def time_update_step(trainer, shape: StepShape, repeats: int = 3) -> dict[str, A
   best of `repeats`, with the traces and XLA compilations of each phase (the timed calls must compile nothing)."""
   from coars_jax.training import rl
 
-  step = rl.build_update_step(trainer.graphdef, trainer.settings, trainer.mesh, trainer.settings.teacher,
-                              getattr(trainer, 'rules', None))
+  step = rl.build_update_step(
+    trainer.graphdef, trainer.settings, trainer.mesh, trainer.settings.teacher, getattr(trainer, 'rules', None)
+  )
   batch = synthetic_batch(shape, trainer.model.config.vocab_size, teacher_cache=trainer.settings.teacher_cache)
   scalars = (np.float32(shape.microbatches * shape.rows), trainer.adapter_update_mask, np.float32(1e-4))
   state = {'lora': trainer.lora, 'opt': trainer.opt_state}
@@ -137,14 +158,25 @@ def time_update_step(trainer, shape: StepShape, repeats: int = 3) -> dict[str, A
     seconds = best_of(repeats, run)
   trainer.lora, trainer.opt_state = state['lora'], state['opt']
   nnx.update(trainer.model, trainer.lora)  # the model's own adapter arrays were donated to the first call
-  return {'first_call_seconds': first, 'seconds_per_step': seconds, 'step_traces_warm_up': warm_traces,
-          'step_traces_timed': rl.step_traces() - traces - warm_traces,
-          'backend_compiles_warm_up': warm_up.count, 'backend_compiles_timed': timed.count,
-          'loss_finite': bool(np.isfinite(float(metrics['loss'])))}
+  return {
+    'first_call_seconds': first,
+    'seconds_per_step': seconds,
+    'step_traces_warm_up': warm_traces,
+    'step_traces_timed': rl.step_traces() - traces - warm_traces,
+    'backend_compiles_warm_up': warm_up.count,
+    'backend_compiles_timed': timed.count,
+    'loss_finite': bool(np.isfinite(float(metrics['loss']))),
+  }
 
 
-def mesh_sweep(meshes: Sequence[tuple[int, int, int]] = MESHES, *, preset: str = 'tiny',
-               shape: StepShape = StepShape(), repeats: int = 3, devices=None) -> list[dict[str, Any]]:
+def mesh_sweep(
+  meshes: Sequence[tuple[int, int, int]] = MESHES,
+  *,
+  preset: str = 'tiny',
+  shape: StepShape = StepShape(),
+  repeats: int = 3,
+  devices=None,
+) -> list[dict[str, Any]]:
   """The update step of `preset`'s shape on each (data, fsdp, tensor) mesh of `devices` (default the local ones).
   A mesh the installed sharding code cannot build or run is reported with its error, not raised."""
   config = get_preset(preset)
@@ -173,6 +205,7 @@ def mesh_sweep(meshes: Sequence[tuple[int, int, int]] = MESHES, *, preset: str =
 
 # --- accelerator efficiency ------------------------------------------------------------------------------------
 
+
 def measure_peaks(matmul_size: int = 8192, copy_gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
   """This device's bf16 matmul rate (FLOP/s) and copy bandwidth (bytes read + written per second)."""
   left = jnp.ones((matmul_size, matmul_size), jnp.bfloat16)
@@ -180,12 +213,14 @@ def measure_peaks(matmul_size: int = 8192, copy_gib: float = 1.0, repeats: int =
   matmul = jax.jit(jnp.matmul)
   matmul(left, right).block_until_ready()
   matmul_seconds = best_of(repeats, lambda: matmul(left, right).block_until_ready())
-  source = jnp.ones((int(copy_gib * 2 ** 30) // 4,), jnp.float32)
+  source = jnp.ones((int(copy_gib * 2**30) // 4,), jnp.float32)
   copy = jax.jit(lambda x: x + 1.0)
   copy(source).block_until_ready()
   copy_seconds = best_of(repeats, lambda: copy(source).block_until_ready())
-  return {'bf16_matmul_flops_per_s': 2.0 * matmul_size ** 3 / matmul_seconds,
-          'copy_bytes_per_s': 2.0 * source.nbytes / copy_seconds}
+  return {
+    'bf16_matmul_flops_per_s': 2.0 * matmul_size**3 / matmul_seconds,
+    'copy_bytes_per_s': 2.0 * source.nbytes / copy_seconds,
+  }
 
 
 def update_step_flops(config: DecoderConfig, shape: StepShape) -> float:
@@ -201,9 +236,15 @@ def update_step_flops(config: DecoderConfig, shape: StepShape) -> float:
   return 3.0 * forward
 
 
-def accelerator_efficiency(preset: str = 'qwen2p5_1p5b', *, shape: StepShape = StepShape(
-    microbatches=1, rows=4, prompt_length=512, completion_length=128), decode_batch: int = 16,
-    decode_prompt_length: int = 128, decode_tokens: tuple[int, int] = (64, 128), repeats: int = 3) -> dict[str, Any]:
+def accelerator_efficiency(
+  preset: str = 'qwen2p5_1p5b',
+  *,
+  shape: StepShape = StepShape(microbatches=1, rows=4, prompt_length=512, completion_length=128),
+  decode_batch: int = 16,
+  decode_prompt_length: int = 128,
+  decode_tokens: tuple[int, int] = (64, 128),
+  repeats: int = 3,
+) -> dict[str, Any]:
   """On the default device: the bf16 update step's MFU and the decode step's bandwidth utilisation, for random
   weights of `preset`'s shape."""
   from coars_jax.sampling import LengthBuckets, generate
@@ -220,8 +261,9 @@ def accelerator_efficiency(preset: str = 'qwen2p5_1p5b', *, shape: StepShape = S
   update['mfu_vs_measured_bf16_matmul'] = flops / update['seconds_per_step'] / peaks['bf16_matmul_flops_per_s']
 
   short, long = decode_tokens
-  prompts = np.random.default_rng(0).integers(3, config.vocab_size,
-                                              size=(decode_batch, decode_prompt_length)).astype(np.int32)
+  prompts = (
+    np.random.default_rng(0).integers(3, config.vocab_size, size=(decode_batch, decode_prompt_length)).astype(np.int32)
+  )
   buckets = LengthBuckets(prompt=(decode_prompt_length,), completion=(long,))
 
   def run(new_tokens):
@@ -232,8 +274,19 @@ def accelerator_efficiency(preset: str = 'qwen2p5_1p5b', *, shape: StepShape = S
   step_seconds = (best_of(repeats, lambda: run(long)) - best_of(repeats, lambda: run(short))) / (long - short)
   # The decode step attends over every slot of the cache, so it reads the whole cache each step.
   step_flops, step_bytes = decode_step_cost(config, decode_batch, decode_prompt_length + long)
-  decode = {'batch': decode_batch, 'prompt_length': decode_prompt_length, 'cache_length': decode_prompt_length + long,
-            'seconds_per_step': step_seconds, 'bytes_per_step': step_bytes, 'flops_per_step': step_flops,
-            'bandwidth_utilisation': step_bytes / step_seconds / peaks['copy_bytes_per_s']}
-  return {'preset': preset, 'device': jax.devices()[0].device_kind, 'peaks': peaks,
-          'update_step': {**dataclasses.asdict(shape), **update}, 'decode': decode}
+  decode = {
+    'batch': decode_batch,
+    'prompt_length': decode_prompt_length,
+    'cache_length': decode_prompt_length + long,
+    'seconds_per_step': step_seconds,
+    'bytes_per_step': step_bytes,
+    'flops_per_step': step_flops,
+    'bandwidth_utilisation': step_bytes / step_seconds / peaks['copy_bytes_per_s'],
+  }
+  return {
+    'preset': preset,
+    'device': jax.devices()[0].device_kind,
+    'peaks': peaks,
+    'update_step': {**dataclasses.asdict(shape), **update},
+    'decode': decode,
+  }

@@ -25,25 +25,32 @@ ENV_PROCESS_ID = 'COARS_PROCESS_ID'
 
 def distributed_defaults() -> ml_collections.ConfigDict:
   """The `distributed` group of the training config."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       'enabled': False,  # call jax.distributed.initialize first (every host of a multi-host run)
       'coordinator_address': '',  # host:port of process 0; '' = $COARS_COORDINATOR_ADDRESS, else JAX's detection
       'num_processes': 0,  # 0 = $COARS_NUM_PROCESSES, else JAX's detection
       'process_id': -1,  # -1 = $COARS_PROCESS_ID, else JAX's detection
-  })
+    }
+  )
 
 
 def validate_fields(config: ml_collections.ConfigDict) -> None:
   settings = config.distributed
   configlib.require(isinstance(settings.enabled, bool), 'distributed.enabled', 'a bool', settings.enabled)
-  configlib.require(isinstance(settings.coordinator_address, str), 'distributed.coordinator_address',
-                    "'host:port' or ''", settings.coordinator_address)
+  configlib.require(
+    isinstance(settings.coordinator_address, str),
+    'distributed.coordinator_address',
+    "'host:port' or ''",
+    settings.coordinator_address,
+  )
   configlib.require_int_field(config, 'distributed.num_processes', 0)
   configlib.require_int_field(config, 'distributed.process_id', -1)
 
 
-def initialize_arguments(settings: ml_collections.ConfigDict | None,
-                         environ: dict[str, str] | None = None) -> dict[str, Any] | None:
+def initialize_arguments(
+  settings: ml_collections.ConfigDict | None, environ: dict[str, str] | None = None
+) -> dict[str, Any] | None:
   """The keyword arguments `initialize` passes to `jax.distributed.initialize`; None when it is not enabled.
   Arguments left out are detected by JAX (TPU pod metadata, SLURM variables)."""
   if settings is None or not settings.enabled:
@@ -69,8 +76,13 @@ def initialize(settings: ml_collections.ConfigDict | None) -> bool:
   if arguments is None:
     return False
   jax.distributed.initialize(**arguments)
-  logging.info('jax.distributed: process %d of %d, %d local / %d global devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    'jax.distributed: process %d of %d, %d local / %d global devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 

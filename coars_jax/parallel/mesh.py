@@ -39,8 +39,9 @@ def validate_mesh_shape(shape: Mapping[str, int], num_devices: int, field: str =
   fixed = math.prod(size for size in shape.values() if size != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f'{field}: the fixed axes use {fixed} devices, which does not divide the {num_devices} '
-                       f'devices present')
+      raise ValueError(
+        f'{field}: the fixed axes use {fixed} devices, which does not divide the {num_devices} devices present'
+      )
     shape[free[0]] = num_devices // fixed
   if math.prod(shape.values()) != num_devices:
     raise ValueError(f'{field}: axes {shape} use {math.prod(shape.values())} devices but {num_devices} are present')

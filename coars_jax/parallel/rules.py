@@ -7,42 +7,55 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from coars_jax.models.logical_axes import (ADAPTER, AXIS_NAMES, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
-                                          LORA_RANK, MLP, VOCAB)
+from coars_jax.models.logical_axes import (
+  ADAPTER,
+  AXIS_NAMES,
+  BATCH,
+  EMBED,
+  HEAD_DIM,
+  HEADS,
+  KV_HEADS,
+  LENGTH,
+  LORA_RANK,
+  MLP,
+  VOCAB,
+)
 from coars_jax.parallel.mesh import DATA_AXIS, FSDP_AXIS, KNOWN_AXES, TENSOR_AXIS
 
 # (logical name, mesh axes it is split over, major to minor); an empty tuple keeps the dimension whole.
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 DEFAULT_RULES: Rules = (
-    # Rows go over every data-parallel axis; fsdp also shards the parameters, so it splits the batch too.
-    (BATCH, (DATA_AXIS, FSDP_AXIS)),
-    (LENGTH, ()),
-    # Parameters' embed dimension is the one FSDP shards (gathered per layer by XLA when it is used).
-    (EMBED, (FSDP_AXIS,)),
-    (HEADS, (TENSOR_AXIS,)),
-    (KV_HEADS, (TENSOR_AXIS,)),
-    (HEAD_DIM, ()),
-    (MLP, (TENSOR_AXIS,)),
-    (VOCAB, (TENSOR_AXIS,)),
-    # The adapter stack and the LoRA rank are small: kept whole, so a row's adapter choice needs no gather.
-    (ADAPTER, ()),
-    (LORA_RANK, ()),
+  # Rows go over every data-parallel axis; fsdp also shards the parameters, so it splits the batch too.
+  (BATCH, (DATA_AXIS, FSDP_AXIS)),
+  (LENGTH, ()),
+  # Parameters' embed dimension is the one FSDP shards (gathered per layer by XLA when it is used).
+  (EMBED, (FSDP_AXIS,)),
+  (HEADS, (TENSOR_AXIS,)),
+  (KV_HEADS, (TENSOR_AXIS,)),
+  (HEAD_DIM, ()),
+  (MLP, (TENSOR_AXIS,)),
+  (VOCAB, (TENSOR_AXIS,)),
+  # The adapter stack and the LoRA rank are small: kept whole, so a row's adapter choice needs no gather.
+  (ADAPTER, ()),
+  (LORA_RANK, ()),
 )
 
 
-def make_rules(table: Mapping[str, str | Sequence[str] | None] | None = None, *, field: str = 'sharding_rules'
-               ) -> Rules:
+def make_rules(
+  table: Mapping[str, str | Sequence[str] | None] | None = None, *, field: str = 'sharding_rules'
+) -> Rules:
   """`DEFAULT_RULES` with the entries of `table` (logical name -> a mesh axis, a sequence of them, or None for
   whole) put in their place; raises naming `field` on an unknown logical name or mesh axis."""
   merged = dict(DEFAULT_RULES)
-  for name in (table.keys() if table is not None else ()):
+  for name in table.keys() if table is not None else ():
     merged[str(name)] = _mesh_axes(table[name], f'{field}.{name}')
   return validate_rules(tuple(merged.items()), field=field)
 
 
-def validate_rules(rules: Rules | Sequence[tuple[str, str | Sequence[str] | None]], *,
-                   field: str = 'sharding_rules') -> Rules:
+def validate_rules(
+  rules: Rules | Sequence[tuple[str, str | Sequence[str] | None]], *, field: str = 'sharding_rules'
+) -> Rules:
   """`rules` in normal form (every value a tuple of mesh axes), after checking names, axes and duplicates."""
   seen: set[str] = set()
   out = []

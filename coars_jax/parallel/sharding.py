@@ -107,8 +107,9 @@ class Partitioning:
         return jax.tree.structure(node).num_nodes == 1 and _shape(node) == _shape(params)
       return jax.tree.structure(node) == structure
 
-    return jax.tree.map(lambda node: param_shardings if mirrors_params(node) else self.replicated(), opt_state,
-                        is_leaf=mirrors_params)
+    return jax.tree.map(
+      lambda node: param_shardings if mirrors_params(node) else self.replicated(), opt_state, is_leaf=mirrors_params
+    )
 
   def cache(self, cache: KVCache) -> KVCache:
     """Shardings of a KV cache (concrete or from `jax.eval_shape`) by its logical names: rows by the batch rule,
@@ -134,8 +135,9 @@ class Partitioning:
 
   # -- activations ------------------------------------------------------------------------------------------------
 
-  def activation_rules(self, sizes: Mapping[str, int] | None = None
-                       ) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  def activation_rules(
+    self, sizes: Mapping[str, int] | None = None
+  ) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     """The rules in flax's form for `models.logical_axes.constrain`, which sees names but not shapes: only the
     mesh's axes of size > 1; none of the batch's mesh axes on other names (every activation is [batch, ...], and
     an axis may split one dimension only, so by default activations are split on rows, heads, mlp and vocab, never
@@ -159,20 +161,25 @@ class Partitioning:
   @contextlib.contextmanager
   def activate(self, sizes: Mapping[str, int] | None = None) -> Iterator[None]:
     """Inside a traced function: makes the decoder's activation constraints follow these rules on this mesh."""
-    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
-        nnx.logical_axis_rules(self.activation_rules(sizes)):
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), nnx.logical_axis_rules(self.activation_rules(sizes)):
       yield
 
 
 def activation_sizes(config: DecoderConfig, batch: int) -> dict[str, int]:
   """The size of every logical activation dimension that is the same throughout a program of `batch` rows (all
   but length, which differs between prefill and decode steps)."""
-  return {BATCH: batch, EMBED: config.embed_dim, HEADS: config.num_heads, KV_HEADS: config.num_kv_heads,
-          HEAD_DIM: config.head_dim, MLP: config.mlp_dim, VOCAB: config.vocab_size}
+  return {
+    BATCH: batch,
+    EMBED: config.embed_dim,
+    HEADS: config.num_heads,
+    KV_HEADS: config.num_kv_heads,
+    HEAD_DIM: config.head_dim,
+    MLP: config.mlp_dim,
+    VOCAB: config.vocab_size,
+  }
 
 
-def activation_scope(partitioning: Partitioning | None, config: DecoderConfig | None = None,
-                     batch: int | None = None):
+def activation_scope(partitioning: Partitioning | None, config: DecoderConfig | None = None, batch: int | None = None):
   """`partitioning.activate()` for a model of `config` run on `batch` rows (both known at trace time), or nothing
   when there is no partitioning (the unsharded programs)."""
   if partitioning is None:
@@ -201,9 +208,12 @@ def place(tree: Any, shardings: Any) -> Any:
   """
   if jax.process_count() == 1:
     return jax.device_put(tree, shardings)
-  return jax.tree.map(lambda sharding, subtree: jax.tree.map(functools.partial(_place_leaf, sharding=sharding),
-                                                            subtree),
-                      shardings, tree, is_leaf=lambda node: isinstance(node, jax.sharding.Sharding))
+  return jax.tree.map(
+    lambda sharding, subtree: jax.tree.map(functools.partial(_place_leaf, sharding=sharding), subtree),
+    shardings,
+    tree,
+    is_leaf=lambda node: isinstance(node, jax.sharding.Sharding),
+  )
 
 
 def _place_leaf(leaf, sharding: jax.sharding.Sharding):
@@ -216,8 +226,14 @@ def _place_leaf(leaf, sharding: jax.sharding.Sharding):
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def sharded_jit(fun: Callable, in_shardings: Any, out_shardings: Any, *, static_argnums: tuple[int, ...] = (),
-                donate_argnums: tuple[int, ...] = ()) -> Callable:
+def sharded_jit(
+  fun: Callable,
+  in_shardings: Any,
+  out_shardings: Any,
+  *,
+  static_argnums: tuple[int, ...] = (),
+  donate_argnums: tuple[int, ...] = (),
+) -> Callable:
   """`jax.jit(fun, in_shardings=, out_shardings=, ...)`, memoised on the shardings' values, so a caller that
   recomputes equal shardings on every call reuses one jitted function (and its compiled programs). Positional
   arguments only (jit refuses keyword arguments once in_shardings are given); `in_shardings` covers the
@@ -225,8 +241,9 @@ def sharded_jit(fun: Callable, in_shardings: Any, out_shardings: Any, *, static_
   only global arrays for shardings that span processes; single-process they go to jit as they are."""
   in_leaves, in_tree = jax.tree.flatten(in_shardings)
   out_leaves, out_tree = jax.tree.flatten(out_shardings)
-  jitted = _jit(fun, tuple(in_leaves), in_tree, tuple(out_leaves), out_tree, tuple(static_argnums),
-                tuple(donate_argnums))
+  jitted = _jit(
+    fun, tuple(in_leaves), in_tree, tuple(out_leaves), out_tree, tuple(static_argnums), tuple(donate_argnums)
+  )
   if jax.process_count() == 1:
     return jitted
   return _PlacingJit(jitted, jax.tree.unflatten(in_tree, in_leaves), tuple(static_argnums))
@@ -234,9 +251,13 @@ def sharded_jit(fun: Callable, in_shardings: Any, out_shardings: Any, *, static_
 
 @functools.lru_cache(maxsize=256)
 def _jit(fun, in_leaves, in_tree, out_leaves, out_tree, static_argnums, donate_argnums):
-  return jax.jit(fun, in_shardings=jax.tree.unflatten(in_tree, in_leaves),
-                 out_shardings=jax.tree.unflatten(out_tree, out_leaves), static_argnums=static_argnums,
-                 donate_argnums=donate_argnums)
+  return jax.jit(
+    fun,
+    in_shardings=jax.tree.unflatten(in_tree, in_leaves),
+    out_shardings=jax.tree.unflatten(out_tree, out_leaves),
+    static_argnums=static_argnums,
+    donate_argnums=donate_argnums,
+  )
 
 
 class _PlacingJit:

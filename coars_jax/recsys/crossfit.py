@@ -81,8 +81,9 @@ class RoutedPeer:
 
   def candidate_scores(self, history, lengths, candidates) -> np.ndarray:
     """float32[B, C]: each row's SASRec score of each of its candidates."""
-    return self._routed(lambda m, h, l, c: np.asarray(peer_lib.candidate_scores(m, h, l, c)), history, lengths,
-                        candidates, np.float32)
+    return self._routed(
+      lambda m, h, l, c: np.asarray(peer_lib.candidate_scores(m, h, l, c)), history, lengths, candidates, np.float32
+    )
 
   def candidate_ranking(self, history, lengths, candidates) -> np.ndarray:
     return self._routed(peer_lib.candidate_ranking, history, lengths, candidates, np.int64)
@@ -119,8 +120,14 @@ class CrossFittedPeer:
     return RoutedPeer(self.fold_models + (self.full,), rows)
 
 
-def top1_hit_rate(peer, dataset: Dataset, split: str, candidates: np.ndarray, targets: np.ndarray,
-                  window_indices: np.ndarray | None = None) -> float:
+def top1_hit_rate(
+  peer,
+  dataset: Dataset,
+  split: str,
+  candidates: np.ndarray,
+  targets: np.ndarray,
+  window_indices: np.ndarray | None = None,
+) -> float:
   """The share of windows whose target is the peer's top candidate.
 
   Args:
@@ -133,7 +140,10 @@ def top1_hit_rate(peer, dataset: Dataset, split: str, candidates: np.ndarray, ta
   """
   windows = dataset.split(split)
   indices = np.arange(len(windows)) if window_indices is None else np.asarray(window_indices, np.int64)
-  bound = (peer.for_windows(split, windows.users[indices]) if isinstance(peer, CrossFittedPeer)
-           else RoutedPeer([peer], np.zeros(len(indices), np.int64)))
+  bound = (
+    peer.for_windows(split, windows.users[indices])
+    if isinstance(peer, CrossFittedPeer)
+    else RoutedPeer([peer], np.zeros(len(indices), np.int64))
+  )
   top = bound.top_candidates(windows.history[indices], windows.lengths[indices], candidates)
   return float(np.mean(np.asarray(top) == np.asarray(targets)))

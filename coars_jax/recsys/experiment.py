@@ -28,7 +28,8 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
   """Defaults for `configs/sasrec_<dataset>.py`; each field documents what it controls."""
   model = SASRecConfig(num_items=1)
   train = SASRecTrainConfig()
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       'dataset': dataset,  # lastfm | movielens | instruments
       'data_root': '',  # '' -> $COARS_DATA_DIR -> the per-user cache folder
       'allow_download': True,  # fetch missing public originals (checksum-verified) when the network allows
@@ -38,11 +39,15 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
       'candidate_seeds': tuple(range(10)),  # each row is the mean over these candidate-list seeds
       'retrain': False,  # ignore existing checkpoints
       'progress': True,  # tqdm bars
-      'sasrec': {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-                 if f.name not in ('num_items', 'max_len')},
-      'train': {**{f.name: getattr(train, f.name) for f in dataclasses.fields(train)},
-                'val_candidate_seeds': tuple(train.val_candidate_seeds)},
-  })
+      'sasrec': {
+        f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ('num_items', 'max_len')
+      },
+      'train': {
+        **{f.name: getattr(train, f.name) for f in dataclasses.fields(train)},
+        'val_candidate_seeds': tuple(train.val_candidate_seeds),
+      },
+    }
+  )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -66,8 +71,7 @@ def model_config(config: ml_collections.ConfigDict, num_items: int) -> SASRecCon
 
 def train_config(config: ml_collections.ConfigDict) -> SASRecTrainConfig:
   fields = config.train.to_dict()
-  fields['val_candidate_seeds'] = configlib.require_int_list(fields['val_candidate_seeds'],
-                                                              'train.val_candidate_seeds')
+  fields['val_candidate_seeds'] = configlib.require_int_list(fields['val_candidate_seeds'], 'train.val_candidate_seeds')
   return SASRecTrainConfig(**fields)
 
 
@@ -79,8 +83,15 @@ def load_configured_dataset(config: ml_collections.ConfigDict) -> Dataset:
   return load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
 
 
-def peer_config(dataset: str, *, workdir: str, data_root: str = '', allow_download: bool = True,
-                progress: bool = True, max_epochs: int = 0) -> ml_collections.ConfigDict:
+def peer_config(
+  dataset: str,
+  *,
+  workdir: str,
+  data_root: str = '',
+  allow_download: bool = True,
+  progress: bool = True,
+  max_epochs: int = 0,
+) -> ml_collections.ConfigDict:
   """The SASRec config behind an agentic run's peer: the defaults, with the run's data root, checkpoint folder,
   progress bars and an optional cap on the epochs (0 = the default's own, early-stopped)."""
   config = default_config(dataset)
@@ -96,8 +107,9 @@ def peer_config(dataset: str, *, workdir: str, data_root: str = '', allow_downlo
 SECONDS_PER_WINDOW_EPOCH = 2.5e-4
 
 
-def checkpoint_status(config: ml_collections.ConfigDict, dataset: Dataset, seed: int,
-                      fold: FoldSpec | None = None) -> tuple[bool, str]:
+def checkpoint_status(
+  config: ml_collections.ConfigDict, dataset: Dataset, seed: int, fold: FoldSpec | None = None
+) -> tuple[bool, str]:
   """(whether `train_or_load` would reuse the checkpoint, why not): a checkpoint is reused only when it was
   trained with the same dataset, model config, whole training config and fold, and `retrain` is off."""
   folder = checkpoint_folder(config, seed, fold)
@@ -106,16 +118,21 @@ def checkpoint_status(config: ml_collections.ConfigDict, dataset: Dataset, seed:
   if config.retrain:
     return False, 'retrain is on'
   meta = json.loads((folder / checkpoint.META_FILE).read_text())
-  expected = (dataset.name, dataclasses.asdict(model_config(config, dataset.num_items)),
-              json.loads(json.dumps(config.train.to_dict())), None if fold is None else dataclasses.asdict(fold))
+  expected = (
+    dataset.name,
+    dataclasses.asdict(model_config(config, dataset.num_items)),
+    json.loads(json.dumps(config.train.to_dict())),
+    None if fold is None else dataclasses.asdict(fold),
+  )
   found = (meta.get('dataset'), meta.get('model_config'), meta.get('train_config'), meta.get('fold'))
   if found != expected:
     return False, 'the checkpoint there was trained with another dataset, model, training config or fold'
   return True, 'same data, model and training config'
 
 
-def train_or_load(config: ml_collections.ConfigDict, dataset: Dataset, seed: int,
-                  fold: FoldSpec | None = None) -> tuple[SASRec, dict]:
+def train_or_load(
+  config: ml_collections.ConfigDict, dataset: Dataset, seed: int, fold: FoldSpec | None = None
+) -> tuple[SASRec, dict]:
   """The SASRec of training seed `seed` (trained on every training window, or with `fold`, on all but that fold's
   users): loaded from its checkpoint when that was trained with the same dataset, model, training config and fold,
   else trained and saved (announced, with the folder, either way)."""
@@ -130,14 +147,26 @@ def train_or_load(config: ml_collections.ConfigDict, dataset: Dataset, seed: int
     return model, meta
   train_data = dataset if fold is None else held_out_dataset(dataset, fold)
   windows = len(train_data.split('train'))
-  announce(f'Training {what} on {windows} training windows (at most {config.train.max_epochs} epochs) into {folder}: '
-           f'{why}; {about(windows * config.train.max_epochs * SECONDS_PER_WINDOW_EPOCH)} on 2 CPU cores at most')
-  result = train_sasrec(train_data, model_config(config, dataset.num_items), train_config(config), seed=seed,
-                        progress=config.progress)
-  meta = {'dataset': dataset.name, 'seed': seed, 'fold': fold_settings, 'best_epoch': result.best_epoch,
-          'best_val': result.best_val, 'epochs_run': result.epochs_run, 'train_seconds': round(result.seconds, 1),
-          'peak_rss_mib': round(result.peak_rss_mib, 1), 'train_config': train_settings,
-          'train_windows': len(train_data.split('train')), 'val_history': result.history}
+  announce(
+    f'Training {what} on {windows} training windows (at most {config.train.max_epochs} epochs) into {folder}: '
+    f'{why}; {about(windows * config.train.max_epochs * SECONDS_PER_WINDOW_EPOCH)} on 2 CPU cores at most'
+  )
+  result = train_sasrec(
+    train_data, model_config(config, dataset.num_items), train_config(config), seed=seed, progress=config.progress
+  )
+  meta = {
+    'dataset': dataset.name,
+    'seed': seed,
+    'fold': fold_settings,
+    'best_epoch': result.best_epoch,
+    'best_val': result.best_val,
+    'epochs_run': result.epochs_run,
+    'train_seconds': round(result.seconds, 1),
+    'peak_rss_mib': round(result.peak_rss_mib, 1),
+    'train_config': train_settings,
+    'train_windows': len(train_data.split('train')),
+    'val_history': result.history,
+  }
   checkpoint.save_sasrec(folder, result.model, meta)
   return result.model, {'model_config': dataclasses.asdict(result.model.config), **meta}
 
@@ -147,8 +176,9 @@ def checkpoint_folder(config: ml_collections.ConfigDict, seed: int, fold: FoldSp
   return workdir(config) / (f'seed_{seed}' if fold is None else f'seed_{seed}_{fold.tag}')
 
 
-def train_or_load_peer(config: ml_collections.ConfigDict, dataset: Dataset, seed: int, *, num_folds: int,
-                       fold_seed: int = 0) -> tuple[SASRec, SASRec | CrossFittedPeer]:
+def train_or_load_peer(
+  config: ml_collections.ConfigDict, dataset: Dataset, seed: int, *, num_folds: int, fold_seed: int = 0
+) -> tuple[SASRec, SASRec | CrossFittedPeer]:
   """(the full SASRec, the peer of the training windows): with `num_folds` >= 2 a `CrossFittedPeer` of that many
   out-of-fold models (METHOD.md section 2), with 0 the full model itself (its training windows' signals are then an
   oracle; for tests and for the ablation that measures the leak)."""
@@ -163,8 +193,16 @@ def train_or_load_peer(config: ml_collections.ConfigDict, dataset: Dataset, seed
   return full, CrossFittedPeer(full, models, folds)
 
 
-def peer_hit_rates(dataset: Dataset, full: SASRec, peer: SASRec | CrossFittedPeer, *, candidate_seed: int = 0,
-                   train_windows: int = 0, pool: str = 'all', seed: int = 0) -> dict[str, float | int | str]:
+def peer_hit_rates(
+  dataset: Dataset,
+  full: SASRec,
+  peer: SASRec | CrossFittedPeer,
+  *,
+  candidate_seed: int = 0,
+  train_windows: int = 0,
+  pool: str = 'all',
+  seed: int = 0,
+) -> dict[str, float | int | str]:
   """The peer's top-1 hit rate (the share of windows whose target is its top candidate) per split, on the
   rollouts' candidate lists (`data.candidate_list` with `candidate_seed`):
 
@@ -190,10 +228,11 @@ def peer_hit_rates(dataset: Dataset, full: SASRec, peer: SASRec | CrossFittedPee
   indices = sample(pool)
   train_candidates, train_targets = lists('train', indices)
   rates: dict[str, float | int | str] = {
-      'train_pool': pool,
-      'train_in_sample': top1_hit_rate(full, dataset, 'train', train_candidates, train_targets, indices),
-      'train_out_of_fold': top1_hit_rate(peer, dataset, 'train', train_candidates, train_targets, indices),
-      'train_windows_scored': int(len(indices))}
+    'train_pool': pool,
+    'train_in_sample': top1_hit_rate(full, dataset, 'train', train_candidates, train_targets, indices),
+    'train_out_of_fold': top1_hit_rate(peer, dataset, 'train', train_candidates, train_targets, indices),
+    'train_windows_scored': int(len(indices)),
+  }
   if pool != 'all':
     every = sample('all')
     rates['train_out_of_fold_all_windows'] = top1_hit_rate(peer, dataset, 'train', *lists('train', every), every)

@@ -35,8 +35,9 @@ def candidate_ranking(model: SASRec, history, lengths, candidates) -> np.ndarray
   """int[B, C]: each candidate list reordered by SASRec's score, best first; ties keep list order, as
   `top_candidate`'s argmax does, so column 0 is `top_candidate`."""
   candidates = np.asarray(candidates, np.int32)
-  scores = np.asarray(candidate_scores(model, jnp.asarray(history, jnp.int32), jnp.asarray(lengths, jnp.int32),
-                                       jnp.asarray(candidates)))
+  scores = np.asarray(
+    candidate_scores(model, jnp.asarray(history, jnp.int32), jnp.asarray(lengths, jnp.int32), jnp.asarray(candidates))
+  )
   return np.take_along_axis(candidates, np.argsort(-scores, axis=1, kind='stable'), axis=1)
 
 
@@ -59,8 +60,12 @@ def candidate_similarities(model: SASRec, history, lengths, candidates) -> np.nd
   episodes changes."""
   candidates = np.asarray(candidates, np.int32)
   batch, width = candidates.shape
-  similarities = peer_similarity(model, np.repeat(np.asarray(history, np.int32), width, axis=0),
-                                 np.repeat(np.asarray(lengths, np.int32), width), candidates.reshape(-1))
+  similarities = peer_similarity(
+    model,
+    np.repeat(np.asarray(history, np.int32), width, axis=0),
+    np.repeat(np.asarray(lengths, np.int32), width),
+    candidates.reshape(-1),
+  )
   return np.asarray(similarities).reshape(batch, width)
 
 

@@ -63,7 +63,6 @@ def right_align(history: jax.Array, lengths: jax.Array, pad_id: int) -> tuple[ja
 
 
 class _Block(nnx.Module):
-
   def __init__(self, config: SASRecConfig, *, rngs: nnx.Rngs):
     h = config.hidden
     self.config = config
@@ -109,20 +108,23 @@ class SASRec(nnx.Module):
     chex.assert_equal_shape_prefix([history, lengths], 1)
     config = self.config
     tokens, valid = right_align(history, lengths, config.num_items)
-    keys = ([None] * (1 + 3 * config.num_blocks) if dropout_key is None
-            else list(jax.random.split(dropout_key, 1 + 3 * config.num_blocks)))
+    keys = (
+      [None] * (1 + 3 * config.num_blocks)
+      if dropout_key is None
+      else list(jax.random.split(dropout_key, 1 + 3 * config.num_blocks))
+    )
     x = self.item_embed(tokens) * jnp.sqrt(config.hidden) + self.pos_embed(jnp.arange(config.max_len))[None]
     x = _dropout(x, config.dropout, keys[0]) * valid[..., None]
     causal = jnp.tril(jnp.ones((config.max_len, config.max_len), bool))
     # Every position may attend to itself, so that all-padding rows stay finite.
     mask = (causal[None] & valid[:, None, :]) | jnp.eye(config.max_len, dtype=bool)[None]
     for i, block in enumerate(self.blocks):
-      x = block(x, mask, keys[1 + 3 * i:4 + 3 * i]) * valid[..., None]
+      x = block(x, mask, keys[1 + 3 * i : 4 + 3 * i]) * valid[..., None]
     return self.final_norm(x[:, -1])
 
   def item_embeddings(self) -> jax.Array:
     """float32[num_items, hidden]: the (shared input/output) embedding of every real item."""
-    return self.item_embed.embedding[...][:self.config.num_items]
+    return self.item_embed.embedding[...][: self.config.num_items]
 
   def __call__(self, history: jax.Array, lengths: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """Logits over the catalog, float32[B, num_items]."""

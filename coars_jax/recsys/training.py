@@ -58,8 +58,10 @@ class SASRecTrainConfig:
       if getattr(self, name) < 1:
         raise ValueError(f'SASRecTrainConfig.{name} must be >= 1, found {getattr(self, name)}')
     if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
-      raise ValueError(f'SASRecTrainConfig.early_stopping_metric must be one of {EARLY_STOPPING_METRICS}, '
-                       f'found {self.early_stopping_metric!r}')
+      raise ValueError(
+        f'SASRecTrainConfig.early_stopping_metric must be one of {EARLY_STOPPING_METRICS}, '
+        f'found {self.early_stopping_metric!r}'
+      )
     if not self.val_candidate_seeds:
       raise ValueError('SASRecTrainConfig.val_candidate_seeds must name at least one seed')
 
@@ -103,8 +105,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
   return step
 
 
-def evaluate_per_seed(model: SASRec, windows: WindowSplit, candidates: np.ndarray,
-                      target_index: np.ndarray) -> list[dict[str, float]]:
+def evaluate_per_seed(
+  model: SASRec, windows: WindowSplit, candidates: np.ndarray, target_index: np.ndarray
+) -> list[dict[str, float]]:
   """Ranking metrics of `model` on each candidate seed's lists."""
   scores = peer_lib.candidate_scores(model, windows.history, windows.lengths, candidates)
   return [metrics.ranking_metrics(scores[s], target_index[s]) for s in range(candidates.shape[0])]
@@ -114,8 +117,9 @@ def mean_metrics(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in per_seed])) for k in per_seed[0]}
 
 
-def train_sasrec(dataset: Dataset, model_config: SASRecConfig, train_config: SASRecTrainConfig, *, seed: int,
-                 progress: bool = True) -> TrainResult:
+def train_sasrec(
+  dataset: Dataset, model_config: SASRecConfig, train_config: SASRecTrainConfig, *, seed: int, progress: bool = True
+) -> TrainResult:
   """Trains SASRec on the train windows with at least one history item, keeping the best val epoch."""
   start = time.perf_counter()
   train = dataset.split('train')
@@ -134,19 +138,26 @@ def train_sasrec(dataset: Dataset, model_config: SASRecConfig, train_config: SAS
 
   best = (-np.inf, 0, None, None)
   history, stale = [], 0
-  bar = tqdm.trange(train_config.max_epochs, desc=f'SASRec {dataset.name} seed {seed}', disable=not progress,
-                    leave=False)
+  bar = tqdm.trange(
+    train_config.max_epochs, desc=f'SASRec {dataset.name} seed {seed}', disable=not progress, leave=False
+  )
   for epoch in bar:
     order = np.random.default_rng([seed, epoch]).permutation(len(train))
     order = np.concatenate([order, np.zeros(num_batches * batch - len(order), dtype=order.dtype)])
-    weights = np.concatenate([np.ones(len(train), np.float32),
-                              np.zeros(num_batches * batch - len(train), np.float32)])
+    weights = np.concatenate([np.ones(len(train), np.float32), np.zeros(num_batches * batch - len(train), np.float32)])
     losses = []
     for b in range(num_batches):
-      rows = order[b * batch:(b + 1) * batch]
+      rows = order[b * batch : (b + 1) * batch]
       key, step_key = jax.random.split(key)
-      params, opt_state, loss = step(params, opt_state, train.history[rows], train.lengths[rows],
-                                     train.targets[rows], weights[b * batch:(b + 1) * batch], step_key)
+      params, opt_state, loss = step(
+        params,
+        opt_state,
+        train.history[rows],
+        train.lengths[rows],
+        train.targets[rows],
+        weights[b * batch : (b + 1) * batch],
+        step_key,
+      )
       losses.append(loss)
     nnx.update(model, params)
     val_metrics = mean_metrics(evaluate_per_seed(model, val, val_candidates, val_targets))
@@ -162,7 +173,21 @@ def train_sasrec(dataset: Dataset, model_config: SASRecConfig, train_config: SAS
     if stale >= train_config.patience:
       break
   nnx.update(model, jax.tree.map(jnp.asarray, best[2]))
-  logging.info('SASRec %s seed %d: best val %s %.4f at epoch %d of %d', dataset.name, seed,
-               train_config.early_stopping_metric, best[0], best[1], len(history))
-  return TrainResult(model=model, best_epoch=best[1], best_val=best[3], epochs_run=len(history),
-                     seconds=time.perf_counter() - start, peak_rss_mib=peak_rss_mib(), history=history)
+  logging.info(
+    'SASRec %s seed %d: best val %s %.4f at epoch %d of %d',
+    dataset.name,
+    seed,
+    train_config.early_stopping_metric,
+    best[0],
+    best[1],
+    len(history),
+  )
+  return TrainResult(
+    model=model,
+    best_epoch=best[1],
+    best_val=best[3],
+    epochs_run=len(history),
+    seconds=time.perf_counter() - start,
+    peak_rss_mib=peak_rss_mib(),
+    history=history,
+  )

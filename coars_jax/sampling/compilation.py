@@ -13,49 +13,49 @@ from collections.abc import Iterator
 from jax import monitoring
 
 # jax records this event once per XLA backend compilation (jax/_src/dispatch.py BACKEND_COMPILE_EVENT).
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 _lock = threading.Lock()
 _trace_counts: collections.Counter[str] = collections.Counter()
 
 
 def record_trace(name: str) -> None:
-    """Counts one trace of the jitted function `name`; call it from inside the traced Python body."""
-    with _lock:
-        _trace_counts[name] += 1
+  """Counts one trace of the jitted function `name`; call it from inside the traced Python body."""
+  with _lock:
+    _trace_counts[name] += 1
 
 
 def trace_counts() -> dict[str, int]:
-    """How many times each jitted function of this package has been traced so far in this process."""
-    with _lock:
-        return dict(_trace_counts)
+  """How many times each jitted function of this package has been traced so far in this process."""
+  with _lock:
+    return dict(_trace_counts)
 
 
 def total_traces(counts: dict[str, int] | None = None) -> int:
-    return sum((trace_counts() if counts is None else counts).values())
+  return sum((trace_counts() if counts is None else counts).values())
 
 
 class BackendCompileCount:
-    """The XLA compilations seen while a `count_backend_compiles` block was open: how many, and the seconds
-    they took."""
+  """The XLA compilations seen while a `count_backend_compiles` block was open: how many, and the seconds
+  they took."""
 
-    def __init__(self):
-        self.count = 0
-        self.seconds = 0.0
+  def __init__(self):
+    self.count = 0
+    self.seconds = 0.0
 
-    def _listener(self, event: str, duration_secs: float, **kwargs) -> None:
-        del kwargs
-        if event == BACKEND_COMPILE_EVENT:
-            self.count += 1
-            self.seconds += duration_secs
+  def _listener(self, event: str, duration_secs: float, **kwargs) -> None:
+    del kwargs
+    if event == BACKEND_COMPILE_EVENT:
+      self.count += 1
+      self.seconds += duration_secs
 
 
 @contextlib.contextmanager
 def count_backend_compiles() -> Iterator[BackendCompileCount]:
-    """`with count_backend_compiles() as compiles: ...` then `compiles.count` and `compiles.seconds`."""
-    counter = BackendCompileCount()
-    monitoring.register_event_duration_secs_listener(counter._listener)
-    try:
-        yield counter
-    finally:
-        monitoring.unregister_event_duration_listener(counter._listener)
+  """`with count_backend_compiles() as compiles: ...` then `compiles.count` and `compiles.seconds`."""
+  counter = BackendCompileCount()
+  monitoring.register_event_duration_secs_listener(counter._listener)
+  try:
+    yield counter
+  finally:
+    monitoring.unregister_event_duration_listener(counter._listener)

@@ -28,10 +28,24 @@ from coars_jax.sampling.constraints import ChoiceConstraint, states_along
 from coars_jax.sampling.distributions import SamplingParams
 from coars_jax.sampling.scoring import MODEL_DISTRIBUTION, _target_log_probs
 
-DIALOGUE_KEYS = ('dialogue_tokens', 'dialogue_segments', 'dialogue_positions', 'completion_tokens', 'completion_mask',
-                 'student_row', 'student_start')
-TEACHER_KEYS = ('teacher_tokens', 'teacher_segments', 'teacher_positions', 'teacher_prefix_start',
-                'teacher_prefix_end', 'teacher_row', 'teacher_start')
+DIALOGUE_KEYS = (
+  'dialogue_tokens',
+  'dialogue_segments',
+  'dialogue_positions',
+  'completion_tokens',
+  'completion_mask',
+  'student_row',
+  'student_start',
+)
+TEACHER_KEYS = (
+  'teacher_tokens',
+  'teacher_segments',
+  'teacher_positions',
+  'teacher_prefix_start',
+  'teacher_prefix_end',
+  'teacher_row',
+  'teacher_start',
+)
 
 
 def gather_slots(hidden: jax.Array, rows: jax.Array, starts: jax.Array, length: int) -> jax.Array:
@@ -41,8 +55,9 @@ def gather_slots(hidden: jax.Array, rows: jax.Array, starts: jax.Array, length: 
   return hidden[rows[:, None], slots]
 
 
-def teacher_attention_mask(teacher_segments: jax.Array, prefix_start: jax.Array, prefix_end: jax.Array,
-                           student_length: int) -> jax.Array:
+def teacher_attention_mask(
+  teacher_segments: jax.Array, prefix_start: jax.Array, prefix_end: jax.Array, student_length: int
+) -> jax.Array:
   """bool [R, Lt, Ls + Lt]: a teacher token reads the student slots [start, end) of its row, then the tokens of its
   own teacher segment up to itself."""
   student_slots = jnp.arange(student_length)[None, None, :]
@@ -53,10 +68,16 @@ def teacher_attention_mask(teacher_segments: jax.Array, prefix_start: jax.Array,
   return jnp.concatenate([reads_student, causal & same], axis=-1)
 
 
-def packed_log_probs(model: Decoder, rows: dict[str, jax.Array], *, teacher: bool,
-                     params: SamplingParams = MODEL_DISTRIBUTION, chunk_size: int | None = None,
-                     constraint: ChoiceConstraint | None = None,
-                     **model_call_kwargs: Any) -> tuple[jax.Array, jax.Array | None]:
+def packed_log_probs(
+  model: Decoder,
+  rows: dict[str, jax.Array],
+  *,
+  teacher: bool,
+  params: SamplingParams = MODEL_DISTRIBUTION,
+  chunk_size: int | None = None,
+  constraint: ChoiceConstraint | None = None,
+  **model_call_kwargs: Any,
+) -> tuple[jax.Array, jax.Array | None]:
   """(student [J, N], teacher [J, N] or None) log-probs of the replies in `rows` (see the module docstring).
 
   The student pass is differentiable; the teacher pass runs on stop-gradient parameters and keys and values, so no
@@ -76,8 +97,13 @@ def packed_log_probs(model: Decoder, rows: dict[str, jax.Array], *, teacher: boo
   if teacher:
     chex.assert_equal_shape([rows[key] for key in TEACHER_KEYS[:5]])
     cache = init_cache(model.config, batch, student_length + rows['teacher_tokens'].shape[1])
-  hidden, cache = model.hidden_states(tokens.astype(jnp.int32), rows['dialogue_positions'].astype(jnp.int32),
-                                      segments.astype(jnp.int32), cache, **model_call_kwargs)
+  hidden, cache = model.hidden_states(
+    tokens.astype(jnp.int32),
+    rows['dialogue_positions'].astype(jnp.int32),
+    segments.astype(jnp.int32),
+    cache,
+    **model_call_kwargs,
+  )
   predicting = gather_slots(hidden, rows['student_row'], rows['student_start'], length)
   student = _target_log_probs(model, predicting, completion_tokens, params, chunk_size, constraint, grammar)
   student = jnp.where(completion_mask != 0, student, 0.0)
@@ -86,17 +112,27 @@ def packed_log_probs(model: Decoder, rows: dict[str, jax.Array], *, teacher: boo
 
   graphdef, state = nnx.split(model)
   teacher_model = nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
-  stopped = KVCache(keys=tuple(jax.lax.stop_gradient(k) for k in cache.keys),
-                    values=tuple(jax.lax.stop_gradient(v) for v in cache.values), segment_ids=cache.segment_ids,
-                    end_index=jnp.asarray(student_length, jnp.int32))
+  stopped = KVCache(
+    keys=tuple(jax.lax.stop_gradient(k) for k in cache.keys),
+    values=tuple(jax.lax.stop_gradient(v) for v in cache.values),
+    segment_ids=cache.segment_ids,
+    end_index=jnp.asarray(student_length, jnp.int32),
+  )
   teacher_segments = rows['teacher_segments'].astype(jnp.int32)
-  mask = teacher_attention_mask(teacher_segments, rows['teacher_prefix_start'], rows['teacher_prefix_end'],
-                                student_length)
+  mask = teacher_attention_mask(
+    teacher_segments, rows['teacher_prefix_start'], rows['teacher_prefix_end'], student_length
+  )
   teacher_kwargs = {key: value for key, value in model_call_kwargs.items() if key != 'remat'}
   teacher_hidden, _ = teacher_model.hidden_states(
-      rows['teacher_tokens'].astype(jnp.int32), rows['teacher_positions'].astype(jnp.int32), teacher_segments, stopped,
-      attention_mask=mask, **teacher_kwargs)
+    rows['teacher_tokens'].astype(jnp.int32),
+    rows['teacher_positions'].astype(jnp.int32),
+    teacher_segments,
+    stopped,
+    attention_mask=mask,
+    **teacher_kwargs,
+  )
   teacher_predicting = gather_slots(teacher_hidden, rows['teacher_row'], rows['teacher_start'], length)
-  scores = _target_log_probs(teacher_model, teacher_predicting, completion_tokens, params, chunk_size, constraint,
-                             grammar)
+  scores = _target_log_probs(
+    teacher_model, teacher_predicting, completion_tokens, params, chunk_size, constraint, grammar
+  )
   return student, jax.lax.stop_gradient(jnp.where(completion_mask != 0, scores, 0.0))

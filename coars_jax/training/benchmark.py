@@ -36,8 +36,9 @@ def scoring_seconds(trainer: RLTrainer, batch: dict[str, np.ndarray], *, repeats
   # The update packs its loss rows first and skips microbatches of padding only, so the passes score the rows of
   # the microbatches it actually ran: the real rows, rounded up to whole microbatches.
   per_micro = np.asarray(batch['completion_tokens']).shape[1]
-  real = int(np.asarray(batch['completion_mask']).reshape(-1, np.asarray(batch['completion_mask']).shape[-1])
-             .any(axis=1).sum())
+  real = int(
+    np.asarray(batch['completion_mask']).reshape(-1, np.asarray(batch['completion_mask']).shape[-1]).any(axis=1).sum()
+  )
   keep = max(per_micro, -(-real // per_micro) * per_micro)
 
   def flat(key):
@@ -50,22 +51,46 @@ def scoring_seconds(trainer: RLTrainer, batch: dict[str, np.ndarray], *, repeats
   chunk = trainer.config.score_chunk_size
   result = {}
   for name, (context, context_mask) in passes.items():
+
     def run():
-      return jax.block_until_ready(score(trainer.model, context, context_mask, completion, completion_mask,
-                                         adapter=adapter, chunk_size=chunk, pad_token_id=trainer.pad_id))
+      return jax.block_until_ready(
+        score(
+          trainer.model,
+          context,
+          context_mask,
+          completion,
+          completion_mask,
+          adapter=adapter,
+          chunk_size=chunk,
+          pad_token_id=trainer.pad_id,
+        )
+      )
+
     run()  # compiles
     result[f'{name}_scoring_seconds'] = best_of(repeats, run)
     result[f'{name}_context_length'] = int(context.shape[1])
   if 'teacher_suffix_tokens' in batch:
     graphdef, state = nnx.split(inference_view(trainer.model))
-    arrays = [jax.numpy.asarray(a) for a in (flat('prompt_tokens'), flat('prompt_mask'), completion, completion_mask,
-                                             flat('teacher_suffix_tokens'), flat('teacher_suffix_mask'),
-                                             flat('teacher_shared_length'), adapter)]
-    joint = jax.jit(lambda state, *a: shared_prefix_log_probs(nnx.merge(graphdef, state), *a[:7], adapter=a[7],
-                                                              chunk_size=chunk))
+    arrays = [
+      jax.numpy.asarray(a)
+      for a in (
+        flat('prompt_tokens'),
+        flat('prompt_mask'),
+        completion,
+        completion_mask,
+        flat('teacher_suffix_tokens'),
+        flat('teacher_suffix_mask'),
+        flat('teacher_shared_length'),
+        adapter,
+      )
+    ]
+    joint = jax.jit(
+      lambda state, *a: shared_prefix_log_probs(nnx.merge(graphdef, state), *a[:7], adapter=a[7], chunk_size=chunk)
+    )
 
     def run_joint():
       return jax.block_until_ready(joint(state, *arrays))
+
     run_joint()  # compiles
     result['teacher_scoring_seconds'] = max(best_of(repeats, run_joint) - result['student_scoring_seconds'], 0.0)
     result['teacher_context_length'] = int(flat('teacher_suffix_tokens').shape[1])
@@ -83,10 +108,15 @@ def bench_iterations(trainer: RLTrainer, *, iterations: int, warmup: int = 1, re
   rows = []
   for _ in range(iterations):
     metrics = trainer.iteration()
-    row = {'iteration': metrics['iteration'], 'rollout_seconds': metrics['time/rollout_seconds'],
-           'host_rewards_and_prompts_seconds': metrics['time/scoring_seconds'],
-           'update_seconds': metrics['time/update_seconds'], 'episodes': metrics['rollout/episodes'],
-           'generated_tokens': metrics['rollout/generated_tokens'], 'loss_rows': metrics['update/loss_rows']}
+    row = {
+      'iteration': metrics['iteration'],
+      'rollout_seconds': metrics['time/rollout_seconds'],
+      'host_rewards_and_prompts_seconds': metrics['time/scoring_seconds'],
+      'update_seconds': metrics['time/update_seconds'],
+      'episodes': metrics['rollout/episodes'],
+      'generated_tokens': metrics['rollout/generated_tokens'],
+      'loss_rows': metrics['update/loss_rows'],
+    }
     if trainer.last_batch is not None:
       row.update(scoring_seconds(trainer, trainer.last_batch, repeats=repeats))
     row['scoring_seconds'] = row.get('student_scoring_seconds', 0.0) + row.get('teacher_scoring_seconds', 0.0)

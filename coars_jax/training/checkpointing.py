@@ -39,14 +39,20 @@ def checkpoint_manager(workdir: pathlib.Path, keep: int, *, cleanup: bool = True
   save leaves behind are removed when the next manager opens the directory (`cleanup`; off for a reader, which
   must not remove the folder a running save is writing)."""
   faults.instrument_orbax()
-  policy = preservation_policy.AnyPreservationPolicy(policies=[
+  policy = preservation_policy.AnyPreservationPolicy(
+    policies=[
       preservation_policy.LatestN(n=keep),
-      preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=False, n=1,
-                                keep_checkpoints_without_metrics=False)])
+      preservation_policy.BestN(
+        get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=False, n=1, keep_checkpoints_without_metrics=False
+      ),
+    ]
+  )
   return ocp.CheckpointManager(
-      (workdir / CHECKPOINT_DIR).absolute(),
-      options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True,
-                                           cleanup_tmp_directories=cleanup))
+    (workdir / CHECKPOINT_DIR).absolute(),
+    options=ocp.CheckpointManagerOptions(
+      preservation_policy=policy, enable_async_checkpointing=False, create=True, cleanup_tmp_directories=cleanup
+    ),
+  )
 
 
 def step_folder(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
@@ -54,8 +60,11 @@ def step_folder(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
 
 
 def _file_digests(folder: pathlib.Path) -> dict[str, list]:
-  return {path.relative_to(folder).as_posix(): [path.stat().st_size, sha256_of(path)]
-          for path in sorted(folder.rglob('*')) if path.is_file() and not path.name.startswith(MANIFEST_FILE)}
+  return {
+    path.relative_to(folder).as_posix(): [path.stat().st_size, sha256_of(path)]
+    for path in sorted(folder.rglob('*'))
+    if path.is_file() and not path.name.startswith(MANIFEST_FILE)
+  }
 
 
 def seal_checkpoint(folder: pathlib.Path) -> None:
@@ -93,8 +102,14 @@ def checkpoint_problem(folder: pathlib.Path) -> str | None:
   return None
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, trainer: rl.RLTrainer, progress: dict[str, Any],
-                    val_hit: float | None, *, pending_record: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+  manager: ocp.CheckpointManager,
+  trainer: rl.RLTrainer,
+  progress: dict[str, Any],
+  val_hit: float | None,
+  *,
+  pending_record: dict[str, Any] | None = None,
+) -> None:
   """Step = iteration: arrays (adapters, optimizer state, RNG) and JSON (trainer state, best so far), then the
   manifest. `pending_record`: the iteration's metrics when its val evaluation was cut short by SIGTERM; a resume
   runs that evaluation before anything else.
@@ -107,41 +122,50 @@ def save_checkpoint(manager: ocp.CheckpointManager, trainer: rl.RLTrainer, progr
     meta['pending_record'] = pending_record
   directory = pathlib.Path(str(manager.directory))
   try:
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(trainer.checkpoint_tree()), meta=ocp.args.JsonSave(meta)),
-        metrics=None if val_hit is None else {BEST_METRIC: float(val_hit)}, force=True)
+    manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.checkpoint_tree()), meta=ocp.args.JsonSave(meta)),
+      metrics=None if val_hit is None else {BEST_METRIC: float(val_hit)},
+      force=True,
+    )
     manager.wait_until_finished()
   except Exception as error:
     # Its temporary folder stays until the next start's manager removes it: writes of other items of the step may
     # still be in flight here.
     manager.reload()
     previous = [s for s in manager.all_steps() if s != step]
-    kept = (f'the previous checkpoint, iteration {max(previous)}, is intact' if previous
-            else 'no earlier checkpoint exists')
-    raise CheckpointError(f'writing checkpoint {step} into {directory} failed ({type(error).__name__}: {error}); '
-                          f'nothing of it will be used and {kept}. Free space or fix the file system, then rerun '
-                          f'with --config.resume=True') from error
+    kept = (
+      f'the previous checkpoint, iteration {max(previous)}, is intact' if previous else 'no earlier checkpoint exists'
+    )
+    raise CheckpointError(
+      f'writing checkpoint {step} into {directory} failed ({type(error).__name__}: {error}); '
+      f'nothing of it will be used and {kept}. Free space or fix the file system, then rerun '
+      f'with --config.resume=True'
+    ) from error
   folder = step_folder(manager, step)
   faults.point('seal', step, folder)
   try:
     if distributed.is_primary():
       seal_checkpoint(folder)
   except OSError as error:
-    raise CheckpointError(f'checkpoint {folder} was written but its manifest could not be ({error}); a resume '
-                          f'still uses it if Orbax can read it. Free space, then rerun with --config.resume=True') \
-        from error
+    raise CheckpointError(
+      f'checkpoint {folder} was written but its manifest could not be ({error}); a resume '
+      f'still uses it if Orbax can read it. Free space, then rerun with --config.resume=True'
+    ) from error
   faults.point('sealed', step, folder)
 
 
 def _read(manager: ocp.CheckpointManager, trainer: rl.RLTrainer, step: int) -> tuple[Any, dict[str, Any]]:
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.checkpoint_tree())
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                            meta=ocp.args.JsonRestore()))
+  restored = manager.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+  )
   return restored['state'], dict(restored['meta'])
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, trainer: rl.RLTrainer,
-                       step: int | None = None) -> dict[str, Any]:
+def restore_checkpoint(
+  manager: ocp.CheckpointManager, trainer: rl.RLTrainer, step: int | None = None
+) -> dict[str, Any]:
   """Loads `step` (default the latest) into `trainer`; returns the JSON part (trainer state and progress)."""
   step = manager.latest_step() if step is None else step
   tree, meta = _read(manager, trainer, step)
@@ -180,8 +204,11 @@ def restore_latest(manager: ocp.CheckpointManager, trainer: rl.RLTrainer) -> dic
         problem = f'Orbax could not read it ({type(error).__name__}: {str(error)[:300]})'
       else:
         if problem == 'unsealed':
-          logging.warning('Checkpoint %s has no manifest (the process stopped between its commit and its '
-                          'manifest); Orbax reads it, so it is used', folder)
+          logging.warning(
+            'Checkpoint %s has no manifest (the process stopped between its commit and its '
+            'manifest); Orbax reads it, so it is used',
+            folder,
+          )
         trainer.restore(tree, rl.TrainerState.from_json(meta['trainer']))
         if distributed.is_primary():
           for bad_folder, reason in rejected:
@@ -194,8 +221,10 @@ def restore_latest(manager: ocp.CheckpointManager, trainer: rl.RLTrainer) -> dic
     rejected.append((folder, problem))
   if rejected:
     listing = '\n  '.join(f'{folder}: {problem}' for folder, problem in rejected)
-    raise CheckpointError(f'no checkpoint in {manager.directory} can be restored:\n  {listing}\nMove them away to '
-                          f'start over, or restore a backup')
+    raise CheckpointError(
+      f'no checkpoint in {manager.directory} can be restored:\n  {listing}\nMove them away to '
+      f'start over, or restore a backup'
+    )
   return None
 
 
@@ -209,5 +238,3 @@ def read_checkpoint(workdir: str | pathlib.Path, trainer: rl.RLTrainer, step: in
 def export_adapters(model: Decoder, folder: pathlib.Path, *, save_base: bool, metadata: dict[str, Any]) -> None:
   """The adapters (and the base, when it cannot be rebuilt by name) in the warm-start folder format."""
   warm_start_lib.save_warm_start(model, folder, save_base=save_base, metadata=metadata)
-
-

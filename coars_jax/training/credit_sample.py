@@ -65,21 +65,51 @@ def credit_sample(trainer, record: RolloutRecord, reward: np.ndarray | None, *, 
       # As the update scores it: x + y once, the teacher reading x's shared prefix from its cache (about half the
       # cost of two full passes).
       from coars_jax.training.rl import shared_prefix_length  # Imported here: rl imports this module lazily too.
+
       shared = [shared_prefix_length(x, t) for x, t in zip(prompts, teachers)]
       x, x_mask = left_pad(prompts, buckets.prompt_length(max(map(len, prompts))), pad)
       suffixes = [t[n:] for t, n in zip(teachers, shared)]
       d, d_mask = left_pad(suffixes, buckets.prompt_length(max(map(len, suffixes))), pad)
       y, y_mask = right_pad(completions, buckets.completion_length(max(map(len, completions))), pad)
-      student, teacher = (np.asarray(a) for a in fetch(_shared_prefix_scores(
-          trainer.model, x, x_mask, y, y_mask, d, d_mask, np.asarray(shared, np.int32), adapter,
-          config.score_chunk_size)))
+      student, teacher = (
+        np.asarray(a)
+        for a in fetch(
+          _shared_prefix_scores(
+            trainer.model,
+            x,
+            x_mask,
+            y,
+            y_mask,
+            d,
+            d_mask,
+            np.asarray(shared, np.int32),
+            adapter,
+            config.score_chunk_size,
+          )
+        )
+      )
     else:
+
       def log_probs(contexts):
         tokens, mask = left_pad(contexts, max(map(len, contexts)), pad)
-        return np.asarray(fetch(score(trainer.model, tokens, mask, completion_tokens, completion_mask,
-                                      params=MODEL_DISTRIBUTION, buckets=buckets,
-                                      chunk_size=config.score_chunk_size, pad_token_id=pad, mesh=trainer.mesh,
-                                      rules=trainer.rules, adapter=adapter)))
+        return np.asarray(
+          fetch(
+            score(
+              trainer.model,
+              tokens,
+              mask,
+              completion_tokens,
+              completion_mask,
+              params=MODEL_DISTRIBUTION,
+              buckets=buckets,
+              chunk_size=config.score_chunk_size,
+              pad_token_id=pad,
+              mesh=trainer.mesh,
+              rules=trainer.rules,
+              adapter=adapter,
+            )
+          )
+        )
 
       student, teacher = log_probs(prompts), log_probs(teachers)
     clip = config.advantage_clip
@@ -101,8 +131,9 @@ def credit_sample(trainer, record: RolloutRecord, reward: np.ndarray | None, *, 
 
 @functools.partial(nnx.jit, static_argnames=('chunk_size',))
 def _shared_prefix_scores(model, x, x_mask, y, y_mask, d, d_mask, shared, adapter, chunk_size):
-  return shared_prefix_log_probs(model, x, x_mask, y, y_mask, d, d_mask, shared, params=MODEL_DISTRIBUTION,
-                                 chunk_size=chunk_size, adapter=adapter)
+  return shared_prefix_log_probs(
+    model, x, x_mask, y, y_mask, d, d_mask, shared, params=MODEL_DISTRIBUTION, chunk_size=chunk_size, adapter=adapter
+  )
 
 
 def write_sample(workdir: str | os.PathLike, iteration: int, records: Sequence[dict[str, Any]]) -> pathlib.Path:

@@ -49,8 +49,10 @@ class Fault:
     if self.action not in ACTIONS:
       raise ValueError(f'{FAULT_ENV}: action must be one of {ACTIONS}, found {self.action!r}')
     if self.action in _ACTION_PHASES and self.phase not in _ACTION_PHASES[self.action]:
-      raise ValueError(f'{FAULT_ENV}: action {self.action!r} applies to phase {_ACTION_PHASES[self.action]} '
-                       f'only, found phase {self.phase!r}')
+      raise ValueError(
+        f'{FAULT_ENV}: action {self.action!r} applies to phase {_ACTION_PHASES[self.action]} '
+        f'only, found phase {self.phase!r}'
+      )
     for name in ('iteration', 'hit'):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f'{FAULT_ENV}: {name} must be an int >= 1, found {getattr(self, name)!r}')
@@ -68,8 +70,12 @@ def parse(value: str) -> Fault:
     numbers = [int(parts[1])] + ([int(parts[3])] if len(parts) == 4 else [])
   except ValueError as error:
     raise ValueError(f'{FAULT_ENV}={value!r}: iteration and hit must be integers') from error
-  return Fault(phase=parts[0], iteration=numbers[0], action=parts[2] if len(parts) > 2 else 'kill',
-               hit=numbers[1] if len(numbers) > 1 else 1)
+  return Fault(
+    phase=parts[0],
+    iteration=numbers[0],
+    action=parts[2] if len(parts) > 2 else 'kill',
+    hit=numbers[1] if len(numbers) > 1 else 1,
+  )
 
 
 @functools.cache
@@ -146,6 +152,7 @@ def instrument_orbax() -> None:
   if active() is None or active().phase != 'checkpoint':
     return
   from orbax.checkpoint._src.path import atomicity  # a private module: only fault tests depend on it
+
   original = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def finalize(self, *args, **kwargs):

@@ -7,8 +7,9 @@ from __future__ import annotations
 import optax
 
 
-def warmup_cosine_schedule(peak: float, *, warmup_steps: int, total_steps: int,
-                           final_fraction: float) -> optax.Schedule:
+def warmup_cosine_schedule(
+  peak: float, *, warmup_steps: int, total_steps: int, final_fraction: float
+) -> optax.Schedule:
   """The step size of update k (from 0): peak (k + 1) / (warmup_steps + 1) while k < warmup_steps, the peak at
   k = warmup_steps, then a cosine decay to `final_fraction` x peak at k = total_steps (flat after).
 
@@ -23,15 +24,21 @@ def warmup_cosine_schedule(peak: float, *, warmup_steps: int, total_steps: int,
     final_fraction: where the cosine decay ends, as a fraction of the peak.
   """
   if warmup_steps < 0 or total_steps < warmup_steps:
-    raise ValueError(f'warmup_cosine_schedule: need 0 <= warmup_steps <= total_steps, found {warmup_steps} and '
-                     f'{total_steps}')
-  return optax.warmup_cosine_decay_schedule(init_value=peak / (warmup_steps + 1), peak_value=peak,
-                                            warmup_steps=warmup_steps, decay_steps=total_steps,
-                                            end_value=peak * final_fraction)
+    raise ValueError(
+      f'warmup_cosine_schedule: need 0 <= warmup_steps <= total_steps, found {warmup_steps} and {total_steps}'
+    )
+  return optax.warmup_cosine_decay_schedule(
+    init_value=peak / (warmup_steps + 1),
+    peak_value=peak,
+    warmup_steps=warmup_steps,
+    decay_steps=total_steps,
+    end_value=peak * final_fraction,
+  )
 
 
-def clipped_adamw(*, max_grad_norm: float, weight_decay: float,
-                  learning_rate: optax.ScalarOrSchedule | None = None) -> optax.GradientTransformation:
+def clipped_adamw(
+  *, max_grad_norm: float, weight_decay: float, learning_rate: optax.ScalarOrSchedule | None = None
+) -> optax.GradientTransformation:
   """Global-norm clip, then AdamW (Adam moments, decoupled weight decay, then the step size). With learning_rate
   None the chain stops before the step size: the caller scales the update by -learning_rate itself (the RL step
   takes the step size as an argument, so one compiled step serves every schedule)."""

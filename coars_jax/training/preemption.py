@@ -81,5 +81,3 @@ def guarded_iteration(trainer: rl.RLTrainer) -> dict[str, Any]:
       raise RuntimeError('SIGTERM interrupted an RL iteration after its update; its state cannot be rolled back')
     trainer.state = state
     raise
-
-

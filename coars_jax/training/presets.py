@@ -17,9 +17,19 @@ PROMPT_BUCKETS = (256, 512, 1024, 2048)
 COMPLETION_BUCKETS = (32, 64, 128)
 
 
-def pretrained_config(*, model: str, model_shape: str, mesh: Mapping[str, int], device: str, num_devices: int,
-                      rows_per_microbatch: int, generation_rows: int, method: str = 'coars',
-                      dataset: str = 'lastfm', multi_host: bool = False) -> ml_collections.ConfigDict:
+def pretrained_config(
+  *,
+  model: str,
+  model_shape: str,
+  mesh: Mapping[str, int],
+  device: str,
+  num_devices: int,
+  rows_per_microbatch: int,
+  generation_rows: int,
+  method: str = 'coars',
+  dataset: str = 'lastfm',
+  multi_host: bool = False,
+) -> ml_collections.ConfigDict:
   """A training config on the HF checkpoint folder `model` (bf16 weights and compute, as Qwen2.5's config.json
   says), whose shapes the memory planner takes from the `model_shape` preset when the folder is not on the
   planning machine. `num_devices` is the size of the whole run (every host); `generation_rows` is the batch of

@@ -28,12 +28,18 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
   experiment.validate(config)
   workdir = pathlib.Path(config.workdir).absolute()
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=False)
-  peer = sasrec_experiment.peer_config(config.dataset, workdir=config.sasrec_workdir, data_root=config.data_root,
-                                       allow_download=config.allow_download, progress=False,
-                                       max_epochs=config.sasrec_max_epochs)
+  peer = sasrec_experiment.peer_config(
+    config.dataset,
+    workdir=config.sasrec_workdir,
+    data_root=config.data_root,
+    allow_download=config.allow_download,
+    progress=False,
+    max_epochs=config.sasrec_max_epochs,
+  )
   stages = []
-  folds = [None] + [FoldSpec(num_folds=config.sasrec_folds, fold=k, seed=config.sasrec_fold_seed)
-                    for k in range(config.sasrec_folds)]
+  folds = [None] + [
+    FoldSpec(num_folds=config.sasrec_folds, fold=k, seed=config.sasrec_fold_seed) for k in range(config.sasrec_folds)
+  ]
   for fold in folds:
     reusable, why = sasrec_experiment.checkpoint_status(peer, dataset, config.sasrec_seed, fold)
     name = 'SASRec (full)' if fold is None else f'SASRec ({fold.tag.replace("_", " ")})'
@@ -51,26 +57,40 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
       stored = json.loads(meta_path.read_text()).get('settings')
       key = experiment.warm_start_key(experiment.warm_start_config(config))
       if stored is not None and stored != key:
-        stages.append(Stage('warm start', 'conflict', f'{folder} was trained with other settings; the run would '
-                            f'stop with a ConfigError'))
+        stages.append(
+          Stage(
+            'warm start', 'conflict', f'{folder} was trained with other settings; the run would stop with a ConfigError'
+          )
+        )
       else:
         stages.append(Stage('warm start', 'cached', str(folder)))
   results = workdir / experiment.RESULTS_FILE
   if config.method not in experiment.TRAINED_METHODS:
-    stages.append(Stage(f'{experiment.row_label(config)} test row', 'cached' if results.is_file() else 'to run',
-                        str(results)))
+    stages.append(
+      Stage(f'{experiment.row_label(config)} test row', 'cached' if results.is_file() else 'to run', str(results))
+    )
     return stages
   before = workdir / experiment.BEFORE_FILE
-  stages.append(Stage('test row before RL' if config.eval.before else 'start record (no test row: eval.before off)',
-                      'cached' if before.is_file() else 'to run', str(before)))
+  stages.append(
+    Stage(
+      'test row before RL' if config.eval.before else 'start record (no test row: eval.before off)',
+      'cached' if before.is_file() else 'to run',
+      str(before),
+    )
+  )
   checkpoints = workdir / experiment.CHECKPOINT_DIR
   steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
   total = config.rl.iterations
   done = steps[-1] if steps else 0
   status = 'to run' if not done else ('cached' if done >= total else f'done {done} of {total}')
   resume = '' if not done or config.resume else ' (pass --config.resume=True to continue it)'
-  stages.append(Stage(f'RL: {total} iterations of {config.rl.windows_per_iteration} windows x '
-                      f'{config.rl.rollouts_per_window} rollouts', status, f'{checkpoints}{resume}'))
+  stages.append(
+    Stage(
+      f'RL: {total} iterations of {config.rl.windows_per_iteration} windows x {config.rl.rollouts_per_window} rollouts',
+      status,
+      f'{checkpoints}{resume}',
+    )
+  )
   stages.append(Stage('test row after RL', 'cached' if results.is_file() else 'to run', str(results)))
   return stages
 

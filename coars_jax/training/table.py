@@ -74,7 +74,8 @@ class Cell:
 
 def table_defaults() -> ml_collections.ConfigDict:
   """The fields of a table config, with their defaults."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       'name': 'table',
       'base': 'smollm2',  # smollm2 | default: which experiment config every cell starts from
       'model': 'smollm2-135m',  # the backbone (base='default' only; smollm2 fixes it)
@@ -88,7 +89,8 @@ def table_defaults() -> ml_collections.ConfigDict:
       'results_root': 'results/table',
       'overrides': {},  # nested like the experiment config; applied to every cell
       'compilation_cache': '',  # a folder for JAX's persistent compilation cache ('' = off)
-  })
+    }
+  )
 
 
 def validate_table(table: ml_collections.ConfigDict) -> None:
@@ -154,8 +156,11 @@ def select(cells: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
     full = {0: f'*/{pattern}/*', 1: f'{pattern}/*'}.get(parts, pattern)
     matched = [cell for cell in cells if fnmatch.fnmatchcase(cell.name, full)]
     if not matched:
-      raise ValueError(f'--only={pattern!r} matches no cell; cells look like {cells[0].name!r}' if cells
-                       else f'--only={pattern!r}: the grid is empty')
+      raise ValueError(
+        f'--only={pattern!r} matches no cell; cells look like {cells[0].name!r}'
+        if cells
+        else f'--only={pattern!r}: the grid is empty'
+      )
     kept += [cell for cell in matched if cell not in kept]
   return sorted(kept, key=cells.index)
 
@@ -184,8 +189,10 @@ def cell_config(table: ml_collections.ConfigDict, cell: Cell) -> ml_collections.
     config = experiment.smollm2_config(cell.dataset, method)
   else:
     config = experiment.default_config(cell.dataset, table.model, method)
-  _merge(config, table.overrides.to_dict() if isinstance(table.overrides, ml_collections.ConfigDict)
-         else dict(table.overrides))
+  _merge(
+    config,
+    table.overrides.to_dict() if isinstance(table.overrides, ml_collections.ConfigDict) else dict(table.overrides),
+  )
   root = absolute_path(table.runs_root) / cell.dataset
   config.workdir = str(root / cell.row / f'seed_{cell.seed}')
   config.warm_start.folder = str(root / 'warm_start_sft')  # the row 'warm_start' has its own workdir
@@ -211,25 +218,33 @@ def results_file(table: ml_collections.ConfigDict, cell: Cell) -> pathlib.Path:
 def device_label() -> dict[str, Any]:
   """What a row ran on: the JAX platform, device kind and count, and the host's CPU count."""
   device = jax.devices()[0]
-  return {'platform': device.platform, 'device_kind': device.device_kind, 'device_count': jax.device_count(),
-          'host_cpus': os.cpu_count(),
-          'label': f'{device.platform}: {jax.device_count()} x {device.device_kind} ({os.cpu_count()} host cpus)'}
+  return {
+    'platform': device.platform,
+    'device_kind': device.device_kind,
+    'device_count': jax.device_count(),
+    'host_cpus': os.cpu_count(),
+    'label': f'{device.platform}: {jax.device_count()} x {device.device_kind} ({os.cpu_count()} host cpus)',
+  }
 
 
 # --- the reference rows ------------------------------------------------------------------------------------------
+
 
 def reference_cell_rows(config: ml_collections.ConfigDict, components: experiment.Components) -> list[dict]:
   """SASRec (the peer), popularity and random on the test windows the agentic rows play, with each window's hit:
   the same candidate lists (`rollout.candidate_seed`) and windows (`eval.test_windows`)."""
   from coars_jax.eval import reference  # Imported here: the evaluation-only path of a table does not need it.
-  rows = reference.window_rows(components.dataset, components.sasrec, int(config.rollout.candidate_seed),
-                               limit=int(config.eval.test_windows))
+
+  rows = reference.window_rows(
+    components.dataset, components.sasrec, int(config.rollout.candidate_seed), limit=int(config.eval.test_windows)
+  )
   for row in rows:
     row.update({'sasrec_seed': int(config.sasrec_seed), 'train_seed': 0})
   return rows
 
 
 # --- running -----------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class CellResult:
@@ -247,9 +262,13 @@ def _cell_rows(table, cell: Cell, config, components) -> list[dict] | None:
   return after or None
 
 
-def run_cell(table: ml_collections.ConfigDict, cell: Cell, *,
-             components: Callable[[ml_collections.ConfigDict], experiment.Components] | None = None,
-             overrides: Mapping[str, Any] | None = None) -> CellResult:
+def run_cell(
+  table: ml_collections.ConfigDict,
+  cell: Cell,
+  *,
+  components: Callable[[ml_collections.ConfigDict], experiment.Components] | None = None,
+  overrides: Mapping[str, Any] | None = None,
+) -> CellResult:
   """Runs one cell (resuming its checkpoint when one exists) and, when it finishes, writes its row file with the
   device, the budget and the cell's wall time summed over invocations, plus a copy of its metrics.jsonl for the
   learning curves. `components` builds the run's parts from its config (default: loads them by name)."""
@@ -272,8 +291,17 @@ def run_cell(table: ml_collections.ConfigDict, cell: Cell, *,
     return CellResult(cell, False, seconds)
   device = device_label()
   for row in rows:
-    row.update({'table': table.name, 'cell': cell.name, 'row': cell.row, 'train_seed': cell.seed,
-                'device': device['label'], 'platform': device['platform'], 'cell_wall_seconds': round(seconds, 1)})
+    row.update(
+      {
+        'table': table.name,
+        'cell': cell.name,
+        'row': cell.row,
+        'train_seed': cell.seed,
+        'device': device['label'],
+        'platform': device['platform'],
+        'cell_wall_seconds': round(seconds, 1),
+      }
+    )
   path = results_file(table, cell)
   path.parent.mkdir(parents=True, exist_ok=True)
   metrics = workdir / experiment.METRICS_FILE
@@ -289,19 +317,29 @@ def run_cell(table: ml_collections.ConfigDict, cell: Cell, *,
 def write_grid(table: ml_collections.ConfigDict, cells: Sequence[Cell]) -> pathlib.Path:
   """`<results_root>/grid.json`: the table's cells and the shared budget, so the report can list what is missing."""
   sample = next((cell_config(table, c) for c in cells if c.kind == 'rl'), None)
-  budget = None if sample is None else {
-      'iterations': sample.rl.iterations, 'windows_per_iteration': sample.rl.windows_per_iteration,
+  budget = (
+    None
+    if sample is None
+    else {
+      'iterations': sample.rl.iterations,
+      'windows_per_iteration': sample.rl.windows_per_iteration,
       'rollouts_per_window': sample.rl.rollouts_per_window,
-      'episodes': sample.rl.iterations * sample.rl.windows_per_iteration * sample.rl.rollouts_per_window}
+      'episodes': sample.rl.iterations * sample.rl.windows_per_iteration * sample.rl.rollouts_per_window,
+    }
+  )
   path = absolute_path(table.results_root) / GRID_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
   model = cell_config(table, cells[0]).model if cells else table.model
-  path.write_text(json.dumps({'table': table.name, 'model': model, 'budget': budget,
-                              'cells': [dataclasses.asdict(c) for c in cells]}, indent=2))
+  path.write_text(
+    json.dumps(
+      {'table': table.name, 'model': model, 'budget': budget, 'cells': [dataclasses.asdict(c) for c in cells]}, indent=2
+    )
+  )
   return path
 
 
 # --- progress ----------------------------------------------------------------------------------------------------
+
 
 def finished_seconds(table: ml_collections.ConfigDict, cells: Sequence[Cell]) -> dict[Cell, float]:
   """The wall time of every finished cell, read from its row file."""

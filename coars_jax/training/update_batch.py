@@ -17,8 +17,10 @@ import numpy as np
 from coars_jax.sampling.buckets import bucket_length
 from coars_jax.sampling.sampler import common_prefix_length
 
-# Row lengths a packed dialogue row (and a teacher row) may have: each distinct one compiles its own step.
-ROW_LENGTHS = (256, 512, 1024, 1536, 2048, 2560, 3072, 4096, 6144, 8192)
+# Row lengths a packed dialogue row (and a teacher row) may have: multiples of 256, so that two dialogues of 650
+# tokens share a 1,280-token row rather than pad to 2,048; each distinct shape compiles its own step once (the
+# persistent compilation cache keeps it for later processes).
+ROW_LENGTHS = tuple(range(256, 4096 + 1, 256)) + (5120, 6144, 7168, 8192)
 # Reply segments per microbatch are padded up to one of these counts.
 SEGMENT_COUNTS = (8, 16, 32, 64, 128, 256)
 
@@ -47,19 +49,26 @@ class PackingStats:
     return 1.0 - (self.student_real + self.teacher_real) / max(forwarded, 1)
 
   def as_dict(self) -> dict[str, float]:
-    return dict(student_real=self.student_real, student_forwarded=self.student_forwarded,
-                teacher_real=self.teacher_real, teacher_forwarded=self.teacher_forwarded, rows=self.rows,
-                microbatches=self.microbatches, dialogues=self.dialogues, padding=self.padding)
+    return dict(
+      student_real=self.student_real,
+      student_forwarded=self.student_forwarded,
+      teacher_real=self.teacher_real,
+      teacher_forwarded=self.teacher_forwarded,
+      rows=self.rows,
+      microbatches=self.microbatches,
+      dialogues=self.dialogues,
+      padding=self.padding,
+    )
 
 
 @dataclasses.dataclass
 class _Dialogue:
   agent: int
-  tokens: np.ndarray           # the dialogue up to its last loss turn's reply
-  segments: list[int]          # loss rows (indices into the caller's `rows`) in turn order
-  starts: list[int]            # slot of each segment's reply in `tokens`
-  teachers: list[np.ndarray]   # teacher suffix + reply tokens per segment (empty without a teacher)
-  shared: list[int]            # tokens of x_t each teacher reads
+  tokens: np.ndarray  # the dialogue up to its last loss turn's reply
+  segments: list[int]  # loss rows (indices into the caller's `rows`) in turn order
+  starts: list[int]  # slot of each segment's reply in `tokens`
+  teachers: list[np.ndarray]  # teacher suffix + reply tokens per segment (empty without a teacher)
+  shared: list[int]  # tokens of x_t each teacher reads
 
   @property
   def teacher_length(self) -> int:
@@ -79,17 +88,21 @@ def _dialogues(prompts, completions, rows, episode, agent, turn, teacher_ids) ->
     for p in positions:
       start = len(prompts[p])
       end = start + len(completions[p])
-      if end > len(tokens) or not (np.array_equal(tokens[:start], prompts[p])
-                                   and np.array_equal(tokens[start:end], completions[p])):
+      if end > len(tokens) or not (
+        np.array_equal(tokens[:start], prompts[p]) and np.array_equal(tokens[start:end], completions[p])
+      ):
         raise NotAppendOnlyError(
-            f'episode {episode_id}: turn {int(turn[rows[p]])}\'s prompt and reply are not a prefix of the agent\'s '
-            f'later prompt, so the dialogue is not one sequence; set rl.packed_update=False for this backend')
+          f"episode {episode_id}: turn {int(turn[rows[p]])}'s prompt and reply are not a prefix of the agent's "
+          f'later prompt, so the dialogue is not one sequence; set rl.packed_update=False for this backend'
+        )
       dialogue.starts.append(start)
       if teacher_ids is not None:
         shared = common_prefix_length(prompts[p], teacher_ids[p])
         if not 0 < shared < len(teacher_ids[p]):
-          raise ValueError(f'the teacher prompt shares {shared} of its {len(teacher_ids[p])} tokens with the '
-                           f'student prompt; x + d must start with x\'s first token and add d')
+          raise ValueError(
+            f'the teacher prompt shares {shared} of its {len(teacher_ids[p])} tokens with the '
+            f"student prompt; x + d must start with x's first token and add d"
+          )
         dialogue.shared.append(shared)
         dialogue.teachers.append(np.concatenate([np.asarray(teacher_ids[p][shared:], np.int32), completions[p]]))
     out.append(dialogue)
@@ -103,8 +116,11 @@ def _first_fit(dialogues: Sequence[_Dialogue], student_length: int, teacher_leng
   for index in sorted(range(len(dialogues)), key=lambda i: (-len(dialogues[i].tokens), i)):
     item = dialogues[index]
     for position, (agent, student, teacher) in enumerate(fill):
-      if (agent == item.agent and student + len(item.tokens) <= student_length
-          and teacher + item.teacher_length <= teacher_length):
+      if (
+        agent == item.agent
+        and student + len(item.tokens) <= student_length
+        and teacher + item.teacher_length <= teacher_length
+      ):
         rows[position].append(index)
         fill[position] = (agent, student + len(item.tokens), teacher + item.teacher_length)
         break
@@ -114,14 +130,26 @@ def _first_fit(dialogues: Sequence[_Dialogue], student_length: int, teacher_leng
   return rows
 
 
-def pack_update_batch(*, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], rows: np.ndarray,
-                      episode: np.ndarray, agent: np.ndarray, turn: np.ndarray, reward: np.ndarray,
-                      adapter_of_agent: np.ndarray, num_microbatches: int, tokens_per_microbatch: int,
-                      completion_length: int, pad_token_id: int, row_multiple: int = 1,
-                      teacher_ids: Sequence[Sequence[int]] | None = None,
-                      per_segment: Mapping[str, np.ndarray] | None = None,
-                      behaviour_log_probs: Sequence[np.ndarray] | None = None,
-                      max_positions: int | None = None) -> tuple[dict[str, np.ndarray], PackingStats]:
+def pack_update_batch(
+  *,
+  prompts: Sequence[np.ndarray],
+  completions: Sequence[np.ndarray],
+  rows: np.ndarray,
+  episode: np.ndarray,
+  agent: np.ndarray,
+  turn: np.ndarray,
+  reward: np.ndarray,
+  adapter_of_agent: np.ndarray,
+  num_microbatches: int,
+  tokens_per_microbatch: int,
+  completion_length: int,
+  pad_token_id: int,
+  row_multiple: int = 1,
+  teacher_ids: Sequence[Sequence[int]] | None = None,
+  per_segment: Mapping[str, np.ndarray] | None = None,
+  behaviour_log_probs: Sequence[np.ndarray] | None = None,
+  max_positions: int | None = None,
+) -> tuple[dict[str, np.ndarray], PackingStats]:
   """The packed microbatches [K, ...] of the loss-carrying segments `rows` (see the module docstring).
 
   Args:
@@ -142,29 +170,43 @@ def pack_update_batch(*, prompts: Sequence[np.ndarray], completions: Sequence[np
   prompts = [np.asarray(prompts[r], np.int32) for r in rows]
   completions = [np.asarray(completions[r], np.int32) for r in rows]
   local = np.arange(len(rows))
-  dialogues = _dialogues(prompts, completions, local, np.asarray(episode)[rows], np.asarray(agent)[rows],
-                         np.asarray(turn)[rows], teacher_ids)
+  dialogues = _dialogues(
+    prompts, completions, local, np.asarray(episode)[rows], np.asarray(agent)[rows], np.asarray(turn)[rows], teacher_ids
+  )
   longest = max(len(d.tokens) for d in dialogues)
-  teacher_longest = max((len(d.shared) and max(s + len(t) for s, t in zip(d.shared, d.teachers))) or 0
-                        for d in dialogues)
+  teacher_longest = max(
+    (len(d.shared) and max(s + len(t) for s, t in zip(d.shared, d.teachers))) or 0 for d in dialogues
+  )
   if max_positions is not None and max(longest, teacher_longest) > max_positions:
-    raise ValueError(f'a dialogue (or its teacher) is {max(longest, teacher_longest)} tokens, beyond the model\'s '
-                     f'max_position_embeddings {max_positions}; lower rollout.max_turns or the token budgets')
+    raise ValueError(
+      f"a dialogue (or its teacher) is {max(longest, teacher_longest)} tokens, beyond the model's "
+      f'max_position_embeddings {max_positions}; lower rollout.max_turns or the token budgets'
+    )
 
   # The row lengths with the fewest forwarded tokens (student and teacher rows together).
   best = None
+  teacher_need = max(d.teacher_length for d in dialogues)
   for student_length in [n for n in ROW_LENGTHS if n >= longest] or [longest]:
-    per_row = max(row_multiple, (tokens_per_microbatch // student_length) // row_multiple * row_multiple)
-    teacher_need = max(d.teacher_length for d in dialogues)
-    teacher_length = bucket_length(teacher_need, ROW_LENGTHS, 'update_batch.ROW_LENGTHS') if teacher_ids else 0
+    # Teacher rows as long as the student row or the longest dialogue's teacher segments, whichever is longer:
+    # dialogues that fill a student row then mostly fit its teacher row too.
+    teacher_length = (
+      bucket_length(max(teacher_need, student_length), ROW_LENGTHS, 'update_batch.ROW_LENGTHS') if teacher_ids else 0
+    )
     packed = _first_fit(dialogues, student_length, teacher_length if teacher_ids else 1 << 30)
+    if teacher_ids:  # the shortest teacher rows that hold what the packing put in them
+      fill = max(sum(dialogues[m].teacher_length for m in row) for row in packed)
+      teacher_length = bucket_length(fill, ROW_LENGTHS, 'update_batch.ROW_LENGTHS')
+    most = max(row_multiple, (tokens_per_microbatch // student_length) // row_multiple * row_multiple)
+    # Rows per microbatch: a power of two (a few compiled shapes) no larger than the rows need.
+    per_row = min(most, max(row_multiple, 1 << (len(packed) - 1).bit_length()))
+    per_row = -(-per_row // row_multiple) * row_multiple
     used = -(-len(packed) // per_row)
     cost = used * per_row * (student_length + teacher_length)
     if best is None or cost < best[0]:
       best = (cost, student_length, teacher_length, per_row, packed, used)
   _, student_length, teacher_length, per_row, packed, used = best
   if used > num_microbatches:
-    raise AssertionError(f'{len(packed)} packed rows need {used} microbatches, more than the step\'s {num_microbatches}')
+    raise AssertionError(f"{len(packed)} packed rows need {used} microbatches, more than the step's {num_microbatches}")
 
   capacity = num_microbatches * per_row
   segments_per_micro = np.zeros(num_microbatches, np.int64)
@@ -177,20 +219,29 @@ def pack_update_batch(*, prompts: Sequence[np.ndarray], completions: Sequence[np
     return np.full(shape, fill, dtype)
 
   out = dict(
-      dialogue_tokens=zeros((capacity, student_length), fill=pad_token_id),
-      dialogue_segments=zeros((capacity, student_length)), dialogue_positions=zeros((capacity, student_length)),
-      row_adapter=zeros((capacity,)),
-      completion_tokens=zeros((num_microbatches, count, completion_length), fill=pad_token_id),
-      completion_mask=zeros((num_microbatches, count, completion_length), bool),
-      student_row=zeros((num_microbatches, count)), student_start=zeros((num_microbatches, count), fill=1),
-      reward=zeros((num_microbatches, count), np.float32), included=zeros((num_microbatches, count), bool),
-      agent=zeros((num_microbatches, count)), adapter=zeros((num_microbatches, count)))
+    dialogue_tokens=zeros((capacity, student_length), fill=pad_token_id),
+    dialogue_segments=zeros((capacity, student_length)),
+    dialogue_positions=zeros((capacity, student_length)),
+    row_adapter=zeros((capacity,)),
+    completion_tokens=zeros((num_microbatches, count, completion_length), fill=pad_token_id),
+    completion_mask=zeros((num_microbatches, count, completion_length), bool),
+    student_row=zeros((num_microbatches, count)),
+    student_start=zeros((num_microbatches, count), fill=1),
+    reward=zeros((num_microbatches, count), np.float32),
+    included=zeros((num_microbatches, count), bool),
+    agent=zeros((num_microbatches, count)),
+    adapter=zeros((num_microbatches, count)),
+  )
   if teacher_ids is not None:
-    out.update(teacher_tokens=zeros((capacity, teacher_length), fill=pad_token_id),
-               teacher_segments=zeros((capacity, teacher_length)), teacher_positions=zeros((capacity, teacher_length)),
-               teacher_prefix_start=zeros((capacity, teacher_length)),
-               teacher_prefix_end=zeros((capacity, teacher_length)),
-               teacher_row=zeros((num_microbatches, count)), teacher_start=zeros((num_microbatches, count), fill=1))
+    out.update(
+      teacher_tokens=zeros((capacity, teacher_length), fill=pad_token_id),
+      teacher_segments=zeros((capacity, teacher_length)),
+      teacher_positions=zeros((capacity, teacher_length)),
+      teacher_prefix_start=zeros((capacity, teacher_length)),
+      teacher_prefix_end=zeros((capacity, teacher_length)),
+      teacher_row=zeros((num_microbatches, count)),
+      teacher_start=zeros((num_microbatches, count), fill=1),
+    )
   if behaviour_log_probs is not None:
     out['behaviour_log_probs'] = zeros((num_microbatches, count, completion_length), np.float32)
   extra = {}
@@ -209,17 +260,17 @@ def pack_update_batch(*, prompts: Sequence[np.ndarray], completions: Sequence[np
     for number, member in enumerate(members, start=1):
       dialogue = dialogues[member]
       start, length = student_fill, len(dialogue.tokens)
-      out['dialogue_tokens'][row_index, start:start + length] = dialogue.tokens
-      out['dialogue_segments'][row_index, start:start + length] = number
-      out['dialogue_positions'][row_index, start:start + length] = np.arange(length)
+      out['dialogue_tokens'][row_index, start : start + length] = dialogue.tokens
+      out['dialogue_segments'][row_index, start : start + length] = number
+      out['dialogue_positions'][row_index, start : start + length] = np.arange(length)
       student_fill += length
       student_real += length
       for k, position in enumerate(dialogue.segments):
         j = next_segment[micro]
         next_segment[micro] += 1
         reply = completions[position]
-        out['completion_tokens'][micro, j, :len(reply)] = reply
-        out['completion_mask'][micro, j, :len(reply)] = True
+        out['completion_tokens'][micro, j, : len(reply)] = reply
+        out['completion_mask'][micro, j, : len(reply)] = True
         out['student_row'][micro, j] = row_in_micro
         out['student_start'][micro, j] = start + dialogue.starts[k]
         out['reward'][micro, j] = reward[position]
@@ -228,26 +279,43 @@ def pack_update_batch(*, prompts: Sequence[np.ndarray], completions: Sequence[np
         out['adapter'][micro, j] = adapter_of_agent[dialogue.agent]
         if behaviour_log_probs is not None:
           values = np.asarray(behaviour_log_probs[position], np.float32)
-          out['behaviour_log_probs'][micro, j, :len(values)] = values
+          out['behaviour_log_probs'][micro, j, : len(values)] = values
         for key, value in extra.items():
           value[micro, j] = np.asarray(per_segment[key])[position]
         if teacher_ids is not None:
           tokens, shared = dialogue.teachers[k], dialogue.shared[k]
           t0, tn = teacher_fill, len(tokens)
           segment_id = int(out['teacher_segments'][row_index].max()) + 1
-          out['teacher_tokens'][row_index, t0:t0 + tn] = tokens
-          out['teacher_segments'][row_index, t0:t0 + tn] = segment_id
-          out['teacher_positions'][row_index, t0:t0 + tn] = shared + np.arange(tn)
-          out['teacher_prefix_start'][row_index, t0:t0 + tn] = start
-          out['teacher_prefix_end'][row_index, t0:t0 + tn] = start + shared
+          out['teacher_tokens'][row_index, t0 : t0 + tn] = tokens
+          out['teacher_segments'][row_index, t0 : t0 + tn] = segment_id
+          out['teacher_positions'][row_index, t0 : t0 + tn] = shared + np.arange(tn)
+          out['teacher_prefix_start'][row_index, t0 : t0 + tn] = start
+          out['teacher_prefix_end'][row_index, t0 : t0 + tn] = start + shared
           out['teacher_row'][micro, j] = row_in_micro
           out['teacher_start'][micro, j] = t0 + tn - len(reply)
           teacher_fill += tn
           teacher_real += tn
-  for key in [k for k in out if out[k].shape[0] == capacity]:
+  row_keys = (
+    'dialogue_tokens',
+    'dialogue_segments',
+    'dialogue_positions',
+    'row_adapter',
+    'teacher_tokens',
+    'teacher_segments',
+    'teacher_positions',
+    'teacher_prefix_start',
+    'teacher_prefix_end',
+  )
+  for key in [k for k in row_keys if k in out]:
     out[key] = out[key].reshape((num_microbatches, per_row) + out[key].shape[1:])
   out.update(extra)
-  stats = PackingStats(student_real=student_real, student_forwarded=used * per_row * student_length,
-                       teacher_real=teacher_real, teacher_forwarded=used * per_row * teacher_length,
-                       rows=len(packed), microbatches=used, dialogues=len(dialogues))
+  stats = PackingStats(
+    student_real=student_real,
+    student_forwarded=used * per_row * student_length,
+    teacher_real=teacher_real,
+    teacher_forwarded=used * per_row * teacher_length,
+    rows=len(packed),
+    microbatches=used,
+    dialogues=len(dialogues),
+  )
   return out, stats

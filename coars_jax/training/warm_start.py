@@ -31,8 +31,19 @@ from flax import nnx
 
 from coars_jax import configlib
 from coars_jax.agents import backbone
-from coars_jax.agents.episodes import (AGENTS, RECOMMENDER, USER, Episode, LLMBackend, LLMBackendConfig,
-                                       RolloutConfig, ScriptedBackend, bind_peer, episode_metrics, run_episodes)
+from coars_jax.agents.episodes import (
+  AGENTS,
+  RECOMMENDER,
+  USER,
+  Episode,
+  LLMBackend,
+  LLMBackendConfig,
+  RolloutConfig,
+  ScriptedBackend,
+  bind_peer,
+  episode_metrics,
+  run_episodes,
+)
 from coars_jax.agents.prompts import format_recommender_output, format_user_output
 from coars_jax.agents.protocol import ACTION_INTERVALS, ITEM_LABEL, is_single_line_title, single_line
 from coars_jax.agents.trajectory import Trajectory
@@ -64,8 +75,13 @@ SCORE_DECIMALS = 2
 # every method starts from one warm start. The pretrained base learns the protocol in tens of batch-1 steps (a
 # 24-step probe took its ValidRatio from 0 to 0.95); one ~1,000-token row peaks at about 8.4 GB here, so batch 1.
 SMOLLM2_WARM_START = {
-    'train_base': False, 'num_dialogues': 64, 'shuffled_dialogues': 16, 'steps': 48,
-    'batch_size': 1, 'learning_rate': 5e-4, 'warmup_steps': 4,
+  'train_base': False,
+  'num_dialogues': 64,
+  'shuffled_dialogues': 16,
+  'steps': 48,
+  'batch_size': 1,
+  'learning_rate': 5e-4,
+  'warmup_steps': 4,
 }
 # Training windows of the SmolLM2 configs: each training user's last window. On LastFM the out-of-fold peer's top
 # pick is the target in 79% of windows drawn from all training windows, but in 36% of last windows (val 35%,
@@ -77,6 +93,7 @@ SMOLLM2_TRAIN_POOL = 'last_per_user'
 SMOLLM2_BUCKETS = {'prompt_buckets': (512, 1024, 2048), 'completion_buckets': (64, 128)}
 # SASRec for the SmolLM2 configs: capped epochs (CPU budget) and 5 user folds for the training windows' peer.
 SMOLLM2_SASREC = {'sasrec_max_epochs': 20, 'sasrec_folds': 5}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WarmStartConfig:
@@ -142,8 +159,17 @@ class WarmStartConfig:
   progress: bool = True
 
   def __post_init__(self):
-    for name, least in (('num_dialogues', 1), ('shuffled_dialogues', 0), ('max_turns', 1), ('candidate_seed', 0),
-                        ('steps', 1), ('batch_size', 1), ('warmup_steps', 0), ('lora_rank', 1), ('seed', 0)):
+    for name, least in (
+      ('num_dialogues', 1),
+      ('shuffled_dialogues', 0),
+      ('max_turns', 1),
+      ('candidate_seed', 0),
+      ('steps', 1),
+      ('batch_size', 1),
+      ('warmup_steps', 0),
+      ('lora_rank', 1),
+      ('seed', 0),
+    ):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f'WarmStartConfig.{name} must be an int >= {least}, found {value!r}')
@@ -160,16 +186,16 @@ class WarmStartConfig:
         raise ValueError(f'WarmStartConfig.{name} must be a bool, found {getattr(self, name)!r}')
     self.lora  # checks lora_layers' spelling
     if self.train_base and self.lora_layers != 'all':
-      raise ValueError(f'WarmStartConfig.lora_layers must be \'all\' when train_base is on (found '
-                       f'{self.lora_layers!r}): the backward pass stops below the lowest adapted layer')
+      raise ValueError(
+        f"WarmStartConfig.lora_layers must be 'all' when train_base is on (found "
+        f'{self.lora_layers!r}): the backward pass stops below the lowest adapted layer'
+      )
     if self.train_pool not in TRAIN_POOLS:
       raise ValueError(f'WarmStartConfig.train_pool must be one of {TRAIN_POOLS}, found {self.train_pool!r}')
     if self.warmup_steps >= self.steps:
-      raise ValueError(f'WarmStartConfig.warmup_steps ({self.warmup_steps}) must be smaller than steps '
-                       f'({self.steps})')
+      raise ValueError(f'WarmStartConfig.warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})')
     if not isinstance(self.buckets, LengthBuckets):
-      raise TypeError(f'WarmStartConfig.buckets must be a sampling.LengthBuckets, found '
-                      f'{type(self.buckets).__name__}')
+      raise TypeError(f'WarmStartConfig.buckets must be a sampling.LengthBuckets, found {type(self.buckets).__name__}')
 
   @property
   def rollout(self) -> RolloutConfig:
@@ -186,16 +212,16 @@ class WarmStartConfig:
 # Rationales are templates over the history (recommender) or the recommended item (user), picked per (episode,
 # turn) by a seeded generator; a few phrasings keep the adapters from learning one fixed sentence per agent.
 RECOMMENDER_REASONS = (
-    'The history ends with {last}, and this candidate fits right after it.',
-    'After {last} and {earlier}, this is the closest candidate to the history.',
-    'Listeners of {last} tend to pick this candidate next.',
-    'It matches the items in the history, most of all {last}.',
+  'The history ends with {last}, and this candidate fits right after it.',
+  'After {last} and {earlier}, this is the closest candidate to the history.',
+  'Listeners of {last} tend to pick this candidate next.',
+  'It matches the items in the history, most of all {last}.',
 )
 USER_REASONS = {
-    'click': ('{item} is exactly what I wanted after {last}.', 'I like {item}; it fits my history well.'),
-    'star': ('{item} looks good, but I want to see more.', '{item} is close to my taste; show me more.'),
-    'skip': ('{item} does not interest me right now.', 'I am not sure about {item}; it is not what I want.'),
-    'dislike': ('{item} is not my taste at all.', 'I do not want {item}; it is far from my history.'),
+  'click': ('{item} is exactly what I wanted after {last}.', 'I like {item}; it fits my history well.'),
+  'star': ('{item} looks good, but I want to see more.', '{item} is close to my taste; show me more.'),
+  'skip': ('{item} does not interest me right now.', 'I am not sure about {item}; it is not what I want.'),
+  'dislike': ('{item} is not my taste at all.', 'I do not want {item}; it is far from my history.'),
 }
 
 
@@ -221,13 +247,21 @@ class DialogueScript:
   def recommended(self, episode: int, turn: int) -> int:
     """The item the scripted recommender names at turn t of row `episode`."""
     if not 1 <= turn <= self.ranked.shape[1]:
-      raise ValueError(f'turn {turn} is outside 1..{self.ranked.shape[1]} (the candidate list has '
-                       f'{self.ranked.shape[1]} items)')
+      raise ValueError(
+        f'turn {turn} is outside 1..{self.ranked.shape[1]} (the candidate list has {self.ranked.shape[1]} items)'
+      )
     return int(self.ranked[episode, turn - 1])
 
 
-def dialogue_script(dataset: Dataset, peer, split: str, window_indices: Sequence[int], *,
-                    rollout: RolloutConfig = RolloutConfig(), shuffle_seed: int | None = None) -> DialogueScript:
+def dialogue_script(
+  dataset: Dataset,
+  peer,
+  split: str,
+  window_indices: Sequence[int],
+  *,
+  rollout: RolloutConfig = RolloutConfig(),
+  shuffle_seed: int | None = None,
+) -> DialogueScript:
   """The peer's ranking of each window's candidate list and the similarity q of every candidate.
 
   `peer` is a `recsys.CrossFittedPeer` (training windows get their user's out-of-fold SASRec, METHOD.md section 2),
@@ -239,8 +273,9 @@ def dialogue_script(dataset: Dataset, peer, split: str, window_indices: Sequence
   """
   indices = np.asarray([int(i) for i in window_indices], np.int64)
   windows = dataset.split(split)
-  candidates = np.stack([candidate_list(dataset, split, int(i), rollout.candidate_seed, rollout.num_candidates)
-                         for i in indices]).astype(np.int32)
+  candidates = np.stack(
+    [candidate_list(dataset, split, int(i), rollout.candidate_seed, rollout.num_candidates) for i in indices]
+  ).astype(np.int32)
   history = np.asarray(windows.history[indices], np.int32)
   lengths = np.asarray(windows.lengths[indices], np.int32)
   bound = bind_peer(peer, split, windows.users[indices])
@@ -248,12 +283,17 @@ def dialogue_script(dataset: Dataset, peer, split: str, window_indices: Sequence
   if shuffle_seed is None:
     order = np.argsort(-scores, axis=1, kind='stable')
   else:
-    order = np.stack([np.random.default_rng([shuffle_seed, int(i), 0x5AF]).permutation(candidates.shape[1])
-                      for i in indices])
+    order = np.stack(
+      [np.random.default_rng([shuffle_seed, int(i), 0x5AF]).permutation(candidates.shape[1]) for i in indices]
+    )
   similarity = np.asarray(bound.candidate_similarities(history, lengths, candidates), np.float32)
-  return DialogueScript(split=split, window_indices=indices, ranked=np.take_along_axis(candidates, order, axis=1),
-                        similarity=np.take_along_axis(similarity, order, axis=1),
-                        target=np.asarray(windows.targets[indices], np.int32))
+  return DialogueScript(
+    split=split,
+    window_indices=indices,
+    ranked=np.take_along_axis(candidates, order, axis=1),
+    similarity=np.take_along_axis(similarity, order, axis=1),
+    target=np.asarray(windows.targets[indices], np.int32),
+  )
 
 
 class ScriptPeer:
@@ -265,8 +305,10 @@ class ScriptPeer:
 
   def _check(self, candidates) -> None:
     candidates = np.asarray(candidates)
-    if candidates.shape != self.script.ranked.shape or not (
-        np.sort(candidates, axis=1) == np.sort(self.script.ranked, axis=1)).all():
+    if (
+      candidates.shape != self.script.ranked.shape
+      or not (np.sort(candidates, axis=1) == np.sort(self.script.ranked, axis=1)).all()
+    ):
       raise ValueError('ScriptPeer serves only the candidate lists of its own script, in its order')
 
   def candidate_ranking(self, history, lengths, candidates):
@@ -279,10 +321,13 @@ class ScriptPeer:
   def candidate_similarities(self, history, lengths, candidates):
     self._check(candidates)
     # q in the caller's candidate order; the script holds it in its own ranked order.
-    lookups = [dict(zip(ranked.tolist(), similarity.tolist()))
-               for ranked, similarity in zip(self.script.ranked, self.script.similarity)]
-    return np.asarray([[lookup[int(item)] for item in row] for lookup, row in zip(lookups, np.asarray(candidates))],
-                      np.float32)
+    lookups = [
+      dict(zip(ranked.tolist(), similarity.tolist()))
+      for ranked, similarity in zip(self.script.ranked, self.script.similarity)
+    ]
+    return np.asarray(
+      [[lookup[int(item)] for item in row] for lookup, row in zip(lookups, np.asarray(candidates))], np.float32
+    )
 
 
 def scripted_user_reaction(is_target: bool, similarity: float) -> tuple[str, float]:
@@ -293,7 +338,7 @@ def scripted_user_reaction(is_target: bool, similarity: float) -> tuple[str, flo
   down to `SCORE_DECIMALS` and kept inside the interval.
   """
   unit = (min(max(float(similarity), -1.0), 1.0) + 1.0) / 2.0
-  scale = 10 ** SCORE_DECIMALS
+  scale = 10**SCORE_DECIMALS
   if is_target:
     low, high = ACTION_INTERVALS['click']
     return 'click', math.floor((low + unit * (high - low)) * scale) / scale
@@ -340,10 +385,10 @@ class ScriptedAgents:
     if agent != USER:
       raise ValueError(f'agent must be one of {AGENTS}, found {agent!r}')
     column = int(np.flatnonzero(self.script.ranked[episode] == item)[0])
-    action, score = scripted_user_reaction(item == int(self.script.target[episode]),
-                                           float(self.script.similarity[episode, column]))
-    reason = self._choice(USER_REASONS[action], episode, turn, 1).format(item=single_line(self.titles[item]),
-                                                                         last=last)
+    action, score = scripted_user_reaction(
+      item == int(self.script.target[episode]), float(self.script.similarity[episode, column])
+    )
+    reason = self._choice(USER_REASONS[action], episode, turn, 1).format(item=single_line(self.titles[item]), last=last)
     return format_user_output(reason, action, score)
 
 
@@ -351,26 +396,45 @@ def draw_windows(dataset: Dataset, count: int, *, seed: int, split: str = 'train
   """`count` distinct window indices of `split`'s `pool` (`WindowSplit.pool`), drawn with `seed`, ascending."""
   candidates = dataset.split(split).pool(pool)
   if count > len(candidates):
-    raise ValueError(f'num_dialogues={count} exceeds the {len(candidates)} {split} windows of {dataset.name!r} in '
-                     f'pool {pool!r}; lower num_dialogues to at most {len(candidates)}')
+    raise ValueError(
+      f'num_dialogues={count} exceeds the {len(candidates)} {split} windows of {dataset.name!r} in '
+      f'pool {pool!r}; lower num_dialogues to at most {len(candidates)}'
+    )
   rng = np.random.default_rng([seed, 0x5F7])
   return np.sort(candidates[rng.choice(len(candidates), size=count, replace=False)])
 
 
-def scripted_dialogues(dataset: Dataset, peer, tokenizer, window_indices: Sequence[int], *,
-                       rollout: RolloutConfig = RolloutConfig(), split: str = 'train',
-                       seed: int = 0, shuffled: bool = False) -> list[Episode]:
+def scripted_dialogues(
+  dataset: Dataset,
+  peer,
+  tokenizer,
+  window_indices: Sequence[int],
+  *,
+  rollout: RolloutConfig = RolloutConfig(),
+  split: str = 'train',
+  seed: int = 0,
+  shuffled: bool = False,
+) -> list[Episode]:
   """Plays the scripted agents through `agents.run_episodes` (so prompts, memory and stopping are the real
   loop's) on `window_indices` of `split`; one episode per window, in order. `shuffled` scripts follow a random
   order of the candidates (seeded by `seed`), which the hint and the peer opinion follow too (`ScriptPeer`)."""
-  script = dialogue_script(dataset, peer, split, window_indices, rollout=rollout,
-                           shuffle_seed=seed if shuffled else None)
+  script = dialogue_script(
+    dataset, peer, split, window_indices, rollout=rollout, shuffle_seed=seed if shuffled else None
+  )
   backend = ScriptedBackend(tokenizer, ScriptedAgents(dataset, script, seed=seed))
-  return run_episodes(dataset, split, list(script.window_indices), backend,
-                      peer=ScriptPeer(script) if shuffled else peer, config=rollout, seed=seed)
+  return run_episodes(
+    dataset,
+    split,
+    list(script.window_indices),
+    backend,
+    peer=ScriptPeer(script) if shuffled else peer,
+    config=rollout,
+    seed=seed,
+  )
 
 
 # --- SFT examples and fixed-shape batches ---------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class SFTExamples:
@@ -385,8 +449,10 @@ class SFTExamples:
 
   def __post_init__(self):
     if not len(self.prompts) == len(self.completions) == len(self.agent):
-      raise ValueError(f'SFTExamples: {len(self.prompts)} prompts, {len(self.completions)} completions and '
-                       f'{len(self.agent)} agent ids; expected one of each per row')
+      raise ValueError(
+        f'SFTExamples: {len(self.prompts)} prompts, {len(self.completions)} completions and '
+        f'{len(self.agent)} agent ids; expected one of each per row'
+      )
     if not len(self.prompts):
       raise ValueError('SFTExamples needs at least one row')
     if self.item_start is not None and len(self.item_start) != len(self.prompts):
@@ -394,8 +460,13 @@ class SFTExamples:
 
   def with_item_starts(self, tokenizer) -> 'SFTExamples':
     """These rows with `item_start` found by decoding each recommender completion (`item_title_start`)."""
-    starts = np.asarray([item_title_start(tokenizer, completion) if agent == AGENTS.index(RECOMMENDER) else -1
-                         for completion, agent in zip(self.completions, self.agent)], np.int64)
+    starts = np.asarray(
+      [
+        item_title_start(tokenizer, completion) if agent == AGENTS.index(RECOMMENDER) else -1
+        for completion, agent in zip(self.completions, self.agent)
+      ],
+      np.int64,
+    )
     return dataclasses.replace(self, item_start=starts)
 
   def __len__(self) -> int:
@@ -404,8 +475,9 @@ class SFTExamples:
   @classmethod
   def from_trajectory(cls, trajectory: Trajectory) -> 'SFTExamples':
     prompts = tuple(trajectory.prompt_tokens[row][trajectory.prompt_mask[row]] for row in range(len(trajectory.agent)))
-    completions = tuple(trajectory.completion_tokens[row][trajectory.completion_mask[row]]
-                        for row in range(len(trajectory.agent)))
+    completions = tuple(
+      trajectory.completion_tokens[row][trajectory.completion_mask[row]] for row in range(len(trajectory.agent))
+    )
     return cls(prompts=prompts, completions=completions, agent=trajectory.agent.astype(np.int32))
 
   def max_completion_tokens(self, agent: str) -> int:
@@ -426,12 +498,16 @@ def item_title_start(tokenizer, completion: np.ndarray) -> int:
 
 def batch_shapes(examples: SFTExamples, buckets: LengthBuckets) -> np.ndarray:
   """int[S, 2]: the (prompt, completion) bucket of every row."""
-  return np.asarray([(buckets.prompt_length(len(p)), buckets.completion_length(len(c)))
-                     for p, c in zip(examples.prompts, examples.completions)], np.int64)
+  return np.asarray(
+    [
+      (buckets.prompt_length(len(p)), buckets.completion_length(len(c)))
+      for p, c in zip(examples.prompts, examples.completions)
+    ],
+    np.int64,
+  )
 
 
-def batch_indices(examples: SFTExamples, batch_size: int, buckets: LengthBuckets, *,
-                  seed: int) -> Iterator[np.ndarray]:
+def batch_indices(examples: SFTExamples, batch_size: int, buckets: LengthBuckets, *, seed: int) -> Iterator[np.ndarray]:
   """Endless rows of `batch_size` row indices (-1 = filler), one epoch after another.
 
   Rows are grouped by their (prompt, completion) bucket, shuffled within groups, cut into batches, and the
@@ -449,14 +525,21 @@ def batch_indices(examples: SFTExamples, batch_size: int, buckets: LengthBuckets
     for key in keys:
       rows = rng.permutation(groups[key])
       for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         batches.append(np.concatenate([chunk, np.full(batch_size - len(chunk), -1, np.int64)]))
     for position in rng.permutation(len(batches)):
       yield batches[position]
 
 
-def make_batch(examples: SFTExamples, rows: np.ndarray, buckets: LengthBuckets, adapter_of_agent: Sequence[int],
-               *, pad_token_id: int = 0, item_loss_weight: float = 1.0) -> dict[str, np.ndarray]:
+def make_batch(
+  examples: SFTExamples,
+  rows: np.ndarray,
+  buckets: LengthBuckets,
+  adapter_of_agent: Sequence[int],
+  *,
+  pad_token_id: int = 0,
+  item_loss_weight: float = 1.0,
+) -> dict[str, np.ndarray]:
   """Host arrays of one batch: left-padded prompts and right-padded completions at their buckets, the adapter
   of each row (its agent's), the agent id, an empty completion mask on filler rows (index -1), which copy
   the first real row's tokens so every context has a real token, and each completion token's loss weight
@@ -468,8 +551,9 @@ def make_batch(examples: SFTExamples, rows: np.ndarray, buckets: LengthBuckets, 
   prompt_length = buckets.prompt_length(max(len(examples.prompts[row]) for row in real))
   completion_length = buckets.completion_length(max(len(examples.completions[row]) for row in real))
   prompt_tokens, prompt_mask = left_pad([examples.prompts[row] for row in filled], prompt_length, pad_token_id)
-  completion_tokens, completion_mask = right_pad([examples.completions[row] for row in filled], completion_length,
-                                                 pad_token_id)
+  completion_tokens, completion_mask = right_pad(
+    [examples.completions[row] for row in filled], completion_length, pad_token_id
+  )
   completion_mask[np.asarray(rows) < 0] = 0
   weight = np.ones(completion_mask.shape, np.float32)
   if item_loss_weight != 1.0:
@@ -480,12 +564,19 @@ def make_batch(examples: SFTExamples, rows: np.ndarray, buckets: LengthBuckets, 
       if start >= 0:
         weight[position, start:] = item_loss_weight
   agent = examples.agent[filled].astype(np.int32)
-  return {'prompt_tokens': prompt_tokens, 'prompt_mask': prompt_mask, 'completion_tokens': completion_tokens,
-          'completion_mask': completion_mask, 'completion_weight': weight * completion_mask, 'agent': agent,
-          'adapter': np.asarray(adapter_of_agent, np.int32)[agent]}
+  return {
+    'prompt_tokens': prompt_tokens,
+    'prompt_mask': prompt_mask,
+    'completion_tokens': completion_tokens,
+    'completion_mask': completion_mask,
+    'completion_weight': weight * completion_mask,
+    'agent': agent,
+    'adapter': np.asarray(adapter_of_agent, np.int32)[agent],
+  }
 
 
 # --- loss and update step ----------------------------------------------------------------------------------------
+
 
 def sft_loss(model: Decoder, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Token-level cross-entropy of each row's own completion under its own adapter.
@@ -495,8 +586,14 @@ def sft_loss(model: Decoder, batch: dict[str, jax.Array]) -> tuple[jax.Array, di
   over rows with any masked token. Returns (loss, metrics) where metrics hold each agent's mean row loss and row
   count.
   """
-  log_probs = completion_log_probs(model, batch['prompt_tokens'], batch['prompt_mask'], batch['completion_tokens'],
-                                   batch['completion_mask'], adapter=batch['adapter'])
+  log_probs = completion_log_probs(
+    model,
+    batch['prompt_tokens'],
+    batch['prompt_mask'],
+    batch['completion_tokens'],
+    batch['completion_mask'],
+    adapter=batch['adapter'],
+  )
   mask = batch['completion_mask'].astype(jnp.float32)
   weight = batch.get('completion_weight', mask).astype(jnp.float32) * mask
   tokens = mask.sum(axis=1)
@@ -520,8 +617,9 @@ def trainable_filter(train_base: bool):
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'train_base'), donate_argnames=('state',))
-def _train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], *,
-                train_base: bool) -> tuple[nnx.State, dict[str, jax.Array]]:
+def _train_step(
+  graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], *, train_base: bool
+) -> tuple[nnx.State, dict[str, jax.Array]]:
   record_trace(STEP_TRACE_NAME)
   model, optimizer = nnx.merge(graphdef, state)
   grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, trainable_filter(train_base)), has_aux=True)
@@ -533,13 +631,18 @@ def _train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.A
 
 def learning_rate_schedule(config: WarmStartConfig) -> optax.Schedule:
   """The SFT step size per update: `optim.warmup_cosine_schedule` over `steps`."""
-  return warmup_cosine_schedule(config.learning_rate, warmup_steps=config.warmup_steps, total_steps=config.steps,
-                                final_fraction=config.final_learning_rate_fraction)
+  return warmup_cosine_schedule(
+    config.learning_rate,
+    warmup_steps=config.warmup_steps,
+    total_steps=config.steps,
+    final_fraction=config.final_learning_rate_fraction,
+  )
 
 
 def make_optimizer(model: Decoder, config: WarmStartConfig) -> nnx.Optimizer:
-  tx = clipped_adamw(max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay,
-                     learning_rate=learning_rate_schedule(config))
+  tx = clipped_adamw(
+    max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, learning_rate=learning_rate_schedule(config)
+  )
   return nnx.Optimizer(model, tx, wrt=trainable_filter(config.train_base))
 
 
@@ -547,8 +650,10 @@ def agent_adapters(model: Decoder) -> tuple[int, ...]:
   """The adapter index of each agent in `AGENTS` order; both must exist on the model."""
   missing = [agent for agent in AGENTS if agent not in model.adapter_names]
   if missing:
-    raise ValueError(f'the model has adapters {model.adapter_names}; the warm start needs one per agent '
-                     f'{list(AGENTS)} (missing {missing}); attach them with models.add_lora or prepare_model')
+    raise ValueError(
+      f'the model has adapters {model.adapter_names}; the warm start needs one per agent '
+      f'{list(AGENTS)} (missing {missing}); attach them with models.add_lora or prepare_model'
+    )
   return tuple(adapter_index(model, agent) for agent in AGENTS)
 
 
@@ -561,8 +666,9 @@ class TrainResult:
   seconds: float
 
 
-def train_sft(model: Decoder, examples: SFTExamples, config: WarmStartConfig, *, pad_token_id: int = 0,
-              steps: int | None = None) -> TrainResult:
+def train_sft(
+  model: Decoder, examples: SFTExamples, config: WarmStartConfig, *, pad_token_id: int = 0, steps: int | None = None
+) -> TrainResult:
   """Runs `config.steps` (or `steps`) updates on `model`, in place.
 
   The model and optimizer state are split once and donated to each jitted step, so parameters are updated in
@@ -578,17 +684,26 @@ def train_sft(model: Decoder, examples: SFTExamples, config: WarmStartConfig, *,
   start = time.perf_counter()
   bar = tqdm.tqdm(range(total), desc='warm start', disable=not config.progress, dynamic_ncols=True)
   for _ in bar:
-    batch = make_batch(examples, next(order), config.buckets, adapters, pad_token_id=pad_token_id,
-                       item_loss_weight=config.item_loss_weight)
-    state, metrics = _train_step(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()},
-                                 train_base=config.train_base)
+    batch = make_batch(
+      examples,
+      next(order),
+      config.buckets,
+      adapters,
+      pad_token_id=pad_token_id,
+      item_loss_weight=config.item_loss_weight,
+    )
+    state, metrics = _train_step(
+      graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()}, train_base=config.train_base
+    )
     history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
-    bar.set_postfix(loss=f'{history[-1]["loss"]:.3f}', rec=f'{history[-1]["loss_recommender"]:.3f}',
-                    user=f'{history[-1]["loss_user"]:.3f}')
+    bar.set_postfix(
+      loss=f'{history[-1]["loss"]:.3f}',
+      rec=f'{history[-1]["loss_recommender"]:.3f}',
+      user=f'{history[-1]["loss_user"]:.3f}',
+    )
   trained_model, _ = nnx.merge(graphdef, state)
   nnx.update(model, nnx.state(trained_model))
-  return TrainResult(history=tuple(history), traces=_step_traces() - traces_before,
-                     seconds=time.perf_counter() - start)
+  return TrainResult(history=tuple(history), traces=_step_traces() - traces_before, seconds=time.perf_counter() - start)
 
 
 def _step_traces() -> int:
@@ -596,6 +711,7 @@ def _step_traces() -> int:
 
 
 # --- the warm start as one call ----------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class WarmStartResult:
@@ -629,41 +745,63 @@ def prepare_model(model: Decoder, config: WarmStartConfig) -> Decoder:
   return model
 
 
-def warm_start_agents(model: Decoder, tokenizer, dataset: Dataset, peer,
-               config: WarmStartConfig = WarmStartConfig()) -> WarmStartResult:
+def warm_start_agents(
+  model: Decoder, tokenizer, dataset: Dataset, peer, config: WarmStartConfig = WarmStartConfig()
+) -> WarmStartResult:
   """Scripted dialogues on `config.num_dialogues` training windows, then SFT of `model` on them, in place.
 
   `model` gets the two agents' adapters if it has none (`prepare_model`).
   """
   prepare_model(model, config)
   if len(tokenizer) > model.config.vocab_size:
-    raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model\'s vocab_size is '
-                     f'{model.config.vocab_size}; use the model\'s own tokenizer')
+    raise ValueError(
+      f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+      f"{model.config.vocab_size}; use the model's own tokenizer"
+    )
   windows = draw_windows(dataset, config.num_dialogues, seed=config.seed, pool=config.train_pool)
   episodes = scripted_dialogues(dataset, peer, tokenizer, windows, rollout=config.rollout, seed=config.seed)
   if config.shuffled_dialogues:
     shuffled_windows = draw_windows(dataset, config.shuffled_dialogues, seed=config.seed + 1, pool=config.train_pool)
-    episodes += scripted_dialogues(dataset, peer, tokenizer, shuffled_windows, rollout=config.rollout,
-                                   seed=config.seed, shuffled=True)
+    episodes += scripted_dialogues(
+      dataset, peer, tokenizer, shuffled_windows, rollout=config.rollout, seed=config.seed, shuffled=True
+    )
   pad_id = tokenizer_lib.special_token_ids(tokenizer).pad_id
   examples = SFTExamples.from_trajectory(Trajectory.from_episodes(episodes, pad_token_id=pad_id))
   if config.item_loss_weight != 1.0:
     examples = examples.with_item_starts(tokenizer)
   logging.info('warm start: %d dialogues, %d agent messages', len(episodes), len(examples))
   train = train_sft(model, examples, config, pad_token_id=pad_id)
-  return WarmStartResult(episodes=tuple(episodes), examples=examples, train=train,
-                         dialogue_metrics=episode_metrics(episodes[:len(windows)]))
+  return WarmStartResult(
+    episodes=tuple(episodes), examples=examples, train=train, dialogue_metrics=episode_metrics(episodes[: len(windows)])
+  )
 
 
-def evaluate_dialogues(model: Decoder, tokenizer, dataset: Dataset, peer, window_indices: Sequence[int],
-                       *, split: str = 'val', rollout: RolloutConfig = RolloutConfig(),
-                       recommender_max_new_tokens: int = 64, user_max_new_tokens: int = 64,
-                       buckets: LengthBuckets = LengthBuckets(), seed: int = 0) -> tuple[dict[str, float],
-                                                                                         list[Episode]]:
+def evaluate_dialogues(
+  model: Decoder,
+  tokenizer,
+  dataset: Dataset,
+  peer,
+  window_indices: Sequence[int],
+  *,
+  split: str = 'val',
+  rollout: RolloutConfig = RolloutConfig(),
+  recommender_max_new_tokens: int = 64,
+  user_max_new_tokens: int = 64,
+  buckets: LengthBuckets = LengthBuckets(),
+  seed: int = 0,
+) -> tuple[dict[str, float], list[Episode]]:
   """Greedy rollouts of both adapted agents on `window_indices` of `split`: (`episode_metrics`, episodes)."""
-  backend = LLMBackend(model, tokenizer, adapters={RECOMMENDER: RECOMMENDER, USER: USER}, config=LLMBackendConfig(
-      recommender_max_new_tokens=recommender_max_new_tokens, user_max_new_tokens=user_max_new_tokens,
-      sampling=GREEDY, buckets=buckets))
+  backend = LLMBackend(
+    model,
+    tokenizer,
+    adapters={RECOMMENDER: RECOMMENDER, USER: USER},
+    config=LLMBackendConfig(
+      recommender_max_new_tokens=recommender_max_new_tokens,
+      user_max_new_tokens=user_max_new_tokens,
+      sampling=GREEDY,
+      buckets=buckets,
+    ),
+  )
   episodes = run_episodes(dataset, split, list(window_indices), backend, peer=peer, config=rollout, seed=seed)
   return episode_metrics(episodes), episodes
 
@@ -673,8 +811,9 @@ def evaluate_dialogues(model: Decoder, tokenizer, dataset: Dataset, peer, window
 BASE_DIR, ADAPTERS_DIR, META_FILE = 'base', 'adapters', 'warm_start.json'
 
 
-def save_warm_start(model: Decoder, directory: str | os.PathLike, *, save_base: bool,
-                    metadata: dict[str, Any] | None = None) -> pathlib.Path:
+def save_warm_start(
+  model: Decoder, directory: str | os.PathLike, *, save_base: bool, metadata: dict[str, Any] | None = None
+) -> pathlib.Path:
   """Writes the adapters (`models.save_adapters`) and, if `save_base`, the base weights (Orbax) with the decoder
   config, under `directory`; `META_FILE` is written last, so a folder without it is an interrupted save. In a
   multi-host run every process calls it (the Orbax saves are collective); the primary alone clears the old files
@@ -711,8 +850,10 @@ def load_warm_start(directory: str | os.PathLike, base: Decoder | None = None) -
   directory = pathlib.Path(directory).absolute()
   meta_path = directory / META_FILE
   if not meta_path.is_file():
-    raise FileNotFoundError(f'{directory} holds no complete warm start ({META_FILE} is missing); run '
-                            f'experiments/warm_start.py or save_warm_start first')
+    raise FileNotFoundError(
+      f'{directory} holds no complete warm start ({META_FILE} is missing); run '
+      f'experiments/warm_start.py or save_warm_start first'
+    )
   meta = json.loads(meta_path.read_text())
   if meta['base_saved']:
     fields = dict(meta['decoder_config'])
@@ -726,8 +867,9 @@ def load_warm_start(directory: str | os.PathLike, base: Decoder | None = None) -
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
   elif base is None:
-    raise ValueError(f'{directory} holds adapters only (the base was frozen); pass the base model they were '
-                     f'trained on as base=')
+    raise ValueError(
+      f'{directory} holds adapters only (the base was frozen); pass the base model they were trained on as base='
+    )
   else:
     model = base
   load_adapters(model, directory / ADAPTERS_DIR)
@@ -736,10 +878,12 @@ def load_warm_start(directory: str | os.PathLike, base: Decoder | None = None) -
 
 # --- the experiment ----------------------------------------------------------------------------------------------
 
+
 def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
   """Defaults for `configs/warm_start_*.py`; each field documents what it controls."""
   defaults = WarmStartConfig()
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       'dataset': dataset,  # lastfm | movielens | instruments
       'data_root': '',  # '' -> $COARS_DATA_DIR -> the per-user cache folder
       'allow_download': True,  # fetch missing public originals (checksum-verified) when the network allows
@@ -756,11 +900,12 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
       'prompt_buckets': defaults.buckets.prompt,
       'completion_buckets': defaults.buckets.completion,
       'eval': {
-          'split': 'val',  # the windows greedy rollouts are scored on
-          'num_windows': 8,  # the first this many windows of the split (0 skips the evaluation)
-          'token_margin': 8,  # greedy budget = longest scripted message of that agent + this
+        'split': 'val',  # the windows greedy rollouts are scored on
+        'num_windows': 8,  # the first this many windows of the split (0 skips the evaluation)
+        'token_margin': 8,  # greedy budget = longest scripted message of that agent + this
       },
-  })
+    }
+  )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -769,13 +914,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   configlib.require(config.dataset in DATASETS, 'dataset', f'one of {DATASETS}', config.dataset)
   for name in ('workdir', 'sasrec_workdir', 'model'):
     configlib.require(isinstance(config[name], str) and config[name], name, 'a non-empty string', config[name])
-  configlib.require(backbone.is_known(config.model), 'model',
-                    f"one of {sorted(backbone.ALIASES)} or an existing HF checkpoint folder", config.model)
+  configlib.require(
+    backbone.is_known(config.model),
+    'model',
+    f'one of {sorted(backbone.ALIASES)} or an existing HF checkpoint folder',
+    config.model,
+  )
   configlib.require(config.eval.split in ('val', 'test'), 'eval.split', "'val' or 'test'", config.eval.split)
   for name in ('num_windows', 'token_margin'):
     value = config.eval[name]
-    configlib.require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f'eval.{name}',
-                      'an int >= 0', value)
+    configlib.require(
+      isinstance(value, int) and not isinstance(value, bool) and value >= 0, f'eval.{name}', 'an int >= 0', value
+    )
   configlib.require_peer_fields(config)
   try:
     warm_start_config(config)
@@ -784,16 +934,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def warm_start_config(config: ml_collections.ConfigDict) -> WarmStartConfig:
-  return WarmStartConfig(**config.warm_start.to_dict(), buckets=LengthBuckets(
-      prompt=tuple(int(n) for n in config.prompt_buckets), completion=tuple(int(n) for n in config.completion_buckets)))
+  return WarmStartConfig(
+    **config.warm_start.to_dict(),
+    buckets=LengthBuckets(
+      prompt=tuple(int(n) for n in config.prompt_buckets), completion=tuple(int(n) for n in config.completion_buckets)
+    ),
+  )
 
 
 def load_model_and_tokenizer(config: ml_collections.ConfigDict) -> tuple[Decoder, Any]:
   """The base decoder and its tokenizer (`agents.backbone.load_backbone`): the `tiny` preset at random init with
   the tiny tokenizer, SmolLM2-135M-Instruct from its GGUF, or an HF checkpoint folder."""
-  return backbone.load_backbone(backbone.BackboneSpec(
-      name=config.model, data_root=config.data_root or None, allow_download=config.allow_download,
-      tiny_vocab_size=config.tokenizer_vocab_size, seed=config.model_seed))
+  return backbone.load_backbone(
+    backbone.BackboneSpec(
+      name=config.model,
+      data_root=config.data_root or None,
+      allow_download=config.allow_download,
+      tiny_vocab_size=config.tokenizer_vocab_size,
+      seed=config.model_seed,
+    )
+  )
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -803,29 +963,53 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   settings = warm_start_config(config)
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
   full_sasrec, peer = sasrec_experiment.train_or_load_peer(
-      sasrec_experiment.peer_config(config.dataset, workdir=config.sasrec_workdir, data_root=config.data_root,
-                                    allow_download=config.allow_download, progress=settings.progress,
-                                    max_epochs=config.sasrec_max_epochs),
-      dataset, config.sasrec_seed, num_folds=config.sasrec_folds, fold_seed=config.sasrec_fold_seed)
+    sasrec_experiment.peer_config(
+      config.dataset,
+      workdir=config.sasrec_workdir,
+      data_root=config.data_root,
+      allow_download=config.allow_download,
+      progress=settings.progress,
+      max_epochs=config.sasrec_max_epochs,
+    ),
+    dataset,
+    config.sasrec_seed,
+    num_folds=config.sasrec_folds,
+    fold_seed=config.sasrec_fold_seed,
+  )
   model, tokenizer = load_model_and_tokenizer(config)
   result = warm_start_agents(model, tokenizer, dataset, peer, settings)
   history = result.train.history
-  tail = history[-min(len(history), 20):]
+  tail = history[-min(len(history), 20) :]
   summary: dict[str, Any] = {
-      'dataset': dataset.name, 'model': config.model, 'train_base': settings.train_base,
-      'dialogues': len(result.episodes), 'agent_messages': len(result.examples),
-      'scripted_dialogue_metrics': result.dialogue_metrics, 'steps': len(history),
-      'first_loss': history[0]['loss'], 'final_loss_mean_last_20': float(np.mean([h['loss'] for h in tail])),
-      'train_seconds': round(result.train.seconds, 1), 'update_step_traces': result.train.traces,
+    'dataset': dataset.name,
+    'model': config.model,
+    'train_base': settings.train_base,
+    'dialogues': len(result.episodes),
+    'agent_messages': len(result.examples),
+    'scripted_dialogue_metrics': result.dialogue_metrics,
+    'steps': len(history),
+    'first_loss': history[0]['loss'],
+    'final_loss_mean_last_20': float(np.mean([h['loss'] for h in tail])),
+    'train_seconds': round(result.train.seconds, 1),
+    'update_step_traces': result.train.traces,
   }
   if config.eval.num_windows:
     count = min(config.eval.num_windows, len(dataset.split(config.eval.split)))
     metrics, _ = evaluate_dialogues(
-        model, tokenizer, dataset, full_sasrec, range(count), split=config.eval.split, rollout=settings.rollout,
-        recommender_max_new_tokens=result.max_new_tokens(RECOMMENDER, config.eval.token_margin),
-        user_max_new_tokens=result.max_new_tokens(USER, config.eval.token_margin), buckets=settings.buckets,
-        seed=settings.seed)
+      model,
+      tokenizer,
+      dataset,
+      full_sasrec,
+      range(count),
+      split=config.eval.split,
+      rollout=settings.rollout,
+      recommender_max_new_tokens=result.max_new_tokens(RECOMMENDER, config.eval.token_margin),
+      user_max_new_tokens=result.max_new_tokens(USER, config.eval.token_margin),
+      buckets=settings.buckets,
+      seed=settings.seed,
+    )
     summary['eval'] = {'split': config.eval.split, 'windows': count, **metrics}
-  save_warm_start(model, config.workdir, save_base=settings.train_base,
-                  metadata={'config': config.to_dict(), 'summary': summary})
+  save_warm_start(
+    model, config.workdir, save_base=settings.train_base, metadata={'config': config.to_dict(), 'summary': summary}
+  )
   return summary

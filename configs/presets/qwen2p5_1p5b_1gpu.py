@@ -12,6 +12,13 @@ from coars_jax.training.presets import pretrained_config
 
 
 def get_config(method: str = 'coars'):
-  return pretrained_config(model='/models/Qwen2.5-1.5B-Instruct', model_shape='qwen2p5_1p5b', method=method,
-                           mesh={'data': -1, 'fsdp': 1, 'tensor': 1}, device='h100-80gb', num_devices=1,
-                           rows_per_microbatch=2, generation_rows=16)
+  return pretrained_config(
+    model='/models/Qwen2.5-1.5B-Instruct',
+    model_shape='qwen2p5_1p5b',
+    method=method,
+    mesh={'data': -1, 'fsdp': 1, 'tensor': 1},
+    device='h100-80gb',
+    num_devices=1,
+    rows_per_microbatch=2,
+    generation_rows=16,
+  )

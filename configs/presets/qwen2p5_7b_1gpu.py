@@ -15,8 +15,15 @@ from coars_jax.training.presets import PROMPT_BUCKETS, pretrained_config
 
 
 def get_config(method: str = 'coars'):
-  config = pretrained_config(model='/models/Qwen2.5-7B-Instruct', model_shape='qwen2p5_7b', method=method,
-                             mesh={'data': -1, 'fsdp': 1, 'tensor': 1}, device='h100-80gb', num_devices=1,
-                             rows_per_microbatch=2, generation_rows=16)
+  config = pretrained_config(
+    model='/models/Qwen2.5-7B-Instruct',
+    model_shape='qwen2p5_7b',
+    method=method,
+    mesh={'data': -1, 'fsdp': 1, 'tensor': 1},
+    device='h100-80gb',
+    num_devices=1,
+    rows_per_microbatch=2,
+    generation_rows=16,
+  )
   config.prompt_buckets = tuple(size for size in PROMPT_BUCKETS if size <= 1024)
   return config

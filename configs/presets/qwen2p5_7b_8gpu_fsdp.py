@@ -14,6 +14,13 @@ from coars_jax.training.presets import pretrained_config
 
 
 def get_config(method: str = 'coars'):
-  return pretrained_config(model='/models/Qwen2.5-7B-Instruct', model_shape='qwen2p5_7b', method=method,
-                           mesh={'data': 1, 'fsdp': -1, 'tensor': 4}, device='h100-80gb', num_devices=8,
-                           rows_per_microbatch=4, generation_rows=32)
+  return pretrained_config(
+    model='/models/Qwen2.5-7B-Instruct',
+    model_shape='qwen2p5_7b',
+    method=method,
+    mesh={'data': 1, 'fsdp': -1, 'tensor': 4},
+    device='h100-80gb',
+    num_devices=8,
+    rows_per_microbatch=4,
+    generation_rows=32,
+  )

@@ -23,8 +23,16 @@ from coars_jax.training.presets import PROMPT_BUCKETS, pretrained_config
 
 
 def get_config(method: str = 'coars'):
-  config = pretrained_config(model='/models/Qwen2.5-7B-Instruct', model_shape='qwen2p5_7b', method=method,
-                             mesh={'data': 1, 'fsdp': 4, 'tensor': 4}, device='tpu-v5e', num_devices=16,
-                             rows_per_microbatch=4, generation_rows=32, multi_host=True)
+  config = pretrained_config(
+    model='/models/Qwen2.5-7B-Instruct',
+    model_shape='qwen2p5_7b',
+    method=method,
+    mesh={'data': 1, 'fsdp': 4, 'tensor': 4},
+    device='tpu-v5e',
+    num_devices=16,
+    rows_per_microbatch=4,
+    generation_rows=32,
+    multi_host=True,
+  )
   config.prompt_buckets = tuple(size for size in PROMPT_BUCKETS if size <= 1024)
   return config

@@ -25,8 +25,17 @@ def tokenizer_folder(tmp_path_factory):
 
 def model_folder(tmp_path, tokenizer_folder, vocab_size):
   """An HF checkpoint folder of a 1-layer decoder with `vocab_size` embeddings and the tokenizer's files."""
-  config = get_preset('tiny', vocab_size=vocab_size, embed_dim=16, mlp_dim=32, num_layers=1, num_heads=2,
-                      num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+  config = get_preset(
+    'tiny',
+    vocab_size=vocab_size,
+    embed_dim=16,
+    mlp_dim=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+  )
   folder = tmp_path / f'model_{vocab_size}'
   hf_checkpoint.save_hf_checkpoint(Decoder(config, rngs=nnx.Rngs(0)), folder)
   for path in tokenizer_folder.iterdir():
@@ -35,16 +44,20 @@ def model_folder(tmp_path, tokenizer_folder, vocab_size):
 
 
 def test_a_matching_folder_loads(tmp_path, tokenizer_folder):
-  model, tokenizer = backbone.load_backbone(backbone.BackboneSpec(
-      name=str(model_folder(tmp_path, tokenizer_folder, TOKENIZER_VOCAB + 16))))
+  model, tokenizer = backbone.load_backbone(
+    backbone.BackboneSpec(name=str(model_folder(tmp_path, tokenizer_folder, TOKENIZER_VOCAB + 16)))
+  )
   assert model.config.vocab_size == TOKENIZER_VOCAB + 16 and len(tokenizer) == TOKENIZER_VOCAB
 
 
 def test_a_tokenizer_from_another_model_fails_before_the_weights_are_read(tmp_path, tokenizer_folder, monkeypatch):
   folder = model_folder(tmp_path, tokenizer_folder, 128)
   monkeypatch.setattr(backbone, 'load_hf_checkpoint', lambda *a, **k: pytest.fail('weights were read'))
-  with pytest.raises(ValueError, match=rf"backbone folder {folder} \(config.json\): the tokenizer has "
-                                       rf"{TOKENIZER_VOCAB} tokens but the model's vocab_size is 128"):
+  with pytest.raises(
+    ValueError,
+    match=rf'backbone folder {folder} \(config.json\): the tokenizer has '
+    rf"{TOKENIZER_VOCAB} tokens but the model's vocab_size is 128",
+  ):
     backbone.load_backbone(backbone.BackboneSpec(name=str(folder)))
 
 
@@ -61,16 +74,22 @@ def test_special_ids_beyond_the_vocabulary_are_named(tokenizer_folder):
     def __getattr__(self, name):
       return getattr(tokenizer, name)
 
-  with pytest.raises(ValueError, match=r"here: the tokenizer's special ids \{.*'eos/end-of-turn #0': 3.*\} are outside "
-                                       r"the model's vocab_size 3"):
+  with pytest.raises(
+    ValueError,
+    match=r"here: the tokenizer's special ids \{.*'eos/end-of-turn #0': 3.*\} are outside "
+    r"the model's vocab_size 3",
+  ):
     backbone.check_tokenizer_fits(Shrunk(), 3, 'here')
 
 
-@pytest.mark.parametrize('remove, error, message', [
+@pytest.mark.parametrize(
+  'remove, error, message',
+  [
     ('config.json', FileNotFoundError, 'no config.json at'),
     ('model.safetensors', FileNotFoundError, 'expected model.safetensors or model.safetensors.index.json'),
     ('tokenizer.json', FileNotFoundError, 'holds none of'),
-])
+  ],
+)
 def test_a_missing_file_is_named(tmp_path, tokenizer_folder, monkeypatch, remove, error, message):
   folder = model_folder(tmp_path, tokenizer_folder, TOKENIZER_VOCAB)
   (folder / remove).unlink()

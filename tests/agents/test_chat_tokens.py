@@ -50,8 +50,9 @@ def test_real_dialogues_are_append_only_token_for_token(name):
     return f'Reason: not for me, try again ({turn}).\nAction: skip\nScore: 0.3'
 
   backend = ScriptedBackend(tokenizer, respond)
-  episodes = run_episodes(dataset, 'test', windows, backend, peer=FourthCandidatePeer(),
-                          config=RolloutConfig(max_turns=5, show_hint=True))
+  episodes = run_episodes(
+    dataset, 'test', windows, backend, peer=FourthCandidatePeer(), config=RolloutConfig(max_turns=5, show_hint=True)
+  )
   assert [e.num_turns for e in episodes] == [5, 5, 5]
   end = end_of_turn_id(tokenizer)
   for episode in episodes:
@@ -60,7 +61,7 @@ def test_real_dialogues_are_append_only_token_for_token(name):
         earlier, later = getattr(before, agent), getattr(after, agent)
         head = np.concatenate([earlier.prompt_ids, earlier.completion_ids])
         assert earlier.completion_ids[-1] == end
-        np.testing.assert_array_equal(later.prompt_ids[:len(head)], head)
+        np.testing.assert_array_equal(later.prompt_ids[: len(head)], head)
         # The new message is a small part of the prompt: about 1/t of it is new at turn t.
         assert len(later.prompt_ids) - len(head) < len(head) / 2
       # Here the replies tokenise canonically, so the sequence equals the whole chat tokenised at once.
@@ -87,10 +88,10 @@ def test_prompts_that_do_not_extend_the_dialogue_are_tokenised_whole():
   # The next turn of the dialogue extends it: the kept ids, the reply's ids, then the new message alone.
   later = first + [{'role': 'assistant', 'content': reply}, {'role': 'user', 'content': 'The recommender now says: D'}]
   ((later_text, later_ids),) = tokens.encode('user', [7], [later])
-  assert later_ids[:len(ids) + len(reply_ids)] == ids + reply_ids.tolist()
+  assert later_ids[: len(ids) + len(reply_ids)] == ids + reply_ids.tolist()
   assert later_ids == tokenizer(later_text, add_special_tokens=False)['input_ids']
   assert (tokens.appended, tokens.encoded) == (1, 2)
   # A cut reply (no end-of-turn token) is closed by one, which was not sampled.
   tokens.remember('user', [8], [first], [(text, ids)], [reply_ids[:-1]], [reply])
   ((_, closed),) = tokens.encode('user', [8], [later])
-  assert closed[:len(ids) + len(reply_ids)] == ids + reply_ids.tolist()
+  assert closed[: len(ids) + len(reply_ids)] == ids + reply_ids.tolist()

@@ -11,10 +11,19 @@ import pytest
 from flax import nnx
 
 from coars_jax.agents import episodes as ep
-from coars_jax.agents.episodes import (LLMBackend, LLMBackendConfig, RolloutConfig, ScriptedBackend, SASRecPeer,
-                                       episode_metrics, run_episodes)
+from coars_jax.agents import peer as peer_lib
+from coars_jax.agents import prompts as prompts_lib
+from coars_jax.agents.episodes import (
+  LLMBackend,
+  LLMBackendConfig,
+  RolloutConfig,
+  ScriptedBackend,
+  SASRecPeer,
+  episode_metrics,
+  run_episodes,
+)
 from coars_jax.agents.parsing import INVALID_SCORE
-from coars_jax.agents.prompts import recommender_system_prompt, render_memory, user_system_prompt
+from coars_jax.agents.prompts import recommender_system_prompt, user_system_prompt
 from coars_jax.agents.trajectory import Trajectory
 from coars_jax.data import candidate_list, synthetic
 from coars_jax.data.schema import ItemCatalog
@@ -79,8 +88,10 @@ def user(action, score=None, reason='my reaction'):
 
 def plan_backend(plan):
   """ScriptedBackend answering plan[episode][turn - 1] = (recommender text, user text)."""
+
   def respond(agent, episode, turn, messages):
     return plan[episode][turn - 1][0 if agent == 'recommender' else 1]
+
   return ScriptedBackend(small_tokenizer(), respond)
 
 
@@ -88,9 +99,9 @@ def stop_plan():
   """Three windows, T_u = 3: episode 0 clicks at turn 2, episode 1 never clicks, episode 2 clicks at turn 1."""
   skip = user('skip', 0.3)
   return {
-      0: [(rec(title(non_target(0))), skip), (rec(title(target_of(0))), user('click', 0.9))],
-      1: [(rec(title(non_target(1, t))), user('star', 0.6)) for t in range(3)],
-      2: [(rec(title(target_of(2))), user('click', 0.8))],
+    0: [(rec(title(non_target(0))), skip), (rec(title(target_of(0))), user('click', 0.9))],
+    1: [(rec(title(non_target(1, t))), user('star', 0.6)) for t in range(3)],
+    2: [(rec(title(target_of(2))), user('click', 0.8))],
   }
 
 
@@ -106,9 +117,14 @@ def test_loop_stops_on_click_and_at_max_turns_and_drops_finished_episodes():
   assert [e.clicked for e in episodes] == [True, False, True]
   assert [e.final_hit for e in episodes] == [True, False, True]
   calls = [(c.agent, c.turn, c.episode_ids) for c in backend.calls]
-  assert calls == [('recommender', 1, (0, 1, 2)), ('user', 1, (0, 1, 2)),
-                   ('recommender', 2, (0, 1)), ('user', 2, (0, 1)),
-                   ('recommender', 3, (1,)), ('user', 3, (1,))]
+  assert calls == [
+    ('recommender', 1, (0, 1, 2)),
+    ('user', 1, (0, 1, 2)),
+    ('recommender', 2, (0, 1)),
+    ('user', 2, (0, 1)),
+    ('recommender', 3, (1,)),
+    ('user', 3, (1,)),
+  ]
   # Every call has its own seed, reproducible from (seed, t, agent).
   assert len({c.seed for c in backend.calls}) == 6
   assert backend.calls[0].seed == ep.turn_seed(0, 1, 'recommender')
@@ -125,7 +141,8 @@ def test_loop_ends_when_every_episode_clicked():
 def reward_plan():
   """One window through every parse case; returns (plan, the non-target item named at turn 1)."""
   other = non_target(0)
-  plan = {0: [
+  plan = {
+    0: [
       # A valid non-target named in lower case; the user's action and score disagree (the action wins).
       (rec(title(other).lower()), user('star', 0.9)),
       # A title outside C; a user message without any label.
@@ -134,19 +151,25 @@ def reward_plan():
       ('just some words', user('dislike')),
       # The target; a click ends the episode before T_u.
       (rec(title(target_of(0))), user('click', 0.95)),
-  ]}
+    ]
+  }
   return plan, other
 
 
 def test_reward_inputs_follow_the_protocol():
   plan, other = reward_plan()
-  (episode,) = run_episodes(DATASET, SPLIT, [0], plan_backend(plan), peer=TablePeer(),
-                            config=RolloutConfig(max_turns=5))
+  (episode,) = run_episodes(
+    DATASET, SPLIT, [0], plan_backend(plan), peer=TablePeer(), config=RolloutConfig(max_turns=5)
+  )
   target = target_of(0)
   t1, t2, t3, t4 = episode.turns
   assert [t.turn for t in episode.turns] == [1, 2, 3, 4]
-  assert (t1.item, t1.hit, t1.recommender_parse.valid, t1.recommender_parse.match_rule) == (other, False, True,
-                                                                                            'normalized')
+  assert (t1.item, t1.hit, t1.recommender_parse.valid, t1.recommender_parse.match_rule) == (
+    other,
+    False,
+    True,
+    'normalized',
+  )
   assert t1.action == 'star' and t1.acceptance_score == float(np.nextafter(np.float32(0.75), np.float32(0)))
   assert t1.peer_similarity == pytest.approx(similarity_of(other))
   assert (t2.item, t2.hit, t2.recommender_parse.valid, t2.peer_similarity) == (ep.NO_ITEM, False, False, 0.0)
@@ -158,8 +181,7 @@ def test_reward_inputs_follow_the_protocol():
   assert (episode.final_item, episode.final_hit, episode.clicked) == (target, True, True)
   # An invalid recommender message is shown to the user as written.
   assert 'Recommended item: Not A Candidate\n' in t2.user.prompt_text
-  assert ('Recommended item: (no item named)\nRecommender\'s reason: just some words'
-          in t3.user.prompt_text)
+  assert "Recommended item: (no item named)\nRecommender's reason: just some words" in t3.user.prompt_text
   assert f'Recommended item: {title(other)}\n' in t1.user.prompt_text  # the candidate's title, not the lower case
 
 
@@ -167,20 +189,21 @@ def test_dialogues_are_append_only_token_for_token():
   """Each agent's prompt at turn t is its prompt at t-1, its own reply, then the new message: as text and as
   token ids (the reply's ids as sampled, the new message tokenised alone). Every earlier turn stays in it."""
   plan, other = reward_plan()
-  (episode,) = run_episodes(DATASET, SPLIT, [0], plan_backend(plan), peer=TablePeer(),
-                            config=RolloutConfig(max_turns=5))
+  (episode,) = run_episodes(
+    DATASET, SPLIT, [0], plan_backend(plan), peer=TablePeer(), config=RolloutConfig(max_turns=5)
+  )
   assert episode.num_turns == 4
   end = tokenizer_lib.end_of_turn_id(small_tokenizer())
   for agent in ('recommender', 'user'):
     for before, after in zip(episode.turns, episode.turns[1:]):
       earlier, later = getattr(before, agent), getattr(after, agent)
       head = np.concatenate([earlier.prompt_ids, earlier.completion_ids])
-      np.testing.assert_array_equal(later.prompt_ids[:len(head)], head)
+      np.testing.assert_array_equal(later.prompt_ids[: len(head)], head)
       assert later.prompt_text.startswith(earlier.prompt_text + earlier.text)
       assert earlier.completion_ids[-1] == end
   first = episode.memory().turns[0]
   assert (first.item_title, first.user_action, first.user_reason) == (title(other), 'star', 'my reaction')
-  assert "Turn 2: the user reacted to Not A Candidate." in episode.turns[3].recommender.prompt_text
+  assert 'Turn 2: the user reacted to Not A Candidate.' in episode.turns[3].recommender.prompt_text
   assert episode.turns[3].user.prompt_text.count('The recommender now says:') == 4
 
 
@@ -228,8 +251,14 @@ def test_hint_and_peer_opinion_follow_the_config():
   plan = {0: [(rec(title(target_of(0))), user('click', 0.9))]}
   peer_title = title(candidates_of(0)[3])
   (plain,) = run_episodes(DATASET, SPLIT, [0], plan_backend(plan), peer=TablePeer())
-  (hinted,) = run_episodes(DATASET, SPLIT, [0], plan_backend(plan), peer=TablePeer(),
-                           config=RolloutConfig(show_hint=True, show_peer_opinion=False))
+  (hinted,) = run_episodes(
+    DATASET,
+    SPLIT,
+    [0],
+    plan_backend(plan),
+    peer=TablePeer(),
+    config=RolloutConfig(show_hint=True, show_peer_opinion=False),
+  )
   opinion = f'Peer opinion: People with a history like yours chose "{peer_title}".'
   assert 'Hint:' not in plain.turns[0].recommender.prompt_text and opinion in plain.turns[0].user.prompt_text
   assert f'in this dialogue:\nItem: {peer_title}' in hinted.turns[0].recommender.prompt_text
@@ -249,11 +278,17 @@ class RankingPeer(TablePeer):
 def test_hint_moves_to_the_best_candidate_not_yet_recommended():
   ranked = [candidates_of(1)[3]] + [candidates_of(1)[c] for c in range(19, -1, -1) if c != 3]
   # Turn 1 recommends the hint (rank 1), turn 2 an item ranked below rank 2, turn 3 anything.
-  plan = {0: [(rec(title(ranked[0])), user('skip', 0.3)), (rec(title(ranked[5])), user('skip', 0.3)),
-              (rec(title(ranked[2])), user('skip', 0.3))]}
+  plan = {
+    0: [
+      (rec(title(ranked[0])), user('skip', 0.3)),
+      (rec(title(ranked[5])), user('skip', 0.3)),
+      (rec(title(ranked[2])), user('skip', 0.3)),
+    ]
+  }
   plan[0] = [(r.replace(title(target_of(1)), title(non_target(1))), u) for r, u in plan[0]]
-  (episode,) = run_episodes(DATASET, SPLIT, [1], plan_backend(plan), peer=RankingPeer(),
-                            config=RolloutConfig(show_hint=True, max_turns=3))
+  (episode,) = run_episodes(
+    DATASET, SPLIT, [1], plan_backend(plan), peer=RankingPeer(), config=RolloutConfig(show_hint=True, max_turns=3)
+  )
   recommended = [turn.item for turn in episode.turns]
   expected = []
   for t in range(3):
@@ -263,14 +298,16 @@ def test_hint_moves_to_the_best_candidate_not_yet_recommended():
     assert f'in this dialogue:\nItem: {title(item)}' in prompt, (t, title(item))
   assert expected[0] == ranked[0] and expected[1] == ranked[1]
   # A peer without a ranking keeps the top candidate as the hint on every turn.
-  (static,) = run_episodes(DATASET, SPLIT, [1], plan_backend(plan), peer=TablePeer(),
-                           config=RolloutConfig(show_hint=True, max_turns=3))
+  (static,) = run_episodes(
+    DATASET, SPLIT, [1], plan_backend(plan), peer=TablePeer(), config=RolloutConfig(show_hint=True, max_turns=3)
+  )
   assert all(f'in this dialogue:\nItem: {title(ranked[0])}' in turn.recommender.prompt_text for turn in static.turns)
 
 
 def test_sasrec_peer_gives_top_candidate_and_cosine():
-  model = SASRec(SASRecConfig(num_items=DATASET.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0),
-                 rngs=nnx.Rngs(0))
+  model = SASRec(
+    SASRecConfig(num_items=DATASET.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0), rngs=nnx.Rngs(0)
+  )
   indices = [0, 1]
   plan = {e: [(rec(title(non_target(i))), user('click', 0.9))] for e, i in enumerate(indices)}
   episodes = run_episodes(DATASET, SPLIT, indices, plan_backend(plan), peer=model)
@@ -279,13 +316,14 @@ def test_sasrec_peer_gives_top_candidate_and_cosine():
   candidates = np.stack([candidates_of(i) for i in indices]).astype(np.int32)
   np.testing.assert_array_equal([e.peer_item for e in episodes], top_candidate(model, history, lengths, candidates))
   # The same [B * C] call shape SASRecPeer makes, so the check reuses its compiled program.
-  table = np.asarray(peer_similarity(model, np.repeat(history, 20, axis=0), np.repeat(lengths, 20),
-                                     candidates.reshape(-1))).reshape(2, 20)
+  table = np.asarray(
+    peer_similarity(model, np.repeat(history, 20, axis=0), np.repeat(lengths, 20), candidates.reshape(-1))
+  ).reshape(2, 20)
   for row, episode in enumerate(episodes):
     column = candidates_of(indices[row]).index(episode.turns[0].item)
     assert episode.turns[0].peer_similarity == pytest.approx(float(table[row, column]), abs=1e-6)
     assert -1 <= episode.turns[0].peer_similarity <= 1
-  assert isinstance(ep._as_peer(model), SASRecPeer)
+  assert isinstance(peer_lib.as_peer(model), SASRecPeer)
 
 
 def test_metrics():
@@ -327,8 +365,17 @@ MAX_NEW_TOKENS = 6
 
 @functools.lru_cache(maxsize=None)
 def tiny_lora_model(vocab_size):
-  config = get_preset('tiny', vocab_size=vocab_size, embed_dim=32, mlp_dim=48, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=8, max_position_embeddings=1024)
+  config = get_preset(
+    'tiny',
+    vocab_size=vocab_size,
+    embed_dim=32,
+    mlp_dim=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=1024,
+  )
   model = Decoder(config, rngs=nnx.Rngs(0))
   add_lora(model, LoRAConfig(rank=2, alpha=4.0), ['recommender', 'user'], rngs=nnx.Rngs(1))
   # B starts at zero, which would make both adapters the base model; random B makes the adapter choice matter.
@@ -342,9 +389,13 @@ def tiny_lora_model(vocab_size):
 def test_encode_prompts_matches_one_call_per_prompt():
   tokenizer = small_tokenizer()
   titles = DATASET.catalog.titles
-  prompts = [ep.recommender_messages(history_titles=titles[1:1 + n], candidate_titles=titles[20:25])
-             for n in (1, 3, 7)]
-  prompts.append(ep.user_messages(history_titles=titles[3:6], recommended_title=titles[9], recommender_reason='fits'))
+  prompts = [
+    prompts_lib.recommender_messages(history_titles=titles[1 : 1 + n], candidate_titles=titles[20:25])
+    for n in (1, 3, 7)
+  ]
+  prompts.append(
+    prompts_lib.user_messages(history_titles=titles[3:6], recommended_title=titles[9], recommender_reason='fits')
+  )
   assert ep.encode_prompts(tokenizer, prompts) == [ep.encode_prompt(tokenizer, m) for m in prompts]
   assert ep.encode_prompts(tokenizer, []) == []
 
@@ -353,20 +404,31 @@ def test_llm_backend_runs_episodes_end_to_end_with_scorer_matching_log_probs():
   tokenizer = small_tokenizer()
   model = tiny_lora_model(len(tokenizer))
   sampling = SamplingParams(temperature=1.0)
-  backend = LLMBackend(model, tokenizer, adapters={'recommender': 'recommender', 'user': 1}, config=LLMBackendConfig(
-      recommender_max_new_tokens=MAX_NEW_TOKENS, user_max_new_tokens=MAX_NEW_TOKENS, sampling=sampling,
-      buckets=LengthBuckets(prompt=(512, 1024), completion=(8,))))
+  backend = LLMBackend(
+    model,
+    tokenizer,
+    adapters={'recommender': 'recommender', 'user': 1},
+    config=LLMBackendConfig(
+      recommender_max_new_tokens=MAX_NEW_TOKENS,
+      user_max_new_tokens=MAX_NEW_TOKENS,
+      sampling=sampling,
+      buckets=LengthBuckets(prompt=(512, 1024), completion=(8,)),
+    ),
+  )
   indices = [0, 1, 2]
   before = trace_counts()
-  episodes = run_episodes(DATASET, SPLIT, indices, backend, peer=TablePeer(), config=RolloutConfig(max_turns=2),
-                          seed=3)
+  episodes = run_episodes(DATASET, SPLIT, indices, backend, peer=TablePeer(), config=RolloutConfig(max_turns=2), seed=3)
   # Both agents and both turns share one prefill and one decode program: adapters are traced per-row arrays and
   # every prompt fits the 512 bucket.
   after = trace_counts()
   assert all(after.get(name, 0) - before.get(name, 0) <= 1 for name in ('sampler.prefill', 'sampler.decode'))
   # A random model writes no valid answer, so nobody clicks and every call serves all three episodes.
   assert [(c.agent, c.turn, c.batch_size) for c in backend.calls] == [
-      ('recommender', 1, 3), ('user', 1, 3), ('recommender', 2, 3), ('user', 2, 3)]
+    ('recommender', 1, 3),
+    ('user', 1, 3),
+    ('recommender', 2, 3),
+    ('user', 2, 3),
+  ]
   assert [e.num_turns for e in episodes] == [2, 2, 2]
   trajectory = Trajectory.from_episodes(episodes, pad_token_id=0)
   assert trajectory.num_segments == 12
@@ -381,8 +443,12 @@ def test_llm_backend_runs_episodes_end_to_end_with_scorer_matching_log_probs():
   # different ones under the other agent's adapter.
   rows = np.flatnonzero(trajectory.episode < 2)[:4]  # episode 0's turns 1-2 (rec, user, rec, user)
   assert trajectory.agent[rows].tolist() == [0, 1, 0, 1]
-  arrays = (trajectory.prompt_tokens[rows], trajectory.prompt_mask[rows], trajectory.completion_tokens[rows],
-            trajectory.completion_mask[rows])
+  arrays = (
+    trajectory.prompt_tokens[rows],
+    trajectory.prompt_mask[rows],
+    trajectory.completion_tokens[rows],
+    trajectory.completion_mask[rows],
+  )
   own = np.asarray([backend.adapter_ids[ep.AGENTS[a]] for a in trajectory.agent[rows]], np.int32)
   rescored = np.asarray(score(model, *arrays, params=sampling, adapter=own))
   np.testing.assert_allclose(rescored, log_probs[rows], atol=2e-4)
@@ -402,7 +468,8 @@ def test_llm_backend_validates_adapters():
   adapted = tiny_lora_model(len(tokenizer))
   np.testing.assert_array_equal(LLMBackend(adapted, tokenizer).adapter_array('user', 2), [-1, -1])
   np.testing.assert_array_equal(
-      LLMBackend(adapted, tokenizer, adapters={'recommender': 'user'}).adapter_array('recommender', 1), [1])
+    LLMBackend(adapted, tokenizer, adapters={'recommender': 'user'}).adapter_array('recommender', 1), [1]
+  )
   with pytest.raises(ValueError, match=r"adapters\['user'\]='critic' is not one of"):
     LLMBackend(adapted, tokenizer, adapters={'user': 'critic'})
   with pytest.raises(ValueError, match=r"adapters\['user'\] must be an adapter name, an index in \[-1, 2\)"):
@@ -418,13 +485,21 @@ def test_prefix_reuse_gives_the_same_greedy_episodes_and_prefills_less():
   model = tiny_lora_model(len(tokenizer))
   episodes, backends = [], []
   for reuse in (False, True):
-    backend = LLMBackend(model, tokenizer, adapters={'recommender': 'recommender', 'user': 'user'},
-                         config=LLMBackendConfig(recommender_max_new_tokens=MAX_NEW_TOKENS,
-                                                 user_max_new_tokens=MAX_NEW_TOKENS, sampling=SamplingParams(),
-                                                 buckets=LengthBuckets(prompt=(512, 1024), completion=(8,)),
-                                                 prefix_reuse=reuse))
-    episodes.append(run_episodes(DATASET, SPLIT, [0, 1, 2], backend, peer=TablePeer(),
-                                 config=RolloutConfig(max_turns=3), seed=3))
+    backend = LLMBackend(
+      model,
+      tokenizer,
+      adapters={'recommender': 'recommender', 'user': 'user'},
+      config=LLMBackendConfig(
+        recommender_max_new_tokens=MAX_NEW_TOKENS,
+        user_max_new_tokens=MAX_NEW_TOKENS,
+        sampling=SamplingParams(),
+        buckets=LengthBuckets(prompt=(512, 1024), completion=(8,)),
+        prefix_reuse=reuse,
+      ),
+    )
+    episodes.append(
+      run_episodes(DATASET, SPLIT, [0, 1, 2], backend, peer=TablePeer(), config=RolloutConfig(max_turns=3), seed=3)
+    )
     backends.append(backend)
   full, reused = episodes
   assert [e.num_turns for e in full] == [e.num_turns for e in reused] == [3, 3, 3]
@@ -440,10 +515,15 @@ def test_prefix_reuse_gives_the_same_greedy_episodes_and_prefills_less():
   assert stats['prefilled'] + stats['reused'] == backends[0].prefill_tokens['prefilled']
   # Turn t >= 2 reads the whole previous prompt and reply from the cache but the reply's last token (never fed
   # back to the model), and prefills only that token and the new message.
-  expected = sum(len(getattr(p, a).prompt_ids) + len(getattr(p, a).completion_ids) - 1
-                 for e in reused for p in e.turns[:-1] for a in ('recommender', 'user'))
+  expected = sum(
+    len(getattr(p, a).prompt_ids) + len(getattr(p, a).completion_ids) - 1
+    for e in reused
+    for p in e.turns[:-1]
+    for a in ('recommender', 'user')
+  )
   assert stats['reused'] == expected
-  new = stats['prefilled'] - sum(len(getattr(e.turns[0], a).prompt_ids) for e in reused for a in ('recommender',
-                                                                                                   'user'))
+  new = stats['prefilled'] - sum(
+    len(getattr(e.turns[0], a).prompt_ids) for e in reused for a in ('recommender', 'user')
+  )
   assert 0 < new < stats['reused'] / 3  # the new messages are short beside the dialogue they extend
   assert not backends[1]._last_prompts  # the kept caches are dropped when the rollout ends

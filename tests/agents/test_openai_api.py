@@ -20,8 +20,13 @@ from tests.training.test_rl import BUCKETS, micro_model
 from tests.training.test_warm_start import DATASET, micro_sasrec, small_tokenizer
 
 TOKENS = 16
-EVAL = AgenticEvalConfig(split='test', window_indices=(0, 1, 2), batch_size=4, rollout=RolloutConfig(max_turns=2),
-                         user_f1=UserF1Config(batch_size=8))
+EVAL = AgenticEvalConfig(
+  split='test',
+  window_indices=(0, 1, 2),
+  batch_size=4,
+  rollout=RolloutConfig(max_turns=2),
+  user_f1=UserF1Config(batch_size=8),
+)
 KEYS = ('hit@1', 'valid_ratio', 'avg_turns', 'user_f1', 'user_precision', 'user_recall', 'click_rate')
 
 
@@ -43,9 +48,15 @@ def setting():
 
 
 def client(url, cache_dir='', **fields):
-  return OpenAIBackend(OpenAIConfig(base_url=url, models={'recommender': 'micro:recommender', 'user': 'micro:user'},
-                                    max_tokens={'recommender': TOKENS, 'user': TOKENS}, cache_dir=str(cache_dir),
-                                    **fields))
+  return OpenAIBackend(
+    OpenAIConfig(
+      base_url=url,
+      models={'recommender': 'micro:recommender', 'user': 'micro:user'},
+      max_tokens={'recommender': TOKENS, 'user': TOKENS},
+      cache_dir=str(cache_dir),
+      **fields,
+    )
+  )
 
 
 def test_models_are_listed(setting):
@@ -57,9 +68,14 @@ def test_models_are_listed(setting):
 
 def test_loopback_evaluation_equals_the_in_process_rows_and_reruns_from_the_cache(setting, tmp_path):
   model, tokenizer, sasrec, sim, url = setting
-  local = LLMBackend(model, tokenizer, adapters={'recommender': 'recommender', 'user': 'user'},
-                     config=LLMBackendConfig(recommender_max_new_tokens=TOKENS, user_max_new_tokens=TOKENS,
-                                             sampling=GREEDY, buckets=BUCKETS))
+  local = LLMBackend(
+    model,
+    tokenizer,
+    adapters={'recommender': 'recommender', 'user': 'user'},
+    config=LLMBackendConfig(
+      recommender_max_new_tokens=TOKENS, user_max_new_tokens=TOKENS, sampling=GREEDY, buckets=BUCKETS
+    ),
+  )
   expected = evaluate_agentic(DATASET, local, peer=sasrec, method='m', model='micro', config=EVAL, user_sim=sim)
   remote = client(url, tmp_path / 'cache')
   found = evaluate_agentic(DATASET, remote, peer=sasrec, method='m', model='micro', config=EVAL, user_sim=sim)
@@ -79,8 +95,9 @@ def test_loopback_evaluation_equals_the_in_process_rows_and_reruns_from_the_cach
 
 def test_unknown_model_is_a_named_error(setting):
   *_, url = setting
-  backend = OpenAIBackend(OpenAIConfig(base_url=url, models={'recommender': 'nope', 'user': 'micro:user'},
-                                       max_retries=0))
+  backend = OpenAIBackend(
+    OpenAIConfig(base_url=url, models={'recommender': 'nope', 'user': 'micro:user'}, max_retries=0)
+  )
   with pytest.raises(APIError, match="HTTP 404 for model 'nope'"):
     backend.generate('recommender', [[{'role': 'user', 'content': 'hi'}]], seed=0, episode_ids=[0], turn=1)
 
@@ -96,8 +113,12 @@ def test_transient_failures_are_retried():
       self.rfile.read(int(self.headers['Content-Length']))
       calls.append(self.path)
       status = 503 if len(calls) < 3 else 200
-      body = json.dumps({'choices': [{'message': {'content': 'Reason: r\nItem: x'}, 'finish_reason': 'stop'}],
-                         'usage': {'prompt_tokens': 10, 'completion_tokens': 5}}).encode()
+      body = json.dumps(
+        {
+          'choices': [{'message': {'content': 'Reason: r\nItem: x'}, 'finish_reason': 'stop'}],
+          'usage': {'prompt_tokens': 10, 'completion_tokens': 5},
+        }
+      ).encode()
       self.send_response(status)
       self.send_header('Content-Length', str(len(body)))
       self.end_headers()
@@ -122,6 +143,7 @@ def test_transient_failures_are_retried():
 def test_evaluation_config_validates_the_api_backend():
   from coars_jax import configlib
   from coars_jax.eval import experiment as agentic_experiment
+
   config = agentic_experiment.default_config()
   config.backend.kind = 'openai'
   with pytest.raises(configlib.ConfigError, match="Config group 'backend': OpenAIConfig.base_url must be"):

@@ -9,8 +9,20 @@ from coars_jax.agents import parsing, protocol
 from coars_jax.agents.parsing import ParseConfig, parse_recommender_output, parse_user_output
 from coars_jax.agents.prompts import format_recommender_output, format_user_output
 
-CANDIDATES = ['Muse', 'The Prodigy', 'IRA', 'Ira!', '3', '311', '!!!', '#####', 'Beyoncé', 'Lee "Scratch" Perry',
-              'Coldplay', 'Shawshank Redemption']
+CANDIDATES = [
+  'Muse',
+  'The Prodigy',
+  'IRA',
+  'Ira!',
+  '3',
+  '311',
+  '!!!',
+  '#####',
+  'Beyoncé',
+  'Lee "Scratch" Perry',
+  'Coldplay',
+  'Shawshank Redemption',
+]
 
 
 def _item(text, candidates=CANDIDATES, **config):
@@ -18,7 +30,9 @@ def _item(text, candidates=CANDIDATES, **config):
   return result.title, result.match_rule
 
 
-@pytest.mark.parametrize('text, title, rule', [
+@pytest.mark.parametrize(
+  'text, title, rule',
+  [
     ('Reason: fits\nItem: Muse', 'Muse', 'exact'),
     ('**Item:** "Muse".', 'Muse', 'exact'),
     ('- **Item**: *The Prodigy*!', 'The Prodigy', 'exact'),
@@ -38,12 +52,15 @@ def _item(text, candidates=CANDIDATES, **config):
     ('Item: Coldpaly', 'Coldplay', 'fuzzy'),
     ('Item: The Shawshank Redemptoin', 'Shawshank Redemption', 'fuzzy'),
     ('Item: Cold\u200bplay\u00ad', 'Coldplay', 'normalized'),  # invisible format characters are deleted
-])
+  ],
+)
 def test_item_matching_rules(text, title, rule):
   assert _item(text) == (title, rule)
 
 
-@pytest.mark.parametrize('text', [
+@pytest.mark.parametrize(
+  'text',
+  [
     'Item: 7',  # a bare number is not a position in the list
     'Item: ira',  # 'IRA' and 'Ira!' normalize alike: ambiguous
     'Item: Blur',  # not a candidate
@@ -55,7 +72,8 @@ def test_item_matching_rules(text, title, rule):
     'Item: Cоldplay',  # Cyrillic o: a look-alike is not a misspelling
     'Item: Shawshank Redemption, Muse',  # a second title is not a misspelling
     'Item: Shawshank Redemption 2',  # nor is a changed digit
-])
+  ],
+)
 def test_item_text_that_names_no_single_candidate_is_invalid(text):
   result = parse_recommender_output(text, CANDIDATES)
   assert not result.valid and result.candidate_index is None and result.match_rule is None
@@ -76,15 +94,17 @@ def test_fuzzy_ties_and_threshold():
 
 def test_first_item_line_is_the_answer_and_a_later_one_must_agree():
   ids = list(range(100, 100 + len(CANDIDATES)))
-  result = parse_recommender_output('Reason: Guitar\n bands.\nItem: 311\nItem: **311**\nItem:\nReason: later',
-                                    CANDIDATES, candidate_ids=ids)
-  assert result == parsing.RecommenderParse(valid=True, candidate_index=5, item_id=105, title='311',
-                                            match_rule='exact', reason='Guitar bands.', item_text='311')
+  result = parse_recommender_output(
+    'Reason: Guitar\n bands.\nItem: 311\nItem: **311**\nItem:\nReason: later', CANDIDATES, candidate_ids=ids
+  )
+  assert result == parsing.RecommenderParse(
+    valid=True, candidate_index=5, item_id=105, title='311', match_rule='exact', reason='Guitar bands.', item_text='311'
+  )
   # A later line naming another candidate, or nothing known, is a second answer: ambiguous, whichever came first.
   for text in ('Item: 311\nItem: Muse', 'Item: Muse\nItem: 311', 'Item: 311\nItem: Blur'):
     hedged = parse_recommender_output(text, CANDIDATES, candidate_ids=ids)
     assert (hedged.valid, hedged.candidate_index, hedged.title, hedged.match_rule) == (False, None, None, None)
-    assert hedged.item_text == text.split('\n')[0][len('Item: '):]
+    assert hedged.item_text == text.split('\n')[0][len('Item: ') :]
   missing = parse_recommender_output('Item: Blur', CANDIDATES)
   assert missing.item_text == 'Blur' and missing.reason == '' and missing.item_id is None
 
@@ -103,7 +123,9 @@ def test_candidate_ids_must_match_titles():
 F32_BELOW = {end: float(np.nextafter(np.float32(end), np.float32(0))) for end in (0.25, 0.5, 0.75)}
 
 
-@pytest.mark.parametrize('text, action, score, rule', [
+@pytest.mark.parametrize(
+  'text, action, score, rule',
+  [
     ('Reason: meh\nAction: skip\nScore: 0.3', 'skip', 0.3, 'stated'),
     ('ACTION: **Click**\nScore: 0.9', 'click', 0.9, 'stated'),
     ('Action: star.\nScore: 60%', 'star', 0.6, 'stated'),
@@ -118,20 +140,24 @@ F32_BELOW = {end: float(np.nextafter(np.float32(end), np.float32(0))) for end in
     ('Action: star', 'star', 0.625, 'midpoint'),
     ('Action: dislike\nScore: none', 'dislike', 0.125, 'midpoint'),
     ('Action: skip\nScore: 1e999', 'skip', 0.375, 'midpoint'),  # not finite: missing
-])
+  ],
+)
 def test_user_rules(text, action, score, rule):
   result = parse_user_output(text)
   assert (result.valid, result.action, result.score, result.score_rule) == (True, action, score, rule)
   assert protocol.in_interval(action, float(np.float32(result.score)))
 
 
-@pytest.mark.parametrize('text', [
+@pytest.mark.parametrize(
+  'text',
+  [
     'Score: 0.9',  # no action
     'Action: love\nScore: 0.9',
     'Action: click|star|skip|dislike\nScore: 0.9',  # the template copied: more than one action
     'Action: clicked',
     '',
-])
+  ],
+)
 def test_user_output_without_a_usable_action_is_a_skip_at_0375(text):
   result = parse_user_output(text)
   assert (result.valid, result.action, result.score, result.score_rule) == (False, 'skip', 0.375, None)
@@ -145,11 +171,14 @@ def test_infer_action_from_score_and_require_reason():
   assert parse_user_output('Reason: yes\nAction: click', ParseConfig(require_reason=True)).valid
 
 
-@pytest.mark.parametrize('kwargs, message', [
+@pytest.mark.parametrize(
+  'kwargs, message',
+  [
     (dict(fuzzy_threshold=0.0), 'fuzzy_threshold must be a number in'),
     (dict(fuzzy_threshold=1.5), 'fuzzy_threshold must be a number in'),
     (dict(require_reason='yes'), 'require_reason must be a bool'),
-])
+  ],
+)
 def test_parse_config_validates(kwargs, message):
   with pytest.raises(ValueError, match=message):
     ParseConfig(**kwargs)
@@ -173,8 +202,9 @@ def test_summary_and_valid_ratio():
 LABEL_PREFIXES = ('Item:', 'item :', '**Item:**', '- Item:', 'Reason:', 'Action:', 'Score:', '3.', '', '\n')
 _line = st.tuples(st.sampled_from(LABEL_PREFIXES), st.text(max_size=40)).map(lambda p: ' '.join(p))
 _messy_text = st.one_of(st.text(max_size=400), st.lists(_line, max_size=30).map('\n'.join))
-_titles = st.lists(st.text(min_size=1, max_size=30).filter(protocol.is_single_line_title), min_size=1, max_size=20,
-                   unique=True)
+_titles = st.lists(
+  st.text(min_size=1, max_size=30).filter(protocol.is_single_line_title), min_size=1, max_size=20, unique=True
+)
 _FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -206,8 +236,9 @@ def test_parsers_never_raise_on_any_text(text, candidates):
 def test_parsers_never_raise_with_titles_that_look_like_markup(text):
   candidates = ['3', '**', '"', 'Item: x', '.', 'The', 'a']
   _check_recommender_invariants(parse_recommender_output(text, candidates), candidates)
-  _check_recommender_invariants(parse_recommender_output(text, candidates, config=ParseConfig(fuzzy_threshold=0.1)),
-                                candidates)
+  _check_recommender_invariants(
+    parse_recommender_output(text, candidates, config=ParseConfig(fuzzy_threshold=0.1)), candidates
+  )
 
 
 def test_parsers_never_raise_on_non_text_and_stay_fast_on_huge_text():
@@ -225,9 +256,15 @@ def test_well_formed_recommender_output_reads_back_exactly(candidates, data, rea
   index = data.draw(st.integers(0, len(candidates) - 1))
   text = format_recommender_output(reason, candidates[index])
   ids = list(range(7, 7 + len(candidates)))
-  expected = parsing.RecommenderParse(valid=True, candidate_index=index, item_id=7 + index, title=candidates[index],
-                                      match_rule='exact', reason=protocol.single_line(reason),
-                                      item_text=protocol.single_line(candidates[index]))
+  expected = parsing.RecommenderParse(
+    valid=True,
+    candidate_index=index,
+    item_id=7 + index,
+    title=candidates[index],
+    match_rule='exact',
+    reason=protocol.single_line(reason),
+    item_text=protocol.single_line(candidates[index]),
+  )
   assert parse_recommender_output(text, candidates, ids) == expected
   # The first lines are the answer: whatever a model writes after it changes nothing, except a second answer (a later
   # `Item:` line naming something else), which makes the message invalid.
@@ -247,7 +284,8 @@ def _interval_scores(action):
   low, high = protocol.ACTION_INTERVALS[action]
   upper = high if action == 'click' else float(np.nextafter(np.float32(high), np.float32(low)))
   return st.one_of(st.sampled_from([low, upper]), st.floats(low, upper)).filter(
-      lambda s: protocol.in_interval(action, s))
+    lambda s: protocol.in_interval(action, s)
+  )
 
 
 @_FAST
@@ -256,8 +294,9 @@ def test_well_formed_user_output_reads_back_exactly(data, reason, tail):
   action = data.draw(st.sampled_from(protocol.ACTIONS))
   score = data.draw(_interval_scores(action))
   text = format_user_output(reason, action, score)
-  expected = parsing.UserParse(valid=True, action=action, score=score, reason=protocol.single_line(reason),
-                               score_rule='stated')
+  expected = parsing.UserParse(
+    valid=True, action=action, score=score, reason=protocol.single_line(reason), score_rule='stated'
+  )
   assert parse_user_output(text) == expected
   after = parse_user_output(text + '\n' + tail)
   later = parsing._later_values(*_lines(text + '\n' + tail), protocol.ACTION_LABEL)

@@ -17,13 +17,19 @@ HISTORY = ['Radiohead', 'Coldplay']
 
 
 def _turn(title='Muse', action='skip', score=0.3, number=1):
-  return TurnRecord(item_title=title, recommender_reason=f'reason {number}\nwith a break',
-                    user_action=action, user_score=score, user_reason=f'user reason {number}')
+  return TurnRecord(
+    item_title=title,
+    recommender_reason=f'reason {number}\nwith a break',
+    user_action=action,
+    user_score=score,
+    user_reason=f'user reason {number}',
+  )
 
 
 def test_recommender_messages_hold_format_history_candidates_and_hint():
-  messages = prompts.recommender_messages(history_titles=HISTORY, candidate_titles=CANDIDATES,
-                                          hint_title='311', config=PromptConfig.for_dataset('lastfm'))
+  messages = prompts.recommender_messages(
+    history_titles=HISTORY, candidate_titles=CANDIDATES, hint_title='311', config=PromptConfig.for_dataset('lastfm')
+  )
   assert [m['role'] for m in messages] == ['system', 'user']
   system, user = messages[0]['content'], messages[1]['content']
   assert 'Reason: <' in system and 'Item: <the exact title of one candidate' in system and 'artist' in system
@@ -45,7 +51,7 @@ def test_recommender_messages_refuse_a_hint_outside_the_candidates():
 
 def test_empty_history_and_no_hint():
   user = prompts.recommender_messages(history_titles=[], candidate_titles=CANDIDATES)[1]['content']
-  assert "oldest first:\n(none)" in user and 'Hint' not in user
+  assert 'oldest first:\n(none)' in user and 'Hint' not in user
 
 
 def test_dialogues_are_append_only_and_hold_every_earlier_turn():
@@ -53,39 +59,63 @@ def test_dialogues_are_append_only_and_hold_every_earlier_turn():
   brought: the moving hint and the user's reaction for the recommender, the recommender's next message for the
   user. The peer opinion stays in the first message."""
   empty = Memory()
-  one = empty.append(dataclasses.replace(_turn(), recommender_message='Reason: r1\nItem: Muse',
-                                         user_message='Reason: u1\nAction: skip\nScore: 0.3', hint_title='311'))
+  one = empty.append(
+    dataclasses.replace(
+      _turn(),
+      recommender_message='Reason: r1\nItem: Muse',
+      user_message='Reason: u1\nAction: skip\nScore: 0.3',
+      hint_title='311',
+    )
+  )
   # No raw messages at turn 2: the canonical forms stand in.
   two = one.append(dataclasses.replace(_turn('311', 'star', 0.6, number=2), hint_title='Muse'))
   assert (len(empty), len(one), len(two)) == (0, 1, 2) and two.turns[0] is one.turns[0]
   hints = ['311', 'Muse', 'The Prodigy']
-  rec = [prompts.recommender_messages(history_titles=HISTORY, candidate_titles=CANDIDATES, memory=memory,
-                                      hint_title=hints[len(memory)]) for memory in (empty, one, two)]
-  usr = [prompts.user_messages(history_titles=HISTORY, recommended_title=title, recommender_reason=reason,
-                               memory=memory, peer_opinion=peer_opinion('Muse'))
-         for memory, title, reason in ((empty, 'Muse', 'reason 1\nwith a break'),
-                                       (one, '311', 'reason 2\nwith a break'), (two, 'The Prodigy', 'why'))]
+  rec = [
+    prompts.recommender_messages(
+      history_titles=HISTORY, candidate_titles=CANDIDATES, memory=memory, hint_title=hints[len(memory)]
+    )
+    for memory in (empty, one, two)
+  ]
+  usr = [
+    prompts.user_messages(
+      history_titles=HISTORY,
+      recommended_title=title,
+      recommender_reason=reason,
+      memory=memory,
+      peer_opinion=peer_opinion('Muse'),
+    )
+    for memory, title, reason in (
+      (empty, 'Muse', 'reason 1\nwith a break'),
+      (one, '311', 'reason 2\nwith a break'),
+      (two, 'The Prodigy', 'why'),
+    )
+  ]
   for chats in (rec, usr):
     for earlier, later in zip(chats, chats[1:]):
-      assert later[:len(earlier)] == earlier and len(later) == len(earlier) + 2
-      assert [m['role'] for m in later[len(earlier):]] == ['assistant', 'user']
+      assert later[: len(earlier)] == earlier and len(later) == len(earlier) + 2
+      assert [m['role'] for m in later[len(earlier) :]] == ['assistant', 'user']
   assert rec[1][2]['content'] == 'Reason: r1\nItem: Muse'
-  assert rec[2][4]['content'] == "Reason: reason 2 with a break\nItem: 311"
-  assert rec[1][3]['content'].startswith("Turn 1: the user reacted to Muse.\nUser's action: skip\nUser's score: 0.3\n"
-                                         "User's reason: user reason 1")
+  assert rec[2][4]['content'] == 'Reason: reason 2 with a break\nItem: 311'
+  assert rec[1][3]['content'].startswith(
+    "Turn 1: the user reacted to Muse.\nUser's action: skip\nUser's score: 0.3\nUser's reason: user reason 1"
+  )
   assert rec[1][3]['content'].endswith('Item: Muse') and rec[2][5]['content'].endswith('Item: The Prodigy')
   assert usr[1][2]['content'] == 'Reason: u1\nAction: skip\nScore: 0.3'
   assert usr[2][4]['content'] == 'Reason: user reason 2\nAction: star\nScore: 0.6'
   assert usr[2][5]['content'] == "The recommender now says:\nRecommended item: The Prodigy\nRecommender's reason: why"
   assert 'Peer opinion' in usr[2][1]['content'] and all('Peer opinion' not in m['content'] for m in usr[2][2:])
   with pytest.raises(ValueError, match="hint_title 'Blur' is not one of the candidate titles"):
-    prompts.recommender_messages(history_titles=HISTORY, candidate_titles=CANDIDATES,
-                                 memory=Memory((dataclasses.replace(_turn(), hint_title='Blur'),)))
+    prompts.recommender_messages(
+      history_titles=HISTORY,
+      candidate_titles=CANDIDATES,
+      memory=Memory((dataclasses.replace(_turn(), hint_title='Blur'),)),
+    )
   assert 'Turn 2:\nRecommended item: 311' in prompts.render_memory(two)  # the summary kept for reports
 
 
 def test_turn_record_validates_action_and_score():
-  with pytest.raises(ValueError, match="TurnRecord.user_action must be one of"):
+  with pytest.raises(ValueError, match='TurnRecord.user_action must be one of'):
     _turn(action='love')
   with pytest.raises(ValueError, match=r"TurnRecord.user_score must be a finite number in 'click'"):
     _turn(action='click', score=0.5)
@@ -95,21 +125,26 @@ def test_turn_record_validates_action_and_score():
 
 
 def test_user_messages_hold_message_peer_opinion_and_format():
-  messages = prompts.user_messages(history_titles=HISTORY, recommended_title='Muse',
-                                   recommender_reason='You like\nguitar bands.', peer_opinion=peer_opinion('311'))
+  messages = prompts.user_messages(
+    history_titles=HISTORY,
+    recommended_title='Muse',
+    recommender_reason='You like\nguitar bands.',
+    peer_opinion=peer_opinion('311'),
+  )
   system, user = messages[0]['content'], messages[1]['content']
   assert 'Action: <click|star|skip|dislike>' in system and 'Score: <' in system
   assert 'dislike [0, 0.25), skip [0.25, 0.5), star [0.5, 0.75), click [0.75, 1]' in system
   assert "Recommended item: Muse\nRecommender's reason: You like guitar bands." in user
   assert 'Peer opinion: People with a history like yours chose "311".' in user
-  assert 'Peer opinion' not in prompts.user_messages(history_titles=HISTORY, recommended_title='Muse',
-                                                     recommender_reason='r')[1]['content']
+  assert (
+    'Peer opinion'
+    not in prompts.user_messages(history_titles=HISTORY, recommended_title='Muse', recommender_reason='r')[1]['content']
+  )
 
 
 def test_user_builder_cannot_receive_the_target_or_the_candidates():
   parameters = set(inspect.signature(prompts.user_messages).parameters)
-  assert parameters == {'history_titles', 'recommended_title', 'recommender_reason', 'memory', 'peer_opinion',
-                        'config'}
+  assert parameters == {'history_titles', 'recommended_title', 'recommender_reason', 'memory', 'peer_opinion', 'config'}
 
 
 def test_formatters_refuse_what_would_not_read_back():
@@ -156,15 +191,25 @@ def _user_prompts(dataset, split, index, titles, seed):
   for _ in range(5):
     item, peer = (int(candidates[rng.integers(len(candidates))]) for _ in range(2))
     reason = ' '.join(rng.choice(_WORDS, size=6))
-    messages = prompts.user_messages(history_titles=history, recommended_title=titles[item],
-                                     recommender_reason=reason, memory=memory,
-                                     peer_opinion=peer_opinion(titles[peer]))
+    messages = prompts.user_messages(
+      history_titles=history,
+      recommended_title=titles[item],
+      recommender_reason=reason,
+      memory=memory,
+      peer_opinion=peer_opinion(titles[peer]),
+    )
     text = '\n'.join(m['content'] for m in messages)
     yield text, set(window.history) | set(memory_items) | {item, peer}
     action = ('dislike', 'skip', 'star', 'click')[rng.integers(4)]
-    memory = memory.append(TurnRecord(item_title=titles[item], recommender_reason=reason, user_action=action,
-                                      user_score={'dislike': 0.1, 'skip': 0.3, 'star': 0.6, 'click': 0.8}[action],
-                                      user_reason=' '.join(rng.choice(_WORDS, size=4))))
+    memory = memory.append(
+      TurnRecord(
+        item_title=titles[item],
+        recommender_reason=reason,
+        user_action=action,
+        user_score={'dislike': 0.1, 'skip': 0.3, 'star': 0.6, 'click': 0.8}[action],
+        user_reason=' '.join(rng.choice(_WORDS, size=4)),
+      )
+    )
     memory_items.append(item)
 
 
@@ -182,8 +227,9 @@ def _check_no_leak(dataset, split, indices):
     real = list(dataset.catalog.titles)
     swapped = list(real)
     swapped[target] = SENTINEL
-    pairs = zip(_user_prompts(dataset, split, index, real, seed=index),
-                _user_prompts(dataset, split, index, swapped, seed=index))
+    pairs = zip(
+      _user_prompts(dataset, split, index, real, seed=index), _user_prompts(dataset, split, index, swapped, seed=index)
+    )
     for (text, shown), (text_swapped, shown_again) in pairs:
       assert shown == shown_again
       if target in shown:

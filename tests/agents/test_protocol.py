@@ -7,10 +7,19 @@ from hypothesis import given, settings, strategies as st
 from coars_jax.agents import protocol
 
 
-@pytest.mark.parametrize('score, action', [
-    (0.0, 'dislike'), (0.2499, 'dislike'), (0.25, 'skip'), (0.4999, 'skip'), (0.5, 'star'), (0.7499, 'star'),
-    (0.75, 'click'), (1.0, 'click'),
-])
+@pytest.mark.parametrize(
+  'score, action',
+  [
+    (0.0, 'dislike'),
+    (0.2499, 'dislike'),
+    (0.25, 'skip'),
+    (0.4999, 'skip'),
+    (0.5, 'star'),
+    (0.7499, 'star'),
+    (0.75, 'click'),
+    (1.0, 'click'),
+  ],
+)
 def test_action_for_score_follows_the_intervals(score, action):
   assert protocol.action_for_score(score) == action
 

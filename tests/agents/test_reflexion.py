@@ -5,8 +5,14 @@ import pytest
 
 from coars_jax.agents import reflexion
 from coars_jax.agents.episodes import RolloutConfig, ScriptedBackend
-from coars_jax.agents.reflexion import (SECTION_TITLE, ReflexionConfig, prior_windows, reflection_section,
-                                        run_reflexion_episodes, with_section)
+from coars_jax.agents.reflexion import (
+  SECTION_TITLE,
+  ReflexionConfig,
+  prior_windows,
+  reflection_section,
+  run_reflexion_episodes,
+  with_section,
+)
 from coars_jax.data import candidate_list, synthetic
 from coars_jax.data.schema import ItemCatalog, Window, WindowSplit
 from tests.eval.test_user_f1 import scripted_tokenizer
@@ -37,11 +43,13 @@ def candidates_in(messages):
 
 def backend(pick=None, user_text='Reason: not for me\nAction: skip\nScore: 0.3'):
   """Recommender: pick(messages, candidate titles, turn) or the turn-th candidate; user: always `user_text`."""
+
   def respond(agent, episode, turn, messages):
     if agent == 'user':
       return user_text
     titles = candidates_in(messages)
     return f'Reason: worth a try\nItem: {pick(messages, titles, turn) if pick else titles[turn]}'
+
   return ScriptedBackend(scripted_tokenizer(), respond)
 
 
@@ -52,7 +60,10 @@ def prompts_of(step):
 def test_prior_windows_are_cut_from_the_history_oldest_first():
   window = Window(user=7, history=tuple(range(1, 11)), target=99)
   assert prior_windows(window, ReflexionConfig(num_prior_episodes=3)) == [
-      Window(7, tuple(range(1, 8)), 8), Window(7, tuple(range(1, 9)), 9), Window(7, tuple(range(1, 10)), 10)]
+    Window(7, tuple(range(1, 8)), 8),
+    Window(7, tuple(range(1, 9)), 9),
+    Window(7, tuple(range(1, 10)), 10),
+  ]
   short = Window(user=7, history=(1, 2, 3, 4), target=99)
   assert prior_windows(short, ReflexionConfig(num_prior_episodes=3)) == [Window(7, (1, 2, 3), 4)]
   assert prior_windows(short, ReflexionConfig(num_prior_episodes=3, min_prior_history=4)) == []
@@ -73,8 +84,15 @@ def test_with_section_appends_to_the_first_user_message_only():
 
 def run_chains(config, **kwargs):
   scripted = backend(**kwargs)
-  run = run_reflexion_episodes(DATASET, SPLIT, range(len(DATASET.split(SPLIT))), scripted, peer=ColumnPeer(),
-                               config=config, rollout=RolloutConfig(max_turns=2))
+  run = run_reflexion_episodes(
+    DATASET,
+    SPLIT,
+    range(len(DATASET.split(SPLIT))),
+    scripted,
+    peer=ColumnPeer(),
+    config=config,
+    rollout=RolloutConfig(max_turns=2),
+  )
   return run, scripted
 
 
@@ -133,8 +151,11 @@ def test_outcomes_are_reported_and_options_apply():
     last, right = next_title(messages)
     return right if last % 2 == 0 else next(t for t in titles if t != right)
 
-  run, _ = run_chains(ReflexionConfig(num_prior_episodes=2, max_reflections=1, show_to_user=True), pick=pick,
-                      user_text='Reason: love it\nAction: click\nScore: 0.9')
+  run, _ = run_chains(
+    ReflexionConfig(num_prior_episodes=2, max_reflections=1, show_to_user=True),
+    pick=pick,
+    user_text='Reason: love it\nAction: click\nScore: 0.9',
+  )
   outcomes = set()
   for chain in run.chains.values():
     for k, step in enumerate(chain):
@@ -152,8 +173,10 @@ def test_outcomes_are_reported_and_options_apply():
       if episode.final_hit:
         assert f'Outcome: success: "{last_title}" was the item the user chose next.' in step.reflection
       else:
-        assert (f'Outcome: failure: the user clicked "{last_title}", but it was not the item they chose next.'
-                in step.reflection)
+        assert (
+          f'Outcome: failure: the user clicked "{last_title}", but it was not the item they chose next.'
+          in step.reflection
+        )
         assert f'"{episode.target_title}"' not in step.reflection  # a failure never names the right item
       outcomes.add(episode.final_hit)
   assert outcomes == {True, False}
@@ -163,8 +186,9 @@ def test_a_later_target_never_leaks_into_earlier_dialogues_or_reflections():
   windows = DATASET.split(SPLIT)
   targets = {int(t) for t in windows.targets}
   # Known items without the targets: without the exclusion, prior candidate lists could then draw a target.
-  stripped = dataclasses.replace(DATASET, user_items={u: frozenset(s.tolist()) - targets
-                                                      for u, s in DATASET.user_sequences.items()})
+  stripped = dataclasses.replace(
+    DATASET, user_items={u: frozenset(s.tolist()) - targets for u, s in DATASET.user_sequences.items()}
+  )
   counts = {'shown': 0, 'hidden': 0}
   for index in range(len(windows)):
     titles = list(DATASET.catalog.titles)
@@ -178,9 +202,15 @@ def test_a_later_target_never_leaks_into_earlier_dialogues_or_reflections():
       return SENTINEL if SENTINEL in candidates and turn > 1 else others[turn]
 
     scripted = backend(pick=pick)
-    run = run_reflexion_episodes(dataset, SPLIT, [index], scripted, peer=ColumnPeer(),
-                                 config=ReflexionConfig(num_prior_episodes=3, show_to_user=True),
-                                 rollout=RolloutConfig(max_turns=3))
+    run = run_reflexion_episodes(
+      dataset,
+      SPLIT,
+      [index],
+      scripted,
+      peer=ColumnPeer(),
+      config=ReflexionConfig(num_prior_episodes=3, show_to_user=True),
+      rollout=RolloutConfig(max_turns=3),
+    )
     (chain,) = run.chains.values()
     assert len(chain) == 4
     for step in chain[:-1]:
@@ -214,13 +244,23 @@ def test_users_with_several_evaluation_windows_play_them_in_order():
   split = train.select(np.asarray(rows))
   dataset = dataclasses.replace(DATASET, splits={**DATASET.splits, 'test': split})
   scripted = backend()
-  run = run_reflexion_episodes(dataset, SPLIT, [3, 2, 1, 0], scripted, peer=ColumnPeer(),
-                               config=ReflexionConfig(num_prior_episodes=1), rollout=RolloutConfig(max_turns=1))
+  run = run_reflexion_episodes(
+    dataset,
+    SPLIT,
+    [3, 2, 1, 0],
+    scripted,
+    peer=ColumnPeer(),
+    config=ReflexionConfig(num_prior_episodes=1),
+    rollout=RolloutConfig(max_turns=1),
+  )
   assert [e.window_index for e in run.episodes] == [3, 2, 1, 0]
   for user, first, second in ((0, 0, 1), (1, 2, 3)):
     chain = run.chains[user]
-    assert [(s.evaluated, s.episode.window_index) for s in chain] == [(False, chain[0].episode.window_index),
-                                                                      (True, first), (True, second)]
+    assert [(s.evaluated, s.episode.window_index) for s in chain] == [
+      (False, chain[0].episode.window_index),
+      (True, first),
+      (True, second),
+    ]
     assert chain[1].reflection in chain[2].episode.turns[0].recommender.prompt_text
     assert chain[0].reflection in chain[2].episode.turns[0].recommender.prompt_text
 
@@ -243,15 +283,32 @@ def test_inputs_are_validated():
 def test_without_priors_single_window_users_play_plain_episodes():
   run, scripted = run_chains(ReflexionConfig(num_prior_episodes=0))
   assert run.num_prior_episodes == 0 and all(len(chain) == 1 for chain in run.chains.values())
-  assert all(step.shown_reflections == '' and SECTION_TITLE not in prompt
-             for chain in run.chains.values() for step in chain for pair in prompts_of(step) for prompt in pair)
+  assert all(
+    step.shown_reflections == '' and SECTION_TITLE not in prompt
+    for chain in run.chains.values()
+    for step in chain
+    for pair in prompts_of(step)
+    for prompt in pair
+  )
   assert [(c.agent, c.batch_size) for c in scripted.calls if c.turn == 1] == [('recommender', 6), ('user', 6)]
 
 
 def test_batch_size_splits_each_stage_into_calls():
   scripted = backend()
-  run_reflexion_episodes(DATASET, SPLIT, range(6), scripted, peer=ColumnPeer(),
-                         config=ReflexionConfig(num_prior_episodes=1), rollout=RolloutConfig(max_turns=1), batch_size=4)
-  assert [(c.agent, c.batch_size) for c in scripted.calls] == [('recommender', 4), ('user', 4),
-                                                               ('recommender', 2), ('user', 2)] * 2
+  run_reflexion_episodes(
+    DATASET,
+    SPLIT,
+    range(6),
+    scripted,
+    peer=ColumnPeer(),
+    config=ReflexionConfig(num_prior_episodes=1),
+    rollout=RolloutConfig(max_turns=1),
+    batch_size=4,
+  )
+  assert [(c.agent, c.batch_size) for c in scripted.calls] == [
+    ('recommender', 4),
+    ('user', 4),
+    ('recommender', 2),
+    ('user', 2),
+  ] * 2
   assert len({c.seed for c in scripted.calls if c.agent == 'recommender'}) == 4

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from coars_jax.agents import benchmark
-from coars_jax.agents import episodes as ep
+from coars_jax.agents import chat_tokens, dialogue_loop, llm_backend, parsing
 from coars_jax.agents.episodes import LLMBackendConfig, RolloutConfig
 from coars_jax.models.tokenizer import render_chat
 from coars_jax.sampling import LengthBuckets, SamplingParams
@@ -23,13 +23,25 @@ PREFILL, DECODE = sampler._prefill, sampler._decode
 def measured():
   tokenizer = small_tokenizer()
   model = tiny_lora_model(len(tokenizer))
-  config = LLMBackendConfig(recommender_max_new_tokens=MAX_NEW_TOKENS, user_max_new_tokens=MAX_NEW_TOKENS,
-                            sampling=SamplingParams(temperature=1.0),
-                            buckets=LengthBuckets(prompt=(512, 1024), completion=(8,)))
+  config = LLMBackendConfig(
+    recommender_max_new_tokens=MAX_NEW_TOKENS,
+    user_max_new_tokens=MAX_NEW_TOKENS,
+    sampling=SamplingParams(temperature=1.0),
+    buckets=LengthBuckets(prompt=(512, 1024), completion=(8,)),
+  )
   summary, episodes = benchmark.measure_rollouts(
-      model, tokenizer, DATASET, TablePeer(), split=SPLIT, window_indices=[0, 1, 2, 3],
-      rollout=RolloutConfig(max_turns=2), backend_config=config, adapters={'recommender': 'recommender', 'user': 1},
-      repeats=2, seed=3)
+    model,
+    tokenizer,
+    DATASET,
+    TablePeer(),
+    split=SPLIT,
+    window_indices=[0, 1, 2, 3],
+    rollout=RolloutConfig(max_turns=2),
+    backend_config=config,
+    adapters={'recommender': 'recommender', 'user': 1},
+    repeats=2,
+    seed=3,
+  )
   return summary, episodes, tokenizer
 
 
@@ -88,8 +100,9 @@ def test_rates_and_shares_add_up(measured):
 
 def test_wrappers_are_removed_afterwards(measured):
   _, _, tokenizer = measured
-  assert ep.generate is sampler.generate
-  assert ep.render_chat is render_chat
+  assert llm_backend.generate is sampler.generate
+  assert chat_tokens.render_chat is render_chat
+  assert dialogue_loop.parse_user_output is parsing.parse_user_output
   assert 'decode' not in vars(tokenizer)
   assert sampler._prefill is PREFILL and sampler._decode is DECODE
 

@@ -39,13 +39,17 @@ def test_shapes_dtypes_and_segment_order(stopped):
   prompt_length = max(g.prompt_ids.size for g in generations)
   completion_length = max(g.completion_ids.size for g in generations)
   chex.assert_shape([trajectory.prompt_tokens, trajectory.prompt_mask], (segments, prompt_length))
-  chex.assert_shape([trajectory.completion_tokens, trajectory.completion_mask, trajectory.behaviour_log_probs],
-                    (segments, completion_length))
-  chex.assert_type([trajectory.prompt_tokens, trajectory.completion_tokens, trajectory.agent, trajectory.action],
-                   np.int32)
+  chex.assert_shape(
+    [trajectory.completion_tokens, trajectory.completion_mask, trajectory.behaviour_log_probs],
+    (segments, completion_length),
+  )
+  chex.assert_type(
+    [trajectory.prompt_tokens, trajectory.completion_tokens, trajectory.agent, trajectory.action], np.int32
+  )
   chex.assert_type([trajectory.prompt_mask, trajectory.completion_mask, trajectory.hit, trajectory.valid], bool)
-  chex.assert_type([trajectory.behaviour_log_probs, trajectory.acceptance_score, trajectory.peer_similarity],
-                   np.float32)
+  chex.assert_type(
+    [trajectory.behaviour_log_probs, trajectory.acceptance_score, trajectory.peer_similarity], np.float32
+  )
   assert trajectory.episode.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2]
   assert trajectory.turn.tolist() == [1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 1, 1]
   assert trajectory.agent.tolist() == [0, 1] * 6
@@ -60,8 +64,9 @@ def test_tokens_sit_where_the_masks_say(stopped):
   episodes, trajectory = stopped
   for row, generation in enumerate(_generations(episodes)):
     np.testing.assert_array_equal(trajectory.prompt_tokens[row][trajectory.prompt_mask[row]], generation.prompt_ids)
-    np.testing.assert_array_equal(trajectory.completion_tokens[row][trajectory.completion_mask[row]],
-                                  generation.completion_ids)
+    np.testing.assert_array_equal(
+      trajectory.completion_tokens[row][trajectory.completion_mask[row]], generation.completion_ids
+    )
     # Left padding for prompts, right padding for completions.
     assert trajectory.prompt_mask[row, -1] and trajectory.completion_mask[row, 0]
     assert (trajectory.prompt_tokens[row][~trajectory.prompt_mask[row]] == PAD).all()
@@ -80,8 +85,9 @@ def test_each_agent_loss_mask_covers_exactly_its_own_generated_tokens(stopped):
   assert user.sum() == sum(t.user.completion_ids.size for t in turns)
   for index, turn in enumerate(turns):
     rec_row, user_row = 2 * index, 2 * index + 1
-    np.testing.assert_array_equal(trajectory.completion_tokens[rec_row][recommender[rec_row]],
-                                  turn.recommender.completion_ids)
+    np.testing.assert_array_equal(
+      trajectory.completion_tokens[rec_row][recommender[rec_row]], turn.recommender.completion_ids
+    )
     np.testing.assert_array_equal(trajectory.completion_tokens[user_row][user[user_row]], turn.user.completion_ids)
     assert not recommender[user_row].any() and not user[rec_row].any()
     # The recommender's message is part of the user's prompt; it lies in the prompt array, which no mask covers.
@@ -109,8 +115,9 @@ def test_per_turn_fields_follow_the_episodes(mixed):
 
 def test_buckets_pad_to_fixed_widths(stopped):
   episodes, trajectory = stopped
-  bucketed = Trajectory.from_episodes(episodes, pad_token_id=PAD,
-                                      buckets=LengthBuckets(prompt=(256, 512, 1024), completion=(16, 32, 64)))
+  bucketed = Trajectory.from_episodes(
+    episodes, pad_token_id=PAD, buckets=LengthBuckets(prompt=(256, 512, 1024), completion=(16, 32, 64))
+  )
   assert bucketed.prompt_tokens.shape[1] in (256, 512, 1024) and bucketed.completion_tokens.shape[1] in (16, 32, 64)
   assert bucketed.prompt_tokens.shape[1] >= trajectory.prompt_tokens.shape[1]
   np.testing.assert_array_equal(bucketed.completion_mask.sum(1), trajectory.completion_mask.sum(1))
@@ -165,17 +172,20 @@ def test_a_lone_surrogate_or_control_character_in_a_message_is_written_and_read_
   # An API's JSON can carry a lone surrogate, which UTF-8 cannot encode: writing the record must neither fail nor
   # change the text.
   from coars_jax.agents.record import RolloutRecord
+
   _, trajectory = stopped
   odd = 'Item: \ud800Muse\x00\udfff\ufffd\x1b'
   records = [json.loads(json.dumps(record)) for record in trajectory.records]
   records[0]['turns'][0]['recommender']['completion'] = odd
-  odd_trajectory = dataclasses.replace(trajectory, completion_texts=(odd,) + trajectory.completion_texts[1:],
-                                       records=tuple(records))
+  odd_trajectory = dataclasses.replace(
+    trajectory, completion_texts=(odd,) + trajectory.completion_texts[1:], records=tuple(records)
+  )
   path = tmp_path / 'episodes.jsonl'
   to_jsonl(odd_trajectory, path)
   assert read_jsonl(path)[0]['turns'][0]['recommender']['completion'] == odd
-  record = RolloutRecord(trajectory=odd_trajectory, windows=np.arange(3), groups=np.arange(3, dtype=np.int32),
-                         seed=0, seconds=0.0)
+  record = RolloutRecord(
+    trajectory=odd_trajectory, windows=np.arange(3), groups=np.arange(3, dtype=np.int32), seed=0, seconds=0.0
+  )
   loaded = RolloutRecord.load(record.save(tmp_path / 'record'))
   assert loaded.trajectory.completion_texts == odd_trajectory.completion_texts
   assert loaded.trajectory.records[0]['turns'][0]['recommender']['completion'] == odd

@@ -15,10 +15,21 @@ ADAPTER_NAMES = ('recommender', 'user')
 
 
 def tiny_model(seed: int = 0) -> Decoder:
-  config = get_preset('tiny', vocab_size=VOCAB, embed_dim=32, mlp_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=8, max_position_embeddings=128, pad_token_id=PAD)
-  model = add_lora(Decoder(config, rngs=nnx.Rngs(seed)), LoRAConfig(rank=4, alpha=8.0), ADAPTER_NAMES,
-                   rngs=nnx.Rngs(seed + 1))
+  config = get_preset(
+    'tiny',
+    vocab_size=VOCAB,
+    embed_dim=32,
+    mlp_dim=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    pad_token_id=PAD,
+  )
+  model = add_lora(
+    Decoder(config, rngs=nnx.Rngs(seed)), LoRAConfig(rank=4, alpha=8.0), ADAPTER_NAMES, rngs=nnx.Rngs(seed + 1)
+  )
   # numpy draws: a jax.random call per projection shape would compile one small program each.
   rng = np.random.default_rng(seed + 2)
   for _, linear in adapted_linears(model):

@@ -29,10 +29,17 @@ def _arrays():
   y_tokens, y_mask = right_pad(Y, 4, PAD)
   teacher = [x[:shared] + suffix for x, shared, suffix in zip(X, SHARED, SUFFIX)]
   t_tokens, t_mask = left_pad(teacher, 16, PAD)
-  return dict(prompt_tokens=x_tokens, prompt_mask=x_mask, teacher_suffix_tokens=suffix_tokens,
-              teacher_suffix_mask=suffix_mask, teacher_shared_length=np.asarray(SHARED, np.int32),
-              completion_tokens=y_tokens, completion_mask=y_mask, teacher_prompt_tokens=t_tokens,
-              teacher_prompt_mask=t_mask)
+  return dict(
+    prompt_tokens=x_tokens,
+    prompt_mask=x_mask,
+    teacher_suffix_tokens=suffix_tokens,
+    teacher_suffix_mask=suffix_mask,
+    teacher_shared_length=np.asarray(SHARED, np.int32),
+    completion_tokens=y_tokens,
+    completion_mask=y_mask,
+    teacher_prompt_tokens=t_tokens,
+    teacher_prompt_mask=t_mask,
+  )
 
 
 def test_cached_teacher_equals_the_naive_teacher_pass(shared_model):
@@ -41,13 +48,33 @@ def test_cached_teacher_equals_the_naive_teacher_pass(shared_model):
   @jax.jit
   def both(model_state):
     model = nnx.merge(graphdef, model_state)
-    cached = shared_prefix_log_probs(model, a['prompt_tokens'], a['prompt_mask'], a['completion_tokens'],
-                                     a['completion_mask'], a['teacher_suffix_tokens'], a['teacher_suffix_mask'],
-                                     a['teacher_shared_length'], adapter=jnp.asarray(ADAPTER))
-    student = completion_log_probs(model, a['prompt_tokens'], a['prompt_mask'], a['completion_tokens'],
-                                   a['completion_mask'], adapter=jnp.asarray(ADAPTER))
-    teacher = completion_log_probs(model, a['teacher_prompt_tokens'], a['teacher_prompt_mask'],
-                                   a['completion_tokens'], a['completion_mask'], adapter=jnp.asarray(ADAPTER))
+    cached = shared_prefix_log_probs(
+      model,
+      a['prompt_tokens'],
+      a['prompt_mask'],
+      a['completion_tokens'],
+      a['completion_mask'],
+      a['teacher_suffix_tokens'],
+      a['teacher_suffix_mask'],
+      a['teacher_shared_length'],
+      adapter=jnp.asarray(ADAPTER),
+    )
+    student = completion_log_probs(
+      model,
+      a['prompt_tokens'],
+      a['prompt_mask'],
+      a['completion_tokens'],
+      a['completion_mask'],
+      adapter=jnp.asarray(ADAPTER),
+    )
+    teacher = completion_log_probs(
+      model,
+      a['teacher_prompt_tokens'],
+      a['teacher_prompt_mask'],
+      a['completion_tokens'],
+      a['completion_mask'],
+      adapter=jnp.asarray(ADAPTER),
+    )
     return cached, (student, teacher)
 
   graphdef, state = nnx.split(shared_model)
@@ -57,20 +84,30 @@ def test_cached_teacher_equals_the_naive_teacher_pass(shared_model):
   np.testing.assert_allclose(teacher, naive_teacher, atol=1e-5)
   mask = a['completion_mask']
   assert float(jnp.abs(teacher - student).max()) > 1e-3  # d changes the scores, so the check can fail
-  np.testing.assert_allclose(token_advantages(teacher, student, mask), token_advantages(naive_teacher, naive_student,
-                                                                                         mask), atol=1e-4)
+  np.testing.assert_allclose(
+    token_advantages(teacher, student, mask), token_advantages(naive_teacher, naive_student, mask), atol=1e-4
+  )
   assert np.all(np.asarray(teacher)[np.asarray(mask) == 0] == 0)
 
 
 def test_objective_with_the_cached_teacher_matches_the_naive_one_in_loss_and_gradient(shared_model):
   arrays = _arrays()
-  common = {key: jnp.asarray(arrays[key]) for key in ('prompt_tokens', 'prompt_mask', 'completion_tokens',
-                                                      'completion_mask')}
-  common.update(adapter=jnp.asarray(ADAPTER), agent=jnp.asarray([0, 1, 0], jnp.int32),
-                reward=jnp.asarray([0.7, -0.4, 0.2], jnp.float32), included=jnp.ones(3, bool),
-                num_episodes=jnp.asarray(2.0))
-  cached = dict(common, **{key: jnp.asarray(arrays[key]) for key in ('teacher_suffix_tokens', 'teacher_suffix_mask',
-                                                                     'teacher_shared_length')})
+  common = {
+    key: jnp.asarray(arrays[key]) for key in ('prompt_tokens', 'prompt_mask', 'completion_tokens', 'completion_mask')
+  }
+  common.update(
+    adapter=jnp.asarray(ADAPTER),
+    agent=jnp.asarray([0, 1, 0], jnp.int32),
+    reward=jnp.asarray([0.7, -0.4, 0.2], jnp.float32),
+    included=jnp.ones(3, bool),
+    num_episodes=jnp.asarray(2.0),
+  )
+  cached = dict(
+    common,
+    **{
+      key: jnp.asarray(arrays[key]) for key in ('teacher_suffix_tokens', 'teacher_suffix_mask', 'teacher_shared_length')
+    },
+  )
   naive = dict(common, **{key: jnp.asarray(arrays[key]) for key in ('teacher_prompt_tokens', 'teacher_prompt_mask')})
   graphdef, lora, rest = nnx.split(shared_model, nnx.LoRAParam, ...)
 

@@ -33,7 +33,8 @@ def test_token_advantages_carry_no_gradient():
   student = jnp.array([[-1.0, -0.9]])
   mask = jnp.array([[1, 1]])
   grad_teacher, grad_student = jax.grad(lambda t, s: credit.token_advantages(t, s, mask).sum(), argnums=(0, 1))(
-      teacher, student)
+    teacher, student
+  )
   np.testing.assert_array_equal(grad_teacher, 0.0)
   np.testing.assert_array_equal(grad_student, 0.0)
 
@@ -48,8 +49,9 @@ def _arrays():
   student_tokens, student_mask = left_pad(STUDENT_PROMPTS, 6, PAD)
   teacher_tokens, teacher_mask = left_pad(TEACHER_PROMPTS, 10, PAD)
   completion_tokens, completion_mask = right_pad(COMPLETIONS, 5, PAD)
-  return tuple(map(jnp.asarray, (student_tokens, student_mask, teacher_tokens, teacher_mask, completion_tokens,
-                                 completion_mask)))
+  return tuple(
+    map(jnp.asarray, (student_tokens, student_mask, teacher_tokens, teacher_mask, completion_tokens, completion_mask))
+  )
 
 
 def test_one_pass_equals_two_separate_scoring_calls(shared_model):
@@ -57,7 +59,8 @@ def test_one_pass_equals_two_separate_scoring_calls(shared_model):
   student_tokens, student_mask, teacher_tokens, teacher_mask, completion_tokens, completion_mask = _arrays()
   adapters = jnp.asarray(ADAPTERS)
   both = nnx.jit(lambda m, *a: credit.teacher_student_log_probs(m, *a, adapter=adapters))(
-      model, student_tokens, student_mask, teacher_tokens, teacher_mask, completion_tokens, completion_mask)
+    model, student_tokens, student_mask, teacher_tokens, teacher_mask, completion_tokens, completion_mask
+  )
   separate = nnx.jit(lambda m, x, xm, y, ym: completion_log_probs(m, x, xm, y, ym, adapter=adapters))
   student = separate(model, student_tokens, student_mask, completion_tokens, completion_mask)
   teacher = separate(model, teacher_tokens, teacher_mask, completion_tokens, completion_mask)
@@ -68,7 +71,8 @@ def test_one_pass_equals_two_separate_scoring_calls(shared_model):
   # The privileged context d changes the scores (otherwise the test above would be vacuous), and the adapters do.
   assert np.abs(np.asarray(both.teacher - both.student)).max() > 1e-3
   swapped = nnx.jit(lambda m, x, xm, y, ym: completion_log_probs(m, x, xm, y, ym, adapter=adapters[::-1]))(
-      model, student_tokens, student_mask, completion_tokens, completion_mask)
+    model, student_tokens, student_mask, completion_tokens, completion_mask
+  )
   assert np.abs(np.asarray(swapped - student)).max() > 1e-3
   np.testing.assert_array_equal(np.asarray(both.student)[1, 2:], 0.0)
 
@@ -81,6 +85,7 @@ def test_teacher_half_gets_no_gradient_and_student_half_does(shared_model):
   def half(name):
     def total(model):
       return getattr(credit.teacher_student_log_probs(model, *arrays, adapter=adapters), name).sum()
+
     return nnx.jit(nnx.grad(total, argnums=nnx.DiffState(0, nnx.LoRAParam)))(model)
 
   teacher_grads = jax.tree.leaves(half('teacher'))

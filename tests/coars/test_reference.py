@@ -9,76 +9,93 @@ import pytest
 from coars_jax.agents.prompts import recommender_messages, user_messages
 from coars_jax.coars import reference as ref
 
-MISS = ref.TurnHindsight(turn=1, item_title='Radiohead', sasrec_rank=4, hit=False, action='skip',
-                         acceptance_score=0.3)
+MISS = ref.TurnHindsight(turn=1, item_title='Radiohead', sasrec_rank=4, hit=False, action='skip', acceptance_score=0.3)
 HIT = ref.TurnHindsight(turn=2, item_title='Muse', sasrec_rank=2, hit=True, action='click', acceptance_score=0.9)
 TARGET = dict(target_title='Muse', target_rank=2, num_candidates=20)
 
 
 def test_recommender_reference_text():
   text = ref.recommender_reference([MISS, HIT], **TARGET)
-  assert text == '\n'.join([
+  assert text == '\n'.join(
+    [
       ref.REFERENCE_HEADER,
       'The user\'s true next item was "Muse" (SASRec rank 2 of 20).',
       'Turn 1: you recommended "Radiohead" (SASRec rank 4 of 20); the user reacted skip with score 0.3. That was '
       'wrong: the user\'s true next item was "Muse"; you should have recommended "Muse".',
       'Turn 2: you recommended "Muse" (SASRec rank 2 of 20); the user reacted click with score 0.9. That was right: '
-      'it is the user\'s true next item.',
+      "it is the user's true next item.",
       'The right recommendation at every turn was "Muse".',
-  ])
+    ]
+  )
 
 
 def test_user_reference_says_which_reaction_was_right():
-  starred_miss = ref.TurnHindsight(turn=1, item_title='Blur', sasrec_rank=None, hit=False, action='star',
-                                   acceptance_score=0.6)
-  skipped_hit = ref.TurnHindsight(turn=2, item_title='Muse', sasrec_rank=2, hit=True, action='skip',
-                                  acceptance_score=0.4)
+  starred_miss = ref.TurnHindsight(
+    turn=1, item_title='Blur', sasrec_rank=None, hit=False, action='star', acceptance_score=0.6
+  )
+  skipped_hit = ref.TurnHindsight(
+    turn=2, item_title='Muse', sasrec_rank=2, hit=True, action='skip', acceptance_score=0.4
+  )
   text = ref.user_reference([MISS, starred_miss, skipped_hit, HIT], target_title='Muse')
   lines = text.splitlines()
   assert lines[:2] == [ref.REFERENCE_HEADER, 'Your true next item was "Muse".']
-  assert lines[2] == ('Turn 1: the recommender suggested "Radiohead" (SASRec rank 4); you reacted skip with score '
-                      '0.3. That was right: it is not your true next item ("Muse"), so the right reaction was a low '
-                      'score (skip or dislike, below 0.5); the lower, the better.')
-  assert lines[3] == ('Turn 1: the recommender suggested "Blur"; you reacted star with score 0.6. It is not your '
-                      'true next item ("Muse"), but you may really like it, so this reaction is not judged.')
-  assert lines[4].startswith('Turn 2: the recommender suggested "Muse" (SASRec rank 2); you reacted skip with score '
-                             '0.4. That was wrong: it is your true next item, so the right reaction was click')
-  assert lines[5].endswith('That was right: it is your true next item, so the right reaction was click with a high '
-                           'score (at least 0.75).')
+  assert lines[2] == (
+    'Turn 1: the recommender suggested "Radiohead" (SASRec rank 4); you reacted skip with score '
+    '0.3. That was right: it is not your true next item ("Muse"), so the right reaction was a low '
+    'score (skip or dislike, below 0.5); the lower, the better.'
+  )
+  assert lines[3] == (
+    'Turn 1: the recommender suggested "Blur"; you reacted star with score 0.6. It is not your '
+    'true next item ("Muse"), but you may really like it, so this reaction is not judged.'
+  )
+  assert lines[4].startswith(
+    'Turn 2: the recommender suggested "Muse" (SASRec rank 2); you reacted skip with score '
+    '0.4. That was wrong: it is your true next item, so the right reaction was click'
+  )
+  assert lines[5].endswith(
+    'That was right: it is your true next item, so the right reaction was click with a high score (at least 0.75).'
+  )
 
 
 def test_invalid_turn_and_float32_scores():
-  invalid = ref.TurnHindsight(turn=1, item_title=None, sasrec_rank=None, hit=False, action='skip',
-                              acceptance_score=np.float32(0.375))
+  invalid = ref.TurnHindsight(
+    turn=1, item_title=None, sasrec_rank=None, hit=False, action='skip', acceptance_score=np.float32(0.375)
+  )
   text = ref.reference_trajectory('recommender', [invalid], target_title='Muse')
-  assert text.splitlines()[2] == ('Turn 1: your message named no candidate; the user reacted skip with score 0.375. '
-                                  'That was wrong: name exactly one candidate title; the true next item was "Muse", '
-                                  'so you should have recommended "Muse".')
+  assert text.splitlines()[2] == (
+    'Turn 1: your message named no candidate; the user reacted skip with score 0.375. '
+    'That was wrong: name exactly one candidate title; the true next item was "Muse", '
+    'so you should have recommended "Muse".'
+  )
   user_text = ref.reference_trajectory('user', [invalid], target_title='Muse')
   assert 'Turn 1: the recommender named no candidate; you reacted skip with score 0.375. That was right' in user_text
-  with pytest.raises(ValueError, match="agent must be one of"):
+  with pytest.raises(ValueError, match='agent must be one of'):
     ref.reference_trajectory('judge', [invalid], target_title='Muse')
 
 
 def test_reference_can_omit_each_turns_sampled_item_and_reaction():
-  invalid = ref.TurnHindsight(turn=3, item_title=None, sasrec_rank=None, hit=False, action='skip',
-                              acceptance_score=0.375)
+  invalid = ref.TurnHindsight(
+    turn=3, item_title=None, sasrec_rank=None, hit=False, action='skip', acceptance_score=0.375
+  )
   text = ref.recommender_reference([MISS, HIT, invalid], **TARGET, omit_samples=True)
-  assert text == '\n'.join([
+  assert text == '\n'.join(
+    [
       ref.REFERENCE_HEADER,
       'The user\'s true next item was "Muse" (SASRec rank 2 of 20).',
       'Turn 1: That was wrong: the user\'s true next item was "Muse"; you should have recommended "Muse".',
-      'Turn 2: That was right: it is the user\'s true next item.',
+      "Turn 2: That was right: it is the user's true next item.",
       'Turn 3: That was wrong: name exactly one candidate title; the true next item was "Muse", so you should have '
       'recommended "Muse".',
       'The right recommendation at every turn was "Muse".',
-  ])
+    ]
+  )
   user = ref.reference_trajectory('user', [MISS, HIT], **TARGET, omit_samples=True)
   assert user.splitlines()[2:] == [
-      'Turn 1: That was right: it is not your true next item ("Muse"), so the right reaction was a low score (skip or '
-      'dislike, below 0.5); the lower, the better.',
-      'Turn 2: That was right: it is your true next item, so the right reaction was click with a high score (at '
-      'least 0.75).']
+    'Turn 1: That was right: it is not your true next item ("Muse"), so the right reaction was a low score (skip or '
+    'dislike, below 0.5); the lower, the better.',
+    'Turn 2: That was right: it is your true next item, so the right reaction was click with a high score (at '
+    'least 0.75).',
+  ]
   for agent in ('recommender', 'user'):
     omitted = ref.reference_trajectory(agent, [MISS, HIT], **TARGET, omit_samples=True)
     # No sampled title (Radiohead), its SASRec rank, action or score; the default d (unchanged) has them all.
@@ -132,16 +149,24 @@ def test_candidate_ranks_break_ties_towards_the_earlier_candidate():
 
 def test_episode_reference_from_an_episode():
   # The attribute names of `agents.Episode` / `agents.Turn` that the adapter reads.
-  turn = lambda t, item, hit, action, score: types.SimpleNamespace(turn=t, item=item, hit=hit, action=action,
-                                                                   acceptance_score=score)
+  turn = lambda t, item, hit, action, score: types.SimpleNamespace(
+    turn=t, item=item, hit=hit, action=action, acceptance_score=score
+  )
   episode = types.SimpleNamespace(
-      candidates=(11, 12, 13), candidate_titles=('Muse', 'Radiohead', 'Blur'), target=11, target_title='Muse',
-      turns=(turn(1, 12, False, 'skip', 0.3), turn(2, -1, False, 'skip', 0.375), turn(3, 11, True, 'click', 0.9)))
+    candidates=(11, 12, 13),
+    candidate_titles=('Muse', 'Radiohead', 'Blur'),
+    target=11,
+    target_title='Muse',
+    turns=(turn(1, 12, False, 'skip', 0.3), turn(2, -1, False, 'skip', 0.375), turn(3, 11, True, 'click', 0.9)),
+  )
   ranks = ref.candidate_ranks([0.2, 0.5, 0.1])  # Radiohead 1, Muse 2, Blur 3
   turns, target_rank = ref.hindsight_turns(episode, ranks)
   assert target_rank == 2
-  assert [(t.item_title, t.sasrec_rank, t.hit) for t in turns] == [('Radiohead', 1, False), (None, None, False),
-                                                                    ('Muse', 2, True)]
+  assert [(t.item_title, t.sasrec_rank, t.hit) for t in turns] == [
+    ('Radiohead', 1, False),
+    (None, None, False),
+    ('Muse', 2, True),
+  ]
   text = ref.episode_reference(episode, 'recommender', ranks)
   assert text == ref.recommender_reference(turns, target_title='Muse', target_rank=2, num_candidates=3)
   assert '(SASRec rank 1 of 3)' in text
@@ -162,7 +187,11 @@ def test_self_written_reference_uses_the_callback_and_falls_back_to_the_template
   assert 'The user\'s true next item was "Muse" (SASRec rank 2 of 20).' in prompt
   assert 'Turn 1: "Radiohead" (SASRec rank 4 of 20) was recommended; the user reacted skip with score 0.3.' in prompt
   assert 'That was' not in prompt  # facts only: the verdicts are the agent's to write
-  assert text.splitlines() == [ref.REFERENCE_HEADER, 'The user\'s true next item was "Muse" (SASRec rank 2 of 20).',
-                               'Turn 1: wrong, Muse was the answer.', 'Turn 2: right.']
+  assert text.splitlines() == [
+    ref.REFERENCE_HEADER,
+    'The user\'s true next item was "Muse" (SASRec rank 2 of 20).',
+    'Turn 1: wrong, Muse was the answer.',
+    'Turn 2: right.',
+  ]
   fallback = ref.self_written_reference(lambda messages: ' \n', 'user', [MISS, HIT], **TARGET)
   assert fallback == ref.user_reference([MISS, HIT], **TARGET)

@@ -47,10 +47,16 @@ def test_lists_differ_across_seeds_and_windows_and_are_pinned():
   assert not np.array_equal(a, candidates.candidate_list(SYNTHETIC, 'test', 0, seed=1))
   assert not np.array_equal(a, candidates.candidate_list(SYNTHETIC, 'test', 1, seed=0))
   # The stream is a pure function of its inputs: this exact list must not change across versions/machines.
-  assert candidates.window_rng('lastfm', 'test', 0, 0).integers(0, 4606, size=4).tolist() == \
-      np.random.default_rng(np.random.SeedSequence(0, spawn_key=[
-          __import__('zlib').crc32(b'lastfm'), 2, 0, __import__('zlib').crc32(b'candidates')])).integers(
-              0, 4606, size=4).tolist()
+  assert (
+    candidates.window_rng('lastfm', 'test', 0, 0).integers(0, 4606, size=4).tolist()
+    == np.random.default_rng(
+      np.random.SeedSequence(
+        0, spawn_key=[__import__('zlib').crc32(b'lastfm'), 2, 0, __import__('zlib').crc32(b'candidates')]
+      )
+    )
+    .integers(0, 4606, size=4)
+    .tolist()
+  )
 
 
 def test_candidate_matrix_points_at_targets():

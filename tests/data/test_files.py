@@ -22,8 +22,12 @@ def isolated_roots(tmp_path, monkeypatch):
 
 
 def _pin(monkeypatch, relpath, payload):
-  spec = files.FileSpec(relpath=relpath, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload),
-                        url=f'https://example.invalid/{relpath}')
+  spec = files.FileSpec(
+    relpath=relpath,
+    sha256=hashlib.sha256(payload).hexdigest(),
+    size=len(payload),
+    url=f'https://example.invalid/{relpath}',
+  )
   monkeypatch.setitem(files.MANIFEST, relpath, spec)
   return spec
 
@@ -61,7 +65,9 @@ def test_missing_file_names_every_place_looked(isolated_roots):
 def test_failed_download_is_reported(isolated_roots):
   def offline(url):
     import urllib.error
+
     raise urllib.error.URLError('network unreachable')
+
   with pytest.raises(MissingDataError, match='network unreachable'):
     files.locate('movielens/ml-100k/u.data', None, opener=offline)
 
@@ -74,8 +80,9 @@ def test_download_verifies_checksum_before_use(isolated_roots, monkeypatch):
   assert path.read_bytes() == payload
   _pin(monkeypatch, 'demo/bad.txt', payload)
   with pytest.raises(ChecksumError, match='discarded'):
-    files.download(files.MANIFEST['demo/bad.txt'], isolated_roots['cache'],
-                   opener=lambda url: io.BytesIO(payload + b'tampered'))
+    files.download(
+      files.MANIFEST['demo/bad.txt'], isolated_roots['cache'], opener=lambda url: io.BytesIO(payload + b'tampered')
+    )
   assert not (isolated_roots['cache'] / 'demo/bad.txt').exists()
   del spec
 

@@ -30,12 +30,14 @@ def test_users_split_8_1_1_with_last_windows(dataset):
   for i in range(len(test)):
     w = test.window(i)
     sequence = dataset.user_sequences[w.user]
-    assert w.target == sequence[-1] and list(w.history) == list(sequence[-1 - len(w.history):-1])
+    assert w.target == sequence[-1] and list(w.history) == list(sequence[-1 - len(w.history) : -1])
 
 
 def test_same_day_ties_keep_file_order(tmp_path):
   root = require_files(*FILES)
-  rows = instruments.parse_ratings(root / instruments.RATINGS_FILE, set(instruments.parse_meta(root / instruments.META_FILE)))
+  rows = instruments.parse_ratings(
+    root / instruments.RATINGS_FILE, set(instruments.parse_meta(root / instruments.META_FILE))
+  )
   dataset = instruments.load(root, allow_download=False)
   asins = sorted(instruments.parse_meta(root / instruments.META_FILE))
   reviewer = 'A2IBPI20UZIR0U'

@@ -38,10 +38,13 @@ def _copy_root(tmp_path, root):
   return tmp_path
 
 
-@pytest.mark.parametrize('mutate, message', [
+@pytest.mark.parametrize(
+  'mutate, message',
+  [
     (lambda lines: lines[:2] + ['2 Morcheeba'] + lines[3:], r'id2name\.txt:3: expected "<id>::<artist name>"'),
     (lambda lines: lines[:4] + lines[5:], r'id2name\.txt:5: expected item id 4'),
-])
+  ],
+)
 def test_malformed_catalog_names_file_and_line(tmp_path, mutate, message):
   root = _copy_root(tmp_path, require_files(lastfm.ITEM_FILE, *lastfm.SPLIT_FILES.values(), lastfm.STATS_FILE))
   path = root / lastfm.ITEM_FILE
@@ -75,7 +78,10 @@ def test_unknown_item_id_names_the_row(tmp_path, monkeypatch):
   frame.at[3, 'next'] = 9999
   frame.to_pickle(path)
   # Pin the modified file so that the parser, not the checksum, is what sees it.
-  monkeypatch.setitem(files.MANIFEST, lastfm.SPLIT_FILES['val'], files.FileSpec(
-      relpath=lastfm.SPLIT_FILES['val'], sha256=files.sha256_of(path), size=path.stat().st_size, url=''))
+  monkeypatch.setitem(
+    files.MANIFEST,
+    lastfm.SPLIT_FILES['val'],
+    files.FileSpec(relpath=lastfm.SPLIT_FILES['val'], sha256=files.sha256_of(path), size=path.stat().st_size, url=''),
+  )
   with pytest.raises(MalformedDataError, match=r'Val_data\.df: row 3: unknown item id 9999'):
     lastfm.load(root, allow_download=False)

@@ -36,16 +36,19 @@ def test_training_windows_follow_the_protocol(dataset):
   assert train.lengths.min() >= movielens.MIN_HISTORY and train.lengths.max() == 10
   w = train.window(0)
   sequence = list(dataset.user_sequences[w.user])
-  assert sequence[:len(w.history) + 1] == list(w.history) + [w.target]
+  assert sequence[: len(w.history) + 1] == list(w.history) + [w.target]
 
 
-@pytest.mark.parametrize('raw, clean', [
+@pytest.mark.parametrize(
+  'raw, clean',
+  [
     ('Toy Story (1995)', 'Toy Story'),
     ('Usual Suspects, The (1995)', 'The Usual Suspects'),
     ('City of Lost Children, The (1995)', 'The City of Lost Children'),
     ('Shawshank Redemption, The (1994)', 'The Shawshank Redemption'),
     ('Pulp Fiction (1994)', 'Pulp Fiction'),
-])
+  ],
+)
 def test_titles_are_cleaned_as_llara_does(raw, clean):
   assert movielens.clean_title(raw) == clean
 
@@ -58,11 +61,14 @@ def _copy(tmp_path):
   return tmp_path / movielens.RATINGS_FILE
 
 
-@pytest.mark.parametrize('edit, message', [
+@pytest.mark.parametrize(
+  'edit, message',
+  [
     (lambda b: b.replace(b'196\t242\t3\t881250949', b'196\t242\t3'), r'u\.data:1: expected 4 tab-separated'),
     (lambda b: b.replace(b'186\t302\t3\t891717742', b'186\t9999\t3\t891717742'), r'u\.data:2: unknown movie id 9999'),
     (lambda b: b[:-7], r'u\.data:100000: the file ends in the middle'),
-])
+  ],
+)
 def test_malformed_ratings_name_file_and_line(tmp_path, edit, message):
   path = _copy(tmp_path)
   path.write_bytes(edit(path.read_bytes()))

@@ -19,8 +19,12 @@ def test_from_windows_pads_and_keeps_the_last_ten():
 
 def test_shapes_are_checked():
   with pytest.raises(ValueError, match='history has shape'):
-    WindowSplit(users=np.zeros(2, np.int32), history=np.zeros((2, 5), np.int32), lengths=np.zeros(2, np.int32),
-                targets=np.zeros(2, np.int32))
+    WindowSplit(
+      users=np.zeros(2, np.int32),
+      history=np.zeros((2, 5), np.int32),
+      lengths=np.zeros(2, np.int32),
+      targets=np.zeros(2, np.int32),
+    )
 
 
 def test_catalog_and_interactions():

@@ -1,4 +1,3 @@
-
 from coars_jax.data import instruments, lastfm, user_sim
 from coars_jax.data.synthetic import synthetic_dataset
 from tests.conftest import require_files

@@ -37,6 +37,7 @@ def rec_history(messages):
 def scripted_agents():
   """Recommender: the true next item after an even last item; after an odd one, a title outside C at turn 1 and
   a wrong candidate at turn 2. User (episodes and F1 alike): click exactly the item that follows the history."""
+
   def respond(agent, episode, turn, messages):
     if agent == 'user':
       shown = re.search(r'^Recommended item: (.*)$', messages[-1]['content'], re.M).group(1)
@@ -50,9 +51,11 @@ def scripted_agents():
     else:
       first_user = next(m for m in messages if m['role'] == 'user')  # C sits in the first message
       block = first_user['content'].split('Candidate items:\n')[1].split('\n\n')[0]
-      item = next(line.split('. ', 1)[1] for line in block.splitlines()
-                  if line.split('. ', 1)[1] != f'Item {next_item(last)}')
+      item = next(
+        line.split('. ', 1)[1] for line in block.splitlines() if line.split('. ', 1)[1] != f'Item {next_item(last)}'
+      )
     return f'Reason: fits\nItem: {item}'
+
   return ScriptedBackend(scripted_tokenizer(), respond)
 
 
@@ -60,17 +63,29 @@ def expected_episode_metrics():
   even = np.asarray([WINDOWS.window(i).history[-1] % 2 == 0 for i in range(len(WINDOWS))])
   assert 0 < even.sum() < len(even)  # precondition: both branches occur
   n_even, n_odd = int(even.sum()), int((~even).sum())
-  return {'hit@1': n_even / len(even), 'avg_turns': (n_even + 2 * n_odd) / len(even),
-          'valid_ratio': (n_even + n_odd) / (n_even + 2 * n_odd), 'click_rate': n_even / len(even)}
+  return {
+    'hit@1': n_even / len(even),
+    'avg_turns': (n_even + 2 * n_odd) / len(even),
+    'valid_ratio': (n_even + n_odd) / (n_even + 2 * n_odd),
+    'click_rate': n_even / len(even),
+  }
 
 
 def test_row_has_the_protocol_metrics_and_user_f1():
   scripted = scripted_agents()
   config = AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False)
-  result = evaluate_agentic(DATASET, scripted, peer=ColumnPeer(), method='zero-shot', model='scripted', seed=7,
-                            config=config, user_sim=user_sim_set(DATASET))
+  result = evaluate_agentic(
+    DATASET,
+    scripted,
+    peer=ColumnPeer(),
+    method='zero-shot',
+    model='scripted',
+    seed=7,
+    config=config,
+    user_sim=user_sim_set(DATASET),
+  )
   row = result.row
-  assert list(row)[:len(agentic.ROW_KEYS)] == list(agentic.ROW_KEYS)
+  assert list(row)[: len(agentic.ROW_KEYS)] == list(agentic.ROW_KEYS)
   for key, value in expected_episode_metrics().items():
     assert row[key] == pytest.approx(value), key
   assert (row['dataset'], row['method'], row['model'], row['seed']) == ('synthetic', 'zero-shot', 'scripted', 7)
@@ -92,10 +107,15 @@ def test_row_has_the_protocol_metrics_and_user_f1():
 
 
 def test_reflexion_rows_count_only_the_evaluation_windows():
-  config = AgenticEvalConfig(window_indices=(0, 2, 4), rollout=RolloutConfig(max_turns=2),
-                             reflexion=ReflexionConfig(num_prior_episodes=2), progress=False)
-  result = evaluate_agentic(DATASET, scripted_agents(), peer=ColumnPeer(), method='reflexion', model='scripted',
-                            config=config)
+  config = AgenticEvalConfig(
+    window_indices=(0, 2, 4),
+    rollout=RolloutConfig(max_turns=2),
+    reflexion=ReflexionConfig(num_prior_episodes=2),
+    progress=False,
+  )
+  result = evaluate_agentic(
+    DATASET, scripted_agents(), peer=ColumnPeer(), method='reflexion', model='scripted', config=config
+  )
   row = result.row
   assert row['num_windows'] == 3 and row['prior_episodes'] == 6 and row['user_f1'] is None
   assert [e.window_index for e in result.episodes] == [0, 2, 4]
@@ -107,21 +127,44 @@ def test_reflexion_rows_count_only_the_evaluation_windows():
 
 def test_markdown_summarises_over_seeds_and_marks_missing_metrics():
   base = {'dataset': 'synthetic', 'model': 'tiny', 'valid_ratio': 1.0, 'avg_turns': 2.0, 'click_rate': 0.5}
-  rows = [{**base, 'method': 'coars', 'seed': 0, 'hit@1': 0.2, 'user_f1': 0.5, 'user_f1_macro': 0.4,
-           'user_precision': 0.5, 'user_auc': 0.6},
-          {**base, 'method': 'coars', 'seed': 1, 'hit@1': 0.4, 'user_f1': 0.7, 'user_f1_macro': 0.6,
-           'user_precision': 0.7, 'user_auc': 0.8},
-          {**base, 'method': 'zero-shot', 'seed': 0, 'hit@1': 0.1, 'user_f1': None}]
+  rows = [
+    {
+      **base,
+      'method': 'coars',
+      'seed': 0,
+      'hit@1': 0.2,
+      'user_f1': 0.5,
+      'user_f1_macro': 0.4,
+      'user_precision': 0.5,
+      'user_auc': 0.6,
+    },
+    {
+      **base,
+      'method': 'coars',
+      'seed': 1,
+      'hit@1': 0.4,
+      'user_f1': 0.7,
+      'user_f1_macro': 0.6,
+      'user_precision': 0.7,
+      'user_auc': 0.8,
+    },
+    {**base, 'method': 'zero-shot', 'seed': 0, 'hit@1': 0.1, 'user_f1': None},
+  ]
   table = format_markdown(rows)
   lines = table.splitlines()
-  assert lines[0] == ('| dataset | method | model | Hit@1 | ValidRatio | avg turns | click rate | user F1 (micro) | '
-                      'user F1 (macro) | user P | user AUC | seeds |')
-  assert lines[2] == ('| synthetic | coars | tiny | 0.3000 ± 0.1000 | 1.0000 ± 0.0000 | 2.0000 ± 0.0000 | '
-                      '0.5000 ± 0.0000 | 0.6000 ± 0.1000 | 0.5000 ± 0.1000 | 0.6000 ± 0.1000 | 0.7000 ± 0.1000 | '
-                      '[0, 1] |')
+  assert lines[0] == (
+    '| dataset | method | model | Hit@1 | ValidRatio | avg turns | click rate | user F1 (micro) | '
+    'user F1 (macro) | user P | user AUC | seeds |'
+  )
+  assert lines[2] == (
+    '| synthetic | coars | tiny | 0.3000 ± 0.1000 | 1.0000 ± 0.0000 | 2.0000 ± 0.0000 | '
+    '0.5000 ± 0.0000 | 0.6000 ± 0.1000 | 0.5000 ± 0.1000 | 0.6000 ± 0.1000 | 0.7000 ± 0.1000 | '
+    '[0, 1] |'
+  )
   assert lines[3] == '| synthetic | zero-shot | tiny | 0.1000 | 1.0000 | 2.0000 | 0.5000 | — | — | — | — | [0] |'
-  assert ('| synthetic | coars | tiny | 1 | 0.4000 | 1.0000 | 2.0000 | 0.5000 | 0.7000 | 0.6000 | '
-          '0.7000 | 0.8000 |') in lines
+  assert (
+    '| synthetic | coars | tiny | 1 | 0.4000 | 1.0000 | 2.0000 | 0.5000 | 0.7000 | 0.6000 | 0.7000 | 0.8000 |'
+  ) in lines
   with pytest.raises(ValueError, match='at least one row'):
     format_markdown([])
 
@@ -151,13 +194,18 @@ class ScoringPeer(ColumnPeer):
 
 def peer_minded_agents():
   """Recommender: the first candidate. User: click exactly when its prompt carries the peer opinion p_t."""
+
   def respond(agent, episode, turn, messages):
     content = '\n\n'.join(m['content'] for m in messages if m['role'] == 'user')  # the whole dialogue's data
     if agent == 'user':
-      return ('Reason: peers\nAction: click\nScore: 0.9' if 'Peer opinion: People with a history like yours chose'
-              in content else 'Reason: alone\nAction: skip\nScore: 0.3')
+      return (
+        'Reason: peers\nAction: click\nScore: 0.9'
+        if 'Peer opinion: People with a history like yours chose' in content
+        else 'Reason: alone\nAction: skip\nScore: 0.3'
+      )
     first = content.split('Candidate items:\n')[1].splitlines()[0].split('. ', 1)[1]
     return f'Reason: fits\nItem: {first}'
+
   return ScriptedBackend(scripted_tokenizer(), respond)
 
 
@@ -165,10 +213,16 @@ def test_both_peer_settings_report_with_p_t_as_the_main_f1_and_without_it_prefix
   sim = user_sim_set(DATASET)
   scripted = peer_minded_agents()
   # The user-f1 config says off; the two-pass mode still makes the main pass the one with p_t.
-  config = AgenticEvalConfig(window_indices=(0, 1), rollout=RolloutConfig(max_turns=1), progress=False,
-                             user_f1=UserF1Config(show_peer_opinion=False), user_f1_both_peer_settings=True)
-  result = evaluate_agentic(DATASET, scripted, peer=ScoringPeer(), method='coars', model='scripted', config=config,
-                            user_sim=sim)
+  config = AgenticEvalConfig(
+    window_indices=(0, 1),
+    rollout=RolloutConfig(max_turns=1),
+    progress=False,
+    user_f1=UserF1Config(show_peer_opinion=False),
+    user_f1_both_peer_settings=True,
+  )
+  result = evaluate_agentic(
+    DATASET, scripted, peer=ScoringPeer(), method='coars', model='scripted', config=config, user_sim=sim
+  )
   row = result.row
   assert row['user_f1_peer_opinion'] is True
   # With p_t every item is clicked: the accept-all values. Without it nothing is.
@@ -195,22 +249,39 @@ def test_both_peer_settings_report_with_p_t_as_the_main_f1_and_without_it_prefix
 def test_single_pass_records_its_peer_setting_and_has_no_prefixed_keys():
   sim = user_sim_set(DATASET)
   for show, expected_f1 in ((False, 0.0), (True, 2 / 3)):
-    config = AgenticEvalConfig(window_indices=(0,), rollout=RolloutConfig(max_turns=1), progress=False,
-                               user_f1=UserF1Config(show_peer_opinion=show))
-    result = evaluate_agentic(DATASET, peer_minded_agents(), peer=ColumnPeer(), method='coars', model='scripted',
-                              config=config, user_sim=sim)
+    config = AgenticEvalConfig(
+      window_indices=(0,),
+      rollout=RolloutConfig(max_turns=1),
+      progress=False,
+      user_f1=UserF1Config(show_peer_opinion=show),
+    )
+    result = evaluate_agentic(
+      DATASET, peer_minded_agents(), peer=ColumnPeer(), method='coars', model='scripted', config=config, user_sim=sim
+    )
     assert result.row['user_f1_peer_opinion'] is show and result.row['user_f1'] == pytest.approx(expected_f1)
     assert result.user_f1_no_peer is None and not any(k.startswith('no_peer_') for k in result.row)
     assert result.row['sasrec_auc'] is None  # ColumnPeer cannot score items
 
 
 def test_a_killed_evaluation_resumes_after_its_last_finished_batch(tmp_path):
-  config = AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False,
-                             resume_dir=str(tmp_path / 'kept'), resume_key='agents A')
+  config = AgenticEvalConfig(
+    batch_size=4,
+    rollout=RolloutConfig(max_turns=2),
+    progress=False,
+    resume_dir=str(tmp_path / 'kept'),
+    resume_key='agents A',
+  )
   sim = user_sim_set(DATASET)
-  whole = evaluate_agentic(DATASET, scripted_agents(), peer=ColumnPeer(), method='m', model='s', seed=7,
-                           config=AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False),
-                           user_sim=sim)
+  whole = evaluate_agentic(
+    DATASET,
+    scripted_agents(),
+    peer=ColumnPeer(),
+    method='m',
+    model='s',
+    seed=7,
+    config=AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False),
+    user_sim=sim,
+  )
 
   class Killed(Exception):
     pass
@@ -229,8 +300,9 @@ def test_a_killed_evaluation_resumes_after_its_last_finished_batch(tmp_path):
   assert len(list((tmp_path / 'kept').glob('*.json'))) == 1  # the first batch was kept
 
   resumed = scripted_agents()
-  result = evaluate_agentic(DATASET, resumed, peer=ColumnPeer(), method='m', model='s', seed=7, config=config,
-                            user_sim=sim)
+  result = evaluate_agentic(
+    DATASET, resumed, peer=ColumnPeer(), method='m', model='s', seed=7, config=config, user_sim=sim
+  )
   # Batch 1 came from disk: the resumed run's first recommender call is batch 2's, of its 2 windows.
   assert resumed.calls[0].batch_size == 2 and resumed.calls[0].agent == 'recommender'
   for key in ('hit@1', 'valid_ratio', 'avg_turns', 'user_f1'):
@@ -241,16 +313,36 @@ def test_a_killed_evaluation_resumes_after_its_last_finished_batch(tmp_path):
   evaluate_agentic(DATASET, again, peer=ColumnPeer(), method='m', model='s', seed=7, config=config, user_sim=sim)
   assert again.calls == []
   other = scripted_agents()
-  evaluate_agentic(DATASET, other, peer=ColumnPeer(), method='m', model='s', seed=7, user_sim=sim,
-                   config=AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False,
-                                            resume_dir=str(tmp_path / 'kept'), resume_key='agents B'))
+  evaluate_agentic(
+    DATASET,
+    other,
+    peer=ColumnPeer(),
+    method='m',
+    model='s',
+    seed=7,
+    user_sim=sim,
+    config=AgenticEvalConfig(
+      batch_size=4,
+      rollout=RolloutConfig(max_turns=2),
+      progress=False,
+      resume_dir=str(tmp_path / 'kept'),
+      resume_key='agents B',
+    ),
+  )
   assert other.calls and other.calls[0].batch_size == 4
 
 
 def test_kept_pieces_are_data_only_json_that_rebuilds_the_same_objects():
-  result = evaluate_agentic(DATASET, scripted_agents(), peer=ColumnPeer(), method='m', model='s', seed=7,
-                            config=AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2),
-                                                     progress=False), user_sim=user_sim_set(DATASET))
+  result = evaluate_agentic(
+    DATASET,
+    scripted_agents(),
+    peer=ColumnPeer(),
+    method='m',
+    model='s',
+    seed=7,
+    config=AgenticEvalConfig(batch_size=4, rollout=RolloutConfig(max_turns=2), progress=False),
+    user_sim=user_sim_set(DATASET),
+  )
   for value in (list(result.episodes), result.user_f1):
     text = json.dumps(agentic._encode(value))
     back = agentic._decode(json.loads(text))

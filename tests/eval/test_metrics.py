@@ -26,6 +26,7 @@ def test_hit_and_ndcg_values():
 
 def test_paired_bootstrap_difference_and_interval():
   from coars_jax.eval.metrics import paired_bootstrap
+
   a = np.array([1, 1, 0, 1, 0, 1, 1, 0] * 10)
   b = np.array([0, 1, 0, 0, 0, 1, 0, 0] * 10)
   out = paired_bootstrap(a, b, resamples=2000, seed=0)

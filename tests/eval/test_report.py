@@ -9,8 +9,18 @@ from coars_jax.eval import report
 
 
 def _row(method, seed, hit, f1=None, **extra):
-  return {'dataset': 'lastfm', 'method': method, 'model': 'tiny', 'seed': seed, 'hit@1': hit, 'user_f1': f1,
-          'valid_ratio': 1.0, 'avg_turns': 2.0, 'source': f'{method}_{seed}.json', **extra}
+  return {
+    'dataset': 'lastfm',
+    'method': method,
+    'model': 'tiny',
+    'seed': seed,
+    'hit@1': hit,
+    'user_f1': f1,
+    'valid_ratio': 1.0,
+    'avg_turns': 2.0,
+    'source': f'{method}_{seed}.json',
+    **extra,
+  }
 
 
 def test_cells_are_mean_and_population_std_over_seeds():
@@ -18,17 +28,21 @@ def test_cells_are_mean_and_population_std_over_seeds():
   cells = report.aggregate(rows, 'lastfm', 'tiny')['coars']
   assert cells['seeds'] == [0, 1, 2]
   assert cells['hit@1'].mean == pytest.approx(0.3)
-  assert cells['hit@1'].std == pytest.approx(np.sqrt(((0.2) ** 2 + 0.1 ** 2 + 0.3 ** 2) / 3))
+  assert cells['hit@1'].std == pytest.approx(np.sqrt(((0.2) ** 2 + 0.1**2 + 0.3**2) / 3))
   assert cells['user_f1'].format() == '0.600 ± 0.082'
   assert report.Cell((0.25,)).format() == '0.250'
   assert report.Cell(()).format() == '–'
 
 
 def test_rows_are_ordered_filtered_by_model_and_grammar_rows_are_separate():
-  rows = [_row('coars', 0, 0.3), _row('sasrec', 0, 0.4, model=None), _row('warm_start', 0, 0.1),
-          _row('warm_start', 0, 0.2, constrained=True, model='tiny+constrained'),
-          _row('zero_shot', 0, 0.0, model='smollm2-135m'),
-          {**_row('coars', 0, 0.9), 'dataset': 'movielens'}]
+  rows = [
+    _row('coars', 0, 0.3),
+    _row('sasrec', 0, 0.4, model=None),
+    _row('warm_start', 0, 0.1),
+    _row('warm_start', 0, 0.2, constrained=True, model='tiny+constrained'),
+    _row('zero_shot', 0, 0.0, model='smollm2-135m'),
+    {**_row('coars', 0, 0.9), 'dataset': 'movielens'},
+  ]
   table = report.aggregate(rows, 'lastfm', 'tiny')
   assert list(table) == ['sasrec', 'warm_start', 'warm_start+grammar', 'coars']
   assert table['warm_start+grammar']['hit@1'].mean == pytest.approx(0.2)
@@ -67,8 +81,9 @@ def test_write_report_draws_curves_from_run_folders(tmp_path):
   for seed in (0, 1):
     run = tmp_path / 'runs' / f'train_coars_{seed}'
     run.mkdir(parents=True)
-    (run / 'config.json').write_text(json.dumps({'dataset': 'lastfm', 'method': 'coars', 'label': '',
-                                                 'rl': {'seed': seed}}))
+    (run / 'config.json').write_text(
+      json.dumps({'dataset': 'lastfm', 'method': 'coars', 'label': '', 'rl': {'seed': seed}})
+    )
     lines = [{'iteration': i, 'val/hit_at_1': 0.1 * i + seed, 'reward/recommender': -1.0 + i} for i in range(3)]
     (run / 'metrics.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
   runs = report.read_curves(sorted((tmp_path / 'runs').iterdir()))
@@ -83,9 +98,12 @@ def test_write_report_draws_curves_from_run_folders(tmp_path):
 
 
 def test_report_shows_every_model_keeps_the_preamble_and_skips_unevaluated_records(tmp_path):
-  rows = [_row('sasrec', 0, 0.4), _row('zero_shot', 0, 0.1, model='smollm2-135m'),
-          _row('warm_start', 0, 0.2, model='tiny'),
-          {'dataset': 'lastfm', 'method': 'warm_start', 'stage': 'before', 'evaluated': False, 'model': 'tiny'}]
+  rows = [
+    _row('sasrec', 0, 0.4),
+    _row('zero_shot', 0, 0.1, model='smollm2-135m'),
+    _row('warm_start', 0, 0.2, model='tiny'),
+    {'dataset': 'lastfm', 'method': 'warm_start', 'stage': 'before', 'evaluated': False, 'model': 'tiny'},
+  ]
   for row in rows:
     row.setdefault('source', 'x.json')
   output = report.write_report(rows, [], tmp_path / 'README.md', preamble='Budgets and caveats.')

@@ -13,14 +13,33 @@ WINDOWS = 40
 
 def row(name, hits, *, seed=0, platform='cpu', dataset='lastfm', cases=None, **extra):
   hits = [int(h) for h in hits]
-  found = {'dataset': dataset, 'method': name, 'row': name, 'train_seed': seed, 'platform': platform,
-           'device': f'{platform}: test', 'cell': f'{dataset}/{name}/seed_{seed}', 'hit@1': float(np.mean(hits)),
-           'valid_ratio': 1.0, 'avg_turns': 2.0, 'num_windows': len(hits), 'windows_of_split': len(hits),
-           'window_indices': list(range(len(hits))), 'window_hits': hits, 'cell_wall_seconds': 600.0}
+  found = {
+    'dataset': dataset,
+    'method': name,
+    'row': name,
+    'train_seed': seed,
+    'platform': platform,
+    'device': f'{platform}: test',
+    'cell': f'{dataset}/{name}/seed_{seed}',
+    'hit@1': float(np.mean(hits)),
+    'valid_ratio': 1.0,
+    'avg_turns': 2.0,
+    'num_windows': len(hits),
+    'windows_of_split': len(hits),
+    'window_indices': list(range(len(hits))),
+    'window_hits': hits,
+    'cell_wall_seconds': 600.0,
+  }
   if cases is not None:
     tp, fp, fn = np.asarray(cases).sum(axis=0)
-    found.update({'user_f1': float(metrics.micro_f1(np.array([tp, fp, fn]))), 'user_precision': tp / (tp + fp),
-                  'user_recall': tp / (tp + fn), 'user_f1_cases': [list(map(int, c)) for c in cases]})
+    found.update(
+      {
+        'user_f1': float(metrics.micro_f1(np.array([tp, fp, fn]))),
+        'user_precision': tp / (tp + fp),
+        'user_recall': tp / (tp + fn),
+        'user_f1_cases': [list(map(int, c)) for c in cases],
+      }
+    )
   return {**found, **extra}
 
 
@@ -74,15 +93,31 @@ def test_f1_comparison_resamples_users():
 def test_table_sections_keep_platforms_apart_and_list_missing_cells(tmp_path):
   hits = np.random.default_rng(1).integers(0, 2, size=WINDOWS)
   cases = [[2, 1, 1]] * 10
-  rows = [row('warm_start', hits, cases=cases), row('outcome_rl', hits), row('outcome_rl', hits, seed=1),
-          row('coars', np.ones(WINDOWS), cases=[[3, 0, 0]] * 10), row('coars', np.ones(WINDOWS), seed=1,
-                                                                      cases=[[3, 0, 0]] * 10),
-          row('coars', np.zeros(WINDOWS), platform='gpu', seed=5)]  # its own file, as from another machine
-  grid = {'table': 'micro', 'model': 'm', 'budget': {'iterations': 2, 'windows_per_iteration': 2,
-                                                     'rollouts_per_window': 2, 'episodes': 8},
-          'cells': [{'dataset': 'lastfm', 'row': name, 'seed': seed} for name, seed in (
-              ('warm_start', 0), ('reflexion', 0), ('outcome_rl', 0), ('outcome_rl', 1), ('coars', 0), ('coars', 1),
-              ('coars-no_sd', 0))]}
+  rows = [
+    row('warm_start', hits, cases=cases),
+    row('outcome_rl', hits),
+    row('outcome_rl', hits, seed=1),
+    row('coars', np.ones(WINDOWS), cases=[[3, 0, 0]] * 10),
+    row('coars', np.ones(WINDOWS), seed=1, cases=[[3, 0, 0]] * 10),
+    row('coars', np.zeros(WINDOWS), platform='gpu', seed=5),
+  ]  # its own file, as from another machine
+  grid = {
+    'table': 'micro',
+    'model': 'm',
+    'budget': {'iterations': 2, 'windows_per_iteration': 2, 'rollouts_per_window': 2, 'episodes': 8},
+    'cells': [
+      {'dataset': 'lastfm', 'row': name, 'seed': seed}
+      for name, seed in (
+        ('warm_start', 0),
+        ('reflexion', 0),
+        ('outcome_rl', 0),
+        ('outcome_rl', 1),
+        ('coars', 0),
+        ('coars', 1),
+        ('coars-no_sd', 0),
+      )
+    ],
+  }
   table = write(tmp_path / 'micro', rows, grid)
   text = '\n'.join(table_report.table_sections(table, tmp_path))
   cpu, gpu = text.split('### lastfm, on gpu')

@@ -11,8 +11,16 @@ from coars_jax.agents.prompts import recommender_system_prompt, user_system_prom
 from coars_jax.data import synthetic, user_sim_set
 from coars_jax.data.schema import MAX_HISTORY
 from coars_jax.data.user_sim import UserSimCase, UserSimSet
-from coars_jax.eval.user_f1 import (NEUTRAL_REASON, UserF1Config, evaluate_user_f1, f1_scores, judgement_prompts,
-                                    peer_scores, roc_auc, top_k_predictions)
+from coars_jax.eval.user_f1 import (
+  NEUTRAL_REASON,
+  UserF1Config,
+  evaluate_user_f1,
+  f1_scores,
+  judgement_prompts,
+  peer_scores,
+  roc_auc,
+  top_k_predictions,
+)
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.recsys import peer as peer_lib
 from coars_jax.recsys.sasrec import SASRec, SASRecConfig
@@ -68,6 +76,7 @@ def policy_backend(policy):
 
 # --- the pure metric ---------------------------------------------------------------------------------------------
 
+
 def test_f1_scores_hand_computed():
   labels = [[True, True, False, False], [True, False], [True, True, True, False]]
   predictions = [[True, False, True, False], [False, False], [True, True, True, True]]
@@ -101,6 +110,7 @@ def test_f1_scores_rejects_mismatched_inputs():
 
 
 # --- the protocol through a scripted user agent ------------------------------------------------------------------
+
 
 def test_sim_set_is_the_one_to_one_protocol():
   # Precondition of the exact values below: 6 test users, each with 7 positives and 7 negatives.
@@ -136,8 +146,11 @@ def test_mixed_answers_count_exactly_and_invalid_answers_are_negatives():
       positive = action in ('click', 'star')
       tp, fp, fn = tp + (positive and label), fp + (positive and not label), fn + (label and not positive)
   assert invalid > 0 and fp > 0 and fn > 0  # the policy exercises every path on this set
-  assert (result.scores['true_positives'], result.scores['false_positives'],
-          result.scores['false_negatives']) == (tp, fp, fn)
+  assert (result.scores['true_positives'], result.scores['false_positives'], result.scores['false_negatives']) == (
+    tp,
+    fp,
+    fn,
+  )
   assert result.num_invalid == invalid
   assert result.scores['micro_precision'] == pytest.approx(tp / (tp + fp))
   assert result.scores['micro_recall'] == pytest.approx(tp / (tp + fn))
@@ -146,7 +159,8 @@ def test_mixed_answers_count_exactly_and_invalid_answers_are_negatives():
   assert row['user_f1_judgements'] == 84 and row['user_f1_users'] == 6
   # Every judgement is tied to its case, item and label.
   assert [(j.user, j.item, j.label) for j in result.judgements] == [
-      (c.user, i, l) for c in SIM_SET.cases for i, l in zip(c.items, c.labels)]
+    (c.user, i, l) for c in SIM_SET.cases for i, l in zip(c.items, c.labels)
+  ]
 
 
 def test_flat_judgements_are_batched_into_few_calls():
@@ -169,11 +183,15 @@ def test_rounds_hold_one_judgement_per_user_and_give_the_same_result():
   rounds = evaluate_user_f1(DATASET, SIM_SET, backend, config=UserF1Config(batch_size=4))
   # Users 0-3, then 4-5; call k asks each user of the group for its k-th item, as turn k + 1, episode = the case.
   sizes = [len(case.items) for case in SIM_SET.cases]
-  expected = [(k + 1, tuple(c for c in group if k < sizes[c]))
-              for group in ((0, 1, 2, 3), (4, 5)) for k in range(max(sizes[c] for c in group))]
+  expected = [
+    (k + 1, tuple(c for c in group if k < sizes[c]))
+    for group in ((0, 1, 2, 3), (4, 5))
+    for k in range(max(sizes[c] for c in group))
+  ]
   assert [(c.turn, c.episode_ids) for c in backend.calls] == expected
-  assert [(j.case, j.item, j.positive) for j in rounds.judgements] == [(j.case, j.item, j.positive)
-                                                                        for j in flat.judgements]
+  assert [(j.case, j.item, j.positive) for j in rounds.judgements] == [
+    (j.case, j.item, j.positive) for j in flat.judgements
+  ]
   assert rounds.scores == flat.scores
 
 
@@ -216,8 +234,9 @@ def test_inputs_and_config_are_validated():
   with pytest.raises(ValueError, match="user-sim set is for dataset 'lastfm' but the dataset is 'synthetic'"):
     judgement_prompts(DATASET, other)
   with pytest.raises(ValueError, match='has no cases'):
-    evaluate_user_f1(DATASET, UserSimSet(dataset='synthetic', cases=(), users_left_out=3),
-                     policy_backend(lambda label, item: 'skip'))
+    evaluate_user_f1(
+      DATASET, UserSimSet(dataset='synthetic', cases=(), users_left_out=3), policy_backend(lambda label, item: 'skip')
+    )
   with pytest.raises(ValueError, match='UserF1Config.batch_size must be None or an int >= 1'):
     UserF1Config(batch_size=0)
   with pytest.raises(ValueError, match='UserF1Config.recommender_reason must be a non-empty str'):
@@ -225,6 +244,7 @@ def test_inputs_and_config_are_validated():
 
 
 # --- discrimination: AUC, accept rate and the references beside F1 (issue 13) ------------------------------------
+
 
 def pairwise_auc(labels, scores):
   """The AUC straight from its definition, over every (positive, negative) pair, a tie counting 1/2."""
@@ -276,9 +296,14 @@ def test_top_k_predictions_takes_the_highest_scores_and_breaks_ties_by_order():
 
 
 # Two hand-made cases of different sizes (4 items, then 2), so the peer is called once per size.
-SMALL_SET = UserSimSet(dataset='synthetic', users_left_out=1, cases=(
+SMALL_SET = UserSimSet(
+  dataset='synthetic',
+  users_left_out=1,
+  cases=(
     UserSimCase(user=3, history=(1, 2, 3), items=(10, 11, 12, 13), labels=(True, False, True, False)),
-    UserSimCase(user=8, history=(5, 6), items=(20, 21), labels=(False, True))))
+    UserSimCase(user=8, history=(5, 6), items=(20, 21), labels=(False, True)),
+  ),
+)
 # The user's answer per item: 12's garbage is invalid and reads as s = .375.
 SMALL_ACTIONS = {10: 'click', 11: 'star', 12: 'garbage', 13: 'dislike', 20: 'skip', 21: 'skip'}
 # SASRec's score per item; 20 and 21 tie, and the earlier (20, a negative) wins the one slot of case 1.
@@ -308,8 +333,8 @@ class TablePeer:
     self.shapes.append(candidates.shape)
     for row, items in enumerate(candidates):
       case = next(c for c in SMALL_SET.cases if c.items == tuple(items))
-      assert tuple(history[row, :lengths[row]]) == case.history
-      assert (history[row, lengths[row]:] == DATASET.catalog.pad_id).all()
+      assert tuple(history[row, : lengths[row]]) == case.history
+      assert (history[row, lengths[row] :] == DATASET.catalog.pad_id).all()
     return np.vectorize(self.table.get)(candidates).astype(np.float32)
 
 
@@ -342,8 +367,13 @@ def test_references_are_none_without_a_scoring_peer():
   for key in ('sasrec_auc', 'sasrec_top_half_f1', 'sasrec_top_half_precision', 'sasrec_top_half_recall'):
     assert row[key] is None, key
   # A peer that can only name its top item (no candidate_scores) gives the peer opinion but no references.
-  row = evaluate_user_f1(DATASET, SIM_SET, policy_backend(lambda label, item: 'skip'),
-                         config=UserF1Config(show_peer_opinion=True), peer=FirstItemPeer()).as_dict()
+  row = evaluate_user_f1(
+    DATASET,
+    SIM_SET,
+    policy_backend(lambda label, item: 'skip'),
+    config=UserF1Config(show_peer_opinion=True),
+    peer=FirstItemPeer(),
+  ).as_dict()
   assert row['sasrec_auc'] is None and row['user_auc'] == 0.5
 
 
@@ -359,19 +389,23 @@ def test_user_auc_and_accept_rate_on_the_protocol_set():
 
 
 def test_sasrec_references_equal_the_directly_computed_sasrec_scores():
-  model = SASRec(SASRecConfig(num_items=DATASET.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0),
-                 rngs=nnx.Rngs(3))
+  model = SASRec(
+    SASRecConfig(num_items=DATASET.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0), rngs=nnx.Rngs(3)
+  )
   result = evaluate_user_f1(DATASET, SIM_SET, policy_backend(lambda label, item: 'skip'), peer=model)  # bare SASRec
   labels, scores, top_half = [], [], []
   for case in SIM_SET.cases:
     history = np.full((1, MAX_HISTORY), DATASET.catalog.pad_id, np.int32)
-    history[0, :len(case.history)] = case.history
-    row = np.asarray(peer_lib.candidate_scores(model, history, np.asarray([len(case.history)], np.int32),
-                                               np.asarray([case.items], np.int32)))[0]
+    history[0, : len(case.history)] = case.history
+    row = np.asarray(
+      peer_lib.candidate_scores(
+        model, history, np.asarray([len(case.history)], np.int32), np.asarray([case.items], np.int32)
+      )
+    )[0]
     labels += case.labels
     scores += row.tolist()
     keep = np.zeros(len(row), bool)
-    keep[np.argsort(-row)[:sum(case.labels)]] = True
+    keep[np.argsort(-row)[: sum(case.labels)]] = True
     top_half.append(keep.tolist())
   assert [j.peer_score for j in result.judgements] == pytest.approx(scores, abs=1e-5)
   assert len(set(np.round(scores, 4))) == len(scores)  # precondition: no ties, so the ranking is unambiguous
@@ -394,8 +428,12 @@ def test_rounds_reuse_each_users_history_on_an_llm_backend():
   sim = UserSimSet(dataset=SIM_SET.dataset, cases=SIM_SET.cases[:3], users_left_out=0)
 
   def run(share_history):
-    backend = LLMBackend(micro_model(), small_tokenizer(), adapters={'user': 'user'}, config=LLMBackendConfig(
-        user_max_new_tokens=8, sampling=GREEDY, buckets=BUCKETS))
+    backend = LLMBackend(
+      micro_model(),
+      small_tokenizer(),
+      adapters={'user': 'user'},
+      config=LLMBackendConfig(user_max_new_tokens=8, sampling=GREEDY, buckets=BUCKETS),
+    )
     result = evaluate_user_f1(DATASET, sim, backend, config=UserF1Config(batch_size=4, share_history=share_history))
     return result, backend
 

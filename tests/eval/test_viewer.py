@@ -48,12 +48,20 @@ def test_credit_sample_is_eq_10_on_every_token(sampled):
   # The iteration's own sample was scored before its update; a fresh sample of the same record uses the current
   # model, as the direct computation does.
   fresh = credit_sample.credit_sample(run, record, None, episodes=2)
-  both = credit.teacher_student_log_probs(run.model, jnp.asarray(x), jnp.asarray(x_mask), jnp.asarray(t),
-                                          jnp.asarray(t_mask), jnp.asarray(y), jnp.asarray(y_mask),
-                                          adapter=jnp.asarray(run.adapter_of_agent[trajectory.agent[rows]]),
-                                          pad_token_id=run.pad_id)
-  expected = np.asarray(credit.token_advantages(both.teacher, both.student, jnp.asarray(y_mask),
-                                                clip=run.config.advantage_clip))
+  both = credit.teacher_student_log_probs(
+    run.model,
+    jnp.asarray(x),
+    jnp.asarray(x_mask),
+    jnp.asarray(t),
+    jnp.asarray(t_mask),
+    jnp.asarray(y),
+    jnp.asarray(y_mask),
+    adapter=jnp.asarray(run.adapter_of_agent[trajectory.agent[rows]]),
+    pad_token_id=run.pad_id,
+  )
+  expected = np.asarray(
+    credit.token_advantages(both.teacher, both.student, jnp.asarray(y_mask), clip=run.config.advantage_clip)
+  )
   for position, row in enumerate(rows):
     turn = fresh[trajectory.episode[row]]['turns'][trajectory.turn[row] - 1]
     message = turn['recommender' if trajectory.agent[row] == 0 else 'user']
@@ -82,8 +90,9 @@ def test_page_carries_every_dialogue_and_the_summary(sampled, tmp_path):
   stats = viewer.summary(records)
   assert stats['dialogues'] == 2 and stats['tokens_with_credit'] > 0 and stats['iterations'] == [3]
   page = viewer.render_html(records, title='micro </script> test')
-  data = json.loads(page.split('<script type="application/json" id="data">')[1].split('</script>')[0]
-                    .replace('<\\/', '</'))
+  data = json.loads(
+    page.split('<script type="application/json" id="data">')[1].split('</script>')[0].replace('<\\/', '</')
+  )
   assert len(data['records']) == 2 and '<title>micro &lt;/script&gt; test</title>' in page
   with pytest.raises(FileNotFoundError, match='holds neither'):
     viewer.load(tmp_path)
@@ -92,18 +101,31 @@ def test_page_carries_every_dialogue_and_the_summary(sampled, tmp_path):
     viewer.load(tmp_path / 'bad.jsonl')
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason='needs Debian\'s chromium (apt-get install chromium; .ci/run does)')
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
 def test_headless_chromium_renders_the_page(sampled, tmp_path):
   credit_sample.write_sample(tmp_path / 'run', 1, sampled.sample)
-  result = subprocess.run([sys.executable, '-m', 'experiments.view', f'--input={tmp_path / "run"}',
-                           f'--output={tmp_path / "view.html"}'], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+  result = subprocess.run(
+    [sys.executable, '-m', 'experiments.view', f'--input={tmp_path / "run"}', f'--output={tmp_path / "view.html"}'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
-  flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-           '--disable-background-networking', '--disable-component-update', '--disable-sync',
-           f'--user-data-dir={tmp_path / "profile"}']
-  dom = subprocess.run([CHROMIUM, *flags, '--dump-dom', (tmp_path / 'view.html').as_uri()], capture_output=True,
-                       text=True, timeout=120).stdout
+  flags = [
+    '--headless',
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    f'--user-data-dir={tmp_path / "profile"}',
+  ]
+  dom = subprocess.run(
+    [CHROMIUM, *flags, '--dump-dom', (tmp_path / 'view.html').as_uri()], capture_output=True, text=True, timeout=120
+  ).stdout
   # The script ran: the dialogues, the filter count and per-token credit spans exist in the rendered DOM.
   assert 'Showing 2 of 2 dialogues' in dom
   assert '<summary>#1 ' in dom and '<summary>#2 ' in dom and '<summary>#3 ' not in dom
@@ -111,6 +133,9 @@ def test_headless_chromium_renders_the_page(sampled, tmp_path):
   first = sampled.sample[0]
   assert first['target_title'].replace('&', '&amp;') in dom
   shot = tmp_path / 'view.png'
-  subprocess.run([CHROMIUM, *flags, f'--screenshot={shot}', '--window-size=1200,1400',
-                  (tmp_path / 'view.html').as_uri()], capture_output=True, timeout=120)
+  subprocess.run(
+    [CHROMIUM, *flags, f'--screenshot={shot}', '--window-size=1200,1400', (tmp_path / 'view.html').as_uri()],
+    capture_output=True,
+    timeout=120,
+  )
   assert shot.is_file() and shot.stat().st_size > 10_000

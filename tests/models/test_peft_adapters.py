@@ -21,8 +21,13 @@ from safetensors.numpy import load_file, save_file
 from coars_jax.models import LoRAConfig, PeftAdapterError, add_lora, load_hf_checkpoint, load_peft_adapters
 from coars_jax.models import save_peft_adapters
 from coars_jax.models.lora import adapted_linears
-from coars_jax.models.peft_adapters import (CONFIG_FILE, WEIGHTS_FILE, export_checkpoint, peft_export_folders,
-                                            peft_tensor_name)
+from coars_jax.models.peft_adapters import (
+  CONFIG_FILE,
+  WEIGHTS_FILE,
+  export_checkpoint,
+  peft_export_folders,
+  peft_tensor_name,
+)
 
 torch = pytest.importorskip('torch', reason='PEFT parity tests need torch (pip install torch==2.13.0, CPU wheel)')
 transformers = pytest.importorskip('transformers', reason='PEFT parity tests need transformers')
@@ -31,9 +36,18 @@ peft = pytest.importorskip('peft', reason='PEFT parity tests need peft (pip inst
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AGENTS = ('recommender', 'user')
 VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
-              pad_token_id=0)
+COMMON = dict(
+  vocab_size=VOCAB,
+  hidden_size=64,
+  intermediate_size=112,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=256,
+  bos_token_id=None,
+  eos_token_id=None,
+  pad_token_id=0,
+)
 # Both sides run float32 and differ only in the order of float32 operations (structured dot_generals here, flat
 # matmuls in torch): measured at a few 1e-6 on logits of size ~3, so 1e-4 (as in test_hf_checkpoint) leaves room for
 # other BLAS builds while a wrong transpose, q/k permutation or scale moves the logits by 1e-2 or more.
@@ -42,16 +56,26 @@ ATOL = 1e-4
 # Each case: the HF config and the adapters. alpha != r, so that a wrong scale shows; the Qwen2 case adapts the top
 # layer only (layers_to_transform) and the Qwen3 case has heads * head_dim != hidden_size (q and o reshapes).
 CASES = {
-    'llama_all_modules': (lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=True),
-                          LoRAConfig(rank=4, alpha=8.0)),
-    'qwen2_top_layer': (lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=False),
-                        LoRAConfig(rank=4, alpha=16.0, target_modules=('q_proj', 'k_proj', 'v_proj', 'o_proj',
-                                                                       'down_proj'), layers='top:1')),
-    'qwen3_head_dim': (lambda: transformers.Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=True),
-                       LoRAConfig(rank=2, alpha=3.0, target_modules=('q_proj', 'k_proj', 'o_proj', 'up_proj'))),
+  'llama_all_modules': (
+    lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=True),
+    LoRAConfig(rank=4, alpha=8.0),
+  ),
+  'qwen2_top_layer': (
+    lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=False),
+    LoRAConfig(
+      rank=4, alpha=16.0, target_modules=('q_proj', 'k_proj', 'v_proj', 'o_proj', 'down_proj'), layers='top:1'
+    ),
+  ),
+  'qwen3_head_dim': (
+    lambda: transformers.Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=True),
+    LoRAConfig(rank=2, alpha=3.0, target_modules=('q_proj', 'k_proj', 'o_proj', 'up_proj')),
+  ),
 }
-CAUSAL_LM = {'llama': transformers.LlamaForCausalLM, 'qwen2': transformers.Qwen2ForCausalLM,
-             'qwen3': transformers.Qwen3ForCausalLM}
+CAUSAL_LM = {
+  'llama': transformers.LlamaForCausalLM,
+  'qwen2': transformers.Qwen2ForCausalLM,
+  'qwen3': transformers.Qwen3ForCausalLM,
+}
 
 
 def _random_hf_model(hf_config):
@@ -119,23 +143,39 @@ def test_names_shapes_and_config_match_peft_own_save(exported, tmp_path):
   layers = lora_config.layer_indices(model.config.num_layers)
   subset = len(layers) < model.config.num_layers
   reference = peft.get_peft_model(
-      transformers.AutoModelForCausalLM.from_pretrained(hf_folder), peft.LoraConfig(
-          r=lora_config.rank, lora_alpha=lora_config.alpha, target_modules=list(lora_config.target_modules),
-          layers_to_transform=list(layers) if subset else None, layers_pattern='layers' if subset else None,
-          task_type='CAUSAL_LM'))
+    transformers.AutoModelForCausalLM.from_pretrained(hf_folder),
+    peft.LoraConfig(
+      r=lora_config.rank,
+      lora_alpha=lora_config.alpha,
+      target_modules=list(lora_config.target_modules),
+      layers_to_transform=list(layers) if subset else None,
+      layers_pattern='layers' if subset else None,
+      task_type='CAUSAL_LM',
+    ),
+  )
   reference.save_pretrained(tmp_path)
   theirs = load_file(tmp_path / WEIGHTS_FILE)
   ours = load_file(folders['recommender'] / WEIGHTS_FILE)
   assert {key: value.shape for key, value in ours.items()} == {key: value.shape for key, value in theirs.items()}
   assert peft_tensor_name(layers[0], lora_config.target_modules[0], 'A') in ours
   chex.assert_shape(ours[peft_tensor_name(layers[0], 'q_proj', 'A')], (lora_config.rank, model.config.embed_dim))
-  chex.assert_shape(ours[peft_tensor_name(layers[0], 'q_proj', 'B')],
-                    (model.config.num_heads * model.config.head_dim, lora_config.rank))
+  chex.assert_shape(
+    ours[peft_tensor_name(layers[0], 'q_proj', 'B')], (model.config.num_heads * model.config.head_dim, lora_config.rank)
+  )
   assert all(value.dtype == np.float32 for value in ours.values())
   their_config = json.loads((tmp_path / CONFIG_FILE).read_text())
   our_config = json.loads((folders['recommender'] / CONFIG_FILE).read_text())
-  for field in ('peft_type', 'task_type', 'r', 'lora_alpha', 'layers_to_transform', 'layers_pattern', 'bias',
-                'use_rslora', 'use_dora'):
+  for field in (
+    'peft_type',
+    'task_type',
+    'r',
+    'lora_alpha',
+    'layers_to_transform',
+    'layers_pattern',
+    'bias',
+    'use_rslora',
+    'use_dora',
+  ):
     assert our_config[field] == their_config[field], field
   assert sorted(our_config['target_modules']) == sorted(their_config['target_modules'])
   assert our_config['base_model_name_or_path'] == str(hf_folder)
@@ -180,12 +220,10 @@ def test_import_folds_another_alpha_into_b_and_zeroes_what_peft_leaves_out(expor
   name, hf_folder, model, folders = exported
   rank = CASES[name][1].rank
   target = load_hf_checkpoint(hf_folder)
-  load_peft_adapters(target, {'user': folders['user']}, lora_config=LoRAConfig(rank=rank, alpha=1.0),
-                     rngs=nnx.Rngs(7))
+  load_peft_adapters(target, {'user': folders['user']}, lora_config=LoRAConfig(rank=rank, alpha=1.0), rngs=nnx.Rngs(7))
   assert target.adapter_names == ('user',)
   tokens = _tokens(4)
-  np.testing.assert_allclose(_our_logits(target, tokens, 'user'), _our_logits(model, tokens, 'user'), atol=1e-5,
-                             rtol=0)
+  np.testing.assert_allclose(_our_logits(target, tokens, 'user'), _our_logits(model, tokens, 'user'), atol=1e-5, rtol=0)
 
 
 def _assert_one_line(error, field):
@@ -196,8 +234,9 @@ def _assert_one_line(error, field):
 
 def test_rank_mismatch_is_one_line_naming_r(exported):
   name, hf_folder, _, folders = exported
-  model = add_lora(load_hf_checkpoint(hf_folder), LoRAConfig(rank=CASES[name][1].rank + 1, alpha=2.0), list(AGENTS),
-                   rngs=nnx.Rngs(0))
+  model = add_lora(
+    load_hf_checkpoint(hf_folder), LoRAConfig(rank=CASES[name][1].rank + 1, alpha=2.0), list(AGENTS), rngs=nnx.Rngs(0)
+  )
   before = [np.asarray(linear.lora.b[...]) for _, linear in adapted_linears(model)]
   with pytest.raises(PeftAdapterError) as error:
     load_peft_adapters(model, folders)
@@ -208,9 +247,12 @@ def test_rank_mismatch_is_one_line_naming_r(exported):
 
 def test_target_module_the_model_lacks_is_one_line_naming_target_modules(exported, tmp_path):
   name, hf_folder, _, folders = exported
-  model = add_lora(load_hf_checkpoint(hf_folder), LoRAConfig(rank=CASES[name][1].rank, alpha=2.0,
-                                                             target_modules=('v_proj',)), list(AGENTS),
-                   rngs=nnx.Rngs(0))
+  model = add_lora(
+    load_hf_checkpoint(hf_folder),
+    LoRAConfig(rank=CASES[name][1].rank, alpha=2.0, target_modules=('v_proj',)),
+    list(AGENTS),
+    rngs=nnx.Rngs(0),
+  )
   with pytest.raises(PeftAdapterError) as error:
     load_peft_adapters(model, folders)
   _assert_one_line(error, 'target_modules')
@@ -255,14 +297,16 @@ def test_unsupported_peft_options_are_refused_by_name(exported, tmp_path):
 def test_export_checkpoint_of_a_warm_start(tmp_path):
   """The CLI over a warm-start folder whose base is frozen: base_model_name_or_path comes from the run's config."""
   from coars_jax.training.warm_start import save_warm_start
+
   make_config, lora_config = CASES['llama_all_modules']
   _random_hf_model(make_config()).save_pretrained(tmp_path / 'hf')
   model = _with_random_adapters(load_hf_checkpoint(tmp_path / 'hf'), lora_config, seed=5)
   save_warm_start(model, tmp_path / 'warm_start', save_base=False, metadata={'config': {'model': str(tmp_path / 'hf')}})
   env = dict(os.environ, JAX_PLATFORMS='cpu', COARS_COMPILATION_CACHE='off')
   command = [sys.executable, '-m', 'experiments.export_adapters', f'--checkpoint={tmp_path / "warm_start"}']
-  result = subprocess.run(command + [f'--output={tmp_path / "peft"}'], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+  result = subprocess.run(
+    command + [f'--output={tmp_path / "peft"}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   folders = {agent: tmp_path / 'peft' / agent for agent in AGENTS}
   assert json.loads(result.stdout) == {agent: str(folder) for agent, folder in folders.items()}
@@ -273,8 +317,14 @@ def test_export_checkpoint_of_a_warm_start(tmp_path):
     for key, value in load_file(folder / WEIGHTS_FILE).items():
       np.testing.assert_array_equal(value, direct[key], err_msg=key)
   # A folder that is not a checkpoint: one line on stderr, exit status 2.
-  result = subprocess.run(command[:-1] + [f'--checkpoint={tmp_path / "hf"}', f'--output={tmp_path / "x"}'],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    command[:-1] + [f'--checkpoint={tmp_path / "hf"}', f'--output={tmp_path / "x"}'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if 'error:' in line]
   assert len(errors) == 1 and "'checkpoint'" in errors[0] and 'Traceback' not in result.stderr, result.stderr
@@ -284,6 +334,7 @@ def test_export_checkpoint_with_trained_base_writes_the_base(tmp_path):
   """A warm start that trained the base too: the adapters name the base folder written beside them, and peft on
   that folder computes what coars_jax computes."""
   from coars_jax.training.warm_start import save_warm_start
+
   make_config, lora_config = CASES['qwen2_top_layer']
   _random_hf_model(make_config()).save_pretrained(tmp_path / 'hf')
   model = _with_random_adapters(load_hf_checkpoint(tmp_path / 'hf'), lora_config, seed=6)
@@ -292,8 +343,10 @@ def test_export_checkpoint_with_trained_base_writes_the_base(tmp_path):
   save_warm_start(model, tmp_path / 'warm_start', save_base=True)
   folders = export_checkpoint(tmp_path / 'warm_start', tmp_path / 'peft')
   base = tmp_path / 'peft' / 'base'
-  assert all(json.loads((folder / CONFIG_FILE).read_text())['base_model_name_or_path'] == str(base)
-             for folder in folders.values())
+  assert all(
+    json.loads((folder / CONFIG_FILE).read_text())['base_model_name_or_path'] == str(base)
+    for folder in folders.values()
+  )
   reference = _peft_model(base, folders)
   tokens = _tokens(5)
   for agent in AGENTS:
@@ -305,9 +358,17 @@ def test_export_checkpoint_without_a_known_base_names_base_model(tmp_path):
   """The tiny preset has no Hub id: the error names base_model; given one, a bfloat16 export reads back."""
   from coars_jax.models import Decoder, get_preset
   from coars_jax.training.warm_start import save_warm_start
-  model = _with_random_adapters(Decoder(get_preset('tiny', vocab_size=VOCAB, embed_dim=32, mlp_dim=64, num_layers=1,
-                                                  num_heads=4, num_kv_heads=2, head_dim=8), rngs=nnx.Rngs(0)),
-                                LoRAConfig(rank=2, alpha=4.0), seed=0)
+
+  model = _with_random_adapters(
+    Decoder(
+      get_preset(
+        'tiny', vocab_size=VOCAB, embed_dim=32, mlp_dim=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8
+      ),
+      rngs=nnx.Rngs(0),
+    ),
+    LoRAConfig(rank=2, alpha=4.0),
+    seed=0,
+  )
   save_warm_start(model, tmp_path / 'warm_start', save_base=False, metadata={'config': {'model': 'tiny'}})
   with pytest.raises(PeftAdapterError) as error:
     export_checkpoint(tmp_path / 'warm_start', tmp_path / 'peft')
@@ -331,17 +392,17 @@ def test_smollm2_gguf_adapters_load_on_transformers_gguf_model(tmp_path):
   pytest.importorskip('gguf', reason='GGUF loading needs the gguf package')
   pytest.importorskip('accelerate', reason='transformers needs accelerate to load GGUF files')
   from coars_jax.models import load_gguf, smollm2_gguf_path
+
   try:
     gguf_path = smollm2_gguf_path()
   except FileNotFoundError as error:
     pytest.skip(f'SmolLM2 GGUF not available: {error}')
   os.symlink(gguf_path, tmp_path / 'model.gguf')
-  model = _with_random_adapters(load_gguf(gguf_path), LoRAConfig(rank=4, alpha=8.0,
-                                                                 target_modules=('q_proj', 'k_proj'),
-                                                                 layers='top:2'), seed=8)
+  model = _with_random_adapters(
+    load_gguf(gguf_path), LoRAConfig(rank=4, alpha=8.0, target_modules=('q_proj', 'k_proj'), layers='top:2'), seed=8
+  )
   folders = save_peft_adapters(model, tmp_path / 'peft', base_model_name_or_path='HuggingFaceTB/SmolLM2-135M-Instruct')
-  base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file='model.gguf',
-                                                           dtype=torch.float32).eval()
+  base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file='model.gguf', dtype=torch.float32).eval()
   reference = peft.PeftModel.from_pretrained(base, str(folders['recommender']), adapter_name='recommender').eval()
   tokens = np.random.default_rng(9).integers(0, 1000, size=(1, 12))
   ours = _our_logits(model, tokens, 'recommender')
@@ -357,11 +418,17 @@ def test_an_evaluation_starts_from_a_folder_of_peft_folders(tmp_path):
   from coars_jax.eval import experiment as eval_experiment
   from tests.conftest import require_files
   from coars_jax.data import lastfm
+
   root = require_files(lastfm.ITEM_FILE)  # the tiny tokenizer is built from the datasets' titles
   config = eval_experiment.default_config()
   config.data_root, config.allow_download = str(root), False
-  spec = backbone.BackboneSpec(name='tiny', data_root=config.data_root, allow_download=False,
-                               tiny_vocab_size=config.tokenizer_vocab_size, seed=config.model_seed)
+  spec = backbone.BackboneSpec(
+    name='tiny',
+    data_root=config.data_root,
+    allow_download=False,
+    tiny_vocab_size=config.tokenizer_vocab_size,
+    seed=config.model_seed,
+  )
   base, _ = backbone.load_backbone(spec)
   model = _with_random_adapters(base, LoRAConfig(rank=4, alpha=8.0), seed=7)
   save_peft_adapters(model, tmp_path / 'peft', base_model_name_or_path='tiny')

@@ -39,8 +39,16 @@ def one_iteration(mesh) -> tuple:
   from tests.training.test_rl import ROLLOUT, micro_model, rl_config
   from tests.training.test_warm_start import DATASET, micro_sasrec, small_tokenizer
   from coars_jax.training import rl
-  trainer = rl.RLTrainer(micro_model(), small_tokenizer(), DATASET, micro_sasrec(),
-                         rl_config(learning_rate=LEARNING_RATE), rollout=ROLLOUT, mesh=mesh)
+
+  trainer = rl.RLTrainer(
+    micro_model(),
+    small_tokenizer(),
+    DATASET,
+    micro_sasrec(),
+    rl_config(learning_rate=LEARNING_RATE),
+    rollout=ROLLOUT,
+    mesh=mesh,
+  )
   return trainer, trainer.iteration()
 
 
@@ -51,8 +59,18 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 
 def summary(metrics) -> dict:
-  return {name: metrics[name] for name in ('update/skipped', 'loss/total', 'update/grad_norm', 'update/loss_rows',
-                                           'rollout/generated_tokens', 'windows', 'seed')}
+  return {
+    name: metrics[name]
+    for name in (
+      'update/skipped',
+      'loss/total',
+      'update/grad_norm',
+      'update/loss_rows',
+      'rollout/generated_tokens',
+      'windows',
+      'seed',
+    )
+  }
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -73,35 +91,49 @@ def run_host(workdir: str) -> dict:
     np.savez(pathlib.Path(workdir) / 'multihost.npz', **arrays)
   distributed.barrier('multihost-npz-written')
   leaf = jax.tree.leaves(trainer.lora)[0]
-  return {'started': started, 'primary': distributed.is_primary(), 'process': jax.process_index(),
-          'processes': jax.process_count(), 'devices': jax.device_count(),
-          'local_devices': jax.local_device_count(), 'mesh': dict(mesh.shape),
-          'mesh_processes': sorted({device.process_index for device in mesh.devices.flat}),
-          'default_mesh': dict(parallel.make_mesh().shape),
-          'adapter_spans_processes': not leaf.is_fully_addressable,
-          'backend_mesh': dict(trainer.backend.mesh.shape), 'metrics': summary(metrics)}
+  return {
+    'started': started,
+    'primary': distributed.is_primary(),
+    'process': jax.process_index(),
+    'processes': jax.process_count(),
+    'devices': jax.device_count(),
+    'local_devices': jax.local_device_count(),
+    'mesh': dict(mesh.shape),
+    'mesh_processes': sorted({device.process_index for device in mesh.devices.flat}),
+    'default_mesh': dict(parallel.make_mesh().shape),
+    'adapter_spans_processes': not leaf.is_fully_addressable,
+    'backend_mesh': dict(trainer.backend.mesh.shape),
+    'metrics': summary(metrics),
+  }
 
 
 def reference(workdir: str) -> dict:
   saved = dict(np.load(pathlib.Path(workdir) / 'multihost.npz'))
   results = {'devices': jax.device_count(), 'meshes': {}}
   trainer = None
-  for name, mesh in (('2x2x2', parallel.make_mesh(MESH)),
-                     ('1', parallel.make_mesh({'data': 1}, devices=jax.devices()[:1]))):
+  for name, mesh in (
+    ('2x2x2', parallel.make_mesh(MESH)),
+    ('1', parallel.make_mesh({'data': 1}, devices=jax.devices()[:1])),
+  ):
     trainer, metrics = one_iteration(mesh)
-    results['meshes'][name] = {'max_diff': max_difference(flat(trainer.checkpoint_tree()), saved),
-                               'metrics': summary(metrics)}
+    results['meshes'][name] = {
+      'max_diff': max_difference(flat(trainer.checkpoint_tree()), saved),
+      'metrics': summary(metrics),
+    }
   # The two-process checkpoint, read by one process onto another mesh shape with that mesh's shardings.
   placing = parallel.Partitioning.create(parallel.make_mesh({'data': 8}))
   tree = trainer.checkpoint_tree()
-  shardings = {'adapters': nnx.to_pure_dict(placing.state(trainer.lora)),
-               'optimizer': {str(i): s for i, s in enumerate(jax.tree.leaves(
-                   placing.optimizer(trainer.opt_state, trainer.lora)))},
-               'rng': placing.replicated()}
+  shardings = {
+    'adapters': nnx.to_pure_dict(placing.state(trainer.lora)),
+    'optimizer': {str(i): s for i, s in enumerate(jax.tree.leaves(placing.optimizer(trainer.opt_state, trainer.lora)))},
+    'rng': placing.replicated(),
+  }
   restored = parallel.restore_sharded(pathlib.Path(workdir) / 'checkpoint', tree, shardings)
   restored_leaf = jax.tree.leaves(restored['adapters'])[0]
-  results['restored'] = {'max_diff': max_difference(flat(restored), saved),
-                         'mesh': dict(restored_leaf.sharding.mesh.shape)}
+  results['restored'] = {
+    'max_diff': max_difference(flat(restored), saved),
+    'mesh': dict(restored_leaf.sharding.mesh.shape),
+  }
   return results
 
 

@@ -12,13 +12,16 @@ def test_mesh_shape_resolves_minus_one_and_orders_axes_data_fsdp_tensor():
   assert mesh_lib.validate_mesh_shape({'data': -1}, 1) == {'data': 1}
 
 
-@pytest.mark.parametrize('shape, message', [
+@pytest.mark.parametrize(
+  'shape, message',
+  [
     ({'model': 2}, r"mesh: axes must be a non-empty subset of \('data', 'fsdp', 'tensor'\), found \['model'\]"),
     ({'data': 2, 'tensor': 2}, r"mesh: axes \{'data': 2, 'tensor': 2\} use 4 devices but 8 are present"),
     ({'data': -1, 'fsdp': -1}, r"mesh: at most one axis may be -1, found \['data', 'fsdp'\]"),
     ({'fsdp': 3, 'data': -1}, r'mesh: the fixed axes use 3 devices, which does not divide the 8 devices present'),
     ({'tensor': 0}, r'mesh.tensor: expected a positive int or -1'),
-])
+  ],
+)
 def test_bad_mesh_shapes_name_the_field(shape, message):
   with pytest.raises(ValueError, match=message):
     mesh_lib.validate_mesh_shape(shape, 8)

@@ -20,8 +20,13 @@ def free_port() -> int:
 
 
 def environment(devices: int, **extra: str) -> dict:
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
-              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])), **extra)
+  return dict(
+    os.environ,
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])),
+    **extra,
+  )
 
 
 def last_json(output: str) -> dict:
@@ -33,10 +38,24 @@ def run_two_hosts(workdir, timeout: int = 600) -> list[dict]:
   address = f'127.0.0.1:{free_port()}'
   processes = []
   for process_id in range(2):
-    env = environment(4, **{distributed.ENV_COORDINATOR: address, distributed.ENV_NUM_PROCESSES: '2',
-                            distributed.ENV_PROCESS_ID: str(process_id)})
-    processes.append(subprocess.Popen([sys.executable, '-m', 'tests.parallel.multihost', 'host', str(workdir)],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    env = environment(
+      4,
+      **{
+        distributed.ENV_COORDINATOR: address,
+        distributed.ENV_NUM_PROCESSES: '2',
+        distributed.ENV_PROCESS_ID: str(process_id),
+      },
+    )
+    processes.append(
+      subprocess.Popen(
+        [sys.executable, '-m', 'tests.parallel.multihost', 'host', str(workdir)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
   outputs = []
   try:
     for process in processes:
@@ -66,8 +85,14 @@ def test_two_processes_train_like_one_and_write_one_checkpoint(tmp_path):
   assert [report['primary'] for report in hosts] == [True, False]
   assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint', 'multihost.npz']
 
-  result = subprocess.run([sys.executable, '-m', 'tests.parallel.multihost', 'reference', str(tmp_path)], cwd=REPO,
-                          env=environment(8), capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [sys.executable, '-m', 'tests.parallel.multihost', 'reference', str(tmp_path)],
+    cwd=REPO,
+    env=environment(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   reference = last_json(result.stdout)
   assert reference['devices'] == 8
@@ -79,4 +104,3 @@ def test_two_processes_train_like_one_and_write_one_checkpoint(tmp_path):
     assert run['max_diff'] < TOLERANCE, (name, run['max_diff'])
   restored = reference['restored']
   assert restored['mesh'] == {'data': 8} and restored['max_diff'] == 0.0
-

@@ -21,8 +21,13 @@ from coars_jax.sampling.scoring import completion_log_probs
 from coars_jax.training import experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-PRESETS = ('qwen2p5_1p5b_1gpu', 'qwen2p5_1p5b_8gpu_fsdp', 'qwen2p5_7b_1gpu', 'qwen2p5_7b_8gpu_fsdp',
-           'qwen2p5_7b_tpu_v5e16')
+PRESETS = (
+  'qwen2p5_1p5b_1gpu',
+  'qwen2p5_1p5b_8gpu_fsdp',
+  'qwen2p5_7b_1gpu',
+  'qwen2p5_7b_8gpu_fsdp',
+  'qwen2p5_7b_tpu_v5e16',
+)
 AGENTS = ('recommender', 'user')
 
 
@@ -35,14 +40,16 @@ def preset(name: str, method: str = 'coars'):
 
 
 def tiny_workload(**overrides) -> planner.Workload:
-  fields = dict(model=get_preset('tiny'), lora_rank=8, rollout_rows=4, prompt_length=256, completion_length=64,
-                microbatch_rows=2)
+  fields = dict(
+    model=get_preset('tiny'), lora_rank=8, rollout_rows=4, prompt_length=256, completion_length=64, microbatch_rows=2
+  )
   return planner.Workload(**{**fields, **overrides})
 
 
 def test_resident_estimate_matches_the_allocated_tiny_state():
-  model = add_lora(Decoder(get_preset('tiny'), rngs=nnx.Rngs(0)), LoRAConfig(rank=8, alpha=16.0), AGENTS,
-                   rngs=nnx.Rngs(1))
+  model = add_lora(
+    Decoder(get_preset('tiny'), rngs=nnx.Rngs(0)), LoRAConfig(rank=8, alpha=16.0), AGENTS, rngs=nnx.Rngs(1)
+  )
   optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.LoRAParam)
   plan = planner.plan_memory(tiny_workload(), planner.MeshShape())
   assert plan.component('base weights').num_bytes == state_bytes(nnx.state(model, BASE_PARAMS))
@@ -55,20 +62,32 @@ def test_activation_estimate_bounds_the_compiled_gradient_of_the_tiny_model():
   """The update's activations against the temporaries XLA plans for the gradient of the student's log-probs
   (abstract shapes only: nothing is allocated). The planner may overestimate by up to 35%, never underestimate."""
   work = tiny_workload()
-  abstract = nnx.eval_shape(lambda: add_lora(Decoder(work.model, rngs=nnx.Rngs(0)), LoRAConfig(rank=8, alpha=16.0),
-                                             AGENTS, rngs=nnx.Rngs(1)))
+  abstract = nnx.eval_shape(
+    lambda: add_lora(Decoder(work.model, rngs=nnx.Rngs(0)), LoRAConfig(rank=8, alpha=16.0), AGENTS, rngs=nnx.Rngs(1))
+  )
   graphdef, lora, frozen = nnx.split(abstract, nnx.LoRAParam, ...)
 
   def loss(lora, frozen, context, context_mask, completion, completion_mask, adapter):
     model = nnx.merge(graphdef, lora, frozen)
-    return completion_log_probs(model, context, context_mask, completion, completion_mask, adapter=adapter,
-                                chunk_size=work.score_chunk_size).sum()
+    return completion_log_probs(
+      model, context, context_mask, completion, completion_mask, adapter=adapter, chunk_size=work.score_chunk_size
+    ).sum()
 
   rows = work.microbatch_rows
   ints = lambda length: jax.ShapeDtypeStruct((rows, length), jnp.int32)
-  compiled = jax.jit(jax.grad(loss)).lower(lora, frozen, ints(work.prompt_length), ints(work.prompt_length),
-                                           ints(work.completion_length), ints(work.completion_length),
-                                           jax.ShapeDtypeStruct((rows,), jnp.int32)).compile()
+  compiled = (
+    jax.jit(jax.grad(loss))
+    .lower(
+      lora,
+      frozen,
+      ints(work.prompt_length),
+      ints(work.prompt_length),
+      ints(work.completion_length),
+      ints(work.completion_length),
+      jax.ShapeDtypeStruct((rows,), jnp.int32),
+    )
+    .compile()
+  )
   measured = compiled.memory_analysis().temp_size_in_bytes
   plan = planner.plan_memory(work, planner.MeshShape())
   estimate = sum(plan.component(name).num_bytes for name in ('saved activations', 'layer in backward', 'logits chunk'))
@@ -93,8 +112,7 @@ def test_mesh_axes_divide_weights_rows_and_heads():
   assert sharded.component('adapters').num_bytes == 2 * r * (a_widths + b_widths) * cfg.num_layers * 4
   assert sharded.component('optimizer state').num_bytes == 2 * sharded.component('adapters').num_bytes
   # The KV cache: rows over data x fsdp = 4, the 2 kv heads over tensor = 2.
-  assert sharded.component('kv cache').num_bytes * 8 == pytest.approx(single.component('kv cache').num_bytes,
-                                                                       rel=0.01)
+  assert sharded.component('kv cache').num_bytes * 8 == pytest.approx(single.component('kv cache').num_bytes, rel=0.01)
   assert sharded.component('saved activations').num_bytes < single.component('saved activations').num_bytes / 4
   with pytest.raises(configlib.ConfigError, match='unknown axes'):
     planner.MeshShape.resolve({'data': 1, 'model': 8}, 8)
@@ -142,10 +160,20 @@ def test_planner_accepts_1p5b_on_one_h100_and_refuses_7b_on_16_gib():
 
 
 def test_plan_memory_command_refuses_with_a_non_zero_exit():
-  result = subprocess.run([sys.executable, '-m', 'experiments.plan_memory',
-                           '--config=configs/presets/qwen2p5_7b_1gpu.py', '--config.plan.device=tpu-v5e'],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'experiments.plan_memory',
+      '--config=configs/presets/qwen2p5_7b_1gpu.py',
+      '--config.plan.device=tpu-v5e',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'DOES NOT FIT' in result.stdout
   assert 'refused' in result.stderr and 'tpu-v5e has 16.00 GiB' in result.stderr

@@ -21,12 +21,18 @@ def test_config_entries_override_the_defaults_name_by_name():
   assert rules.make_rules() == rules.DEFAULT_RULES
 
 
-@pytest.mark.parametrize('table, message', [
+@pytest.mark.parametrize(
+  'table, message',
+  [
     ({'hidden': 'tensor'}, r"sharding_rules: unknown logical axis 'hidden'"),
-    ({'mlp': 'model'}, r"sharding_rules.mlp: expected mesh axes from \('data', 'fsdp', 'tensor'\) or None, "
-                       r"found 'model'"),
+    (
+      {'mlp': 'model'},
+      r"sharding_rules.mlp: expected mesh axes from \('data', 'fsdp', 'tensor'\) or None, "
+      r"found 'model'",
+    ),
     ({'batch': ['data', 'data']}, r'sharding_rules.batch: a mesh axis may appear once per logical axis'),
-])
+  ],
+)
 def test_bad_rules_name_the_field(table, message):
   with pytest.raises(ValueError, match=message):
     rules.make_rules(table)

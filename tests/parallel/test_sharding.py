@@ -35,8 +35,9 @@ def test_specs_follow_the_rules_by_logical_name():
   placing = partitioning(2, 2, 2)
   assert placing.spec(('embed', 'mlp'), (256, 768)) == P('fsdp', 'tensor')
   assert placing.spec(('adapter', 'embed', 'lora_rank'), (2, 256, 4)) == P(None, 'fsdp')
-  assert placing.spec(('batch', 'length', 'kv_heads', 'head_dim'), (8, 12, 2, 64)) == P(('data', 'fsdp'), None,
-                                                                                        'tensor')
+  assert placing.spec(('batch', 'length', 'kv_heads', 'head_dim'), (8, 12, 2, 64)) == P(
+    ('data', 'fsdp'), None, 'tensor'
+  )
   assert placing.spec(('adapter', 'lora_rank'), (2, 4)) == P()  # whole: no trailing Nones
   assert placing.spec(None, (3, 4)) == P() and placing.spec(('embed',), (3, 4)) == P()  # no or wrong names
 
@@ -75,12 +76,14 @@ def test_partitioning_is_hashable_and_validates_its_rules():
 
 
 def test_abstract_state_optimizer_and_cache_shardings():
-  config = get_preset('tiny', vocab_size=64, embed_dim=32, mlp_dim=64, num_layers=1, num_heads=4, num_kv_heads=2,
-                      head_dim=8)
+  config = get_preset(
+    'tiny', vocab_size=64, embed_dim=32, mlp_dim=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8
+  )
 
   def build():
-    return add_lora(Decoder(config, rngs=nnx.Rngs(0)), LoRAConfig(rank=4, alpha=8.0), ['recommender', 'user'],
-                    rngs=nnx.Rngs(1))
+    return add_lora(
+      Decoder(config, rngs=nnx.Rngs(0)), LoRAConfig(rank=4, alpha=8.0), ['recommender', 'user'], rngs=nnx.Rngs(1)
+    )
 
   _, lora, frozen = nnx.split(nnx.eval_shape(build), nnx.LoRAParam, ...)
   placing = partitioning(2, 2, 2)
@@ -140,8 +143,10 @@ def test_sharded_runs_equal_the_single_device_run(eight_devices, mesh):
 
 
 def shard_is_smaller(placement) -> bool:
-  return all(s <= g for s, g in zip(placement['shard_shape'], placement['shape'])) and \
-      placement['shard_shape'] != placement['shape']
+  return (
+    all(s <= g for s, g in zip(placement['shard_shape'], placement['shape']))
+    and placement['shard_shape'] != placement['shape']
+  )
 
 
 def test_placements_on_2x2x2_are_what_the_rules_say(eight_devices):

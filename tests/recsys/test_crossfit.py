@@ -1,4 +1,3 @@
-
 import numpy as np
 import pytest
 from flax import nnx
@@ -27,16 +26,21 @@ def random_walk_dataset(num_users=64, num_items=40, length=14, seed=0) -> Datase
     for u in users:
       seq = [int(i) for i in sequences[u]]
       positions = range(1, length) if split == 'train' else [length - 1]
-      windows += [Window(user=u, history=tuple(seq[max(0, p - 10):p]), target=seq[p]) for p in positions]
+      windows += [Window(user=u, history=tuple(seq[max(0, p - 10) : p]), target=seq[p]) for p in positions]
     splits[split] = WindowSplit.from_windows(windows, catalog.pad_id)
-  return Dataset(name='random_walk', catalog=catalog, splits=splits,
-                 user_items={u: frozenset(int(i) for i in s) for u, s in sequences.items()},
-                 user_sequences={u: s.astype(np.int32) for u, s in sequences.items()})
+  return Dataset(
+    name='random_walk',
+    catalog=catalog,
+    splits=splits,
+    user_items={u: frozenset(int(i) for i in s) for u, s in sequences.items()},
+    user_sequences={u: s.astype(np.int32) for u, s in sequences.items()},
+  )
 
 
 def micro(seed):
-  return SASRec(SASRecConfig(num_items=SYNTHETIC.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0),
-                rngs=nnx.Rngs(seed))
+  return SASRec(
+    SASRecConfig(num_items=SYNTHETIC.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0), rngs=nnx.Rngs(seed)
+  )
 
 
 def test_user_folds_are_balanced_seeded_and_keep_a_user_whole():
@@ -78,18 +82,22 @@ def test_cross_fitted_peer_serves_each_training_window_by_its_fold_model():
   scores = bound.candidate_scores(history, lengths, candidates)
   for position, row in enumerate(rows):
     model = fold_models[folds[int(train.users[row])]]
-    expected = np.asarray(peer.candidate_scores(model, history[[position]], lengths[[position]],
-                                                candidates[[position]]))[0]
+    expected = np.asarray(
+      peer.candidate_scores(model, history[[position]], lengths[[position]], candidates[[position]])
+    )[0]
     np.testing.assert_allclose(scores[position], expected, atol=1e-5)
   assert len(set(folds[int(u)] for u in train.users[rows])) == 2  # both fold models were used
-  np.testing.assert_array_equal(bound.top_candidates(history, lengths, candidates),
-                                bound.candidate_ranking(history, lengths, candidates)[:, 0])
+  np.testing.assert_array_equal(
+    bound.top_candidates(history, lengths, candidates), bound.candidate_ranking(history, lengths, candidates)[:, 0]
+  )
   # Val windows get the full model, whatever their users.
   val = SYNTHETIC.split('val')
   val_candidates = np.stack([candidate_list(SYNTHETIC, 'val', i, 0) for i in range(len(val))])
   np.testing.assert_allclose(
-      cross.for_windows('val', val.users).candidate_similarities(val.history, val.lengths, val_candidates),
-      peer.candidate_similarities(full, val.history, val.lengths, val_candidates), atol=1e-5)
+    cross.for_windows('val', val.users).candidate_similarities(val.history, val.lengths, val_candidates),
+    peer.candidate_similarities(full, val.history, val.lengths, val_candidates),
+    atol=1e-5,
+  )
   with pytest.raises(ValueError, match='bound to'):
     bound.candidate_scores(history[:2], lengths[:2], candidates[:2])
 
@@ -105,8 +113,11 @@ def test_run_episodes_shows_the_out_of_fold_peer_on_training_windows():
   for episode in episodes:
     candidates = np.asarray([episode.candidates], np.int32)
     model = fold_models[folds[episode.user]]
-    expected = int(peer.top_candidate(model, train.history[[episode.window_index]],
-                                      train.lengths[[episode.window_index]], candidates)[0])
+    expected = int(
+      peer.top_candidate(
+        model, train.history[[episode.window_index]], train.lengths[[episode.window_index]], candidates
+      )[0]
+    )
     assert episode.peer_item == expected
 
 
@@ -116,8 +127,9 @@ def random_walk_peers(tmp_path_factory):
   config = experiment.default_config('lastfm')
   config.update({'workdir': str(tmp_path_factory.mktemp('sasrec')), 'progress': False})
   config.sasrec.update({'hidden': 32, 'num_heads': 2, 'num_blocks': 1, 'dropout': 0.0})
-  config.train.update({'learning_rate': 5e-3, 'batch_size': 64, 'max_epochs': 60, 'patience': 60,
-                       'val_candidate_seeds': (0,)})
+  config.train.update(
+    {'learning_rate': 5e-3, 'batch_size': 64, 'max_epochs': 60, 'patience': 60, 'val_candidate_seeds': (0,)}
+  )
   full, cross = experiment.train_or_load_peer(config, dataset, 0, num_folds=2, fold_seed=0)
   return dataset, config, full, cross
 
@@ -155,6 +167,7 @@ def test_checkpoints_are_reused_only_under_the_same_training_config(random_walk_
 
 def test_last_per_user_pool_holds_each_users_last_window_and_draws_stay_in_it():
   from coars_jax.training.warm_start import draw_windows
+
   train = SYNTHETIC.split('train')
   pool = train.pool('last_per_user')
   assert len(pool) == len(np.unique(train.users))

@@ -10,10 +10,15 @@ from coars_jax.recsys.training import SASRecTrainConfig, evaluate_per_seed, mean
 @pytest.fixture(scope='module')
 def trained():
   from coars_jax.data.synthetic import synthetic_dataset
+
   dataset = synthetic_dataset(num_users=80, num_items=40, sequence_length=14)
-  result = train_sasrec(dataset, SASRecConfig(num_items=dataset.num_items, hidden=32, dropout=0.1),
-                        SASRecTrainConfig(learning_rate=5e-3, batch_size=64, max_epochs=40, patience=40,
-                                          val_candidate_seeds=(0, 1)), seed=0, progress=False)
+  result = train_sasrec(
+    dataset,
+    SASRecConfig(num_items=dataset.num_items, hidden=32, dropout=0.1),
+    SASRecTrainConfig(learning_rate=5e-3, batch_size=64, max_epochs=40, patience=40, val_candidate_seeds=(0, 1)),
+    seed=0,
+    progress=False,
+  )
   return dataset, result
 
 
@@ -23,8 +28,9 @@ def test_learns_the_synthetic_walk(trained):
   test = mean_metrics(evaluate_per_seed(result.model, dataset.split('test'), cands, target_index))
   assert test['hit@1'] >= 0.9, test
   assert result.history[-1]['train_loss'] < result.history[0]['train_loss']
-  assert result.best_val['hit@1'] == max(h['hit@1'] for h in result.history) or \
-      result.best_val['ndcg@5'] == max(h['ndcg@5'] for h in result.history)
+  assert result.best_val['hit@1'] == max(h['hit@1'] for h in result.history) or result.best_val['ndcg@5'] == max(
+    h['ndcg@5'] for h in result.history
+  )
 
 
 def test_training_is_reproducible(trained):
@@ -44,8 +50,7 @@ def test_checkpoint_round_trip(trained, tmp_path):
   model, meta = checkpoint.load_sasrec(folder)
   assert meta['dataset'] == dataset.name and meta['model_config']['num_items'] == dataset.num_items
   windows = dataset.split('test')
-  np.testing.assert_array_equal(model(windows.history, windows.lengths),
-                                result.model(windows.history, windows.lengths))
+  np.testing.assert_array_equal(model(windows.history, windows.lengths), result.model(windows.history, windows.lengths))
 
 
 def test_incomplete_checkpoint_is_not_loaded(tmp_path):

@@ -36,22 +36,27 @@ UNCOMPARED_ROW_FIELDS = ('episode_seconds', 'wall_seconds', 'checkpoint', 'best_
 # each): phase -> (iterations, hits, actions). Rollouts and evaluations make 4 generation calls each (2 turns x 2
 # agents). A corrupt checkpoint needs an older one to fall back to, so only from iteration 2 on.
 FAULT_POINTS = {
-    'rollout': ((1, 2, 3), (1, 2, 3, 4), ('kill', 'term')),
-    'scoring': ((1, 2, 3), (1,), ('kill', 'term')),
-    'update': ((1, 2, 3), (1,), ('kill', 'term')),
-    'eval': ((2, 3), (1, 2, 3, 4), ('kill', 'term')),
-    'metrics': ((1, 2, 3), (1,), ('kill',)),
-    'checkpoint': ((1, 2, 3), (1,), ('kill', 'enospc')),
-    'seal': ((1, 2, 3), (1,), ('kill',)),
-    'sealed': ((2, 3), (1,), ('corrupt',)),
+  'rollout': ((1, 2, 3), (1, 2, 3, 4), ('kill', 'term')),
+  'scoring': ((1, 2, 3), (1,), ('kill', 'term')),
+  'update': ((1, 2, 3), (1,), ('kill', 'term')),
+  'eval': ((2, 3), (1, 2, 3, 4), ('kill', 'term')),
+  'metrics': ((1, 2, 3), (1,), ('kill',)),
+  'checkpoint': ((1, 2, 3), (1,), ('kill', 'enospc')),
+  'seal': ((1, 2, 3), (1,), ('kill',)),
+  'sealed': ((2, 3), (1,), ('corrupt',)),
 }
 
 
 def worker_env(cache_dir: pathlib.Path, fault: str | None) -> dict[str, str]:
   # One persistent compilation cache for every process of the suite: the programs are the same, so only the
   # first process compiles (the cache reuses XLA's output; it does not change what is computed).
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
+  )
   env.pop(faults.FAULT_ENV, None)
   if fault:
     env[faults.FAULT_ENV] = fault
@@ -81,18 +86,21 @@ class WorkerRun:
     return self.returncode == 0 and self.stages == ['before', 'after']
 
 
-def run_worker(workdir: pathlib.Path, *, resume: bool, fault: str | None, cache_dir: pathlib.Path,
-               timeout: int = 600) -> WorkerRun:
+def run_worker(
+  workdir: pathlib.Path, *, resume: bool, fault: str | None, cache_dir: pathlib.Path, timeout: int = 600
+) -> WorkerRun:
   command = [sys.executable, '-m', 'tests.training.fault_worker', str(workdir)] + (['--resume'] if resume else [])
   start = time.perf_counter()
-  result = subprocess.run(command, cwd=REPO, env=worker_env(cache_dir, fault), capture_output=True, text=True,
-                          timeout=timeout)
+  result = subprocess.run(
+    command, cwd=REPO, env=worker_env(cache_dir, fault), capture_output=True, text=True, timeout=timeout
+  )
   stages = None
   for line in result.stdout.splitlines():
     if line.startswith('{"stages"'):
       stages = json.loads(line)['stages']
-  return WorkerRun(fault=fault, returncode=result.returncode, stages=stages, stderr=result.stderr,
-                   seconds=time.perf_counter() - start)
+  return WorkerRun(
+    fault=fault, returncode=result.returncode, stages=stages, stderr=result.stderr, seconds=time.perf_counter() - start
+  )
 
 
 def _flat(tree, prefix: str = '') -> dict[str, np.ndarray]:
@@ -107,6 +115,7 @@ def _flat(tree, prefix: str = '') -> dict[str, np.ndarray]:
 def _adapters(folder: pathlib.Path) -> dict[str, np.ndarray]:
   from flax import nnx
   from coars_jax.training import warm_start as ws
+
   model, _ = ws.load_warm_start(folder)
   return _flat(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
 
@@ -116,10 +125,15 @@ def digest(workdir: pathlib.Path) -> dict:
   the last checkpoint's arrays and trainer state (its progress too, unless it holds a pending evaluation, which
   a resume completes in memory rather than in that checkpoint)."""
   import orbax.checkpoint as ocp
-  metrics = [{k: v for k, v in record.items() if not k.startswith('time/')}
-             for record in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())]
-  rows = [{k: v for k, v in row.items() if k not in UNCOMPARED_ROW_FIELDS}
-          for row in json.loads((workdir / ex.RESULTS_FILE).read_text())]
+
+  metrics = [
+    {k: v for k, v in record.items() if not k.startswith('time/')}
+    for record in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())
+  ]
+  rows = [
+    {k: v for k, v in row.items() if k not in UNCOMPARED_ROW_FIELDS}
+    for row in json.loads((workdir / ex.RESULTS_FILE).read_text())
+  ]
   checkpoints = workdir / ex.CHECKPOINT_DIR
   step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
   state = ocp.StandardCheckpointer().restore((checkpoints / str(step) / 'state').absolute())
@@ -127,8 +141,15 @@ def digest(workdir: pathlib.Path) -> dict:
   kept_meta = {'trainer': meta['trainer']}
   if 'pending_record' not in meta:
     kept_meta.update({k: v for k, v in meta.items() if k != 'trainer'})
-  return {'metrics': metrics, 'rows': rows, 'step': step, 'meta': kept_meta, 'state': _flat(state),
-          'final': _adapters(workdir / ex.FINAL_DIR), 'best': _adapters(workdir / ex.BEST_DIR)}
+  return {
+    'metrics': metrics,
+    'rows': rows,
+    'step': step,
+    'meta': kept_meta,
+    'state': _flat(state),
+    'final': _adapters(workdir / ex.FINAL_DIR),
+    'best': _adapters(workdir / ex.BEST_DIR),
+  }
 
 
 def differences(reference: dict, other: dict) -> list[str]:
@@ -143,8 +164,9 @@ def differences(reference: dict, other: dict) -> list[str]:
     found.append('checkpoint progress')
   for key in ('state', 'final', 'best'):
     left, right = reference[key], other[key]
-    if left.keys() != right.keys() or any(left[k].dtype != right[k].dtype or not np.array_equal(left[k], right[k])
-                                          for k in left):
+    if left.keys() != right.keys() or any(
+      left[k].dtype != right[k].dtype or not np.array_equal(left[k], right[k]) for k in left
+    ):
       found.append(f'{key} arrays')
   return found
 
@@ -204,8 +226,9 @@ class ScenarioResult:
   runs: list[WorkerRun]
 
 
-def run_scenario(workdir: pathlib.Path, specs: list[str], reference: dict, cache_dir: pathlib.Path,
-                 log=print) -> ScenarioResult:
+def run_scenario(
+  workdir: pathlib.Path, specs: list[str], reference: dict, cache_dir: pathlib.Path, log=print
+) -> ScenarioResult:
   """Runs `specs` one per process on one workdir (each a resume of the one before), then a clean resume."""
   runs, fired, lost = [], [], 0
   deliberately_bad: set[int] = set()
@@ -222,9 +245,11 @@ def run_scenario(workdir: pathlib.Path, specs: list[str], reference: dict, cache
       if fault.action == 'corrupt':
         deliberately_bad.add(fault.iteration)
     state = 'fired' if run.fired() else ('finished' if run.finished() else f'exit {run.returncode}')
-    log(f'    {spec or "(clean resume)":<24} {state:<10} {run.seconds:6.1f} s'
-        + (f'  set aside: {sorted(newly_aside)}' if newly_aside else '')
-        + (f'  GOOD CHECKPOINT SET ASIDE: {sorted(wrongly)}' if wrongly else ''))
+    log(
+      f'    {spec or "(clean resume)":<24} {state:<10} {run.seconds:6.1f} s'
+      + (f'  set aside: {sorted(newly_aside)}' if newly_aside else '')
+      + (f'  GOOD CHECKPOINT SET ASIDE: {sorted(wrongly)}' if wrongly else '')
+    )
     if not run.fired() and not run.finished():
       log('      ' + run.stderr[-2000:].replace('\n', '\n      '))
   recovered = runs[-1].finished()
@@ -239,11 +264,13 @@ def run_scenario(workdir: pathlib.Path, specs: list[str], reference: dict, cache
 def table(results: list[ScenarioResult], seconds: float) -> str:
   injected = sum(len(r.fired) for r in results)
   planned = sum(len(r.faults) for r in results)
-  rows = [('faults injected', f'{injected} (of {planned} planned; the rest fell past the run)'),
-          ('runs recovered', f'{sum(r.recovered for r in results)} / {len(results)}'),
-          ('data lost (must be 0)', str(sum(r.lost for r in results))),
-          ('resumed runs that differed (must be 0)', str(sum(bool(r.differed) for r in results))),
-          ('wall time', f'{seconds:.0f} s')]
+  rows = [
+    ('faults injected', f'{injected} (of {planned} planned; the rest fell past the run)'),
+    ('runs recovered', f'{sum(r.recovered for r in results)} / {len(results)}'),
+    ('data lost (must be 0)', str(sum(r.lost for r in results))),
+    ('resumed runs that differed (must be 0)', str(sum(bool(r.differed) for r in results))),
+    ('wall time', f'{seconds:.0f} s'),
+  ]
   width = max(len(name) for name, _ in rows)
   return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
 

@@ -70,13 +70,19 @@ def two_episodes():
   turn 1; B has 1 turn, a miss the user starred (which the interaction reward would exclude). Plus 2 padding rows."""
   real = np.array([1] * 6 + [0] * 2, bool)
   return {
-      'hit': np.array([0, 0, 1, 1, 0, 0, 0, 0], bool),
-      'acceptance_score': np.array([.375, .375, .9, .9, .6, .6, 0, 0], np.float32),
-      'peer_similarity': np.zeros(8, np.float32), 'action': np.array([1, 1, 3, 3, 2, 2, 0, 0], np.int32),
-      'turn': np.array([1, 1, 2, 2, 1, 1, 1, 1], np.int32), 'agent': np.array([0, 1] * 4, np.int32),
-      'valid': np.array([1, 0, 1, 1, 1, 1, 1, 1], bool), 'final_hit': np.array([1, 1, 1, 1, 0, 0, 0, 0], bool),
-      'last_turn': np.array([2, 2, 2, 2, 1, 1, 1, 1], np.int32), 'judge_probability': np.zeros(8, np.float32),
-      'group': np.array([0, 0, 0, 0, 1, 1, 0, 0], np.int32), 'real': real}
+    'hit': np.array([0, 0, 1, 1, 0, 0, 0, 0], bool),
+    'acceptance_score': np.array([0.375, 0.375, 0.9, 0.9, 0.6, 0.6, 0, 0], np.float32),
+    'peer_similarity': np.zeros(8, np.float32),
+    'action': np.array([1, 1, 3, 3, 2, 2, 0, 0], np.int32),
+    'turn': np.array([1, 1, 2, 2, 1, 1, 1, 1], np.int32),
+    'agent': np.array([0, 1] * 4, np.int32),
+    'valid': np.array([1, 0, 1, 1, 1, 1, 1, 1], bool),
+    'final_hit': np.array([1, 1, 1, 1, 0, 0, 0, 0], bool),
+    'last_turn': np.array([2, 2, 2, 2, 1, 1, 1, 1], np.int32),
+    'judge_probability': np.zeros(8, np.float32),
+    'group': np.array([0, 0, 0, 0, 1, 1, 0, 0], np.int32),
+    'real': real,
+  }
 
 
 def rewards_of(method: str):

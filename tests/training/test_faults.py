@@ -25,9 +25,14 @@ def test_fault_specs_parse_and_refuse_bad_ones():
   assert faults.parse('update:2') == faults.Fault(phase='update', iteration=2)
   assert faults.parse('rollout:3:term:2') == faults.Fault(phase='rollout', iteration=3, action='term', hit=2)
   assert faults.parse(faults.Fault(phase='sealed', iteration=2, action='corrupt').spec()).action == 'corrupt'
-  for bad, message in (('update', 'expected <phase>'), ('train:1', 'phase must be one of'),
-                       ('update:x', 'must be integers'), ('update:0', 'iteration must be an int >= 1'),
-                       ('update:1:enospc', "'enospc' applies to phase"), ('update:1:boom', 'action must be')):
+  for bad, message in (
+    ('update', 'expected <phase>'),
+    ('train:1', 'phase must be one of'),
+    ('update:x', 'must be integers'),
+    ('update:0', 'iteration must be an int >= 1'),
+    ('update:1:enospc', "'enospc' applies to phase"),
+    ('update:1:boom', 'action must be'),
+  ):
     with pytest.raises(ValueError, match=message):
       faults.parse(bad)
 
@@ -135,9 +140,12 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, train
   with ex.checkpoint_manager(tmp_path, keep=3) as manager:
     _save_steps(manager, trainer, [1])
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', full_disk)
-    with pytest.raises(ex.CheckpointError, match=r'writing checkpoint 2 into .* failed \(OSError: \[Errno 28\] No '
-                                                 r'space left on device\); nothing of it will be used and the '
-                                                 r'previous checkpoint, iteration 1, is intact'):
+    with pytest.raises(
+      ex.CheckpointError,
+      match=r'writing checkpoint 2 into .* failed \(OSError: \[Errno 28\] No '
+      r'space left on device\); nothing of it will be used and the '
+      r'previous checkpoint, iteration 1, is intact',
+    ):
       _save_steps(manager, trainer, [2])
     monkeypatch.undo()
     assert manager.all_steps() == [1]
@@ -164,15 +172,24 @@ def test_preemption_guard_sets_a_flag_and_a_second_sigterm_ends_the_process():
     with pytest.raises(ex.Preempted):
       guard.watch(backend).generate('user', [])
   assert signal.getsignal(signal.SIGTERM) == previous
-  script = ('import os, signal, time\nfrom coars_jax.training.experiment import PreemptionGuard\n'
-            'with PreemptionGuard() as guard:\n  os.kill(os.getpid(), signal.SIGTERM)\n  print(guard.requested, '
-            'flush=True)\n  os.kill(os.getpid(), signal.SIGTERM)\n  time.sleep(30)\n  print("survived")\n')
-  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'), cwd=fault_suite.REPO)
+  script = (
+    'import os, signal, time\nfrom coars_jax.training.experiment import PreemptionGuard\n'
+    'with PreemptionGuard() as guard:\n  os.kill(os.getpid(), signal.SIGTERM)\n  print(guard.requested, '
+    'flush=True)\n  os.kill(os.getpid(), signal.SIGTERM)\n  time.sleep(30)\n  print("survived")\n'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', script],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    cwd=fault_suite.REPO,
+  )
   assert result.returncode == -signal.SIGTERM and result.stdout.split() == ['True']
 
 
 # --- real processes: SIGKILL and SIGTERM during training, then a resume ------------------------------------------
+
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
@@ -185,8 +202,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.faults
-def test_runs_killed_in_a_rollout_scoring_an_update_and_a_checkpoint_write_resume_bit_identically(
-    reference, tmp_path):
+def test_runs_killed_in_a_rollout_scoring_an_update_and_a_checkpoint_write_resume_bit_identically(reference, tmp_path):
   digest, cache = reference
   # One workdir, each process a resume of the last: killed in iteration 1's rollout (before any checkpoint), in
   # iteration 2's scoring, while checkpoint 2 is written (before Orbax commits it), in iteration 3's update.
@@ -202,8 +218,14 @@ def test_runs_killed_in_a_rollout_scoring_an_update_and_a_checkpoint_write_resum
 def test_sigterm_checkpoints_exits_zero_and_resumes_bit_identically(reference, tmp_path):
   digest, cache = reference
   command = [sys.executable, '-m', 'tests.training.fault_worker', str(tmp_path)]
-  process = subprocess.Popen(command, cwd=fault_suite.REPO, env=fault_suite.worker_env(cache, None),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(
+    command,
+    cwd=fault_suite.REPO,
+    env=fault_suite.worker_env(cache, None),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.monotonic() + 300
   while not (metrics.is_file() and '"iteration": 1' in metrics.read_text()) and time.monotonic() < deadline:

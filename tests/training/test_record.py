@@ -10,8 +10,7 @@ from coars_jax.agents.trajectory import read_jsonl
 from tests.training.test_rl import rl_config, trainer, values
 
 
-@pytest.mark.parametrize('overrides', [{}, {'reward': 'judge', 'train_user_agent': False}],
-                         ids=['coars', 'judge'])
+@pytest.mark.parametrize('overrides', [{}, {'reward': 'judge', 'train_user_agent': False}], ids=['coars', 'judge'])
 def test_an_update_from_a_saved_record_equals_the_live_update_bit_for_bit(tmp_path, overrides):
   live = trainer(rl_config(**overrides))
   played = live.play()
@@ -44,7 +43,6 @@ def test_a_record_checks_its_parts(tmp_path):
   live = trainer(rl_config())
   record = live.record(live.play())
   with pytest.raises(ValueError, match='one entry per episode'):
-    RolloutRecord(trajectory=record.trajectory, windows=record.windows, groups=record.groups[:1], seed=0,
-                  seconds=0.0)
+    RolloutRecord(trajectory=record.trajectory, windows=record.windows, groups=record.groups[:1], seed=0, seconds=0.0)
   with pytest.raises(FileNotFoundError, match='holds no rollout record'):
     RolloutRecord.load(tmp_path)

@@ -15,7 +15,7 @@ from coars_jax.models import BASE_PARAMS, Decoder, LoRAConfig, add_lora, get_pre
 from coars_jax.models.lora import adapted_linears
 from coars_jax.parallel.mesh import DATA_AXIS
 from coars_jax.sampling import LengthBuckets, SamplingParams, score, trace_counts
-from coars_jax.training import rl
+from coars_jax.training import rl, update_step
 from coars_jax.training import warm_start as ws
 from tests.tolerances import decoder_sums, gamma, step_bound, update_errors
 from tests.training.test_warm_start import DATASET, micro_sasrec, small_tokenizer
@@ -27,8 +27,17 @@ ROLLOUT = RolloutConfig(max_turns=2)
 
 @functools.lru_cache(maxsize=None)
 def _micro_base(seed: int) -> Decoder:
-  config = get_preset('tiny', vocab_size=len(small_tokenizer()), embed_dim=32, mlp_dim=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=8, max_position_embeddings=2048)
+  config = get_preset(
+    'tiny',
+    vocab_size=len(small_tokenizer()),
+    embed_dim=32,
+    mlp_dim=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=2048,
+  )
   return Decoder(config, rngs=nnx.Rngs(seed))
 
 
@@ -48,8 +57,16 @@ def micro_model(seed: int = 0) -> Decoder:
 
 
 def rl_config(**overrides) -> rl.RLConfig:
-  fields = dict(iterations=4, windows_per_iteration=2, recommender_max_new_tokens=16, user_max_new_tokens=16,
-                buckets=BUCKETS, rows_per_microbatch=4, learning_rate=1e-3, warmup_iterations=0)
+  fields = dict(
+    iterations=4,
+    windows_per_iteration=2,
+    recommender_max_new_tokens=16,
+    user_max_new_tokens=16,
+    buckets=BUCKETS,
+    rows_per_microbatch=4,
+    learning_rate=1e-3,
+    warmup_iterations=0,
+  )
   return rl.RLConfig(**{**fields, **overrides})
 
 
@@ -72,8 +89,13 @@ def assert_same_update(run, reference, what=''):
   the decoder's sums, and steps weighted by the gradient within `step_bound` (an unweighted per-entry comparison
   cannot promise anything below 2 lr where a gradient entry is ~1e-8)."""
   before = nnx.state(micro_model(), nnx.LoRAParam)
-  errors = update_errors(nnx.state(run.model, nnx.LoRAParam), first_moment(run.opt_state),
-                         nnx.state(reference.model, nnx.LoRAParam), first_moment(reference.opt_state), before)
+  errors = update_errors(
+    nnx.state(run.model, nnx.LoRAParam),
+    first_moment(run.opt_state),
+    nnx.state(reference.model, nnx.LoRAParam),
+    first_moment(reference.opt_state),
+    before,
+  )
   bound = gamma(decoder_sums(run.model.config, 1040, 4 * 528))  # rows of up to 1,040 tokens, 4 x 528 positions
   assert errors['grad_error'] <= bound and errors['step_error'] <= step_bound(bound), (what, errors, bound)
 
@@ -150,8 +172,14 @@ def test_judge_rl_rewards_the_final_recommender_turn_with_the_base_models_judgem
 
   # The judge is the base model: the adapters do not change its p.
   episodes = ws.scripted_dialogues(DATASET, micro_sasrec(), small_tokenizer(), [0, 5], rollout=ROLLOUT)
-  judge = functools.partial(rl.judge_probabilities, tokenizer=small_tokenizer(), episodes=episodes,
-                            answers=('Yes', 'No'), buckets=BUCKETS, dataset_name=DATASET.name)
+  judge = functools.partial(
+    rl.judge_probabilities,
+    tokenizer=small_tokenizer(),
+    episodes=episodes,
+    answers=('Yes', 'No'),
+    buckets=BUCKETS,
+    dataset_name=DATASET.name,
+  )
   before = judge(run.model)
   lora = nnx.state(run.model, nnx.LoRAParam)
   nnx.update(run.model, jax.tree.map(lambda x: x + 1.0, lora))
@@ -167,13 +195,13 @@ def fresh_step_cache():
 
 
 def test_nonfinite_updates_are_skipped_then_stop_the_run(monkeypatch, fresh_step_cache):
-  real = rl.coars_objective
+  real = update_step.coars_objective
 
   def nan_objective(model, batch, **kwargs):
     loss, metrics = real(model, batch, **kwargs)
     return loss * jnp.nan, metrics
 
-  monkeypatch.setattr(rl, 'coars_objective', nan_objective)
+  monkeypatch.setattr(update_step, 'coars_objective', nan_objective)
   run = trainer(rl_config(max_consecutive_nonfinite=2, lambda_sd=0.0))
   lora_0 = values(run.model, nnx.LoRAParam)
   metrics = run.iteration()
@@ -182,8 +210,11 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(monkeypatch, fresh_step
   for path, value in values(run.model, nnx.LoRAParam).items():
     np.testing.assert_array_equal(value, lora_0[path])
   windows = rl.windows_at(len(DATASET.split('train')), 0, 2, 2).tolist()
-  with pytest.raises(rl.NonFiniteUpdateError, match=r'RL iteration 2: non-finite loss.*max_consecutive_nonfinite'
-                                                    r' = 2') as error:
+  with pytest.raises(
+    rl.NonFiniteUpdateError,
+    match=r'RL iteration 2: non-finite loss.*max_consecutive_nonfinite'
+    r' = 2',
+  ) as error:
     run.iteration()
   assert str(windows) in str(error.value)
 
@@ -193,12 +224,19 @@ def test_rollout_rewards_group_baseline_centres_within_window_and_agent():
   hit = np.array([1, 1, 0, 0, 0, 0, 1, 1, 0, 0], bool)
   real = np.array([1] * 8 + [0, 0], bool)
   rows = {
-      'hit': hit, 'acceptance_score': np.array([.9, .9, .2, .2, .4, .4, .8, .8, 0, 0], np.float32),
-      'peer_similarity': np.zeros(10, np.float32), 'action': np.array([3, 3, 0, 0, 1, 1, 3, 3, 0, 0], np.int32),
-      'turn': np.ones(10, np.int32), 'agent': np.array([0, 1] * 5, np.int32), 'valid': np.ones(10, bool),
-      'final_hit': hit,
-      'last_turn': np.ones(10, np.int32), 'judge_probability': np.zeros(10, np.float32),
-      'group': np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 0], np.int32), 'real': real}
+    'hit': hit,
+    'acceptance_score': np.array([0.9, 0.9, 0.2, 0.2, 0.4, 0.4, 0.8, 0.8, 0, 0], np.float32),
+    'peer_similarity': np.zeros(10, np.float32),
+    'action': np.array([3, 3, 0, 0, 1, 1, 3, 3, 0, 0], np.int32),
+    'turn': np.ones(10, np.int32),
+    'agent': np.array([0, 1] * 5, np.int32),
+    'valid': np.ones(10, bool),
+    'final_hit': hit,
+    'last_turn': np.ones(10, np.int32),
+    'judge_probability': np.zeros(10, np.float32),
+    'group': np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 0], np.int32),
+    'real': real,
+  }
   common = dict(kind='interaction', gamma=0.9, alpha=0.1, assign='final', signed=True)
   reward, weight, included = (np.asarray(a) for a in rl.rollout_rewards(rows, group_baseline=False, **common))
   np.testing.assert_array_equal(weight, reward)
@@ -216,8 +254,9 @@ def test_teacher_prompts_rebuild_the_student_prompt_and_append_d():
   episodes = ws.scripted_dialogues(DATASET, micro_sasrec(), tokenizer, [1, 2, 3], rollout=ROLLOUT)
   trajectory = Trajectory.from_episodes(episodes)
   rows = np.arange(trajectory.num_segments)
-  teachers = rl.teacher_prompts(tokenizer, episodes, trajectory, rows, ranks=None, rollout=ROLLOUT,
-                                dataset_name=DATASET.name)
+  teachers = rl.teacher_prompts(
+    tokenizer, episodes, trajectory, rows, ranks=None, rollout=ROLLOUT, dataset_name=DATASET.name
+  )
   assert len(teachers) == len(rows)
   for row, ids in zip(rows, teachers):
     episode = episodes[trajectory.episode[row]]
@@ -229,10 +268,11 @@ def test_teacher_prompts_rebuild_the_student_prompt_and_append_d():
     assert REFERENCE_HEADER in teacher_text and episode.target_title in teacher_text
     assert len(ids) > len(student_ids)
     # d goes inside the last user message: everything before that message's content is unchanged.
-    assert teacher_text.startswith(tokenizer.decode(student_ids[:len(student_ids) // 2]))
+    assert teacher_text.startswith(tokenizer.decode(student_ids[: len(student_ids) // 2]))
   # The ablation's d: the same prompts, with no turn's sampled reaction in d.
-  omitted = rl.teacher_prompts(tokenizer, episodes, trajectory, rows, ranks=None, rollout=ROLLOUT,
-                               dataset_name=DATASET.name, omit_samples=True)
+  omitted = rl.teacher_prompts(
+    tokenizer, episodes, trajectory, rows, ranks=None, rollout=ROLLOUT, dataset_name=DATASET.name, omit_samples=True
+  )
   for ids, full in zip(omitted, teachers):
     d = tokenizer.decode(ids).split(REFERENCE_HEADER)[1]
     assert 'reacted' not in d and 'reacted' in tokenizer.decode(full).split(REFERENCE_HEADER)[1]
@@ -247,8 +287,13 @@ def test_rewards_read_each_segments_validity(coars_run):
   groups = np.arange(len(episodes))
   reward, _, included, _ = run._rewards(trajectory, None, groups)
   user = int(np.flatnonzero(trajectory.agent == 1)[0])
-  rec = int(np.flatnonzero((trajectory.agent == 0) & (trajectory.episode == trajectory.episode[user])
-                           & (trajectory.turn == trajectory.turn[user]))[0])
+  rec = int(
+    np.flatnonzero(
+      (trajectory.agent == 0)
+      & (trajectory.episode == trajectory.episode[user])
+      & (trajectory.turn == trajectory.turn[user])
+    )[0]
+  )
   assert reward[user] != -1.0
   trajectory.valid[user] = False
   penalised, _, penalised_included, _ = run._rewards(trajectory, None, groups)
@@ -262,8 +307,11 @@ def test_outcome_rl_baseline_update_is_terminal_and_the_coars_ablation_keeps_eve
   baseline = trainer(rl_config(reward='outcome', lambda_sd=0.0, train_user_agent=False))
   metrics = baseline.iteration()
   assert metrics['update/loss_rows'] == 2 and metrics['reward/user_segments'] == 0
-  batch = {key: np.asarray(value).reshape(-1) for key, value in baseline.last_batch.items()
-           if key in ('reward', 'agent', 'included')}
+  batch = {
+    key: np.asarray(value).reshape(-1)
+    for key, value in baseline.last_batch.items()
+    if key in ('reward', 'agent', 'included')
+  }
   assert set(np.abs(batch['reward'][batch['included']]).tolist()) == {1.0}
   assert set(batch['agent'][batch['included']].tolist()) == {0}
   # CoARS with the outcome reward: every segment of both agents carries loss (self-distillation on each turn).
@@ -279,7 +327,7 @@ def test_windows_stream_is_resumable_and_each_epoch_is_a_permutation():
   whole = rl.windows_at(10, 3, 0, 25)
   np.testing.assert_array_equal(np.concatenate([rl.windows_at(10, 3, 0, 7), rl.windows_at(10, 3, 7, 18)]), whole)
   for epoch in range(2):
-    assert sorted(whole[10 * epoch:10 * (epoch + 1)].tolist()) == list(range(10))
+    assert sorted(whole[10 * epoch : 10 * (epoch + 1)].tolist()) == list(range(10))
   assert not np.array_equal(whole[:10], whole[10:20])
 
 
@@ -311,8 +359,16 @@ def test_constrained_rollouts_are_scored_under_each_segments_own_grammar():
   # The grammar needs room for the head, a reason line, the longest title and the Score line.
   # One row per turn, so that the batch's rows can be rescored directly (the packed path is compared with it on
   # constrained rollouts in `test_one_packed_forward_per_dialogue_equals_one_row_per_turn`).
-  run = trainer(rl_config(constrained=True, ppo_epsilon=0.2, recommender_max_new_tokens=32, user_max_new_tokens=32,
-                          buckets=LengthBuckets(prompt=(512, 1024), completion=(32,)), packed_update=False))
+  run = trainer(
+    rl_config(
+      constrained=True,
+      ppo_epsilon=0.2,
+      recommender_max_new_tokens=32,
+      user_max_new_tokens=32,
+      buckets=LengthBuckets(prompt=(512, 1024), completion=(32,)),
+      packed_update=False,
+    )
+  )
   before = nnx.clone(run.model)  # with its own buffers: the update step donates the trainer's adapters
   nnx.update(before, jax.tree.map(lambda x: jnp.array(np.asarray(x)), nnx.state(before, nnx.LoRAParam)))
   metrics = run.iteration()
@@ -328,14 +384,31 @@ def test_constrained_rollouts_are_scored_under_each_segments_own_grammar():
   # Scored under the rebuilt grammars with the parameters that sampled them, the completions get the
   # sampler's own (constrained) log-probs back.
   grammar = rl.microbatch_constraint({k: jnp.asarray(batch[k][:rows]) for k in rl.CONSTRAINT_KEYS})
-  scores = np.asarray(score(before, batch['prompt_tokens'][:rows], batch['prompt_mask'][:rows],
-                            batch['completion_tokens'][:rows], batch['completion_mask'][:rows], chunk_size=None,
-                            adapter=batch['adapter'][:rows], constraint=grammar))
+  scores = np.asarray(
+    score(
+      before,
+      batch['prompt_tokens'][:rows],
+      batch['prompt_mask'][:rows],
+      batch['completion_tokens'][:rows],
+      batch['completion_mask'][:rows],
+      chunk_size=None,
+      adapter=batch['adapter'][:rows],
+      constraint=grammar,
+    )
+  )
   mask = batch['completion_mask'][:rows] != 0
   np.testing.assert_allclose(scores[mask], batch['behaviour_log_probs'][:rows][mask], atol=2e-4)
-  free = np.asarray(score(before, batch['prompt_tokens'][:rows], batch['prompt_mask'][:rows],
-                          batch['completion_tokens'][:rows], batch['completion_mask'][:rows], chunk_size=None,
-                          adapter=batch['adapter'][:rows]))
+  free = np.asarray(
+    score(
+      before,
+      batch['prompt_tokens'][:rows],
+      batch['prompt_mask'][:rows],
+      batch['completion_tokens'][:rows],
+      batch['completion_mask'][:rows],
+      chunk_size=None,
+      adapter=batch['adapter'][:rows],
+    )
+  )
   assert np.abs(free[mask] - scores[mask]).max() > 1e-2  # the grammar changes the distribution
 
 
@@ -371,13 +444,15 @@ def test_student_prompts_rebuild_the_moving_hint_of_every_turn():
   # trainer's rebuilt prompts must show each turn's own hint (the rebuild check in teacher_prompts raises if not).
   tokenizer = small_tokenizer()
   rollout = RolloutConfig(max_turns=3, show_hint=True)
-  episodes = ws.scripted_dialogues(DATASET, micro_sasrec(), tokenizer, list(range(0, 60, 6)), rollout=rollout,
-                                   shuffled=True, seed=1)
+  episodes = ws.scripted_dialogues(
+    DATASET, micro_sasrec(), tokenizer, list(range(0, 60, 6)), rollout=rollout, shuffled=True, seed=1
+  )
   trajectory = Trajectory.from_episodes(episodes)
   assert any(turn.hint_title != episode.turns[0].hint_title for episode in episodes for turn in episode.turns[1:])
   rows = np.arange(trajectory.num_segments)
-  teachers = rl.teacher_prompts(tokenizer, episodes, trajectory, rows, ranks=None, rollout=rollout,
-                                dataset_name=DATASET.name)
+  teachers = rl.teacher_prompts(
+    tokenizer, episodes, trajectory, rows, ranks=None, rollout=rollout, dataset_name=DATASET.name
+  )
   assert len(teachers) == len(rows)
 
 
@@ -404,8 +479,16 @@ def test_one_packed_forward_per_dialogue_equals_one_row_per_turn(constrained):
   student's keys and values) computes the same loss and gradient as one row per turn, on the same record: the
   log-probs are the same sums in another order, so they agree to float32 rounding (1e-4 relative on the loss and
   the gradient norm; the adapters after one Adam step as `assert_same_update` says)."""
-  options = dict(constrained=True, recommender_max_new_tokens=32, user_max_new_tokens=32,
-                 buckets=LengthBuckets(prompt=(512, 1024), completion=(32,))) if constrained else {}
+  options = (
+    dict(
+      constrained=True,
+      recommender_max_new_tokens=32,
+      user_max_new_tokens=32,
+      buckets=LengthBuckets(prompt=(512, 1024), completion=(32,)),
+    )
+    if constrained
+    else {}
+  )
   played = trainer(rl_config(packed_update=False, rows_per_microbatch=2, **options))
   played.iteration()
   record = played.last_record
@@ -418,8 +501,16 @@ def test_one_packed_forward_per_dialogue_equals_one_row_per_turn(constrained):
   # Each dialogue is forwarded once: fewer student tokens than the per-turn rows' real prompts and replies.
   per_turn_real = int(per_turn.last_batch['prompt_mask'].sum() + per_turn.last_batch['completion_mask'].sum())
   assert stats.student_real < per_turn_real
-  for name in ('loss/total', 'update/grad_norm', 'advantage/mean', 'advantage/std', 'loss/recommender', 'loss/user',
-               'advantage/abs_mean_recommender', 'advantage/abs_mean_user'):
+  for name in (
+    'loss/total',
+    'update/grad_norm',
+    'advantage/mean',
+    'advantage/std',
+    'loss/recommender',
+    'loss/user',
+    'advantage/abs_mean_recommender',
+    'advantage/abs_mean_user',
+  ):
     if name in first:
       assert second[name] == pytest.approx(first[name], rel=1e-4, abs=1e-6), name
   assert_same_update(packed, per_turn, 'packed')

@@ -25,18 +25,38 @@ def test_a_few_sft_steps_teach_smollm2_to_name_candidates():
   model, tokenizer = backbone.load_backbone(backbone.BackboneSpec(name='smollm2-135m', allow_download=False))
   # An untrained peer: the hint names some candidate, and the scripted recommender follows the hint, so what the
   # steps must teach is the format and copying a candidate's title (the ranking's quality does not matter here).
-  peer = SASRec(SASRecConfig(num_items=dataset.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0),
-                rngs=nnx.Rngs(0))
-  settings = ws.WarmStartConfig(num_dialogues=6, shuffled_dialogues=2, max_turns=2, show_hint=True, steps=24,
-                                batch_size=1, learning_rate=5e-4, warmup_steps=2, buckets=BUCKETS, progress=False)
+  peer = SASRec(
+    SASRecConfig(num_items=dataset.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0), rngs=nnx.Rngs(0)
+  )
+  settings = ws.WarmStartConfig(
+    num_dialogues=6,
+    shuffled_dialogues=2,
+    max_turns=2,
+    show_hint=True,
+    steps=24,
+    batch_size=1,
+    learning_rate=5e-4,
+    warmup_steps=2,
+    buckets=BUCKETS,
+    progress=False,
+  )
   used = set(ws.draw_windows(dataset, 6, seed=0).tolist()) | set(ws.draw_windows(dataset, 2, seed=1).tolist())
   held_out = [i for i in range(0, len(dataset.split('train')), 997) if i not in used][:HELD_OUT]
   rollout = ws.RolloutConfig(max_turns=1, show_hint=True)
 
   def recommender_valid_ratio():
-    metrics, episodes = ws.evaluate_dialogues(model, tokenizer, dataset, peer, held_out, split='train',
-                                              rollout=rollout, recommender_max_new_tokens=48, user_max_new_tokens=32,
-                                              buckets=BUCKETS)
+    metrics, episodes = ws.evaluate_dialogues(
+      model,
+      tokenizer,
+      dataset,
+      peer,
+      held_out,
+      split='train',
+      rollout=rollout,
+      recommender_max_new_tokens=48,
+      user_max_new_tokens=32,
+      buckets=BUCKETS,
+    )
     assert len(episodes) == HELD_OUT
     return metrics['valid_ratio']
 

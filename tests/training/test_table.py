@@ -23,14 +23,24 @@ from tests.training.test_warm_start import BUCKETS, micro_sasrec, small_tokenize
 # The synthetic windows under a real dataset name, as the table configs name datasets.
 DATASET = synthetic.synthetic_dataset(name='lastfm')
 MICRO = {
-    'progress': False, 'lora': {'rank': 4, 'alpha': 8.0}, 'rollout': {'max_turns': 2},
-    'recommender_max_new_tokens': 16, 'user_max_new_tokens': 16, 'prompt_buckets': (*BUCKETS.prompt, 1024),
-    'completion_buckets': BUCKETS.completion,
-    'rl': {'iterations': 2, 'windows_per_iteration': 2, 'rollouts_per_window': 2, 'rows_per_microbatch': 4,
-           'learning_rate': 1e-3, 'warmup_iterations': 0},
-    'eval': {'every': 1, 'val_windows': 2, 'test_windows': 3, 'batch_size': 4, 'user_f1': {'enabled': False}},
-    'warm_start': {'steps': 2, 'num_dialogues': 2, 'batch_size': 2, 'warmup_steps': 0},
-    'checkpoint': {'every': 1, 'keep': 2},
+  'progress': False,
+  'lora': {'rank': 4, 'alpha': 8.0},
+  'rollout': {'max_turns': 2},
+  'recommender_max_new_tokens': 16,
+  'user_max_new_tokens': 16,
+  'prompt_buckets': (*BUCKETS.prompt, 1024),
+  'completion_buckets': BUCKETS.completion,
+  'rl': {
+    'iterations': 2,
+    'windows_per_iteration': 2,
+    'rollouts_per_window': 2,
+    'rows_per_microbatch': 4,
+    'learning_rate': 1e-3,
+    'warmup_iterations': 0,
+  },
+  'eval': {'every': 1, 'val_windows': 2, 'test_windows': 3, 'batch_size': 4, 'user_f1': {'enabled': False}},
+  'warm_start': {'steps': 2, 'num_dialogues': 2, 'batch_size': 2, 'warmup_steps': 0},
+  'checkpoint': {'every': 1, 'keep': 2},
 }
 
 
@@ -51,8 +61,9 @@ def components(config):
   del config
   model = micro_base(seed=7)
   nnx.update(model, jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(model)))
-  return ex.Components(dataset=DATASET, sasrec=micro_sasrec(), model=model, tokenizer=small_tokenizer(),
-                       model_label='micro')
+  return ex.Components(
+    dataset=DATASET, sasrec=micro_sasrec(), model=model, tokenizer=small_tokenizer(), model_label='micro'
+  )
 
 
 def test_grid_seeds_order_and_selection(tmp_path):
@@ -103,8 +114,9 @@ def test_micro_table_runs_resumes_and_reports(tmp_path):
   table_lib.write_grid(table, cells)
   by_name = {c.name: c for c in cells}
   # A stopped RL cell writes no row file, and continues from its checkpoint when run again.
-  stopped = table_lib.run_cell(table, by_name['lastfm/coars/seed_1'], components=components,
-                               overrides={'stop_after': 1})
+  stopped = table_lib.run_cell(
+    table, by_name['lastfm/coars/seed_1'], components=components, overrides={'stop_after': 1}
+  )
   assert not stopped.finished and not table_lib.results_file(table, stopped.cell).exists()
   warm_meta = tmp_path / 'runs' / 'lastfm' / 'warm_start_sft' / ws.META_FILE
   trained_at = warm_meta.stat().st_mtime
@@ -136,8 +148,15 @@ def test_micro_table_runs_resumes_and_reports(tmp_path):
     assert all(len(r['window_hits']) == 3 for r in rows)
 
   report = table_report.read_table(tmp_path / 'results')
-  assert {r['row'] for r in report['rows']} == {'random', 'popularity', 'sasrec', 'zero_shot', 'warm_start',
-                                                 'coars', 'coars-no_sd'}
+  assert {r['row'] for r in report['rows']} == {
+    'random',
+    'popularity',
+    'sasrec',
+    'zero_shot',
+    'warm_start',
+    'coars',
+    'coars-no_sd',
+  }
   text = '\n'.join(table_report.table_sections(report, tmp_path / 'results'))
   assert '| CoARS | 2 |' in text and 'Self-distillation adds (CoARS vs lambda_SD = 0): **' in text
   assert 'Missing' not in text and (tmp_path / 'results' / 'micro_cpu_lastfm_curves.png').is_file()

@@ -22,8 +22,9 @@ from tests.training.test_warm_start import DATASET, micro_sasrec, small_tokenize
 
 def components() -> ex.Components:
   """A bare micro base: the run attaches fresh adapters (`lora.seed`), as for a pretrained backbone."""
-  return ex.Components(dataset=DATASET, sasrec=micro_sasrec(), model=micro_base(seed=7), tokenizer=small_tokenizer(),
-                       model_label='micro')
+  return ex.Components(
+    dataset=DATASET, sasrec=micro_sasrec(), model=micro_base(seed=7), tokenizer=small_tokenizer(), model_label='micro'
+  )
 
 
 def micro_config(workdir, **overrides):
@@ -81,8 +82,10 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
   # The adapters actually trained, and a resumed metrics file reads as one run.
   initial = fresh_trainer(tmp_path / 'unused').checkpoint_tree()['adapters']
-  assert any(not np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(tree_a['adapters']), jax.tree.leaves(initial)))
+  assert any(
+    not np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(tree_a['adapters']), jax.tree.leaves(initial))
+  )
   records_a, records_b = read_metrics(whole), read_metrics(split)
   assert [r['iteration'] for r in records_a] == [r['iteration'] for r in records_b] == [0, 1, 2, 3, 3]
   assert 'test/hit_at_1' in records_a[0] and 'val/hit_at_1' in records_a[0] and records_a[-1]['stage'] == 'after'
@@ -115,7 +118,7 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
 def test_zero_shot_only_evaluates(tmp_path):
   rows = ex.run(micro_config(tmp_path, method='zero_shot', **{'eval.test_windows': 1}), components=components())
   assert len(rows) == 1 and rows[0]['method'] == 'zero_shot' and rows[0]['num_windows'] == 1
-  assert list(rows[0])[:len(ROW_KEYS)] == list(ROW_KEYS)
+  assert list(rows[0])[: len(ROW_KEYS)] == list(ROW_KEYS)
   assert not (tmp_path / ex.CHECKPOINT_DIR).exists()
   assert not (tmp_path / ex.EVAL_RESUME_DIR).exists()  # kept batches are dropped once the row is complete
   assert json.loads((tmp_path / ex.RESULTS_FILE).read_text())[0]['method'] == 'zero_shot'
@@ -131,10 +134,12 @@ def test_config_validation_names_the_field(tmp_path):
     ex.validate(micro_config(tmp_path, method='coarse'))
   with pytest.raises(configlib.ConfigError, match='RLConfig.learning_rate must be a positive number, found -1.0'):
     ex.validate(micro_config(tmp_path, **{'rl.learning_rate': -1.0}))
-  with pytest.raises(configlib.ConfigError, match=r"Config field 'rl.lambda_sd': expected 0.0 for "
-                                                  r"method='outcome_rl'"):
-    ex.validate(micro_config(tmp_path, method='outcome_rl', **{'rl.reward': 'outcome',
-                                                              'rl.train_user_agent': False}))
+  with pytest.raises(
+    configlib.ConfigError,
+    match=r"Config field 'rl.lambda_sd': expected 0.0 for "
+    r"method='outcome_rl'",
+  ):
+    ex.validate(micro_config(tmp_path, method='outcome_rl', **{'rl.reward': 'outcome', 'rl.train_user_agent': False}))
   with pytest.raises(configlib.ConfigError, match=r"Config field 'rl.reward': expected 'interaction' or 'outcome'"):
     ex.validate(micro_config(tmp_path, **{'rl.reward': 'judge', 'rl.train_user_agent': False}))
   with pytest.raises(configlib.ConfigError, match=r"Config field 'eval.every': expected an int >= 0, found -1"):
@@ -143,17 +148,21 @@ def test_config_validation_names_the_field(tmp_path):
     ex.validate(micro_config(tmp_path, **{'mesh.data': 64}))
   with pytest.raises(configlib.ConfigError, match="Config group 'warm_start': WarmStartConfig.steps"):
     ex.validate(micro_config(tmp_path, **{'warm_start.steps': 0}))
-  assert ex.row_label(micro_config(tmp_path, **{'rl.lambda_sd': 0.0, 'rl.train_user_agent': False})) == \
-      'coars-no_sd-rec_only'
-  with pytest.raises(configlib.ConfigError, match="sharding_rules.vocab"):
+  assert (
+    ex.row_label(micro_config(tmp_path, **{'rl.lambda_sd': 0.0, 'rl.train_user_agent': False}))
+    == 'coars-no_sd-rec_only'
+  )
+  with pytest.raises(configlib.ConfigError, match='sharding_rules.vocab'):
     ex.validate(micro_config(tmp_path, **{'sharding_rules.vocab': 'model'}))
 
 
 def test_sharding_rules_come_from_the_config(tmp_path):
   from coars_jax.parallel.rules import DEFAULT_RULES
+
   assert ex.sharding_rules(micro_config(tmp_path)) == DEFAULT_RULES
-  rules = dict(ex.sharding_rules(micro_config(tmp_path, **{'sharding_rules.vocab': '',
-                                                           'sharding_rules.embed': 'data,fsdp'})))
+  rules = dict(
+    ex.sharding_rules(micro_config(tmp_path, **{'sharding_rules.vocab': '', 'sharding_rules.embed': 'data,fsdp'}))
+  )
   assert rules['vocab'] == () and rules['embed'] == ('data', 'fsdp') and rules['mlp'] == ('tensor',)
 
 
@@ -185,8 +194,17 @@ def _leaves(config, prefix=''):
 def test_every_field_is_type_checked_by_name(tmp_path):
   checked = 0
   for field, default in _leaves(micro_config(tmp_path)):
-    wrong = ('yes' if isinstance(default, bool) else 1.5 if isinstance(default, int) else
-             float('inf') if isinstance(default, float) else 3 if isinstance(default, str) else 'x')
+    wrong = (
+      'yes'
+      if isinstance(default, bool)
+      else 1.5
+      if isinstance(default, int)
+      else float('inf')
+      if isinstance(default, float)
+      else 3
+      if isinstance(default, str)
+      else 'x'
+    )
     config = micro_config(tmp_path)
     group, _, name = field.rpartition('.')
     target = config
@@ -201,10 +219,12 @@ def test_every_field_is_type_checked_by_name(tmp_path):
 
 
 def test_ranges_and_names_the_generic_checks_miss(tmp_path):
-  for overrides, message in (({'dataset': 'netflix'}, "'dataset': expected one of"),
-                             ({'tokenizer_vocab_size': 100}, "'tokenizer_vocab_size': expected an int >= 265"),
-                             ({'prompt_buckets': (64, -1)}, "'prompt_buckets': expected a non-empty list"),
-                             ({'completion_buckets': (64, 32)}, 'prompt_buckets / completion_buckets')):
+  for overrides, message in (
+    ({'dataset': 'netflix'}, "'dataset': expected one of"),
+    ({'tokenizer_vocab_size': 100}, "'tokenizer_vocab_size': expected an int >= 265"),
+    ({'prompt_buckets': (64, -1)}, "'prompt_buckets': expected a non-empty list"),
+    ({'completion_buckets': (64, 32)}, 'prompt_buckets / completion_buckets'),
+  ):
     with pytest.raises(configlib.ConfigError, match=re.escape(message)):
       ex.validate(micro_config(tmp_path, **overrides))
 
@@ -216,13 +236,14 @@ def test_a_run_writes_only_inside_its_workdir_and_the_two_shared_folders(tmp_pat
   work = clone / 'runs' / 'x'
   ex.validate(micro_config(work, sasrec_workdir='runs/sasrec', **{'warm_start.folder': 'runs/warm'}))
   for overrides, message in (
-      ({'config.workdir': '/'}, "'workdir': expected a folder of its own"),
-      ({'config.workdir': '.'}, "'workdir': expected a folder of its own"),
-      ({'sasrec_workdir': str(work)}, "'sasrec_workdir': expected a folder apart from the run's own outputs"),
-      ({'sasrec_workdir': str(work / 'checkpoints' / 'sasrec')}, 'the run output <workdir>/checkpoints'),
-      ({'warm_start.folder': str(work / 'best')}, 'the run output <workdir>/best'),
-      ({'warm_start.folder': str(clone / 'runs')}, "'warm_start.folder': expected a folder that does not hold"),
-      ({'data_root': 'a\x00b'}, "'data_root'")):
+    ({'config.workdir': '/'}, "'workdir': expected a folder of its own"),
+    ({'config.workdir': '.'}, "'workdir': expected a folder of its own"),
+    ({'sasrec_workdir': str(work)}, "'sasrec_workdir': expected a folder apart from the run's own outputs"),
+    ({'sasrec_workdir': str(work / 'checkpoints' / 'sasrec')}, 'the run output <workdir>/checkpoints'),
+    ({'warm_start.folder': str(work / 'best')}, 'the run output <workdir>/best'),
+    ({'warm_start.folder': str(clone / 'runs')}, "'warm_start.folder': expected a folder that does not hold"),
+    ({'data_root': 'a\x00b'}, "'data_root'"),
+  ):
     config = micro_config(work, **{k: v for k, v in overrides.items() if k != 'config.workdir'})
     config.workdir = overrides.get('config.workdir', config.workdir)
     with pytest.raises(configlib.ConfigError, match=re.escape(message)):
@@ -255,8 +276,10 @@ def test_zero_shot_row_comes_first_and_rows_carry_paired_intervals(tmp_path):
     assert interval['low'] <= interval['diff'] <= interval['high'] and interval['windows'] == 2
   assert 'hit@1_vs_before' not in before
   # A rerun reads the zero-shot row back instead of evaluating the base again.
-  again = ex.run(micro_config(tmp_path / 'run', **{'rl.iterations': 1, 'eval.every': 0, 'eval.zero_shot': True,
-                                                   'resume': True}), components=components())
+  again = ex.run(
+    micro_config(tmp_path / 'run', **{'rl.iterations': 1, 'eval.every': 0, 'eval.zero_shot': True, 'resume': True}),
+    components=components(),
+  )
   assert again[0]['wall_seconds'] == zero['wall_seconds']
 
 
@@ -264,15 +287,29 @@ def test_dry_run_plan_marks_each_stage(tmp_path):
   from coars_jax.data import instruments
   from coars_jax.training import stages
   from tests.conftest import require_files
+
   root = require_files(instruments.RATINGS_FILE, instruments.META_FILE)
-  config = micro_config(tmp_path / 'run', **{'dataset': 'instruments', 'data_root': str(root),
-                                             'sasrec_workdir': str(tmp_path / 'sasrec'), 'sasrec_folds': 2,
-                                             'warm_start.enabled': True,
-                                             'warm_start.folder': str(tmp_path / 'ws')})
+  config = micro_config(
+    tmp_path / 'run',
+    **{
+      'dataset': 'instruments',
+      'data_root': str(root),
+      'sasrec_workdir': str(tmp_path / 'sasrec'),
+      'sasrec_folds': 2,
+      'warm_start.enabled': True,
+      'warm_start.folder': str(tmp_path / 'ws'),
+    },
+  )
   plan = {s.name: s.status for s in stages.plan(config)}
-  assert plan == {'SASRec (full)': 'to run', 'SASRec (fold 0 of 2 split 0)': 'to run',
-                  'SASRec (fold 1 of 2 split 0)': 'to run', 'warm start': 'to run', 'test row before RL': 'to run',
-                  'RL: 3 iterations of 2 windows x 1 rollouts': 'to run', 'test row after RL': 'to run'}
+  assert plan == {
+    'SASRec (full)': 'to run',
+    'SASRec (fold 0 of 2 split 0)': 'to run',
+    'SASRec (fold 1 of 2 split 0)': 'to run',
+    'warm start': 'to run',
+    'test row before RL': 'to run',
+    'RL: 3 iterations of 2 windows x 1 rollouts': 'to run',
+    'test row after RL': 'to run',
+  }
   run = tmp_path / 'run'
   (run / ex.CHECKPOINT_DIR / '2').mkdir(parents=True)
   (run / ex.BEFORE_FILE).write_text('{}')

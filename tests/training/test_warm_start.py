@@ -38,27 +38,46 @@ def small_tokenizer():
 
 @functools.lru_cache(maxsize=None)
 def micro_sasrec():
-  return SASRec(SASRecConfig(num_items=DATASET.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0),
-                rngs=nnx.Rngs(0))
+  return SASRec(
+    SASRecConfig(num_items=DATASET.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0), rngs=nnx.Rngs(0)
+  )
 
 
 def micro_model(seed=0, width=64):
-  config = get_preset('tiny', vocab_size=len(small_tokenizer()), embed_dim=width, mlp_dim=2 * width, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=width // 4, max_position_embeddings=1024)
+  config = get_preset(
+    'tiny',
+    vocab_size=len(small_tokenizer()),
+    embed_dim=width,
+    mlp_dim=2 * width,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=width // 4,
+    max_position_embeddings=1024,
+  )
   return Decoder(config, rngs=nnx.Rngs(seed))
 
 
 def config(**overrides):
-  fields = dict(num_dialogues=4, max_turns=2, steps=6, batch_size=4, learning_rate=1e-2, warmup_steps=1,
-                buckets=BUCKETS, progress=False)
+  fields = dict(
+    num_dialogues=4,
+    max_turns=2,
+    steps=6,
+    batch_size=4,
+    learning_rate=1e-2,
+    warmup_steps=1,
+    buckets=BUCKETS,
+    progress=False,
+  )
   return ws.WarmStartConfig(**{**fields, **overrides})
 
 
 @functools.lru_cache(maxsize=None)
 def examples(num_dialogues=4, max_turns=2):
   windows = ws.draw_windows(DATASET, num_dialogues, seed=0)
-  episodes = ws.scripted_dialogues(DATASET, micro_sasrec(), small_tokenizer(), windows,
-                                   rollout=config(max_turns=max_turns).rollout)
+  episodes = ws.scripted_dialogues(
+    DATASET, micro_sasrec(), small_tokenizer(), windows, rollout=config(max_turns=max_turns).rollout
+  )
   return ws.SFTExamples.from_trajectory(Trajectory.from_episodes(episodes))
 
 
@@ -72,6 +91,7 @@ def sasrec_ranking(split, index):
 
 # --- scripted dialogues ------------------------------------------------------------------------------------------
 
+
 def test_scripted_dialogues_follow_the_script():
   windows = ws.draw_windows(DATASET, 8, seed=3)
   rollout = config(max_turns=5).rollout
@@ -82,7 +102,7 @@ def test_scripted_dialogues_follow_the_script():
     ranking = sasrec_ranking('train', episode.window_index)
     target_rank = ranking.index(episode.target) + 1
     # Turn t names SASRec's t-th candidate, and the dialogue stops exactly when that is the target.
-    assert [turn.item for turn in episode.turns] == ranking[:episode.num_turns]
+    assert [turn.item for turn in episode.turns] == ranking[: episode.num_turns]
     assert episode.num_turns == min(target_rank, 5)
     assert episode.peer_item == ranking[0]
     for turn in episode.turns:
@@ -99,14 +119,16 @@ def test_scripted_dialogues_follow_the_script():
   assert ended_on_target < len(episodes)
   again = ws.scripted_dialogues(DATASET, micro_sasrec(), small_tokenizer(), windows, rollout=rollout, seed=3)
   assert [t.recommender.text + t.user.text for e in again for t in e.turns] == [
-      t.recommender.text + t.user.text for e in episodes for t in e.turns]
+    t.recommender.text + t.user.text for e in episodes for t in e.turns
+  ]
 
 
 def test_shuffled_dialogues_name_the_hint_in_a_random_order():
   windows = ws.draw_windows(DATASET, 8, seed=3)
   rollout = config(max_turns=5, show_hint=True).rollout
-  episodes = ws.scripted_dialogues(DATASET, micro_sasrec(), small_tokenizer(), windows, rollout=rollout, seed=3,
-                                   shuffled=True)
+  episodes = ws.scripted_dialogues(
+    DATASET, micro_sasrec(), small_tokenizer(), windows, rollout=rollout, seed=3, shuffled=True
+  )
   script = ws.dialogue_script(DATASET, micro_sasrec(), 'train', windows, rollout=rollout, shuffle_seed=3)
   differs = 0
   for row, episode in enumerate(episodes):
@@ -115,7 +137,7 @@ def test_shuffled_dialogues_name_the_hint_in_a_random_order():
     assert sorted(order) == sorted(int(c) for c in candidates)
     differs += order != sasrec_ranking('train', episode.window_index)
     target_rank = order.index(episode.target) + 1
-    assert [turn.item for turn in episode.turns] == order[:episode.num_turns]
+    assert [turn.item for turn in episode.turns] == order[: episode.num_turns]
     assert episode.num_turns == min(target_rank, 5)
     for turn in episode.turns:
       # The hint names the item the scripted recommender then recommends, so its Item line copies the hint.
@@ -153,6 +175,7 @@ def test_draw_windows_is_seeded_and_refuses_too_many():
 
 # --- batches -----------------------------------------------------------------------------------------------------
 
+
 def test_batches_have_bucket_shapes_cover_every_row_and_mask_fillers():
   data = examples()
   buckets = LengthBuckets(prompt=(384, 512), completion=(48,))
@@ -173,11 +196,13 @@ def test_batches_have_bucket_shapes_cover_every_row_and_mask_fillers():
     np.testing.assert_array_equal(batch['adapter'], batch['agent'])
     for position, row in enumerate(rows):
       if row >= 0:
-        np.testing.assert_array_equal(batch['completion_tokens'][position][batch['completion_mask'][position] > 0],
-                                      data.completions[row])
+        np.testing.assert_array_equal(
+          batch['completion_tokens'][position][batch['completion_mask'][position] > 0], data.completions[row]
+        )
 
 
 # --- loss and training -------------------------------------------------------------------------------------------
+
 
 def randomized_adapters(model):
   # B starts at zero, which makes the gradient of every A zero and both adapters equal to the base; random values
@@ -207,8 +232,17 @@ def test_each_agent_is_trained_on_its_own_tokens_through_its_own_adapter():
   (loss, metrics), grads = loss_and_lora_grads(model, batch)
 
   # The loss is the mean over rows of each row's mean token NLL under its own adapter.
-  log_probs = np.asarray(score(model, batch['prompt_tokens'], batch['prompt_mask'], batch['completion_tokens'],
-                               batch['completion_mask'], chunk_size=None, adapter=batch['adapter']))
+  log_probs = np.asarray(
+    score(
+      model,
+      batch['prompt_tokens'],
+      batch['prompt_mask'],
+      batch['completion_tokens'],
+      batch['completion_mask'],
+      chunk_size=None,
+      adapter=batch['adapter'],
+    )
+  )
   mask = batch['completion_mask'].astype(bool)
   row_loss = np.asarray([-log_probs[r][mask[r]].mean() for r in range(4)])
   np.testing.assert_allclose(float(loss), row_loss.mean(), rtol=1e-5)
@@ -267,9 +301,17 @@ def test_item_loss_weight_reweights_the_title_tokens_of_recommender_rows():
     ws.make_batch(examples(), rows, BUCKETS, ws.agent_adapters(model), item_loss_weight=4.0)
 
   (loss, metrics), _ = loss_and_lora_grads(model, weighted)
-  log_probs = np.asarray(score(model, weighted['prompt_tokens'], weighted['prompt_mask'],
-                               weighted['completion_tokens'], weighted['completion_mask'], chunk_size=None,
-                               adapter=weighted['adapter']))
+  log_probs = np.asarray(
+    score(
+      model,
+      weighted['prompt_tokens'],
+      weighted['prompt_mask'],
+      weighted['completion_tokens'],
+      weighted['completion_mask'],
+      chunk_size=None,
+      adapter=weighted['adapter'],
+    )
+  )
   w = weighted['completion_weight']
   row_loss = -(log_probs * w).sum(1) / w.sum(1)
   np.testing.assert_allclose(float(loss), row_loss.mean(), rtol=1e-5)
@@ -330,6 +372,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 # --- configs -----------------------------------------------------------------------------------------------------
 
+
 def test_configs_are_validated():
   with pytest.raises(ValueError, match='WarmStartConfig.batch_size must be an int >= 1'):
     ws.WarmStartConfig(batch_size=0)
@@ -355,6 +398,7 @@ def test_configs_are_validated():
 
 # --- end to end --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_warm_started_micro_model_speaks_the_protocol():
   """SFT on scripted dialogues teaches a random micro model (2 layers, width 64) the output formats.
@@ -366,16 +410,33 @@ def test_warm_started_micro_model_speaks_the_protocol():
   at this size and budget, so the thresholds below are what was measured, not that bar.
   """
   model = micro_model()
-  settings = ws.WarmStartConfig(num_dialogues=64, max_turns=2, steps=800, batch_size=8, learning_rate=5e-3,
-                                warmup_steps=10, train_base=True, buckets=BUCKETS, progress=False)
+  settings = ws.WarmStartConfig(
+    num_dialogues=64,
+    max_turns=2,
+    steps=800,
+    batch_size=8,
+    learning_rate=5e-3,
+    warmup_steps=10,
+    train_base=True,
+    buckets=BUCKETS,
+    progress=False,
+  )
   base_before = flat_values(model, BASE_PARAMS)
   result = ws.warm_start_agents(model, small_tokenizer(), DATASET, micro_sasrec(), settings)
   assert result.train.traces <= 1
   assert np.mean([h['loss'] for h in result.train.history[-20:]]) < 0.3 < result.train.history[0]['loss']
   assert any(not np.array_equal(flat_values(model, BASE_PARAMS)[p], v) for p, v in base_before.items())
   metrics, episodes = ws.evaluate_dialogues(
-      model, small_tokenizer(), DATASET, micro_sasrec(), range(6), split='val', rollout=settings.rollout,
-      recommender_max_new_tokens=result.max_new_tokens('recommender', margin=4),
-      user_max_new_tokens=result.max_new_tokens('user', margin=4), buckets=BUCKETS)
+    model,
+    small_tokenizer(),
+    DATASET,
+    micro_sasrec(),
+    range(6),
+    split='val',
+    rollout=settings.rollout,
+    recommender_max_new_tokens=result.max_new_tokens('recommender', margin=4),
+    user_max_new_tokens=result.max_new_tokens('user', margin=4),
+    buckets=BUCKETS,
+  )
   assert metrics['user_valid_ratio'] >= 0.9, [t.user.text for e in episodes for t in e.turns]
   assert metrics['valid_ratio'] >= 0.4, [t.recommender.text for e in episodes for t in e.turns]
