@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.py | $(PY)
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m experiments.train --config=configs/demo_cpu.py
+	$(PY) -m experiments.train --config=configs/demo_cpu.py --show_committed=results/table_lastfm_study
 
 # The formatter and linter (ruff.toml), the unit tests, then the fault suite (about 6 minutes on 2 cores, so CI runs
 # it whole: issue 7's 10-minute rule).

@@ -55,7 +55,7 @@ def lastfm_study():
   config.main_seeds = 2
   config.row_seeds = {'judge_rl': 1, 'coars-no_sd': 1, 'coars-outcome_reward': 1}
   config.runs_root = 'runs/lastfm_study'
-  config.results_root = 'results/lastfm_study'
+  config.results_root = 'results/table_lastfm_study'
   config.overrides = {
     'rl': {'iterations': 16, 'windows_per_iteration': 4, 'rollouts_per_window': 4, 'warmup_iterations': 1},
     'eval': {'every': 4, 'val_windows': 16, 'test_windows': 0, 'user_f1': {'num_users': 0, 'also_without_peer': True}},

@@ -23,6 +23,7 @@ def get_config(size: str = ''):
       'rollouts_per_window': 4,
       'warmup_iterations': 2,
       'rows_per_microbatch': 64,
+      'packed_tokens': 131072,  # the packed update's microbatch: 64 rows of 2,048 tokens
     },
     'eval': {
       'every': 4,

@@ -26,6 +26,11 @@ _DRY_RUN = flags.DEFINE_bool(
   False,
   'Print the resolved config and each stage (cached, done or to run), then exit without training anything.',
 )
+_COMMITTED = flags.DEFINE_string(
+  'show_committed',
+  '',
+  "After the run's own rows, print the headline of this committed results table (make demo: results/table_lastfm_study).",
+)
 
 
 def main(argv):
@@ -71,6 +76,10 @@ def main(argv):
     f'\nRows written to {workdir / experiment.RESULTS_FILE}; run folder {workdir} (metrics.jsonl, tensorboard/, '
     f'trajectories/, final/, best/)'
   )
+  if _COMMITTED.value:
+    from coars_jax.eval import table_report
+
+    print('\n' + table_report.committed_headline(_COMMITTED.value))
 
 
 def entry():

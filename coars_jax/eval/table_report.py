@@ -249,3 +249,32 @@ def table_sections(table: Mapping[str, Any], output_dir: str | pathlib.Path) -> 
       if png is not None:
         parts += [f'![{dataset} learning curves on {platform}]({png.name})', '']
   return parts
+
+
+def committed_headline(root: str | pathlib.Path) -> str:
+  """The headline of a committed table (its rows per dataset and "What holds"), labelled as committed results with
+  the path they come from; `make demo` prints it after its own rows so a reader sees the evidence beside them."""
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    return f'Committed results: none yet at {root}.'
+  table = read_table(root)
+  name = table['grid']['table'] if table['grid'] else root.name
+  parts = [f'Committed results of table `{name}` (from {root.absolute()}, not what this command just ran):']
+  rows = table['rows']
+  if not rows:
+    return parts[0] + ' no finished cell yet.'
+  for dataset in report.DATASET_ORDER:
+    here = [r for r in rows if r['dataset'] == dataset]
+    if not here:
+      continue
+    by_row = _by_row(here)
+    missing = missing_cells(table['grid'], here, dataset)
+    parts += [
+      '',
+      f'{dataset}: {len(here)} row file(s), {len(missing)} cell(s) still missing',
+      '',
+      format_rows(by_row),
+      '',
+      'What holds:',
+    ] + what_holds(by_row)
+  return '\n'.join(parts)

@@ -96,7 +96,8 @@ def packed_log_probs(
   cache = None
   if teacher:
     chex.assert_equal_shape([rows[key] for key in TEACHER_KEYS[:5]])
-    cache = init_cache(model.config, batch, student_length + rows['teacher_tokens'].shape[1])
+    # Exactly the student's slots: its attention is [Ls x Ls], never over the teacher's slots too.
+    cache = init_cache(model.config, batch, student_length)
   hidden, cache = model.hidden_states(
     tokens.astype(jnp.int32),
     rows['dialogue_positions'].astype(jnp.int32),
@@ -112,10 +113,15 @@ def packed_log_probs(
 
   graphdef, state = nnx.split(model)
   teacher_model = nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
+  teacher_length = rows['teacher_tokens'].shape[1]
+
+  def extended(array):  # the student's keys or values, constant, with room for the teacher's slots after them
+    return jnp.pad(jax.lax.stop_gradient(array), ((0, 0), (0, teacher_length), (0, 0), (0, 0)))
+
   stopped = KVCache(
-    keys=tuple(jax.lax.stop_gradient(k) for k in cache.keys),
-    values=tuple(jax.lax.stop_gradient(v) for v in cache.values),
-    segment_ids=cache.segment_ids,
+    keys=tuple(extended(k) for k in cache.keys),
+    values=tuple(extended(v) for v in cache.values),
+    segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, teacher_length))),
     end_index=jnp.asarray(student_length, jnp.int32),
   )
   teacher_segments = rows['teacher_segments'].astype(jnp.int32)

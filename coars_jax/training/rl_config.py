@@ -137,7 +137,7 @@ class RLConfig:
   remat: bool = True
   prefix_reuse: bool = True
   packed_update: bool = True
-  packed_tokens: int = 8192
+  packed_tokens: int = 4096
 
   def __post_init__(self):
     if self.train_pool not in TRAIN_POOLS:

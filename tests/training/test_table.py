@@ -166,3 +166,30 @@ def test_micro_table_runs_resumes_and_reports(tmp_path):
   warm = [r for r in report['rows'] if r['row'] == 'warm_start']
   assert table_report.compare(coars, warm)['windows'] == 3
   assert np.isfinite(coars[0]['hit@1'])
+
+
+def test_committed_headline_names_its_folder_rows_and_claims(tmp_path):
+  """What `make demo` prints after its own rows: the committed table's rows and "What holds", labelled with the
+  folder they come from; a folder with nothing in it says so."""
+  from coars_jax.eval import table_report
+
+  assert 'none yet' in table_report.committed_headline(tmp_path / 'absent')
+  folder = tmp_path / 'study' / 'lastfm'
+  folder.mkdir(parents=True)
+  row = {
+    'dataset': 'lastfm',
+    'method': 'warm_start',
+    'row': 'warm_start',
+    'hit@1': 0.25,
+    'valid_ratio': 0.9,
+    'avg_turns': 3.0,
+    'window_indices': [0, 1],
+    'window_hits': [1, 0],
+    'num_windows': 2,
+    'windows_of_split': 122,
+    'cell': 'lastfm/warm_start/seed_0',
+  }
+  (folder / 'warm_start__seed_0.json').write_text(json.dumps([row]))
+  text = table_report.committed_headline(tmp_path / 'study')
+  assert 'Committed results' in text and 'not what this command just ran' in text and str(tmp_path / 'study') in text
+  assert '0.250' in text and 'What holds:' in text and 'not tested' in text  # CoARS's rows are missing

@@ -1,0 +1,87 @@
+"""XLA's account of one packed update microbatch's memory on SmolLM2-135M (compiled, not run):
+`python -m experiments.bench_packed_memory [--rows=2] [--row_length=2048] [--teacher_length=2048] [--segments=32]`.
+
+The gradient of `coars.coars_objective` over one microbatch of packed dialogues (`sampling.packed`) with adapters on
+every layer and rematerialised layers, as the update step computes it: `--rows` rows of `--row_length` dialogue
+tokens, teacher rows of `--teacher_length` tokens and `--segments` reply segments of `--completion_length` tokens.
+Prints the compiled program's temporary, argument and output bytes (`Compiled.memory_analysis`), the figure that
+decides whether a microbatch fits beside the model.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from coars_jax.agents import backbone
+from coars_jax.agents.protocol import AGENTS
+from coars_jax.coars.loss import coars_objective
+from coars_jax.models.lora import LoRAConfig, add_lora
+from experiments import cli
+
+_ROWS = flags.DEFINE_integer('rows', 2, 'Dialogue rows in the microbatch.')
+_ROW_LENGTH = flags.DEFINE_integer('row_length', 2048, 'Tokens of each dialogue row.')
+_TEACHER_LENGTH = flags.DEFINE_integer('teacher_length', 2048, 'Tokens of each teacher row.')
+_SEGMENTS = flags.DEFINE_integer('segments', 32, 'Reply segments J of the microbatch.')
+_COMPLETION = flags.DEFINE_integer('completion_length', 128, 'Tokens N of each reply segment.')
+
+
+def synthetic_rows(vocab: int) -> dict:
+  rows, length, teacher, segments, reply = (
+    _ROWS.value,
+    _ROW_LENGTH.value,
+    _TEACHER_LENGTH.value,
+    _SEGMENTS.value,
+    _COMPLETION.value,
+  )
+  rng = np.random.default_rng(0)
+  per_row = segments // rows
+  return {
+    'dialogue_tokens': rng.integers(0, vocab, (rows, length)).astype(np.int32),
+    'dialogue_segments': np.ones((rows, length), np.int32),
+    'dialogue_positions': np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+    'row_adapter': (np.arange(rows) % 2).astype(np.int32),
+    'teacher_tokens': rng.integers(0, vocab, (rows, teacher)).astype(np.int32),
+    'teacher_segments': np.repeat(np.arange(1, per_row + 1), teacher // per_row)[None].repeat(rows, 0).astype(np.int32),
+    'teacher_positions': np.broadcast_to(np.arange(teacher, dtype=np.int32), (rows, teacher)).copy(),
+    'teacher_prefix_start': np.zeros((rows, teacher), np.int32),
+    'teacher_prefix_end': np.full((rows, teacher), length // 2, np.int32),
+    'completion_tokens': rng.integers(0, vocab, (segments, reply)).astype(np.int32),
+    'completion_mask': np.ones((segments, reply), bool),
+    'student_row': (np.arange(segments) // per_row).astype(np.int32),
+    'student_start': np.full(segments, length // 2, np.int32),
+    'teacher_row': (np.arange(segments) // per_row).astype(np.int32),
+    'teacher_start': ((np.arange(segments) % per_row) * (teacher // per_row) + teacher // per_row - reply).astype(
+      np.int32
+    ),
+    'agent': (np.arange(segments) % 2).astype(np.int32),
+    'adapter': (np.arange(segments) % 2).astype(np.int32),
+    'reward': np.ones(segments, np.float32),
+    'included': np.ones(segments, bool),
+    'num_episodes': np.float32(16),
+  }
+
+
+def main(argv):
+  del argv
+  model, _ = backbone.load_backbone(backbone.BackboneSpec(name=backbone.SMOLLM2))
+  add_lora(model, LoRAConfig(rank=8, alpha=16.0, layers='all'), AGENTS, rngs=nnx.Rngs(0))
+  graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+  batch = jax.tree.map(jnp.asarray, synthetic_rows(model.config.vocab_size))
+
+  def loss(lora, frozen, batch):
+    return coars_objective(nnx.merge(graphdef, lora, frozen), batch, lambda_sd=0.1, chunk_size=32, remat=True)[0]
+
+  compiled = jax.jit(jax.grad(loss)).lower(lora, frozen, batch).compile()
+  analysis = compiled.memory_analysis()
+  gib = 2.0**30
+  print(
+    f'packed microbatch: {_ROWS.value} rows x {_ROW_LENGTH.value} tokens, teacher rows of {_TEACHER_LENGTH.value}, '
+    f'{_SEGMENTS.value} segments x {_COMPLETION.value}: temporary {analysis.temp_size_in_bytes / gib:.2f} GiB, '
+    f'arguments {analysis.argument_size_in_bytes / gib:.2f} GiB, outputs {analysis.output_size_in_bytes / gib:.2f} GiB'
+  )
+
+
+if __name__ == '__main__':
+  cli.run(main)
