@@ -147,6 +147,8 @@ def main(argv):
   for name in _PHASES.value:
     nnx.update(model, jax.tree.map(lambda x: jax.numpy.asarray(np.array(x)), start_adapters))
     phase_config = copy.deepcopy(config)
+    # This benchmark splits the one-row-per-turn update (Part 8); experiments.bench_costs measures the packed one.
+    phase_config.rl.packed_update = False
     if name == 'off':
       phase_config.rl.prefix_reuse = False
       phase_config.rl.teacher_reuses_student_cache = False
