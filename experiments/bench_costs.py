@@ -39,6 +39,7 @@ from coars_jax.agents import benchmark as rollout_benchmark
 from coars_jax.eval.user_f1 import UserF1Config, evaluate_user_f1
 from coars_jax.models import decoder as decoder_lib
 from coars_jax.sampling.benchmark import best_of, decode_step_cost, measure_machine_peaks
+from coars_jax.data.user_sim import user_sim_set
 from coars_jax.training import experiment
 from experiments import cli, outputs
 
@@ -141,7 +142,7 @@ def eval_phase(name, config, parts, model, start_adapters, floor) -> dict:
 
 
 def f1_phase(config, parts, model) -> dict:
-  sim = experiment.user_sim_set(parts.dataset, config.data_root or None, allow_download=False)
+  sim = user_sim_set(parts.dataset, config.data_root or None, allow_download=False)
   sim = dataclasses.replace(sim, cases=sim.cases[: _F1_USERS.value])
   backend = experiment.greedy_backend(model, parts.tokenizer, config)
   start = time.perf_counter()

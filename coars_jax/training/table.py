@@ -34,7 +34,9 @@ import ml_collections
 
 from coars_jax import configlib
 from coars_jax.eval.table_report import GRID_FILE
+from coars_jax.data import DATASETS
 from coars_jax.training import experiment
+from coars_jax.training.metrics import METRICS_FILE
 
 REFERENCE = 'reference'
 EVALUATED_ROWS = ('zero_shot', 'reflexion', 'warm_start')
@@ -107,7 +109,7 @@ def validate_table(table: ml_collections.ConfigDict) -> None:
   configlib.check_keys(bare, defaults)
   configlib.require(table.base in ('smollm2', 'default'), 'base', "'smollm2' or 'default'", table.base)
   for dataset in table.datasets:
-    configlib.require(dataset in experiment.DATASETS, 'datasets', f'names from {experiment.DATASETS}', dataset)
+    configlib.require(dataset in DATASETS, 'datasets', f'names from {DATASETS}', dataset)
   for row in table.rows:
     configlib.require(row in ALL_ROWS, 'rows', f'names from {ALL_ROWS}', row)
   configlib.require_int_field(table, 'main_seeds', 1)
@@ -304,7 +306,7 @@ def run_cell(
     )
   path = results_file(table, cell)
   path.parent.mkdir(parents=True, exist_ok=True)
-  metrics = workdir / experiment.METRICS_FILE
+  metrics = workdir / METRICS_FILE
   if metrics.is_file():
     shutil.copyfile(metrics, path.with_suffix('.metrics.jsonl'))
     (path.with_suffix('.config.json')).write_text((workdir / experiment.CONFIG_FILE).read_text())

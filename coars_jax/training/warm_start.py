@@ -1,32 +1,25 @@
-"""The SFT warm start (project issue 4 section 3) for models that do not yet speak the dialogue protocol: scripted
-recommender-user dialogues on TRAINING windows, played through the real episode loop so every prompt is exactly
-what inference will show, then token-level cross-entropy on each agent's own completion tokens through its own
-LoRA adapter (optionally the base too), in fixed-shape length-bucketed batches under one jitted, donating update
-step; plus the Orbax save/load of the result and the ml_collections experiment (`default_config`, `validate`,
-`run`) that `experiments/warm_start.py` calls.
+"""The SFT warm start (project issue 4 section 3) for models that do not yet speak the dialogue protocol, as one
+call: scripted recommender-user dialogues on TRAINING windows (`scripted_dialogues`), played through the real
+episode loop so every prompt is exactly what inference will show, then SFT of each agent's own completion tokens
+through its own LoRA adapter (`sft`); plus greedy checks of the result, its Orbax save/load, and the
+ml_collections experiment (`default_config`, `validate`, `run`) that `experiments/warm_start.py` calls. The settings
+are `warm_start_config.WarmStartConfig`.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
 import json
 import logging
-import math
 import os
 import pathlib
 import shutil
-import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
-import tqdm
 from flax import nnx
 
 from coars_jax import configlib
@@ -39,675 +32,56 @@ from coars_jax.agents.episodes import (
   LLMBackend,
   LLMBackendConfig,
   RolloutConfig,
-  ScriptedBackend,
-  bind_peer,
   episode_metrics,
   run_episodes,
 )
-from coars_jax.agents.prompts import format_recommender_output, format_user_output
-from coars_jax.agents.protocol import ACTION_INTERVALS, ITEM_LABEL, is_single_line_title, single_line
 from coars_jax.agents.trajectory import Trajectory
-from coars_jax.data import DATASETS, TRAIN_POOLS, Dataset, candidate_list, load_dataset
+from coars_jax.data import DATASETS, Dataset, load_dataset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.adapter_checkpoint import load_adapters, save_adapters
 from coars_jax.models.config import DecoderConfig, RopeScaling
 from coars_jax.models.decoder import Decoder
-from coars_jax.models.lora import BASE_PARAMS, LoRAConfig, add_lora, adapter_index
+from coars_jax.models.lora import BASE_PARAMS, add_lora
 from coars_jax.parallel import distributed
 from coars_jax.recsys import experiment as sasrec_experiment
-from coars_jax.sampling import GREEDY, LengthBuckets, completion_log_probs
-from coars_jax.sampling.buckets import left_pad, right_pad
-from coars_jax.sampling.compilation import record_trace, trace_counts
-from coars_jax.training.optim import clipped_adamw, warmup_cosine_schedule
+from coars_jax.sampling import GREEDY, LengthBuckets
 
-# The name `record_trace` counts the update step under (`sampling.trace_counts()`).
-STEP_TRACE_NAME = 'training.warm_start.step'
-# The scripted user's score for a non-target lies in [0, .75) (dislike, skip or star, by q); for the target in
-# [.75, 1] (click). Scores are written with two decimals, the shape the tokenizer's protocol corpus was built on.
-SCORE_DECIMALS = 2
-
-
-# --- config ------------------------------------------------------------------------------------------------------
-
-# The research model's warm start (SmolLM2-135M-Instruct, issue 13): both agents' LoRA adapters on the frozen GGUF
-# base, SFT on scripted dialogues built from out-of-fold peer signals, with the moving hint shown. Shared by
-# configs/warm_start_smollm2.py and the SmolLM2 training configs (`training.experiment.smollm2_config`), so that
-# every method starts from one warm start. The pretrained base learns the protocol in tens of batch-1 steps (a
-# 24-step probe took its ValidRatio from 0 to 0.95); one ~1,000-token row peaks at about 8.4 GB here, so batch 1.
-SMOLLM2_WARM_START = {
-  'train_base': False,
-  'num_dialogues': 64,
-  'shuffled_dialogues': 16,
-  'steps': 48,
-  'batch_size': 1,
-  'learning_rate': 5e-4,
-  'warmup_steps': 4,
-}
-# Training windows of the SmolLM2 configs: each training user's last window. On LastFM the out-of-fold peer's top
-# pick is the target in 79% of windows drawn from all training windows, but in 36% of last windows (val 35%,
-# test 34%): earlier windows' targets are popular items of the training period, which val and test are not.
-SMOLLM2_TRAIN_POOL = 'last_per_user'
-# Length buckets of the SmolLM2 configs: its prompts are 300 to 1,000 tokens (x + d up to 2,048) and its messages
-# 20 to 90, so a few coarse buckets; each (prompt, completion) pair is one more compile of a 30-layer program, which
-# costs 30 to 60 s on 2 cores, more than the padding saved.
-SMOLLM2_BUCKETS = {'prompt_buckets': (512, 1024, 2048), 'completion_buckets': (64, 128)}
-# SASRec for the SmolLM2 configs: capped epochs (CPU budget) and 5 user folds for the training windows' peer.
-SMOLLM2_SASREC = {'sasrec_max_epochs': 20, 'sasrec_folds': 5}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class WarmStartConfig:
-  """The scripted dialogues and the SFT run.
-
-  Attributes:
-    num_dialogues: how many training windows get a scripted dialogue (drawn without replacement, seeded).
-    train_pool: which training windows they are drawn from (`data.TRAIN_POOLS`): 'all', or 'last_per_user', each
-      training user's last window, shaped like the val and test windows (see `WindowSplit.pool`).
-    shuffled_dialogues: how many more training windows (a second seeded draw) get a dialogue whose scripted
-      recommender, hint and peer follow a random order of the candidates instead of SASRec's. On training windows
-      SASRec's top candidate is nearly always the target, so its scripts are one turn long and their Item lines
-      skew towards what SASRec fits; random orders give five-turn dialogues with memory, moving hints and
-      rejections, and an Item line that only copying the hint predicts.
-    max_turns: T_u of the scripted episodes; the script recommends SASRec's t-th ranked candidate at turn t, so
-      a dialogue runs until the target's rank or T_u.
-    candidate_seed: the seed of the candidate lists C (`data.candidate_list`), as in `agents.RolloutConfig`.
-    show_hint: whether the recommender prompt carries SASRec's hint; must match what inference will use.
-    steps: optimizer updates.
-    batch_size: agent messages (rows) per update; every batch has exactly this many rows (partial batches are
-      filled with rows whose loss mask is empty), so shapes depend only on the length buckets.
-    learning_rate: peak AdamW step size, reached after `warmup_steps` linear steps, then cosine-decayed to
-      `final_learning_rate_fraction` of the peak at `steps`.
-    warmup_steps: linear warm-up updates: update k < warm-up uses peak (k + 1) / (warmup_steps + 1).
-    final_learning_rate_fraction: where the cosine decay ends, as a fraction of the peak.
-    weight_decay: AdamW's decoupled weight decay.
-    max_grad_norm: global gradient-norm clip.
-    lora_rank: r of the adapters `prepare_model` attaches (when the model has none yet).
-    lora_alpha: the LoRA alpha (delta scaled by alpha / r).
-    lora_layers: the layers that get adapters (`LoRAConfig.layers`: 'all', 'top_third', ...).
-    train_base: also train the base weights, shared by both agents. Off for pretrained bases (the paper trains
-      adapters only); on for a randomly initialised base such as the `tiny` preset, which has no language to
-      adapt and whose frozen random (tied) embedding would otherwise fix the output projection.
-    item_loss_weight: the weight of the recommender's `Item:` title tokens (and its end-of-turn token) in its
-      row's loss, against 1 for the other tokens; a row's loss is its weighted mean. The reason templates are
-      most of a recommender message, so at 1 the title the ValidRatio bar depends on is a small share of the loss.
-    seed: the dialogue draw, the batch order and the adapters' initial values.
-    buckets: prompt and completion lengths batches are padded up to; a run compiles at most one update program
-      per (prompt bucket, completion bucket) pair its batches use.
-    progress: show a tqdm bar.
-  """
-
-  num_dialogues: int = 512
-  train_pool: str = 'all'
-  shuffled_dialogues: int = 0
-  max_turns: int = 5
-  candidate_seed: int = 0
-  show_hint: bool = False
-  steps: int = 1000
-  batch_size: int = 8
-  learning_rate: float = 1e-3
-  warmup_steps: int = 20
-  final_learning_rate_fraction: float = 0.1
-  weight_decay: float = 0.0
-  max_grad_norm: float = 1.0
-  lora_rank: int = 8
-  lora_alpha: float = 16.0
-  lora_layers: str = 'all'
-  train_base: bool = False
-  item_loss_weight: float = 1.0
-  seed: int = 0
-  buckets: LengthBuckets = LengthBuckets()
-  progress: bool = True
-
-  def __post_init__(self):
-    for name, least in (
-      ('num_dialogues', 1),
-      ('shuffled_dialogues', 0),
-      ('max_turns', 1),
-      ('candidate_seed', 0),
-      ('steps', 1),
-      ('batch_size', 1),
-      ('warmup_steps', 0),
-      ('lora_rank', 1),
-      ('seed', 0),
-    ):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f'WarmStartConfig.{name} must be an int >= {least}, found {value!r}')
-    for name in ('learning_rate', 'lora_alpha', 'max_grad_norm', 'item_loss_weight'):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f'WarmStartConfig.{name} must be a positive number, found {value!r}')
-    for name in ('weight_decay', 'final_learning_rate_fraction'):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f'WarmStartConfig.{name} must be a number in [0, 1], found {value!r}')
-    for name in ('show_hint', 'train_base', 'progress'):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f'WarmStartConfig.{name} must be a bool, found {getattr(self, name)!r}')
-    self.lora  # checks lora_layers' spelling
-    if self.train_base and self.lora_layers != 'all':
-      raise ValueError(
-        f"WarmStartConfig.lora_layers must be 'all' when train_base is on (found "
-        f'{self.lora_layers!r}): the backward pass stops below the lowest adapted layer'
-      )
-    if self.train_pool not in TRAIN_POOLS:
-      raise ValueError(f'WarmStartConfig.train_pool must be one of {TRAIN_POOLS}, found {self.train_pool!r}')
-    if self.warmup_steps >= self.steps:
-      raise ValueError(f'WarmStartConfig.warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})')
-    if not isinstance(self.buckets, LengthBuckets):
-      raise TypeError(f'WarmStartConfig.buckets must be a sampling.LengthBuckets, found {type(self.buckets).__name__}')
-
-  @property
-  def rollout(self) -> RolloutConfig:
-    """The protocol the scripted episodes are played under."""
-    return RolloutConfig(max_turns=self.max_turns, candidate_seed=self.candidate_seed, show_hint=self.show_hint)
-
-  @property
-  def lora(self) -> LoRAConfig:
-    return LoRAConfig(rank=self.lora_rank, alpha=float(self.lora_alpha), layers=self.lora_layers)
-
-
-# --- scripted dialogues ------------------------------------------------------------------------------------------
-
-# Rationales are templates over the history (recommender) or the recommended item (user), picked per (episode,
-# turn) by a seeded generator; a few phrasings keep the adapters from learning one fixed sentence per agent.
-RECOMMENDER_REASONS = (
-  'The history ends with {last}, and this candidate fits right after it.',
-  'After {last} and {earlier}, this is the closest candidate to the history.',
-  'Listeners of {last} tend to pick this candidate next.',
-  'It matches the items in the history, most of all {last}.',
+# The settings, the scripted dialogues and the SFT step live in their own modules; their names stay importable
+# from here.
+from coars_jax.training.warm_start_config import (  # noqa: F401
+  SMOLLM2_BUCKETS,
+  SMOLLM2_SASREC,
+  SMOLLM2_TRAIN_POOL,
+  SMOLLM2_WARM_START,
+  WarmStartConfig,
 )
-USER_REASONS = {
-  'click': ('{item} is exactly what I wanted after {last}.', 'I like {item}; it fits my history well.'),
-  'star': ('{item} looks good, but I want to see more.', '{item} is close to my taste; show me more.'),
-  'skip': ('{item} does not interest me right now.', 'I am not sure about {item}; it is not what I want.'),
-  'dislike': ('{item} is not my taste at all.', 'I do not want {item}; it is far from my history.'),
-}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class DialogueScript:
-  """What the scripted agents know about each episode row.
-
-  Attributes:
-    split: the split the windows come from.
-    window_indices: int[E], the window each row plays.
-    ranked: int32[E, C], each row's candidate list C in SASRec's order, best first; turn t recommends
-      ranked[e, t - 1].
-    similarity: float32[E, C], q in [-1, 1] of each ranked item (same order as `ranked`).
-    target: int32[E], i*.
-  """
-
-  split: str
-  window_indices: np.ndarray
-  ranked: np.ndarray
-  similarity: np.ndarray
-  target: np.ndarray
-
-  def recommended(self, episode: int, turn: int) -> int:
-    """The item the scripted recommender names at turn t of row `episode`."""
-    if not 1 <= turn <= self.ranked.shape[1]:
-      raise ValueError(
-        f'turn {turn} is outside 1..{self.ranked.shape[1]} (the candidate list has {self.ranked.shape[1]} items)'
-      )
-    return int(self.ranked[episode, turn - 1])
-
-
-def dialogue_script(
-  dataset: Dataset,
-  peer,
-  split: str,
-  window_indices: Sequence[int],
-  *,
-  rollout: RolloutConfig = RolloutConfig(),
-  shuffle_seed: int | None = None,
-) -> DialogueScript:
-  """The peer's ranking of each window's candidate list and the similarity q of every candidate.
-
-  `peer` is a `recsys.CrossFittedPeer` (training windows get their user's out-of-fold SASRec, METHOD.md section 2),
-  a `recsys.SASRec`, or any `agents.Peer` with `candidate_scores`. The candidate lists are `data.candidate_list`
-  with the rollout's seed and size, the very lists `run_episodes` shows, and ties are broken towards the earlier
-  candidate as `recsys.peer.top_candidate`'s argmax does, so the script's first pick is the peer's top candidate.
-  With `shuffle_seed`, each row's order is instead a random permutation of its candidates (seeded by
-  `shuffle_seed` and the window), and q still comes from the peer.
-  """
-  indices = np.asarray([int(i) for i in window_indices], np.int64)
-  windows = dataset.split(split)
-  candidates = np.stack(
-    [candidate_list(dataset, split, int(i), rollout.candidate_seed, rollout.num_candidates) for i in indices]
-  ).astype(np.int32)
-  history = np.asarray(windows.history[indices], np.int32)
-  lengths = np.asarray(windows.lengths[indices], np.int32)
-  bound = bind_peer(peer, split, windows.users[indices])
-  scores = np.asarray(bound.candidate_scores(history, lengths, candidates))
-  if shuffle_seed is None:
-    order = np.argsort(-scores, axis=1, kind='stable')
-  else:
-    order = np.stack(
-      [np.random.default_rng([shuffle_seed, int(i), 0x5AF]).permutation(candidates.shape[1]) for i in indices]
-    )
-  similarity = np.asarray(bound.candidate_similarities(history, lengths, candidates), np.float32)
-  return DialogueScript(
-    split=split,
-    window_indices=indices,
-    ranked=np.take_along_axis(candidates, order, axis=1),
-    similarity=np.take_along_axis(similarity, order, axis=1),
-    target=np.asarray(windows.targets[indices], np.int32),
-  )
-
-
-class ScriptPeer:
-  """The `agents.Peer` of a shuffled script: its ranking (so the hint and p_t) is the script's order, and q is the
-  script's own (the peer's). It serves `run_episodes` on exactly the script's windows, in the script's order."""
-
-  def __init__(self, script: DialogueScript):
-    self.script = script
-
-  def _check(self, candidates) -> None:
-    candidates = np.asarray(candidates)
-    if (
-      candidates.shape != self.script.ranked.shape
-      or not (np.sort(candidates, axis=1) == np.sort(self.script.ranked, axis=1)).all()
-    ):
-      raise ValueError('ScriptPeer serves only the candidate lists of its own script, in its order')
-
-  def candidate_ranking(self, history, lengths, candidates):
-    self._check(candidates)
-    return self.script.ranked
-
-  def top_candidates(self, history, lengths, candidates):
-    return self.candidate_ranking(history, lengths, candidates)[:, 0]
-
-  def candidate_similarities(self, history, lengths, candidates):
-    self._check(candidates)
-    # q in the caller's candidate order; the script holds it in its own ranked order.
-    lookups = [
-      dict(zip(ranked.tolist(), similarity.tolist()))
-      for ranked, similarity in zip(self.script.ranked, self.script.similarity)
-    ]
-    return np.asarray(
-      [[lookup[int(item)] for item in row] for lookup, row in zip(lookups, np.asarray(candidates))], np.float32
-    )
-
-
-def scripted_user_reaction(is_target: bool, similarity: float) -> tuple[str, float]:
-  """(a_t, s_t) of the scripted user: the target is clicked, anything else is not.
-
-  q in [-1, 1] is mapped linearly onto the action's range: [.75, 1] for the target, [0, .75) for the rest, so a
-  non-target's action follows from q (dislike below q = -1/3, skip below 1/3, star above). Scores are rounded
-  down to `SCORE_DECIMALS` and kept inside the interval.
-  """
-  unit = (min(max(float(similarity), -1.0), 1.0) + 1.0) / 2.0
-  scale = 10**SCORE_DECIMALS
-  if is_target:
-    low, high = ACTION_INTERVALS['click']
-    return 'click', math.floor((low + unit * (high - low)) * scale) / scale
-  high = ACTION_INTERVALS['star'][1]
-  score = min(math.floor(unit * high * scale), high * scale - 1) / scale
-  action = next(name for name, (lo, hi) in ACTION_INTERVALS.items() if lo <= score < hi)
-  return action, score
-
-
-def _title_for_output(title: str) -> str:
-  # The script writes the candidate's title verbatim; a title with stray whitespace or line breaks is written in
-  # its one-line form, which the parser's normalized rule still matches to the candidate.
-  return title if is_single_line_title(title) else single_line(title)
-
-
-class ScriptedAgents:
-  """The `ScriptedBackend` responder of the warm start: the recommender follows SASRec's ranking, the user clicks
-  exactly on the target. Deterministic in (seed, episode row, turn)."""
-
-  def __init__(self, dataset: Dataset, script: DialogueScript, *, seed: int = 0):
-    self.script, self.seed = script, int(seed)
-    titles = dataset.catalog.titles
-    self.titles = titles
-    windows = dataset.split(script.split)
-    self.history_titles = [[titles[item] for item in windows.window(int(i)).history] for i in script.window_indices]
-
-  def _choice(self, options: Sequence[str], episode: int, turn: int, agent: int) -> str:
-    rng = np.random.default_rng([self.seed, int(self.script.window_indices[episode]), turn, agent])
-    return options[int(rng.integers(len(options)))]
-
-  def _history_names(self, episode: int) -> tuple[str, str]:
-    history = self.history_titles[episode] or ['nothing yet']
-    last = single_line(history[-1])
-    earlier = single_line(history[-2]) if len(history) > 1 else last
-    return last, earlier
-
-  def __call__(self, agent: str, episode: int, turn: int, messages) -> str:
-    del messages  # The script knows the episode; the prompt it was given is what the model will learn from.
-    item = self.script.recommended(episode, turn)
-    last, earlier = self._history_names(episode)
-    if agent == RECOMMENDER:
-      reason = self._choice(RECOMMENDER_REASONS, episode, turn, 0).format(last=last, earlier=earlier)
-      return format_recommender_output(reason, _title_for_output(self.titles[item]))
-    if agent != USER:
-      raise ValueError(f'agent must be one of {AGENTS}, found {agent!r}')
-    column = int(np.flatnonzero(self.script.ranked[episode] == item)[0])
-    action, score = scripted_user_reaction(
-      item == int(self.script.target[episode]), float(self.script.similarity[episode, column])
-    )
-    reason = self._choice(USER_REASONS[action], episode, turn, 1).format(item=single_line(self.titles[item]), last=last)
-    return format_user_output(reason, action, score)
-
-
-def draw_windows(dataset: Dataset, count: int, *, seed: int, split: str = 'train', pool: str = 'all') -> np.ndarray:
-  """`count` distinct window indices of `split`'s `pool` (`WindowSplit.pool`), drawn with `seed`, ascending."""
-  candidates = dataset.split(split).pool(pool)
-  if count > len(candidates):
-    raise ValueError(
-      f'num_dialogues={count} exceeds the {len(candidates)} {split} windows of {dataset.name!r} in '
-      f'pool {pool!r}; lower num_dialogues to at most {len(candidates)}'
-    )
-  rng = np.random.default_rng([seed, 0x5F7])
-  return np.sort(candidates[rng.choice(len(candidates), size=count, replace=False)])
-
-
-def scripted_dialogues(
-  dataset: Dataset,
-  peer,
-  tokenizer,
-  window_indices: Sequence[int],
-  *,
-  rollout: RolloutConfig = RolloutConfig(),
-  split: str = 'train',
-  seed: int = 0,
-  shuffled: bool = False,
-) -> list[Episode]:
-  """Plays the scripted agents through `agents.run_episodes` (so prompts, memory and stopping are the real
-  loop's) on `window_indices` of `split`; one episode per window, in order. `shuffled` scripts follow a random
-  order of the candidates (seeded by `seed`), which the hint and the peer opinion follow too (`ScriptPeer`)."""
-  script = dialogue_script(
-    dataset, peer, split, window_indices, rollout=rollout, shuffle_seed=seed if shuffled else None
-  )
-  backend = ScriptedBackend(tokenizer, ScriptedAgents(dataset, script, seed=seed))
-  return run_episodes(
-    dataset,
-    split,
-    list(script.window_indices),
-    backend,
-    peer=ScriptPeer(script) if shuffled else peer,
-    config=rollout,
-    seed=seed,
-  )
-
-
-# --- SFT examples and fixed-shape batches ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class SFTExamples:
-  """One row per agent message: the unpadded prompt x and completion y token ids, and the agent (0 recommender,
-  1 user, as `Trajectory.agent`)."""
-
-  prompts: tuple[np.ndarray, ...]
-  completions: tuple[np.ndarray, ...]
-  agent: np.ndarray
-  # int[S]: where each row's Item-line title starts in its completion (-1: none, e.g. user rows); None = unknown.
-  item_start: np.ndarray | None = None
-
-  def __post_init__(self):
-    if not len(self.prompts) == len(self.completions) == len(self.agent):
-      raise ValueError(
-        f'SFTExamples: {len(self.prompts)} prompts, {len(self.completions)} completions and '
-        f'{len(self.agent)} agent ids; expected one of each per row'
-      )
-    if not len(self.prompts):
-      raise ValueError('SFTExamples needs at least one row')
-    if self.item_start is not None and len(self.item_start) != len(self.prompts):
-      raise ValueError(f'SFTExamples: {len(self.item_start)} item starts for {len(self.prompts)} rows')
-
-  def with_item_starts(self, tokenizer) -> 'SFTExamples':
-    """These rows with `item_start` found by decoding each recommender completion (`item_title_start`)."""
-    starts = np.asarray(
-      [
-        item_title_start(tokenizer, completion) if agent == AGENTS.index(RECOMMENDER) else -1
-        for completion, agent in zip(self.completions, self.agent)
-      ],
-      np.int64,
-    )
-    return dataclasses.replace(self, item_start=starts)
-
-  def __len__(self) -> int:
-    return len(self.prompts)
-
-  @classmethod
-  def from_trajectory(cls, trajectory: Trajectory) -> 'SFTExamples':
-    prompts = tuple(trajectory.prompt_tokens[row][trajectory.prompt_mask[row]] for row in range(len(trajectory.agent)))
-    completions = tuple(
-      trajectory.completion_tokens[row][trajectory.completion_mask[row]] for row in range(len(trajectory.agent))
-    )
-    return cls(prompts=prompts, completions=completions, agent=trajectory.agent.astype(np.int32))
-
-  def max_completion_tokens(self, agent: str) -> int:
-    """The longest completion of `agent`, end-of-turn token included (0 if it has no rows)."""
-    rows = np.flatnonzero(self.agent == AGENTS.index(agent))
-    return max((len(self.completions[row]) for row in rows), default=0)
-
-
-def item_title_start(tokenizer, completion: np.ndarray) -> int:
-  """The index of the first token after `Item:` in a recommender completion's ids (the title's first token), or
-  -1 when its text has no Item line."""
-  marker = f'\n{ITEM_LABEL}:'
-  for end in range(1, len(completion) + 1):
-    if marker in tokenizer.decode(completion[:end], skip_special_tokens=False):
-      return end if end < len(completion) else -1
-  return -1
-
-
-def batch_shapes(examples: SFTExamples, buckets: LengthBuckets) -> np.ndarray:
-  """int[S, 2]: the (prompt, completion) bucket of every row."""
-  return np.asarray(
-    [
-      (buckets.prompt_length(len(p)), buckets.completion_length(len(c)))
-      for p, c in zip(examples.prompts, examples.completions)
-    ],
-    np.int64,
-  )
-
-
-def batch_indices(examples: SFTExamples, batch_size: int, buckets: LengthBuckets, *, seed: int) -> Iterator[np.ndarray]:
-  """Endless rows of `batch_size` row indices (-1 = filler), one epoch after another.
-
-  Rows are grouped by their (prompt, completion) bucket, shuffled within groups, cut into batches, and the
-  batches of an epoch are shuffled; a group's last partial batch is filled with -1. Grouping keeps each batch
-  as short as its own rows (turn-1 prompts are far shorter than turn-5 ones) and the shapes to one per group.
-  """
-  shapes = batch_shapes(examples, buckets)
-  groups = collections.defaultdict(list)
-  for row, shape in enumerate(map(tuple, shapes)):
-    groups[shape].append(row)
-  keys = sorted(groups)
-  rng = np.random.default_rng([seed, 0xBA7C])
-  while True:
-    batches = []
-    for key in keys:
-      rows = rng.permutation(groups[key])
-      for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batches.append(np.concatenate([chunk, np.full(batch_size - len(chunk), -1, np.int64)]))
-    for position in rng.permutation(len(batches)):
-      yield batches[position]
-
-
-def make_batch(
-  examples: SFTExamples,
-  rows: np.ndarray,
-  buckets: LengthBuckets,
-  adapter_of_agent: Sequence[int],
-  *,
-  pad_token_id: int = 0,
-  item_loss_weight: float = 1.0,
-) -> dict[str, np.ndarray]:
-  """Host arrays of one batch: left-padded prompts and right-padded completions at their buckets, the adapter
-  of each row (its agent's), the agent id, an empty completion mask on filler rows (index -1), which copy
-  the first real row's tokens so every context has a real token, and each completion token's loss weight
-  (`item_loss_weight` from a row's `item_start` on, 1 before; it needs `examples.item_start` unless it is 1)."""
-  real = [int(row) for row in rows if row >= 0]
-  if not real:
-    raise ValueError('make_batch: the batch has no real rows')
-  filled = [int(row) if row >= 0 else real[0] for row in rows]
-  prompt_length = buckets.prompt_length(max(len(examples.prompts[row]) for row in real))
-  completion_length = buckets.completion_length(max(len(examples.completions[row]) for row in real))
-  prompt_tokens, prompt_mask = left_pad([examples.prompts[row] for row in filled], prompt_length, pad_token_id)
-  completion_tokens, completion_mask = right_pad(
-    [examples.completions[row] for row in filled], completion_length, pad_token_id
-  )
-  completion_mask[np.asarray(rows) < 0] = 0
-  weight = np.ones(completion_mask.shape, np.float32)
-  if item_loss_weight != 1.0:
-    if examples.item_start is None:
-      raise ValueError('make_batch: item_loss_weight != 1 needs SFTExamples.item_start (with_item_starts)')
-    for position, row in enumerate(filled):
-      start = int(examples.item_start[row])
-      if start >= 0:
-        weight[position, start:] = item_loss_weight
-  agent = examples.agent[filled].astype(np.int32)
-  return {
-    'prompt_tokens': prompt_tokens,
-    'prompt_mask': prompt_mask,
-    'completion_tokens': completion_tokens,
-    'completion_mask': completion_mask,
-    'completion_weight': weight * completion_mask,
-    'agent': agent,
-    'adapter': np.asarray(adapter_of_agent, np.int32)[agent],
-  }
-
-
-# --- loss and update step ----------------------------------------------------------------------------------------
-
-
-def sft_loss(model: Decoder, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Token-level cross-entropy of each row's own completion under its own adapter.
-
-  A row's loss is the mean of -log pi(y_n | x, y_<n) over its masked completion tokens (the tokens its agent
-  generated), weighted by `completion_weight` where the batch has it (`make_batch`); the batch loss is the mean
-  over rows with any masked token. Returns (loss, metrics) where metrics hold each agent's mean row loss and row
-  count.
-  """
-  log_probs = completion_log_probs(
-    model,
-    batch['prompt_tokens'],
-    batch['prompt_mask'],
-    batch['completion_tokens'],
-    batch['completion_mask'],
-    adapter=batch['adapter'],
-  )
-  mask = batch['completion_mask'].astype(jnp.float32)
-  weight = batch.get('completion_weight', mask).astype(jnp.float32) * mask
-  tokens = mask.sum(axis=1)
-  row_loss = -(log_probs * weight).sum(axis=1) / jnp.maximum(weight.sum(axis=1), 1e-6)
-  real = tokens > 0
-
-  def mean_over(rows):
-    count = rows.sum()
-    return jnp.where(rows, row_loss, 0.0).sum() / jnp.maximum(count, 1), count
-
-  loss, _ = mean_over(real)
-  metrics = {'loss': loss}
-  for index, agent in enumerate(AGENTS):
-    metrics[f'loss_{agent}'], metrics[f'rows_{agent}'] = mean_over(real & (batch['agent'] == index))
-  return loss, metrics
-
-
-def trainable_filter(train_base: bool):
-  """What the optimizer updates: the adapters (`nnx.LoRAParam`) alone, or every parameter."""
-  return nnx.Param if train_base else nnx.LoRAParam
-
-
-@functools.partial(jax.jit, static_argnames=('graphdef', 'train_base'), donate_argnames=('state',))
-def _train_step(
-  graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], *, train_base: bool
-) -> tuple[nnx.State, dict[str, jax.Array]]:
-  record_trace(STEP_TRACE_NAME)
-  model, optimizer = nnx.merge(graphdef, state)
-  grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, trainable_filter(train_base)), has_aux=True)
-  (_, metrics), grads = grad_fn(model, batch)
-  metrics['grad_norm'] = optax.tree.norm(grads)
-  optimizer.update(model, grads)
-  return nnx.state((model, optimizer)), metrics
-
-
-def learning_rate_schedule(config: WarmStartConfig) -> optax.Schedule:
-  """The SFT step size per update: `optim.warmup_cosine_schedule` over `steps`."""
-  return warmup_cosine_schedule(
-    config.learning_rate,
-    warmup_steps=config.warmup_steps,
-    total_steps=config.steps,
-    final_fraction=config.final_learning_rate_fraction,
-  )
-
-
-def make_optimizer(model: Decoder, config: WarmStartConfig) -> nnx.Optimizer:
-  tx = clipped_adamw(
-    max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, learning_rate=learning_rate_schedule(config)
-  )
-  return nnx.Optimizer(model, tx, wrt=trainable_filter(config.train_base))
-
-
-def agent_adapters(model: Decoder) -> tuple[int, ...]:
-  """The adapter index of each agent in `AGENTS` order; both must exist on the model."""
-  missing = [agent for agent in AGENTS if agent not in model.adapter_names]
-  if missing:
-    raise ValueError(
-      f'the model has adapters {model.adapter_names}; the warm start needs one per agent '
-      f'{list(AGENTS)} (missing {missing}); attach them with models.add_lora or prepare_model'
-    )
-  return tuple(adapter_index(model, agent) for agent in AGENTS)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainResult:
-  """What `train_sft` reports: per-step metrics (host floats) and the number of update-step traces."""
-
-  history: tuple[dict[str, float], ...]
-  traces: int
-  seconds: float
-
-
-def train_sft(
-  model: Decoder, examples: SFTExamples, config: WarmStartConfig, *, pad_token_id: int = 0, steps: int | None = None
-) -> TrainResult:
-  """Runs `config.steps` (or `steps`) updates on `model`, in place.
-
-  The model and optimizer state are split once and donated to each jitted step, so parameters are updated in
-  place on the device; the trained values are written back into `model` at the end (an exception mid-run leaves
-  `model` holding donated buffers: rebuild it).
-  """
-  adapters = agent_adapters(model)
-  optimizer = make_optimizer(model, config)
-  graphdef, state = nnx.split((model, optimizer))
-  order = batch_indices(examples, config.batch_size, config.buckets, seed=config.seed)
-  total = config.steps if steps is None else steps
-  history, traces_before = [], _step_traces()
-  start = time.perf_counter()
-  bar = tqdm.tqdm(range(total), desc='warm start', disable=not config.progress, dynamic_ncols=True)
-  for _ in bar:
-    batch = make_batch(
-      examples,
-      next(order),
-      config.buckets,
-      adapters,
-      pad_token_id=pad_token_id,
-      item_loss_weight=config.item_loss_weight,
-    )
-    state, metrics = _train_step(
-      graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()}, train_base=config.train_base
-    )
-    history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
-    bar.set_postfix(
-      loss=f'{history[-1]["loss"]:.3f}',
-      rec=f'{history[-1]["loss_recommender"]:.3f}',
-      user=f'{history[-1]["loss_user"]:.3f}',
-    )
-  trained_model, _ = nnx.merge(graphdef, state)
-  nnx.update(model, nnx.state(trained_model))
-  return TrainResult(history=tuple(history), traces=_step_traces() - traces_before, seconds=time.perf_counter() - start)
-
-
-def _step_traces() -> int:
-  return trace_counts().get(STEP_TRACE_NAME, 0)
+from coars_jax.training.scripted_dialogues import (  # noqa: F401
+  dialogue_script,
+  DialogueScript,
+  draw_windows,
+  RECOMMENDER_REASONS,
+  SCORE_DECIMALS,
+  scripted_dialogues,
+  scripted_user_reaction,
+  ScriptedAgents,
+  ScriptPeer,
+  USER_REASONS,
+)
+from coars_jax.training.sft import (  # noqa: F401
+  agent_adapters,
+  batch_indices,
+  batch_shapes,
+  item_title_start,
+  learning_rate_schedule,
+  make_batch,
+  make_optimizer,
+  sft_loss,
+  SFTExamples,
+  STEP_TRACE_NAME,
+  train_sft,
+  trainable_filter,
+  TrainResult,
+)
 
 
 # --- the warm start as one call ----------------------------------------------------------------------------------
