@@ -47,6 +47,16 @@ def get_config(variant: str = ''):
   return config
 
 
+# The recipe choices of the study's pilot (`experiments.pilot`, val windows only): the table's recipe, rollouts under
+# the output grammars, a 3x learning rate, and a cooler sampling temperature.
+PILOT_ARMS = {
+  'base': {},
+  'constrained': {'rl': {'constrained': True}},
+  'lr_3e-4': {'rl': {'learning_rate': 3e-4}},
+  'temperature_07': {'sampling': {'temperature': 0.7}},
+}
+
+
 def lastfm_study():
   config = table.table_defaults()
   config.name = 'table_smollm2_lastfm_study'
@@ -61,4 +71,5 @@ def lastfm_study():
     'eval': {'every': 4, 'val_windows': 16, 'test_windows': 0, 'user_f1': {'num_users': 0, 'also_without_peer': True}},
     'checkpoint': {'every': 1},
   }
+  config.pilot = {'row': 'coars', 'iterations': 4, 'arms': PILOT_ARMS}
   return config

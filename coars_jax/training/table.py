@@ -91,6 +91,9 @@ def table_defaults() -> ml_collections.ConfigDict:
       'results_root': 'results/table',
       'overrides': {},  # nested like the experiment config; applied to every cell
       'compilation_cache': '',  # a folder for JAX's persistent compilation cache ('' = off)
+      # The recipe pilot (`experiments.pilot`): the first `iterations` of `row`'s seed-0 cell under each arm (arm name
+      # -> experiment fields, nested like `overrides`), judged on val windows only.
+      'pilot': {'row': 'coars', 'iterations': 4, 'arms': {'base': {}}},
     }
   )
 
@@ -103,9 +106,12 @@ def validate_table(table: ml_collections.ConfigDict) -> None:
     del bare['overrides']
     if 'row_seeds' in bare:
       del bare['row_seeds']
+    if 'pilot' in bare:
+      del bare['pilot']['arms']
   with defaults.unlocked():
     del defaults['overrides']
     del defaults['row_seeds']
+    del defaults['pilot']['arms']
   configlib.check_keys(bare, defaults)
   configlib.require(table.base in ('smollm2', 'default'), 'base', "'smollm2' or 'default'", table.base)
   for dataset in table.datasets:
@@ -124,6 +130,14 @@ def validate_table(table: ml_collections.ConfigDict) -> None:
   # Every cell's experiment config must be valid (overrides name real fields with valid values) before any runs.
   for cell in {cell.kind: cell for cell in reversed(grid(table))}.values():
     experiment.validate(cell_config(table, cell))
+  configlib.require(table.pilot.row in MAIN_RL_ROWS + ABLATION_ROWS, 'pilot.row', 'an RL row', table.pilot.row)
+  configlib.require_int_field(table, 'pilot.iterations', 1)
+  for arm, fields in table.pilot.arms.items():
+    config = cell_config(table, Cell(table.datasets[0], table.pilot.row, 0))
+    _merge(
+      config, fields.to_dict() if isinstance(fields, ml_collections.ConfigDict) else dict(fields), f'pilot.arms.{arm}.'
+    )
+    experiment.validate(config)
 
 
 def seeds_for(table: ml_collections.ConfigDict, dataset: str, row: str) -> tuple[int, ...]:
@@ -167,10 +181,10 @@ def select(cells: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
   return sorted(kept, key=cells.index)
 
 
-def _merge(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], prefix: str = '') -> None:
+def _merge(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], prefix: str = 'overrides.') -> None:
   for key, value in overrides.items():
     if key not in config:
-      raise configlib.ConfigError(f'Table field overrides.{prefix}{key}: not a field of the experiment config')
+      raise configlib.ConfigError(f'Table field {prefix}{key}: not a field of the experiment config')
     if isinstance(value, Mapping) and isinstance(config[key], ml_collections.ConfigDict):
       _merge(config[key], value, f'{prefix}{key}.')
     else:
