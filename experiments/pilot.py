@@ -121,29 +121,16 @@ def print_summary(summaries: list[dict]) -> None:
     )
 
 
-def main(argv):
-  del argv
-  table = _CONFIG.value
-  table_lib.validate_table(table)
-  dataset = _DATASET.value or table.datasets[0]
-  if dataset not in table.datasets:
-    raise app.UsageError(f"--dataset={dataset!r} is not one of the table's datasets {tuple(table.datasets)}")
+def run_pilot(table, arms, dataset: str, *, components=None) -> tuple[list[dict], pathlib.Path]:
+  """Runs (or continues, or reads back) each arm in `arms`; returns their summaries and the summary file.
+  `components` builds a run's parts from its config (default: loads them by name, as `table.run_cell`)."""
   row = table.pilot.row
-  if table_lib.row_kind(row) != 'rl':
-    raise app.UsageError(f'pilot.row must be an RL row, found {row!r}')
-  arms = _ARMS.value or list(table.pilot.arms)
-  unknown = [arm for arm in arms if arm not in table.pilot.arms]
-  if unknown:
-    raise app.UsageError(f'--arms: {unknown} not in pilot.arms {list(table.pilot.arms)}')
   cell = table_lib.Cell(dataset, row, 0)
   iterations = int(table.pilot.iterations)
   root = table_lib.absolute_path(table.runs_root) / dataset / 'pilot'
   output = table_lib.absolute_path(table.results_root) / 'pilot' / f'{dataset}_{row}.json'
   output.parent.mkdir(parents=True, exist_ok=True)
-  previous = json.loads(output.read_text()) if output.is_file() else {'arms': {}}
-  if _HOURS.value:
-    signal.signal(signal.SIGALRM, lambda *_: signal.raise_signal(signal.SIGTERM))
-    signal.alarm(max(1, int(_HOURS.value * 3600)))
+  kept = json.loads(output.read_text()) if output.is_file() else {'arms': {}}
   summaries = []
   for number, arm in enumerate(arms, 1):
     workdir = root / arm
@@ -156,20 +143,39 @@ def main(argv):
         flush=True,
       )
       start = time.perf_counter()
-      table_lib.run_cell(table, cell, overrides=overrides)
+      table_lib.run_cell(table, cell, components=components, overrides=overrides)
       print(f'arm {arm}: {time.perf_counter() - start:.0f} s in this invocation', flush=True)
     summary = summarize(arm, fields, read_lines(workdir), iterations)
     summaries.append(summary)
-    previous['arms'][arm] = summary
-    previous.update({'table': table.name, 'dataset': dataset, 'row': row, 'pilot_iterations': iterations})
-    output.write_text(json.dumps(previous, indent=2, default=str))
+    kept['arms'][arm] = summary
+    kept.update({'table': table.name, 'dataset': dataset, 'row': row, 'pilot_iterations': iterations})
+    output.write_text(json.dumps(kept, indent=2, default=str))
     if summary['iterations_done'] < iterations:
       print(f'arm {arm} stopped after {summary["iterations_done"]} of {iterations} iterations; rerun to continue')
       break
+  return summaries, output
+
+
+def main(argv):
+  del argv
+  table = _CONFIG.value
+  table_lib.validate_table(table)
+  dataset = _DATASET.value or table.datasets[0]
+  if dataset not in table.datasets:
+    raise app.UsageError(f"--dataset={dataset!r} is not one of the table's datasets {tuple(table.datasets)}")
+  arms = _ARMS.value or list(table.pilot.arms)
+  unknown = [arm for arm in arms if arm not in table.pilot.arms]
+  if unknown:
+    raise app.UsageError(f'--arms: {unknown} not in pilot.arms {list(table.pilot.arms)}')
+  if _HOURS.value:
+    # SIGALRM becomes the SIGTERM the runs already handle: the arm in flight checkpoints and returns.
+    signal.signal(signal.SIGALRM, lambda *_: signal.raise_signal(signal.SIGTERM))
+    signal.alarm(max(1, int(_HOURS.value * 3600)))
+  summaries, output = run_pilot(table, arms, dataset)
   signal.alarm(0)
   print_summary(summaries)
   print(f'\n-> {output}')
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, required=('config',))
