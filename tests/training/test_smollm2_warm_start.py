@@ -2,10 +2,14 @@
 recommender names a candidate on held-out training windows far more often after 24 batch-1 steps on a handful of
 scripted dialogues than before them. The thresholds were fixed before the first run: the base is expected near 0
 (it echoes its prompt), and after the steps the share must be at least 0.5 and at least 0.4 above the base's. A
-first version with 12 steps failed them (0.0 -> 0.33); 24 steps, the count of the probe that reached 0.95, pass."""
+first version with 12 steps failed them (0.0 -> 0.33); 24 steps, the count of the probe that reached 0.95, pass.
+
+On the append-only prompts of issue 21 the result at weight 1 depended on the training seed (0.33, 0.83, 1.00 for
+seeds 0, 1, 2: one run fails the bar); with the Item line's title and end weighted 4x in the loss, as the research
+warm start now trains (`SMOLLM2_WARM_START`), each of the three seeds reached 0.83 (BUILD_NOTES Part 11). The bar is
+unchanged."""
 
 import numpy as np
-import pytest
 from flax import nnx
 
 from coars_jax.agents import backbone
@@ -20,10 +24,6 @@ BUCKETS = LengthBuckets(prompt=(512, 1024), completion=(64,))
 HELD_OUT = 6  # training windows that no scripted dialogue uses
 
 
-# A measured regression, kept visible (strict: the test errors once it passes again): with the append-only prompts of
-# issue 21 the 24 steps reach a recommender ValidRatio of 0.33 on the held-out windows (36 steps: 0.33 too), below
-# the bar of 0.5 that the single-message layout met (BUILD_NOTES Part 10). The bar is unchanged.
-@pytest.mark.xfail(strict=True, reason='append-only prompts: 24 SFT steps reach ValidRatio 0.33 < 0.5 (issue 21 open)')
 def test_a_few_sft_steps_teach_smollm2_to_name_candidates():
   root = require_files(lastfm.ITEM_FILE, *lastfm.SPLIT_FILES.values(), lastfm.STATS_FILE)
   dataset = load_dataset('lastfm', root, allow_download=False)
@@ -42,6 +42,7 @@ def test_a_few_sft_steps_teach_smollm2_to_name_candidates():
     batch_size=1,
     learning_rate=5e-4,
     warmup_steps=2,
+    item_loss_weight=ws.SMOLLM2_WARM_START['item_loss_weight'],
     buckets=BUCKETS,
     progress=False,
   )
