@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import Any, Mapping, Sequence
 
@@ -52,8 +51,9 @@ from coars_jax.parallel.rules import Rules
 from coars_jax.parallel.sharding import Partitioning
 from coars_jax.recsys.crossfit import CrossFittedPeer
 from coars_jax.recsys.sasrec import SASRec
-from coars_jax.sampling.buckets import left_pad, right_pad
 from coars_jax.training.update_batch import pack_update_batch
+from coars_jax.training.turn_rows import pack_turn_rows
+from coars_jax.training.rl_metrics import add_update_metrics, iteration_metrics, nonfinite_names
 from coars_jax.sampling.model_inputs import inference_view
 
 from coars_jax.training.actor import (
@@ -433,64 +433,22 @@ class RLTrainer:
     teacher_ids: list[list[int]] | None,
     grammar: Mapping[str, np.ndarray] | None = None,
   ) -> dict[str, np.ndarray]:
-    """The loss-carrying segments `rows` as [K, R, ...] microbatches at their length buckets; padding rows copy
-    the first row's prompt and have an empty completion mask and included=False."""
-    buckets, capacity = self.config.buckets, self.num_microbatches * self.config.rows_per_microbatch
-    if len(rows) > capacity:
-      raise AssertionError(f'{len(rows)} loss rows exceed the {capacity} slots of the update step')
-    prompts = [trajectory.prompt_tokens[r][trajectory.prompt_mask[r]] for r in rows]
-    completions = [trajectory.completion_tokens[r][trajectory.completion_mask[r]] for r in rows]
-    filler = [0] * (capacity - len(rows))
-    order = list(range(len(rows))) + filler
-
-    def padded(sequences, length, side):
-      return (left_pad if side == 'left' else right_pad)([sequences[i] for i in order], length, self.pad_id)
-
-    prompt_tokens, prompt_mask = padded(prompts, buckets.prompt_length(max(map(len, prompts))), 'left')
-    completion_tokens, completion_mask = padded(
-      completions, buckets.completion_length(max(map(len, completions))), 'right'
+    """The loss-carrying segments `rows` as one row per turn (`turn_rows.pack_turn_rows`)."""
+    return pack_turn_rows(
+      trajectory,
+      rows,
+      weight,
+      teacher_ids,
+      grammar if self.settings.constrained else None,
+      buckets=self.config.buckets,
+      num_microbatches=self.num_microbatches,
+      rows_per_microbatch=self.config.rows_per_microbatch,
+      adapter_of_agent=self.adapter_of_agent,
+      pad_token_id=self.pad_id,
+      max_positions=self.model.config.max_position_embeddings,
+      behaviour=bool(self.settings.ppo_epsilon),
+      teacher_cache=self.settings.teacher_cache,
     )
-    real = np.arange(capacity) < len(rows)
-    completion_mask[~real] = 0
-    agent = trajectory.agent[rows][order].astype(np.int32)
-    batch = {
-      'prompt_tokens': prompt_tokens,
-      'prompt_mask': prompt_mask,
-      'completion_tokens': completion_tokens,
-      'completion_mask': completion_mask,
-      'agent': agent,
-      'adapter': self.adapter_of_agent[agent],
-      'reward': np.where(real, weight[rows][order], 0.0).astype(np.float32),
-      'included': real,
-    }
-    if self.settings.ppo_epsilon:
-      behaviour = np.zeros(completion_tokens.shape, np.float32)
-      for position, row in enumerate(rows):  # the real rows come first, in `rows` order
-        values = trajectory.behaviour_log_probs[row][trajectory.completion_mask[row]]
-        behaviour[position, : len(values)] = values
-      batch['behaviour_log_probs'] = behaviour
-    if self.settings.constrained:
-      batch.update({key: np.asarray(value)[order] for key, value in grammar.items()})
-    if teacher_ids is not None:
-      # Positions count real tokens only (padding is masked), so the limit applies to real lengths, not buckets.
-      longest = max(len(t) + len(c) for t, c in zip(teacher_ids, completions))
-      limit = self.model.config.max_position_embeddings
-      if longest > limit:
-        raise ValueError(
-          f"a teacher prompt x + d plus its completion is {longest} tokens, beyond the model's "
-          f'max_position_embeddings {limit}; lower rollout.max_turns or the token budgets'
-        )
-      if self.settings.teacher_cache:
-        shared = [shared_prefix_length(x, t) for x, t in zip(prompts, teacher_ids)]
-        suffixes = [t[n:] for t, n in zip(teacher_ids, shared)]
-        length = buckets.prompt_length(max(map(len, suffixes)))
-        batch['teacher_suffix_tokens'], batch['teacher_suffix_mask'] = padded(suffixes, length, 'left')
-        batch['teacher_shared_length'] = np.asarray([shared[i] for i in order], np.int32)
-      else:
-        length = buckets.prompt_length(max(map(len, teacher_ids)))
-        batch['teacher_prompt_tokens'], batch['teacher_prompt_mask'] = padded(teacher_ids, length, 'left')
-    shape = (self.num_microbatches, self.config.rows_per_microbatch)
-    return {key: value.reshape(shape + value.shape[1:]) for key, value in batch.items()}
 
   def iteration(self) -> dict[str, Any]:
     """One RL iteration (rollout, rewards and teacher prompts, update); returns its metrics (host values).
@@ -578,7 +536,6 @@ class RLTrainer:
     number = state.iteration + 1
     windows, seed, trajectory, groups = record.windows, record.seed, record.trajectory, record.groups
     rollout_seconds = record.seconds
-    generated = int(trajectory.completion_mask.sum())
 
     start = time.perf_counter()
     judge = None
@@ -640,41 +597,22 @@ class RLTrainer:
       update['finite'] = float(all(epochs_finite))
     update_seconds = time.perf_counter() - start
 
-    metrics: dict[str, Any] = {'iteration': number, 'seed': seed, 'windows': windows.tolist()}
-    metrics.update({f'rollout/{k}': v for k, v in trajectory.metrics().items()})
-    metrics.update(
-      {
-        'rollout/episodes': trajectory.num_episodes,
-        'rollout/generated_tokens': generated,
-        'time/rollout_seconds': rollout_seconds,
-        'time/scoring_seconds': scoring_seconds,
-        'time/update_seconds': update_seconds,
-        'time/rollout_tokens_per_second': generated / max(rollout_seconds, 1e-9),
-        'update/loss_rows': int(len(rows)),
-        'update/learning_rate': learning_rate,
-      }
+    metrics = iteration_metrics(
+      number=number,
+      seed=seed,
+      windows=windows,
+      trajectory=trajectory,
+      seconds={'rollout': rollout_seconds, 'scoring': scoring_seconds, 'update': update_seconds},
+      loss_rows=len(rows),
+      learning_rate=learning_rate,
+      reward=reward,
+      carries_loss=carries_loss,
+      included=included,
+      interaction=config.reward == 'interaction',
+      judge=judge,
+      packing=self.last_packing,
     )
-    for index, agent in enumerate(AGENTS):
-      mine = carries_loss & (trajectory.agent == index)
-      metrics[f'reward/{agent}'] = float(reward[mine].mean()) if mine.any() else 0.0
-      metrics[f'reward/{agent}_segments'] = int(mine.sum())
-    real = trajectory.completion_mask.any(axis=1)
-    metrics['reward/excluded_share'] = float((~included[real]).mean()) if config.reward == 'interaction' else 0.0
-    if judge is not None:
-      metrics['reward/judge_probability'] = float(judge.mean())
-    if self.last_packing is not None:
-      packing = self.last_packing
-      metrics.update(
-        {
-          'update/padding': packing.padding,
-          'update/packed_rows': packing.rows,
-          'update/packed_microbatches': packing.microbatches,
-          'update/packed_dialogues': packing.dialogues,
-          'update/student_tokens': packing.student_real,
-          'update/teacher_tokens': packing.teacher_real,
-        }
-      )
-    self._update_metrics(metrics, update, batch, update_seconds)
+    add_update_metrics(metrics, update, batch, update_seconds, kl_coef=config.kl_coef)
     state.next_window += config.windows_per_iteration
     state.iteration = number
     self._check_finite(metrics, update, windows)
@@ -689,39 +627,12 @@ class RLTrainer:
     ]
     return int(counts[0]) if counts else 0
 
-  def _update_metrics(self, metrics: dict, update: Mapping[str, float], batch, seconds: float) -> None:
-    if not update:
-      metrics['update/skipped'] = True
-      metrics['update/reason'] = 'no segment carries loss'
-      return
-    tokens = max(update['tokens'], 1.0)
-    mean = update['advantage_sum'] / tokens
-    metrics.update(
-      {
-        'update/skipped': not update['finite'],
-        'loss/total': update['loss'],
-        'update/grad_norm': update['grad_norm'],
-        'update/microbatches': int(update['microbatches']),
-        'advantage/mean': mean,
-        'advantage/std': math.sqrt(max(update['advantage_square_sum'] / tokens - mean * mean, 0.0))
-        if math.isfinite(mean)
-        else math.nan,
-        'time/update_tokens_per_second': float(np.asarray(batch['completion_mask']).sum()) / max(seconds, 1e-9),
-      }
-    )
-    for agent in AGENTS:
-      metrics[f'loss/{agent}'] = update[f'loss_{agent}']
-      metrics[f'advantage/abs_mean_{agent}'] = update[f'advantage_abs_{agent}'] / max(update[f'tokens_{agent}'], 1.0)
-    if self.config.kl_coef > 0:
-      metrics['update/kl'] = update['kl_sum'] / max(update['segments_recommender'] + update['segments_user'], 1.0)
-
   def _check_finite(self, metrics: dict, update: Mapping[str, float], windows: np.ndarray) -> None:
     if not update or update['finite']:
       self.state.consecutive_nonfinite = 0
       return
     self.state.consecutive_nonfinite += 1
-    bad = [name for name in ('loss', 'grad_norm') if not math.isfinite(update[name])]
-    bad += [name for name, value in update.items() if name not in bad and name != 'finite' and not math.isfinite(value)]
+    bad = nonfinite_names(update)
     message = (
       f'RL iteration {metrics["iteration"]}: non-finite {", ".join(bad)}; the update was skipped '
       f'({self.state.consecutive_nonfinite} in a row). Training windows of this batch: {windows.tolist()}'
