@@ -4,10 +4,10 @@ scripted dialogues than before them. The thresholds were fixed before the first 
 (it echoes its prompt), and after the steps the share must be at least 0.5 and at least 0.4 above the base's. A
 first version with 12 steps failed them (0.0 -> 0.33); 24 steps, the count of the probe that reached 0.95, pass.
 
-On the append-only prompts of issue 21 the result at weight 1 depended on the training seed (0.33, 0.83, 1.00 for
-seeds 0, 1, 2: one run fails the bar); with the Item line's title and end weighted 4x in the loss, as the research
-warm start now trains (`SMOLLM2_WARM_START`), each of the three seeds reached 0.83 (BUILD_NOTES Part 11). The bar is
-unchanged."""
+On the append-only prompts of issue 21 the result at weight 1 depends on the training seed (0.33, 0.83, 1.00 for
+seeds 0, 1, 2: one run of three misses the bar), so the probe weighs the Item line's title and end 4x in the loss,
+with which each of the three seeds reached 0.83 (BUILD_NOTES Part 11). The research warm start keeps weight 1, which
+val windows preferred there. The bar is unchanged."""
 
 import numpy as np
 from flax import nnx
@@ -42,7 +42,7 @@ def test_a_few_sft_steps_teach_smollm2_to_name_candidates():
     batch_size=1,
     learning_rate=5e-4,
     warmup_steps=2,
-    item_loss_weight=ws.SMOLLM2_WARM_START['item_loss_weight'],
+    item_loss_weight=4.0,
     buckets=BUCKETS,
     progress=False,
   )
