@@ -28,6 +28,9 @@ _COMPLETION = flags.DEFINE_integer('completion_length', 128, 'Tokens N of each r
 
 
 def synthetic_rows(vocab: int) -> dict:
+  """One microbatch of the flags' shapes: each row holds one dialogue of `--row_length` tokens and
+  `--segments / --rows` teacher segments that split the teacher row evenly (the last takes the remainder); segment
+  k of a row reads the first (k + 1) / segments-per-row of its dialogue, as turn t's teacher reads x_t."""
   rows, length, teacher, segments, reply = (
     _ROWS.value,
     _ROW_LENGTH.value,
@@ -37,24 +40,29 @@ def synthetic_rows(vocab: int) -> dict:
   )
   rng = np.random.default_rng(0)
   per_row = segments // rows
+  span = teacher // per_row
+  segment_of_slot = np.minimum(np.arange(teacher) // span, per_row - 1)  # 0-based segment of each teacher slot
+  prefix_end = ((segment_of_slot + 1) * length) // per_row
   return {
     'dialogue_tokens': rng.integers(0, vocab, (rows, length)).astype(np.int32),
     'dialogue_segments': np.ones((rows, length), np.int32),
     'dialogue_positions': np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
     'row_adapter': (np.arange(rows) % 2).astype(np.int32),
     'teacher_tokens': rng.integers(0, vocab, (rows, teacher)).astype(np.int32),
-    'teacher_segments': np.repeat(np.arange(1, per_row + 1), teacher // per_row)[None].repeat(rows, 0).astype(np.int32),
-    'teacher_positions': np.broadcast_to(np.arange(teacher, dtype=np.int32), (rows, teacher)).copy(),
+    'teacher_segments': np.broadcast_to(segment_of_slot + 1, (rows, teacher)).astype(np.int32).copy(),
+    'teacher_positions': np.broadcast_to(prefix_end + np.arange(teacher) - segment_of_slot * span, (rows, teacher))
+    .astype(np.int32)
+    .copy(),
     'teacher_prefix_start': np.zeros((rows, teacher), np.int32),
-    'teacher_prefix_end': np.full((rows, teacher), length // 2, np.int32),
+    'teacher_prefix_end': np.broadcast_to(prefix_end, (rows, teacher)).astype(np.int32).copy(),
     'completion_tokens': rng.integers(0, vocab, (segments, reply)).astype(np.int32),
     'completion_mask': np.ones((segments, reply), bool),
     'student_row': (np.arange(segments) // per_row).astype(np.int32),
-    'student_start': np.full(segments, length // 2, np.int32),
-    'teacher_row': (np.arange(segments) // per_row).astype(np.int32),
-    'teacher_start': ((np.arange(segments) % per_row) * (teacher // per_row) + teacher // per_row - reply).astype(
+    'student_start': np.minimum(((np.arange(segments) % per_row + 1) * length) // per_row, length - reply).astype(
       np.int32
     ),
+    'teacher_row': (np.arange(segments) // per_row).astype(np.int32),
+    'teacher_start': ((np.arange(segments) % per_row) * span + span - reply).astype(np.int32),
     'agent': (np.arange(segments) % 2).astype(np.int32),
     'adapter': (np.arange(segments) % 2).astype(np.int32),
     'reward': np.ones(segments, np.float32),

@@ -10,14 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coars_jax.models import block_attention
 from coars_jax.models.config import DecoderConfig
 from coars_jax.models.kv_cache import KVCache
 from coars_jax.models.layers import Embedding, Linear, RMSNorm
 from coars_jax.models.logical_axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
 from coars_jax.models.rope import apply_rope, inverse_frequencies
 
-# Finite rather than -inf so a row with nothing to attend to (a padding query) gives finite garbage, not NaN.
-_MASKED_SCORE = -1e30
 # A one-token decode step reads the cache in blocks of this many slots (or the largest power of two dividing the
 # cache length), from the first block any row attends to through the block of the current token.
 DECODE_BLOCK = 256
@@ -32,38 +31,28 @@ def _live_slot_attention(
   values [B, S, K, D], mask [B, 1, S] -> [B, 1, K, G, D].
 
   Prompts are left-padded to a bucket and the cache ends with room for the whole completion bucket, so most slots
-  of a decode step are padding or not written yet. The slots run in blocks, as an online softmax (running max,
-  sum and weighted values per row): blocks before the first slot any row attends to and after the current token
-  are never read. Equal to the full softmax up to float rounding.
+  of a decode step are padding or not written yet. The slots run in blocks, as an online softmax
+  (`block_attention.online_softmax_step`): blocks before the first slot any row attends to and after the current
+  token are never read. Equal to the full softmax up to float rounding.
   """
   batch, slots, num_kv_heads, head_dim = keys.shape
-  block = next(b for b in (DECODE_BLOCK, 128, 64, 32, 16, 8, 4, 2, 1) if slots % b == 0)
+  block = block_attention.block_size(slots, largest=DECODE_BLOCK)
   first = jnp.argmax(mask[:, 0, :].any(axis=0)) // block
   last = write_index // block
   scale = head_dim**-0.5
-  groups = grouped.shape[3]
 
   def read_block(index, carry):
-    running_max, running_sum, weighted = carry
     start = index * block
-    block_keys = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1).astype(grouped.dtype)
-    block_values = jax.lax.dynamic_slice_in_dim(values, start, block, axis=1).astype(grouped.dtype)
-    block_mask = jax.lax.dynamic_slice_in_dim(mask, start, block, axis=2)
-    scores = jnp.einsum('blkgd,bskd->bkgls', grouped, block_keys, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(block_mask[:, None, None, :, :], scores, _MASKED_SCORE)
-    new_max = jnp.maximum(running_max, scores.max(axis=-1, keepdims=True))
-    probs = jnp.exp(scores - new_max)
-    correction = jnp.exp(running_max - new_max)
-    running_sum = running_sum * correction + probs.sum(axis=-1, keepdims=True)
-    weighted = weighted * correction + jnp.einsum('bkgls,bskd->bkgld', probs, block_values.astype(jnp.float32))
-    return new_max, running_sum, weighted
+    return block_attention.online_softmax_step(
+      carry,
+      grouped,
+      jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1),
+      jax.lax.dynamic_slice_in_dim(values, start, block, axis=1),
+      jax.lax.dynamic_slice_in_dim(mask, start, block, axis=2),
+      scale,
+    )
 
-  shape = (batch, num_kv_heads, groups, 1)
-  init = (
-    jnp.full(shape + (1,), _MASKED_SCORE, jnp.float32),
-    jnp.zeros(shape + (1,), jnp.float32),
-    jnp.zeros(shape + (head_dim,), jnp.float32),
-  )
+  init = block_attention.online_softmax_init((batch, num_kv_heads, grouped.shape[3], 1), head_dim)
   _, running_sum, weighted = jax.lax.fori_loop(first, last + 1, read_block, init)
   out = (weighted / running_sum).astype(grouped.dtype)  # [B, K, G, 1, D]
   return jnp.transpose(out, (0, 3, 1, 2, 4))
@@ -98,11 +87,13 @@ class Attention(nnx.Module):
     cached_kv: tuple | None,
     write_index: jax.Array | None,
     adapter_ids: jax.Array | None = None,
+    block_sparse: bool = False,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """x[B, L, E], mask[B, L, S] -> (out[B, L, E], updated (keys, values) or None).
 
     Without a cache S == L; with one, the new keys/values are written at slot `write_index` and the
-    queries attend over all S = max_len slots that `mask` allows.
+    queries attend over all S = max_len slots that `mask` allows. block_sparse: read only the key blocks the mask
+    needs (`block_attention.block_sparse_attention`; forward-only).
     """
     queries = constrain(self.q_proj(x, adapter_ids), (BATCH, LENGTH, HEADS, HEAD_DIM))
     keys = constrain(self.k_proj(x, adapter_ids), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
@@ -128,9 +119,12 @@ class Attention(nnx.Module):
     if cached_kv is not None and length == 1 and LIVE_SLOT_DECODE:
       attended = _live_slot_attention(grouped, keys, values, mask, write_index)
       return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
+    if block_sparse:
+      attended = block_attention.block_sparse_attention(grouped, keys, values, mask)
+      return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
     scores = jnp.einsum('blkgd,bskd->bkgls', grouped, keys, preferred_element_type=jnp.float32)
     scores = scores * (head_dim**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+    scores = jnp.where(mask[:, None, None, :, :], scores, block_attention.MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     attended = jnp.einsum('bkgls,bskd->blkgd', probs, values).reshape(batch, length, num_heads, head_dim)
     return self.o_proj(attended, adapter_ids), updated
@@ -161,8 +155,10 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(config.embed_dim, **norm)
     self.mlp = FeedForward(config, rngs=rngs)
 
-  def __call__(self, x, positions, mask, cached_kv, write_index, adapter_ids=None):
-    attended, updated = self.attention(self.attention_norm(x), positions, mask, cached_kv, write_index, adapter_ids)
+  def __call__(self, x, positions, mask, cached_kv, write_index, adapter_ids=None, block_sparse=False):
+    attended, updated = self.attention(
+      self.attention_norm(x), positions, mask, cached_kv, write_index, adapter_ids, block_sparse
+    )
     x = constrain(x + attended, (BATCH, LENGTH, EMBED))
     x = constrain(x + self.mlp(self.mlp_norm(x), adapter_ids), (BATCH, LENGTH, EMBED))
     return x, updated
@@ -226,6 +222,7 @@ class Decoder(nnx.Module):
     adapter: str | jax.Array | None = None,
     remat: bool = False,
     attention_mask: jax.Array | None = None,
+    block_sparse: bool = False,
   ) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states [B, L, E] (before the vocabulary projection) and the updated cache.
 
@@ -235,6 +232,8 @@ class Decoder(nnx.Module):
     attention_mask: bool [B, L, S] (S = the cache's slots, or L without a cache) replaces the mask built from
       segment ids and slots, for layouts it cannot express: packed teacher rows that each read a different
       prefix of the student's cache (`sampling.packed`). The cache's segment ids are still written.
+    block_sparse: attention reads only the key blocks the mask needs (`models.block_attention`), for forward
+      passes whose mask is mostly empty (the packed teacher rows); forward-only, so not with remat.
     The input of the lowest layer with LoRA adapters is a stop-gradient point when adapters are attached to
     upper layers only (`LoRAConfig.layers`): no trainable parameter lies below it, so no gradient has to.
     """
@@ -257,6 +256,8 @@ class Decoder(nnx.Module):
       write_index = cache.end_index
       cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, write_index))
       mask = _attention_mask(segment_ids, cache_segments, write_index + jnp.arange(length), jnp.arange(cache.max_len))
+    if block_sparse and remat:
+      raise ValueError('Decoder: block_sparse attention is forward-only; it cannot be combined with remat=True')
     if attention_mask is not None:
       if attention_mask.shape != mask.shape:
         raise ValueError(f'Decoder: attention_mask must be {mask.shape}; found {attention_mask.shape}')
@@ -276,7 +277,7 @@ class Decoder(nnx.Module):
       if index in scanned:
         break
       cached_kv = None if cache is None else (cache.keys[index], cache.values[index])
-      x, updated = layer(x, positions, mask, cached_kv, write_index, adapter_ids)
+      x, updated = layer(x, positions, mask, cached_kv, write_index, adapter_ids, block_sparse)
       if updated is not None:
         new_keys.append(updated[0])
         new_values.append(updated[1])

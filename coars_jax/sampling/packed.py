@@ -37,6 +37,10 @@ DIALOGUE_KEYS = (
   'student_row',
   'student_start',
 )
+# Read at trace time: the teacher rows' attention reads only the key blocks their mask needs (the student prefix
+# each segment shares and the segment itself; `models.block_attention`). False: the dense [Lt, Ls + Lt] softmax (the
+# benchmarks' baseline).
+BLOCK_SPARSE_TEACHER = True
 TEACHER_KEYS = (
   'teacher_tokens',
   'teacher_segments',
@@ -135,6 +139,7 @@ def packed_log_probs(
     teacher_segments,
     stopped,
     attention_mask=mask,
+    block_sparse=BLOCK_SPARSE_TEACHER,
     **teacher_kwargs,
   )
   teacher_predicting = gather_slots(teacher_hidden, rows['teacher_row'], rows['teacher_start'], length)
