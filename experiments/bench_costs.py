@@ -8,7 +8,7 @@ The config is a training config; its warm start is loaded (or trained into `warm
   rate; every phase's floor is its real tokens' matmul FLOPs (2 P per token forward, 6 P forward and backward,
   P = the decoder's matmul parameters) at that rate, or for decode the larger of FLOPs and bytes (weights and the
   live cache) per step.
-- eval_on / eval_off: one greedy evaluation batch of `--windows` test windows (`agents.benchmark.measure_rollouts`:
+- eval_on / eval_off: one greedy evaluation batch of `--windows` test windows (`agents.rollout_timing.measure_rollouts`:
   one warm-up rollout, then one timed): on = the defaults (append-only prompts read from the kept cache, decode over
   live cache slots); off = every prompt prefilled whole and decode over the whole cache.
 - f1: the user-agent F1 of `--f1_users` users with p_t (the evaluation's second half).
@@ -35,10 +35,10 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from coars_jax.agents import benchmark as rollout_benchmark
+from coars_jax.agents import rollout_timing
 from coars_jax.eval.user_f1 import UserF1Config, evaluate_user_f1
 from coars_jax.models import decoder as decoder_lib
-from coars_jax.sampling.benchmark import best_of, decode_step_cost, measure_machine_peaks
+from coars_jax.sampling.generation_speed import best_of, decode_step_cost, measure_machine_peaks
 from coars_jax.data.user_sim import user_sim_set
 from coars_jax.training import experiment
 from experiments import cli, outputs
@@ -93,7 +93,7 @@ def eval_phase(name, config, parts, model, start_adapters, floor) -> dict:
   jax.clear_caches()
   backend = experiment.greedy_backend(model, parts.tokenizer, config)
   backend_config = dataclasses.replace(backend.config, prefix_reuse=on)
-  summary, _ = rollout_benchmark.measure_rollouts(
+  summary, _ = rollout_timing.measure_rollouts(
     model,
     parts.tokenizer,
     parts.dataset,

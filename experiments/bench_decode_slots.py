@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.models import decoder as decoder_lib
 from coars_jax.sampling import LengthBuckets, generate
 from coars_jax.sampling import sampler as sampler_lib

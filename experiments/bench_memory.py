@@ -20,10 +20,10 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.agents.protocol import AGENTS
 from coars_jax.models.lora import LoRAConfig, add_lora
-from coars_jax.parallel import benchmark
+from coars_jax.training import scaling_benchmark
 from coars_jax.parallel.mesh import make_mesh
 from experiments import outputs
 from experiments import cli
@@ -44,11 +44,13 @@ def main(argv):
   on = _SWITCHES.value == 'on'
   model, _ = backbone.load_backbone(backbone.BackboneSpec(name=backbone.SMOLLM2))
   add_lora(model, LoRAConfig(rank=8, alpha=16.0, layers='top_third' if on else 'all'), AGENTS, rngs=nnx.Rngs(0))
-  shape = benchmark.StepShape(
+  shape = scaling_benchmark.StepShape(
     microbatches=1, rows=_ROWS.value, prompt_length=_PROMPT.value, completion_length=_COMPLETION.value
   )
-  trainer = benchmark.make_trainer(model, make_mesh(), shape, teacher_reuses_student_cache=on, remat=on)
-  batch = benchmark.synthetic_batch(shape, model.config.vocab_size, teacher_cache=trainer.settings.teacher_cache)
+  trainer = scaling_benchmark.make_trainer(model, make_mesh(), shape, teacher_reuses_student_cache=on, remat=on)
+  batch = scaling_benchmark.synthetic_batch(
+    shape, model.config.vocab_size, teacher_cache=trainer.settings.teacher_cache
+  )
   args = [
     trainer.lora,
     trainer.frozen,

@@ -14,7 +14,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.agents.protocol import AGENTS
 from coars_jax.coars.loss import coars_objective
 from coars_jax.models.lora import LoRAConfig, add_lora

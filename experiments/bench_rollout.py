@@ -4,18 +4,18 @@ Plays `--windows` evenly spaced windows of `--split` for up to `--max_turns` tur
 backbone (zero-shot, no adapters) and the dataset's trained SASRec as the peer (its checkpoint must exist under
 `--sasrec_workdir`; nothing is trained). One warm-up rollout compiles; the fastest of `--repeats` timed rollouts
 is reported: episodes/s, generated tokens/s, prefill tokens/s, and the share of the wall time spent outside the
-LLM's jitted code, stage by stage (`coars_jax.agents.benchmark`). Prints a table and writes the JSON to --output.
+LLM's jitted code, stage by stage (`coars_jax.agents.rollout_timing`). Prints a table and writes the JSON to --output.
 """
 
 from absl import flags
 
-from coars_jax.agents import benchmark
+from coars_jax.agents import rollout_timing
 from coars_jax.data import DATASETS
 from coars_jax.sampling import SamplingParams
 from experiments import outputs
 from experiments import cli
 
-_MODEL = flags.DEFINE_enum('model', 'tiny', benchmark.MODELS, 'The backbone both agents share.')
+_MODEL = flags.DEFINE_enum('model', 'tiny', rollout_timing.MODELS, 'The backbone both agents share.')
 _DATASET = flags.DEFINE_enum('dataset', 'lastfm', DATASETS, 'The dataset whose windows are played.')
 _SPLIT = flags.DEFINE_enum('split', 'train', ['train', 'val', 'test'], 'The split the windows come from.')
 _WINDOWS = flags.DEFINE_integer('windows', 64, 'Episodes per rollout, one per window, evenly spaced over the split.')
@@ -39,7 +39,7 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Write the result as JSON to this 
 def main(argv):
   del argv
   params = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-  result = benchmark.run_benchmark(
+  result = rollout_timing.run_benchmark(
     _MODEL.value,
     dataset=_DATASET.value,
     split=_SPLIT.value,
@@ -53,7 +53,7 @@ def main(argv):
     sasrec_workdir=_SASREC_WORKDIR.value,
     constrained=_CONSTRAINED.value,
   )
-  print(benchmark.format_table(result), flush=True)
+  print(rollout_timing.format_table(result), flush=True)
   if _OUTPUT.value:
     outputs.write_json(_OUTPUT.value, result)
 

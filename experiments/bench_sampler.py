@@ -1,6 +1,6 @@
 """Sampler throughput against HF transformers: `python -m experiments.bench_sampler --model=tiny --output=FILE`.
 
-Runs `coars_jax.sampling.benchmark.run_benchmark` for each --model, prints a table per model and writes the
+Runs `coars_jax.sampling.generation_speed.run_benchmark` for each --model, prints a table per model and writes the
 results as JSON (a list when several models are given) to --output.
 """
 
@@ -10,10 +10,10 @@ import pathlib
 from absl import flags
 
 from coars_jax.sampling import SamplingParams
-from coars_jax.sampling import benchmark
+from coars_jax.sampling import generation_speed
 from experiments import cli
 
-_MODELS = flags.DEFINE_list('model', ['tiny'], f'Models to measure, from {benchmark.MODELS}.')
+_MODELS = flags.DEFINE_list('model', ['tiny'], f'Models to measure, from {generation_speed.MODELS}.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Prompts per batch.')
 _PROMPT_LENGTH = flags.DEFINE_integer('prompt_length', 128, 'Tokens per prompt (no padding).')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'Tokens generated per prompt; end-of-sequence is ignored.')
@@ -33,7 +33,7 @@ def main(argv):
   params = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
   results = []
   for name in _MODELS.value:
-    result = benchmark.run_benchmark(
+    result = generation_speed.run_benchmark(
       name,
       batch=_BATCH.value,
       prompt_length=_PROMPT_LENGTH.value,
@@ -43,7 +43,7 @@ def main(argv):
       torch_threads=_TORCH_THREADS.value,
       profile_dir=_PROFILE_DIR.value,
     )
-    print(benchmark.format_table(result), flush=True)
+    print(generation_speed.format_table(result), flush=True)
     print(flush=True)
     results.append(result)
   if _OUTPUT.value:

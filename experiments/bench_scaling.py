@@ -4,7 +4,7 @@ On 8 CPU devices (this script asks XLA for 8 host devices before JAX starts) it 
 step on each (data, fsdp, tensor) mesh of --meshes and counts its compilations; a mesh the installed sharding code
 cannot build or run is reported with its error. On a GPU (or with --accelerator=on) it also measures, for random
 weights of --accelerator_preset's shape in bf16, the update step's MFU against a measured bf16 matmul rate and the
-decode step's bandwidth utilisation against a measured device copy (`coars_jax.parallel.benchmark`).
+decode step's bandwidth utilisation against a measured device copy (`coars_jax.training.scaling_benchmark`).
 """
 
 import os
@@ -18,7 +18,7 @@ import dataclasses  # noqa: E402
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from coars_jax.parallel import benchmark  # noqa: E402
+from coars_jax.training import scaling_benchmark  # noqa: E402
 from experiments import outputs  # noqa: E402
 from experiments import cli
 
@@ -42,7 +42,7 @@ def main(argv):
   del argv
   cpus = jax.devices('cpu')
   meshes = [tuple(int(size) for size in text.split('x')) for text in _MESHES.value]
-  shape = benchmark.StepShape(
+  shape = scaling_benchmark.StepShape(
     microbatches=_MICROBATCHES.value, rows=_ROWS.value, prompt_length=_PROMPT.value, completion_length=_COMPLETION.value
   )
   result = {
@@ -57,7 +57,7 @@ def main(argv):
       f'bench_scaling: only {len(cpus)} CPU devices (JAX started before XLA_FLAGS was set?); the mesh sweep needs 8'
     )
   else:
-    result['meshes'] = benchmark.mesh_sweep(
+    result['meshes'] = scaling_benchmark.mesh_sweep(
       meshes, preset=_PRESET.value, shape=shape, repeats=_REPEATS.value, devices=cpus[:8]
     )
     print(f'{"mesh (data, fsdp, tensor)":<28}{"s / step":>10}{"first call s":>14}{"traces":>8}{"compiles":>10}')
@@ -72,10 +72,10 @@ def main(argv):
         f'{entry["backend_compiles_warm_up"]:>5} +{entry["backend_compiles_timed"]}'
       )
   if _ACCELERATOR.value == 'on' or (_ACCELERATOR.value == 'auto' and jax.default_backend() == 'gpu'):
-    accelerator_shape = benchmark.StepShape(
+    accelerator_shape = scaling_benchmark.StepShape(
       microbatches=1, rows=_ACCELERATOR_ROWS.value, prompt_length=_ACCELERATOR_PROMPT.value, completion_length=128
     )
-    result['accelerator'] = benchmark.accelerator_efficiency(_ACCELERATOR_PRESET.value, shape=accelerator_shape)
+    result['accelerator'] = scaling_benchmark.accelerator_efficiency(_ACCELERATOR_PRESET.value, shape=accelerator_shape)
     update, decode = result['accelerator']['update_step'], result['accelerator']['decode']
     print(
       f'\n{result["accelerator"]["device"]} {_ACCELERATOR_PRESET.value} bf16: update step '

@@ -13,7 +13,7 @@ updates from it, in this order (the peak RSS of a process only grows, so the lig
 Each update is timed twice: the first call (it compiles) and a second call of the compiled step on the same
 arrays. Reported per phase: wall time per stage, tokens forwarded per loss row (student and teacher, as padded and
 as real tokens), layers backpropagated, the peak RSS; and the forward-only scoring passes of the on phase against
-the rollout (`training.benchmark.scoring_seconds`). The JSON goes to --output (default results/bench/).
+the rollout (`training.iteration_timing.scoring_seconds`). The JSON goes to --output (default results/bench/).
 """
 
 import copy
@@ -32,7 +32,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from coars_jax.models.lora import extend_lora
-from coars_jax.training import benchmark
+from coars_jax.training import iteration_timing
 from coars_jax.training import experiment
 from experiments import outputs
 from experiments import cli
@@ -126,7 +126,7 @@ def run_phase(name, config, parts, model) -> dict:
   row['update_seconds_compiled'] = retime_update(trainer, batch) if name in _RETIME.value else None
   row['peak_rss_gib_so_far'] = peak_rss_gib()
   if name == 'on':
-    row['scoring'] = benchmark.scoring_seconds(trainer, batch, repeats=1)
+    row['scoring'] = iteration_timing.scoring_seconds(trainer, batch, repeats=1)
   print(json.dumps(row, indent=1, default=float), flush=True)
   return row
 

@@ -15,7 +15,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.agents.episodes import RECOMMENDER
 from coars_jax.data import load_dataset
 from coars_jax.recsys import SASRec, SASRecConfig

@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 
 from coars_jax import configlib
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.agents.episodes import AGENTS, LLMBackend, LLMBackendConfig, RolloutConfig
 from coars_jax.agents.reflexion import ReflexionConfig
 from coars_jax.agents.trajectory import to_jsonl

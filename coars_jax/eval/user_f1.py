@@ -9,6 +9,11 @@ F1 alone cannot show discrimination on a 1:1 set: a user that accepts everything
 the result also reports the AUC of the user agent's acceptance score s over all judgements (`roc_auc`), its accept
 rate, the accept-all F1 of the set, and, when the peer can score items, SASRec's own AUC on the same items and the
 F1 of a user that accepts SASRec's top k of each case's 2k items (`top_k_predictions`).
+
+The module keeps the protocol itself: `UserF1Config`, the judgement prompts (`judgement_prompts`), the backend calls
+(`judgement_calls`), the peer's scores (`peer_scores`) and `evaluate_user_f1`. The metric functions live in
+`user_f1_metrics` and the result records (`Judgement`, `UserF1Result`) in `user_f1_result`; both are re-exported
+here (import from this module).
 """
 
 from __future__ import annotations
@@ -21,12 +26,28 @@ import numpy as np
 import tqdm
 
 from coars_jax.agents.episodes import USER, AgentBackend, Generation, SASRecPeer, turn_seed
-from coars_jax.agents.parsing import ParseConfig, UserParse, parse_user_output
+from coars_jax.agents.parsing import ParseConfig, parse_user_output
 from coars_jax.agents.prompts import Message, PromptConfig, user_messages
-from coars_jax.agents.protocol import POSITIVE_ACTIONS, single_line
+from coars_jax.agents.protocol import single_line
 from coars_jax.data.schema import MAX_HISTORY, Dataset
 from coars_jax.data.user_sim import UserSimSet
+from coars_jax.eval.user_f1_metrics import f1_scores, roc_auc, top_k_predictions
+from coars_jax.eval.user_f1_result import Judgement, UserF1Result
 from coars_jax.recsys.peer import peer_opinion
+
+__all__ = [
+  'NEUTRAL_REASON',
+  'Judgement',
+  'UserF1Config',
+  'UserF1Result',
+  'evaluate_user_f1',
+  'f1_scores',
+  'judgement_calls',
+  'judgement_prompts',
+  'peer_scores',
+  'roc_auc',
+  'top_k_predictions',
+]
 
 # What the user agent is told about why each item is recommended. It is the same sentence for every item, true
 # future or random, so the reason carries no information about the label: the F1 measures the user agent's own
@@ -77,251 +98,6 @@ class UserF1Config:
       raise TypeError(f'UserF1Config.prompt must be a PromptConfig or None, found {type(self.prompt).__name__}')
     if not isinstance(self.parse, ParseConfig):
       raise TypeError(f'UserF1Config.parse must be a ParseConfig, found {type(self.parse).__name__}')
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-  # A user for whom nothing was predicted positive has no precision; counting it as 0 (sklearn's zero_division=0)
-  # charges an agent that rejects everything rather than dropping the user from the macro average.
-  return float(numerator / denominator) if denominator else 0.0
-
-
-def _f1(precision: float, recall: float) -> float:
-  return _ratio(2 * precision * recall, precision + recall)
-
-
-def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float:
-  """The area under the ROC curve of `scores` against binary `labels` (the Mann-Whitney U over n+ n- pairs):
-
-    AUC = 1 / (n+ n-) * sum_{i: label} sum_{j: not label} ([s_i > s_j] + [s_i = s_j] / 2),
-
-  so a tie counts 1/2: 0.5 is chance (and what any constant score gets), 1 ranks every positive above every
-  negative. Computed from mid-ranks (tied scores share their average rank) in O(n log n) rather than over pairs.
-
-  Raises:
-    ValueError: shapes differ, a label is not boolean, a score is not finite, or only one class is present (the
-      AUC is then undefined).
-  """
-  labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
-  if labels.ndim != 1 or labels.shape != scores.shape:
-    raise ValueError(
-      f'roc_auc needs two equal-length 1-d sequences, found labels {labels.shape} and scores {scores.shape}'
-    )
-  if not np.isin(labels, (0, 1)).all():
-    raise ValueError('roc_auc labels must be booleans (or 0/1)')
-  if not np.isfinite(scores).all():
-    raise ValueError('roc_auc scores must be finite numbers')
-  labels = labels.astype(bool)
-  positives = int(labels.sum())
-  negatives = len(labels) - positives
-  if not positives or not negatives:
-    raise ValueError(
-      f'roc_auc needs both classes but found {positives} positives and {negatives} negatives; the '
-      f'AUC is undefined with one class'
-    )
-  order = np.argsort(scores, kind='stable')
-  ordered = scores[order]
-  starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-  counts = np.diff(np.r_[starts, len(ordered)])
-  ranks = np.empty(len(ordered), np.float64)
-  ranks[order] = np.repeat(starts + (counts + 1) / 2, counts)  # 1-based mid-ranks: a tie's pairs count 1/2
-  u = ranks[labels].sum() - positives * (positives + 1) / 2
-  return float(u / (positives * negatives))
-
-
-def top_k_predictions(scores: Sequence[float], k: int) -> list[bool]:
-  """Accepts the k highest-scored items of one case. Ties go to the earlier item in the case's order, which
-  carries no label (`data.user_sim` shuffles each case's items)."""
-  scores = np.asarray(scores, np.float64)
-  if scores.ndim != 1 or isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= len(scores):
-    raise ValueError(
-      f'top_k_predictions needs a 1-d score list and 0 <= k <= its length, found k={k!r} for shape {scores.shape}'
-    )
-  accepted = np.zeros(len(scores), bool)
-  accepted[np.argsort(-scores, kind='stable')[:k]] = True
-  return accepted.tolist()
-
-
-def f1_scores(labels: Sequence[Sequence[bool]], predictions: Sequence[Sequence[bool]]) -> dict[str, float]:
-  """Precision, recall and F1 of positive predictions against labels, micro and macro.
-
-  Args:
-    labels: per user, whether each item is a true future item.
-    predictions: per user, whether the user agent accepted each item (click or star); same shapes as `labels`.
-  Returns:
-    micro_precision, micro_recall, micro_f1: from the true/false positive and false negative counts summed over
-      every judgement of every user.
-    macro_precision, macro_recall, macro_f1: the mean over users of each user's own value; macro F1 is the mean
-      of per-user F1s, not the F1 of the macro precision and recall. A ratio with a zero denominator is 0.
-    true_positives, false_positives, false_negatives: the summed counts (as floats, so the dict is uniform).
-  """
-  if len(labels) != len(predictions):
-    raise ValueError(f'labels has {len(labels)} users but predictions has {len(predictions)}')
-  if not labels:
-    raise ValueError('f1_scores needs at least one user')
-  totals = np.zeros(3, np.int64)
-  per_user = []
-  for user, (truth, predicted) in enumerate(zip(labels, predictions)):
-    truth, predicted = np.asarray(truth, bool), np.asarray(predicted, bool)
-    if truth.shape != predicted.shape or truth.ndim != 1:
-      raise ValueError(
-        f'user {user}: labels has shape {truth.shape} but predictions has {predicted.shape}; '
-        f'give one prediction per labelled item'
-      )
-    counts = np.array([np.sum(truth & predicted), np.sum(~truth & predicted), np.sum(truth & ~predicted)])
-    totals += counts
-    precision, recall = _ratio(counts[0], counts[0] + counts[1]), _ratio(counts[0], counts[0] + counts[2])
-    per_user.append((precision, recall, _f1(precision, recall)))
-  true_positives, false_positives, false_negatives = (int(c) for c in totals)
-  precision = _ratio(true_positives, true_positives + false_positives)
-  recall = _ratio(true_positives, true_positives + false_negatives)
-  macro = np.mean(np.asarray(per_user, np.float64), axis=0)
-  return {
-    'micro_precision': precision,
-    'micro_recall': recall,
-    'micro_f1': _f1(precision, recall),
-    'macro_precision': float(macro[0]),
-    'macro_recall': float(macro[1]),
-    'macro_f1': float(macro[2]),
-    'true_positives': float(true_positives),
-    'false_positives': float(false_positives),
-    'false_negatives': float(false_negatives),
-  }
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class Judgement:
-  """One item of one case, as the user agent judged it.
-
-  Attributes:
-    case: the index of the case in `UserSimSet.cases`; `user` its user id.
-    item: the item id judged; `label` whether it is a true future item.
-    generation: the user agent's message with its prompt.
-    parse: the parsed answer (invalid reads as a skip at s = .375).
-    peer_score: SASRec's score of the item given the case's history (the peer's `candidate_scores`); None when no
-      peer that can score items was given.
-  """
-
-  case: int
-  user: int
-  item: int
-  label: bool
-  generation: Generation
-  parse: UserParse
-  peer_score: float | None = None
-
-  @property
-  def positive(self) -> bool:
-    return self.parse.action in POSITIVE_ACTIONS
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class UserF1Result:
-  """The F1 of one user agent on one user-simulation set.
-
-  Attributes:
-    scores: `f1_scores` over the cases.
-    judgements: every judgement, case by case, in item order.
-    num_users: the cases judged; `users_left_out` the users the set left out (k < 1).
-    wall_seconds: time spent generating and parsing.
-  """
-
-  scores: dict[str, float]
-  judgements: tuple[Judgement, ...]
-  num_users: int
-  users_left_out: int
-  wall_seconds: float
-
-  @property
-  def num_invalid(self) -> int:
-    return sum(not j.parse.valid for j in self.judgements)
-
-  def _labels(self) -> list[list[bool]]:
-    labels = [[] for _ in range(self.num_users)]
-    for judgement in self.judgements:
-      labels[judgement.case].append(judgement.label)
-    return labels
-
-  def _auc(self, scores: Sequence[float]) -> float | None:
-    # None rather than an error for a set with one class (no real set: each case holds k >= 1 of each), so a
-    # hand-cut set still reports its F1.
-    labels = [j.label for j in self.judgements]
-    return roc_auc(labels, scores) if 0 < sum(labels) < len(labels) else None
-
-  @property
-  def user_auc(self) -> float | None:
-    """The AUC of the user agent's acceptance score s (invalid answers at .375) against the labels."""
-    return self._auc([j.parse.score for j in self.judgements])
-
-  @property
-  def accept_rate(self) -> float:
-    """The share of judgements the user agent accepted (click or star)."""
-    return float(np.mean([j.positive for j in self.judgements]))
-
-  @property
-  def accept_all_scores(self) -> dict[str, float]:
-    """`f1_scores` of a user that accepts every item: the floor F1 must beat (2/3 on a 1:1 set)."""
-    labels = self._labels()
-    return f1_scores(labels, [[True] * len(case) for case in labels])
-
-  @property
-  def has_peer_scores(self) -> bool:
-    return all(j.peer_score is not None for j in self.judgements)
-
-  @property
-  def sasrec_auc(self) -> float | None:
-    """The AUC of SASRec's score on the same judgements; None without peer scores."""
-    return self._auc([j.peer_score for j in self.judgements]) if self.has_peer_scores else None
-
-  @property
-  def sasrec_top_half_scores(self) -> dict[str, float] | None:
-    """`f1_scores` of a user that, per case, accepts the top k of the case's items by SASRec score, k being the
-    number of true future items. The protocol fixes k (it draws k negatives for the k positives, so k is half the
-    case), not the labels: the rule is set before looking at which items are true and nothing is fit to them.
-    None without peer scores."""
-    if not self.has_peer_scores:
-      return None
-    labels, scores = self._labels(), [[] for _ in range(self.num_users)]
-    for judgement in self.judgements:
-      scores[judgement.case].append(judgement.peer_score)
-    return f1_scores(labels, [top_k_predictions(s, sum(l)) for l, s in zip(labels, scores)])
-
-  def case_counts(self) -> list[list[int]]:
-    """[true positives, false positives, false negatives] of each case, in case order."""
-    counts = [[0, 0, 0] for _ in range(self.num_users)]
-    for judgement in self.judgements:
-      if judgement.positive:
-        counts[judgement.case][0 if judgement.label else 1] += 1
-      elif judgement.label:
-        counts[judgement.case][2] += 1
-    return counts
-
-  def as_dict(self) -> dict:
-    """The numbers for a report row (the user agent's prefixed `user_` so they sit beside episode metrics; the
-    set's references `accept_all_*` and `sasrec_*`, the latter None without peer scores)."""
-    accept_all, top_half = self.accept_all_scores, self.sasrec_top_half_scores
-    return {
-      'user_f1': self.scores['micro_f1'],
-      'user_precision': self.scores['micro_precision'],
-      'user_recall': self.scores['micro_recall'],
-      'user_f1_macro': self.scores['macro_f1'],
-      'user_precision_macro': self.scores['macro_precision'],
-      'user_recall_macro': self.scores['macro_recall'],
-      'user_auc': self.user_auc,
-      'user_accept_rate': self.accept_rate,
-      'user_f1_judgements': len(self.judgements),
-      'user_f1_invalid': self.num_invalid,
-      'user_f1_users': self.num_users,
-      'user_f1_users_left_out': self.users_left_out,
-      'user_f1_seconds': self.wall_seconds,
-      # Per case [true positives, false positives, false negatives]: a paired bootstrap over users resamples these
-      'user_f1_cases': self.case_counts(),
-      'accept_all_f1': accept_all['micro_f1'],
-      'accept_all_precision': accept_all['micro_precision'],
-      'sasrec_auc': self.sasrec_auc,
-      'sasrec_top_half_f1': None if top_half is None else top_half['micro_f1'],
-      'sasrec_top_half_precision': None if top_half is None else top_half['micro_precision'],
-      'sasrec_top_half_recall': None if top_half is None else top_half['micro_recall'],
-    }
 
 
 def _case_batches(dataset: Dataset, sim_set: UserSimSet):

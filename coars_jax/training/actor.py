@@ -1,5 +1,5 @@
 """What the actor writes into the rollout record besides the episodes: each segment's student prompt rebuilt and
-checked against what the backend saw, the hindsight teacher prompt x + d (with the peer's ranks), the judge's
+checked against what the backend saw, the hindsight teacher prompt x + d (with the peer's ranks, `peer_ranks`), the judge's
 prompts and probabilities, and each segment's output grammar when rollouts are constrained."""
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from typing import Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from coars_jax.agents.episodes import AGENTS, RECOMMENDER, Episode, LLMBackend, RolloutConfig, encode_prompt
+from coars_jax.agents.episodes import AGENTS, RECOMMENDER, Episode, LLMBackend, RolloutConfig, bind_peer, encode_prompt
 from coars_jax.agents.prompts import Message, PromptConfig, recommender_messages, user_messages
 from coars_jax.agents.peer import peer_opinion
 from coars_jax.agents.protocol import single_line
+from coars_jax.agents.record import RolloutRecord
 from coars_jax.agents.trajectory import Trajectory
-from coars_jax.coars.reference import episode_reference, teacher_messages
+from coars_jax.coars.reference import candidate_ranks, episode_reference, teacher_messages
+from coars_jax.data.schema import Dataset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import ADAPTERS_OFF
@@ -23,7 +25,7 @@ from coars_jax.parallel.rules import Rules
 from coars_jax.sampling import LengthBuckets, score
 from coars_jax.sampling.buckets import left_pad, right_pad
 from coars_jax.sampling.sampler import common_prefix_length
-from coars_jax.training.rl_config import JUDGE_QUESTION, JUDGE_SYSTEM
+from coars_jax.training.rl_config import JUDGE_QUESTION, JUDGE_SYSTEM, TRAIN_SPLIT
 from coars_jax.training.update_step import CONSTRAINT_ROW_FIELDS, CONSTRAINT_SHARED_FIELDS
 
 
@@ -246,3 +248,67 @@ def segment_constraints(
     value = np.asarray(getattr(some, name))
     batch[f'constraint_{name}'] = np.broadcast_to(value, (len(rows),) + value.shape).copy()
   return batch
+
+
+def peer_ranks(peer, dataset: Dataset, episodes: Sequence[Episode]) -> list[list[int]]:
+  """The peer's rank of every candidate of each training-window episode (`coars.candidate_ranks`), for d: the
+  out-of-fold SASRec's when `peer` is a cross-fitted one (any peer `agents.bind_peer` accepts)."""
+  windows = dataset.split(TRAIN_SPLIT)
+  indices = np.asarray([e.window_index for e in episodes], np.int64)
+  candidates = np.asarray([e.candidates for e in episodes], np.int32)
+  bound = bind_peer(peer, TRAIN_SPLIT, windows.users[indices])
+  scores = np.asarray(bound.candidate_scores(windows.history[indices], windows.lengths[indices], candidates))
+  return [candidate_ranks(row) for row in scores]
+
+
+def write_record(
+  played,
+  *,
+  config,
+  teacher: bool,
+  constrained: bool,
+  tokenizer,
+  backend: LLMBackend,
+  peer,
+  dataset: Dataset,
+  rollout: RolloutConfig,
+) -> RolloutRecord:
+  """The rollout record of `played` (a `trainer_state.PlayedRollout` under `config`, an `RLConfig`): its segments,
+  and what the learner must not recompute afterwards (each segment's teacher prompt x + d with the peer's ranks when
+  `teacher`, its grammar when `constrained`, the judge prompts for the judge reward)."""
+  episodes, trajectory = played.episodes, played.trajectory
+  teacher_ids = constraints = judge_ids = None
+  segments = np.flatnonzero(trajectory.completion_mask.any(axis=1))
+  if teacher:
+    rendered = (
+      teacher_prompts(
+        tokenizer,
+        episodes,
+        trajectory,
+        segments,
+        ranks=peer_ranks(peer, dataset, episodes),
+        rollout=rollout,
+        dataset_name=dataset.name,
+        omit_samples=config.reference_omits_samples,
+      )
+      if len(segments)
+      else []
+    )
+    teacher_ids = [np.zeros(0, np.int32)] * trajectory.num_segments
+    for row, ids in zip(segments, rendered):
+      teacher_ids[row] = np.asarray(ids, np.int32)
+  if constrained:
+    constraints = segment_constraints(backend, episodes, trajectory, np.arange(trajectory.num_segments))
+  if config.reward == 'judge':
+    judge_ids = [np.asarray(ids, np.int32) for ids in judge_prompt_ids(tokenizer, episodes, dataset.name)]
+  groups = np.repeat(np.arange(config.windows_per_iteration), config.rollouts_per_window).astype(np.int32)
+  return RolloutRecord(
+    trajectory=trajectory,
+    windows=np.asarray(played.windows, np.int64),
+    groups=groups,
+    seed=int(played.seed),
+    seconds=float(played.seconds),
+    teacher_ids=teacher_ids,
+    constraints=constraints,
+    judge_ids=judge_ids,
+  )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -34,25 +34,19 @@ from coars_jax.agents.episodes import (
   AGENTS,
   RECOMMENDER,
   USER,
-  Episode,
   LLMBackend,
   RolloutConfig,
-  bind_peer,
   run_episodes,
 )
 from coars_jax.agents.record import RolloutRecord
 from coars_jax.agents.trajectory import Trajectory
-from coars_jax.coars.reference import candidate_ranks
 from coars_jax.data.schema import Dataset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.decoder import Decoder
 from coars_jax.parallel.mesh import DATA_AXIS, make_mesh
 from coars_jax.parallel.rules import Rules
 from coars_jax.parallel.sharding import Partitioning
-from coars_jax.recsys.crossfit import CrossFittedPeer
-from coars_jax.recsys.sasrec import SASRec
-from coars_jax.training.update_batch import pack_update_batch
-from coars_jax.training.turn_rows import pack_turn_rows
+from coars_jax.training.loss_rows import pack_loss_rows
 from coars_jax.training.rl_metrics import add_update_metrics, iteration_metrics, nonfinite_names
 from coars_jax.sampling.model_inputs import inference_view
 
@@ -60,35 +54,31 @@ from coars_jax.training.actor import (
   judge_messages,
   judge_probabilities,
   judge_probabilities_of,
-  judge_prompt_ids,
-  segment_constraints,
   shared_prefix_length,
   student_messages,
   teacher_prompts,
+  write_record,
 )
 from coars_jax.training.rl_config import (
   JUDGE_QUESTION,
-  JUDGE_SYSTEM,
   OUTCOME_ASSIGNMENTS,
-  REWARDS,
   TRAIN_SPLIT,
   RLConfig,
   learning_rate_schedule,
 )
-from coars_jax.training.segment_rewards import REWARDS_TRACE_NAME, rollout_rewards
+from coars_jax.training.segment_rewards import REWARDS_TRACE_NAME, rollout_rewards, trajectory_rewards
+from coars_jax.training.trainer_state import (
+  NonFiniteUpdateError,
+  PlayedRollout,
+  TrainerState,
+  windows_at,
+)
 from coars_jax.training.update_step import (
-  BATCH_KEYS,
   CONSTRAINT_KEYS,
-  CONSTRAINT_ROW_FIELDS,
-  CONSTRAINT_SHARED_FIELDS,
-  PACKED_BATCH_KEYS,
-  PACKED_TEACHER_KEYS,
-  PPO_KEYS,
   STEP_TRACE_NAME,
   TEACHER_CACHE_KEYS,
   TEACHER_KEYS,
   StepSettings,
-  UpdateStep,
   build_update_step,
   microbatch_constraint,
   step_traces,
@@ -96,19 +86,10 @@ from coars_jax.training.update_step import (
 
 # The trainer's public names, with those of the modules it composes (actor, config, rewards, update step).
 __all__ = [
-  'BATCH_KEYS',
   'CONSTRAINT_KEYS',
-  'CONSTRAINT_ROW_FIELDS',
-  'CONSTRAINT_SHARED_FIELDS',
   'JUDGE_QUESTION',
-  'JUDGE_SYSTEM',
   'NonFiniteUpdateError',
   'OUTCOME_ASSIGNMENTS',
-  'PACKED_BATCH_KEYS',
-  'PACKED_TEACHER_KEYS',
-  'PPO_KEYS',
-  'PlayedRollout',
-  'REWARDS',
   'REWARDS_TRACE_NAME',
   'RLConfig',
   'RLTrainer',
@@ -116,97 +97,19 @@ __all__ = [
   'StepSettings',
   'TEACHER_CACHE_KEYS',
   'TEACHER_KEYS',
-  'TRAIN_SPLIT',
   'TrainerState',
-  'UpdateStep',
   'build_update_step',
   'judge_messages',
   'judge_probabilities',
-  'judge_probabilities_of',
-  'judge_prompt_ids',
   'learning_rate_schedule',
   'microbatch_constraint',
   'rollout_rewards',
-  'segment_constraints',
   'shared_prefix_length',
   'step_traces',
   'student_messages',
   'teacher_prompts',
-  'window_order',
   'windows_at',
 ]
-
-
-def window_order(num_windows: int, seed: int, epoch: int) -> np.ndarray:
-  """The permutation of the training windows used in `epoch` (a pure function of the seed and the epoch)."""
-  return np.random.default_rng([int(seed), int(epoch), 0x52AB]).permutation(num_windows)
-
-
-def windows_at(num_windows: int, seed: int, position: int, count: int) -> np.ndarray:
-  """`count` window indices of the endless stream epoch 0, epoch 1, ..., starting at global `position`; the stream
-  is what a checkpoint's data position points into, so a resumed run draws exactly the same windows."""
-  if num_windows < 1:
-    raise ValueError('the training split has no windows')
-  out = []
-  while len(out) < count:
-    epoch, offset = divmod(position, num_windows)
-    take = min(count - len(out), num_windows - offset)
-    out.extend(window_order(num_windows, seed, epoch)[offset : offset + take].tolist())
-    position += take
-  return np.asarray(out, np.int64)
-
-
-# --- the trainer -------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(kw_only=True)
-class TrainerState:
-  """What a checkpoint must hold besides the adapters and the optimizer state to resume exactly.
-
-  Attributes:
-    iteration: finished iterations.
-    next_window: the data position, an index into the endless window stream (`windows_at`).
-    rng: the raw key data (uint32) of the JAX PRNG key the rollout seeds are split from.
-    consecutive_nonfinite: skipped updates in a row so far.
-  """
-
-  iteration: int
-  next_window: int
-  rng: np.ndarray
-  consecutive_nonfinite: int = 0
-
-  def to_json(self) -> dict[str, Any]:
-    return {
-      'iteration': self.iteration,
-      'next_window': self.next_window,
-      'rng': self.rng.tolist(),
-      'consecutive_nonfinite': self.consecutive_nonfinite,
-    }
-
-  @classmethod
-  def from_json(cls, data: Mapping[str, Any]) -> 'TrainerState':
-    return cls(
-      iteration=int(data['iteration']),
-      next_window=int(data['next_window']),
-      rng=np.asarray(data['rng'], np.uint32),
-      consecutive_nonfinite=int(data['consecutive_nonfinite']),
-    )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PlayedRollout:
-  """One iteration's rollout: the training windows, the sampling seed, the episodes, their `Trajectory`, and the
-  rollout's wall time in seconds."""
-
-  windows: np.ndarray
-  seed: int
-  episodes: Sequence[Episode]
-  trajectory: Trajectory
-  seconds: float
-
-
-class NonFiniteUpdateError(FloatingPointError):
-  """`max_consecutive_nonfinite` updates in a row had a non-finite loss or gradient."""
 
 
 class RLTrainer:
@@ -232,7 +135,7 @@ class RLTrainer:
     model: Decoder,
     tokenizer,
     dataset: Dataset,
-    sasrec: SASRec | CrossFittedPeer,
+    sasrec,
     config: RLConfig,
     *,
     rollout: RolloutConfig = RolloutConfig(),
@@ -337,117 +240,9 @@ class RLTrainer:
     return int(np.asarray(jax.random.key_data(sub))[-1] & 0x7FFFFFFF)
 
   def _rewards(self, trajectory: Trajectory, judge_probability: np.ndarray | None, groups: np.ndarray):
-    """Host arrays of every segment, from the fixed-shape jitted `rollout_rewards`: (R, the loss weight R or
-    R - group mean, included by the reward rule, carries loss: included, of a trained agent, with tokens)."""
-    from coars_jax.coars.rewards import judge_segment_probability
-
-    config, size = self.config, self.config.episodes_per_iteration * self.rollout.max_turns * len(AGENTS)
-    segments = trajectory.num_segments
-
-    def padded(values, dtype, fill=0):
-      out = np.full(size, fill, dtype)
-      out[:segments] = values
-      return out
-
-    episode = trajectory.episode
-    rows = {
-      'hit': padded(trajectory.hit, bool),
-      'acceptance_score': padded(trajectory.acceptance_score, np.float32),
-      'peer_similarity': padded(trajectory.peer_similarity, np.float32),
-      'action': padded(trajectory.action, np.int32),
-      'turn': padded(trajectory.turn, np.int32, 1),
-      'agent': padded(trajectory.agent, np.int32),
-      'valid': padded(trajectory.valid, bool, True),
-      'final_hit': padded(trajectory.final_hit[episode], bool),
-      'last_turn': padded(trajectory.num_turns[episode], np.int32, 1),
-      'judge_probability': padded(
-        np.zeros(segments)
-        if judge_probability is None
-        else judge_segment_probability(judge_probability, episode, trajectory.valid),
-        np.float32,
-      ),
-      'group': padded(groups[episode], np.int32),
-      'real': padded(np.ones(segments, bool), bool),
-    }
-    reward, weight, included = rollout_rewards(rows, **config.reward_options())
-    reward, weight, included = (np.asarray(a)[:segments] for a in (reward, weight, included))
-    trained = np.isin(trajectory.agent, [AGENTS.index(a) for a in config.trained_agents])
-    return reward, weight, included, included & trained & trajectory.completion_mask.any(axis=1)
-
-  def _ranks(self, episodes: Sequence[Episode]) -> list[list[int]]:
-    """The peer's rank of every candidate of each episode (`coars.candidate_ranks`), for d: on these training
-    windows, the out-of-fold SASRec's when the peer is cross-fitted."""
-    windows = self.dataset.split(TRAIN_SPLIT)
-    indices = np.asarray([e.window_index for e in episodes], np.int64)
-    candidates = np.asarray([e.candidates for e in episodes], np.int32)
-    peer = bind_peer(self.sasrec, TRAIN_SPLIT, windows.users[indices])
-    scores = np.asarray(peer.candidate_scores(windows.history[indices], windows.lengths[indices], candidates))
-    return [candidate_ranks(row) for row in scores]
-
-  def _pack_dialogues(
-    self,
-    trajectory: Trajectory,
-    rows: np.ndarray,
-    weight: np.ndarray,
-    teacher_ids: list[list[int]] | None,
-    grammar: Mapping[str, np.ndarray] | None = None,
-  ):
-    """The loss-carrying segments `rows` as packed dialogue rows (`update_batch.pack_update_batch`)."""
-    data_devices = dict(zip(self.mesh.axis_names, self.mesh.devices.shape)).get(DATA_AXIS, 1)
-    prompts = [trajectory.prompt_tokens[r][trajectory.prompt_mask[r]] for r in range(trajectory.num_segments)]
-    completions = [
-      trajectory.completion_tokens[r][trajectory.completion_mask[r]] for r in range(trajectory.num_segments)
-    ]
-    behaviour = None
-    if self.settings.ppo_epsilon:
-      behaviour = [trajectory.behaviour_log_probs[r][trajectory.completion_mask[r]] for r in rows]
-    longest = max(len(completions[r]) for r in rows)
-    # A row holds one dialogue at least and a microbatch `data_devices` rows at least: K never needs more.
-    dialogues = self.config.episodes_per_iteration * len(self.config.trained_agents)
-    capacity = -(-dialogues // data_devices)
-    return pack_update_batch(
-      prompts=prompts,
-      completions=completions,
-      rows=rows,
-      episode=trajectory.episode,
-      agent=trajectory.agent,
-      turn=trajectory.turn,
-      reward=weight[rows].astype(np.float32),
-      adapter_of_agent=self.adapter_of_agent,
-      num_microbatches=capacity,
-      tokens_per_microbatch=self.config.packed_tokens,
-      completion_length=self.config.buckets.completion_length(longest),
-      pad_token_id=self.pad_id,
-      row_multiple=data_devices,
-      teacher_ids=teacher_ids,
-      per_segment=grammar,
-      behaviour_log_probs=behaviour,
-      max_positions=self.model.config.max_position_embeddings,
-    )
-
-  def _pack(
-    self,
-    trajectory: Trajectory,
-    rows: np.ndarray,
-    weight: np.ndarray,
-    teacher_ids: list[list[int]] | None,
-    grammar: Mapping[str, np.ndarray] | None = None,
-  ) -> dict[str, np.ndarray]:
-    """The loss-carrying segments `rows` as one row per turn (`turn_rows.pack_turn_rows`)."""
-    return pack_turn_rows(
-      trajectory,
-      rows,
-      weight,
-      teacher_ids,
-      grammar if self.settings.constrained else None,
-      buckets=self.config.buckets,
-      num_microbatches=self.num_microbatches,
-      rows_per_microbatch=self.config.rows_per_microbatch,
-      adapter_of_agent=self.adapter_of_agent,
-      pad_token_id=self.pad_id,
-      max_positions=self.model.config.max_position_embeddings,
-      behaviour=bool(self.settings.ppo_epsilon),
-      teacher_cache=self.settings.teacher_cache,
+    """`segment_rewards.trajectory_rewards` under this trainer's config."""
+    return trajectory_rewards(
+      trajectory, judge_probability, groups, config=self.config, max_turns=self.rollout.max_turns
     )
 
   def iteration(self) -> dict[str, Any]:
@@ -492,41 +287,16 @@ class RLTrainer:
   def record(self, played: PlayedRollout) -> RolloutRecord:
     """The rollout record of `played`: its segments, and what the learner must not recompute afterwards (each
     segment's teacher prompt x + d with the peer's ranks, its grammar when constrained, the judge prompts)."""
-    config, episodes, trajectory = self.config, played.episodes, played.trajectory
-    teacher_ids = constraints = judge_ids = None
-    segments = np.flatnonzero(trajectory.completion_mask.any(axis=1))
-    if self.settings.teacher:
-      rendered = (
-        teacher_prompts(
-          self.tokenizer,
-          episodes,
-          trajectory,
-          segments,
-          ranks=self._ranks(episodes),
-          rollout=self.rollout,
-          dataset_name=self.dataset.name,
-          omit_samples=config.reference_omits_samples,
-        )
-        if len(segments)
-        else []
-      )
-      teacher_ids = [np.zeros(0, np.int32)] * trajectory.num_segments
-      for row, ids in zip(segments, rendered):
-        teacher_ids[row] = np.asarray(ids, np.int32)
-    if self.settings.constrained:
-      constraints = segment_constraints(self.backend, episodes, trajectory, np.arange(trajectory.num_segments))
-    if config.reward == 'judge':
-      judge_ids = [np.asarray(ids, np.int32) for ids in judge_prompt_ids(self.tokenizer, episodes, self.dataset.name)]
-    groups = np.repeat(np.arange(config.windows_per_iteration), config.rollouts_per_window).astype(np.int32)
-    return RolloutRecord(
-      trajectory=trajectory,
-      windows=np.asarray(played.windows, np.int64),
-      groups=groups,
-      seed=int(played.seed),
-      seconds=float(played.seconds),
-      teacher_ids=teacher_ids,
-      constraints=constraints,
-      judge_ids=judge_ids,
+    return write_record(
+      played,
+      config=self.config,
+      teacher=self.settings.teacher,
+      constrained=self.settings.constrained,
+      tokenizer=self.tokenizer,
+      backend=self.backend,
+      peer=self.sasrec,
+      dataset=self.dataset,
+      rollout=self.rollout,
     )
 
   def learn_record(self, record: RolloutRecord, *, record_seconds: float = 0.0) -> dict[str, Any]:
@@ -563,13 +333,21 @@ class RLTrainer:
     grammar = None
     if self.settings.constrained and len(rows):
       grammar = {key: np.asarray(value)[rows] for key, value in record.constraints.items()}
-    self.last_packing = None
-    if not len(rows):
-      batch = None
-    elif self.settings.packed:
-      batch, self.last_packing = self._pack_dialogues(trajectory, rows, weight, teacher_ids, grammar)
-    else:
-      batch = self._pack(trajectory, rows, weight, teacher_ids, grammar)
+    batch, self.last_packing = None, None
+    if len(rows):
+      batch, self.last_packing = pack_loss_rows(
+        trajectory,
+        rows,
+        weight,
+        teacher_ids,
+        grammar,
+        config=config,
+        settings=self.settings,
+        adapter_of_agent=self.adapter_of_agent,
+        num_microbatches=self.num_microbatches,
+        data_devices=dict(zip(self.mesh.axis_names, self.mesh.devices.shape)).get(DATA_AXIS, 1),
+        max_positions=self.model.config.max_position_embeddings,
+      )
     self.last_batch = batch  # the host arrays of this update, for benchmarks and inspection
     scoring_seconds = time.perf_counter() - start + record_seconds
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from coars_jax import configlib
 from coars_jax.announce import about, announce
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.agents.episodes import AGENTS
 from coars_jax.data import Dataset, load_dataset
 from coars_jax.data.user_sim import UserSimSet

@@ -11,7 +11,7 @@ import pathlib
 
 import ml_collections
 
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.agents.episodes import RolloutConfig
 from coars_jax.agents.reflexion import ReflexionConfig
 from coars_jax.models import tokenizer as tokenizer_lib

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from coars_jax import configlib
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.data import DATASETS
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.parallel import distributed, planner

@@ -1,5 +1,6 @@
 """Every segment's reward from the record's reward inputs, as one fixed-shape jitted program (`rollout_rewards`):
-interaction (Eq. 7-8 with the exclusion rule), outcome or judge, with the optional group baseline."""
+interaction (Eq. 7-8 with the exclusion rule), outcome or judge, with the optional group baseline; and
+`trajectory_rewards`, which feeds it a rollout's segments and returns host arrays."""
 
 from __future__ import annotations
 
@@ -10,8 +11,20 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from coars_jax.coars.rewards import INVALID_USER_REWARD, agent_reward, group_centred, judge_rewards, segment_rewards
+import numpy as np
+
+from coars_jax.agents.protocol import AGENTS
+from coars_jax.agents.trajectory import Trajectory
+from coars_jax.coars.rewards import (
+  INVALID_USER_REWARD,
+  agent_reward,
+  group_centred,
+  judge_rewards,
+  judge_segment_probability,
+  segment_rewards,
+)
 from coars_jax.sampling.compilation import record_trace
+from coars_jax.training.rl_config import RLConfig
 
 
 REWARDS_TRACE_NAME = 'training.rl.rewards'
@@ -89,3 +102,50 @@ def rollout_rewards(
   if group_baseline:
     weight = group_centred(reward, included, rows['agent'], rows['group'])
   return reward, weight, included
+
+
+def trajectory_rewards(
+  trajectory: Trajectory,
+  judge_probability: np.ndarray | None,
+  groups: np.ndarray,
+  *,
+  config: RLConfig,
+  max_turns: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Host arrays of every segment of `trajectory`, from the fixed-shape jitted `rollout_rewards` (padded to the
+  most segments an iteration of `config` with `max_turns` turns can have, so one program serves every iteration):
+  (R, the loss weight R or R - group mean, included by the reward rule, carries loss: included, of a trained agent,
+  with tokens). `judge_probability` is the judge's per-episode probability (judge reward only), `groups` each
+  episode's group id (the rollouts of one window)."""
+  size = config.episodes_per_iteration * max_turns * len(AGENTS)
+  segments = trajectory.num_segments
+
+  def padded(values, dtype, fill=0):
+    out = np.full(size, fill, dtype)
+    out[:segments] = values
+    return out
+
+  episode = trajectory.episode
+  rows = {
+    'hit': padded(trajectory.hit, bool),
+    'acceptance_score': padded(trajectory.acceptance_score, np.float32),
+    'peer_similarity': padded(trajectory.peer_similarity, np.float32),
+    'action': padded(trajectory.action, np.int32),
+    'turn': padded(trajectory.turn, np.int32, 1),
+    'agent': padded(trajectory.agent, np.int32),
+    'valid': padded(trajectory.valid, bool, True),
+    'final_hit': padded(trajectory.final_hit[episode], bool),
+    'last_turn': padded(trajectory.num_turns[episode], np.int32, 1),
+    'judge_probability': padded(
+      np.zeros(segments)
+      if judge_probability is None
+      else judge_segment_probability(judge_probability, episode, trajectory.valid),
+      np.float32,
+    ),
+    'group': padded(groups[episode], np.int32),
+    'real': padded(np.ones(segments, bool), bool),
+  }
+  reward, weight, included = rollout_rewards(rows, **config.reward_options())
+  reward, weight, included = (np.asarray(a)[:segments] for a in (reward, weight, included))
+  trained = np.isin(trajectory.agent, [AGENTS.index(a) for a in config.trained_agents])
+  return reward, weight, included, included & trained & trajectory.completion_mask.any(axis=1)

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from coars_jax import configlib
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.agents.episodes import (
   AGENTS,
   RECOMMENDER,
@@ -317,7 +317,7 @@ def warm_start_config(config: ml_collections.ConfigDict) -> WarmStartConfig:
 
 
 def load_model_and_tokenizer(config: ml_collections.ConfigDict) -> tuple[Decoder, Any]:
-  """The base decoder and its tokenizer (`agents.backbone.load_backbone`): the `tiny` preset at random init with
+  """The base decoder and its tokenizer (`models.backbone.load_backbone`): the `tiny` preset at random init with
   the tiny tokenizer, SmolLM2-135M-Instruct from its GGUF, or an HF checkpoint folder."""
   return backbone.load_backbone(
     backbone.BackboneSpec(

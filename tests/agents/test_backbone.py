@@ -1,4 +1,4 @@
-"""`agents.backbone.load_backbone` on HF checkpoint folders that do not hold what they should: a missing config,
+"""`models.backbone.load_backbone` on HF checkpoint folders that do not hold what they should: a missing config,
 weights file or tokenizer, and a tokenizer from another model. Each fails before any weight is read, saying
 what does not match."""
 
@@ -7,7 +7,7 @@ import shutil
 import pytest
 from flax import nnx
 
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.data import synthetic
 from coars_jax.models import hf_checkpoint
 from coars_jax.models import tokenizer as tokenizer_lib

@@ -8,7 +8,7 @@ import functools
 import numpy as np
 import pytest
 
-from coars_jax.agents import backbone
+from coars_jax.models import backbone
 from coars_jax.agents.chat_tokens import DialogueTokens
 from coars_jax.agents.episodes import RolloutConfig, ScriptedBackend, run_episodes
 from coars_jax.agents.prompts import user_messages

@@ -1,4 +1,4 @@
-"""Smoke test of the rollout benchmark (`coars_jax.agents.benchmark`) on the synthetic dataset with a micro model:
+"""Smoke test of the rollout benchmark (`coars_jax.agents.rollout_timing`) on the synthetic dataset with a micro model:
 the figures must be consistent with each other and with the episodes; speed is not checked."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from coars_jax.agents import benchmark
+from coars_jax.agents import rollout_timing
 from coars_jax.agents import chat_tokens, dialogue_loop, llm_backend, parsing
 from coars_jax.agents.episodes import LLMBackendConfig, RolloutConfig
 from coars_jax.models.tokenizer import render_chat
@@ -29,7 +29,7 @@ def measured():
     sampling=SamplingParams(temperature=1.0),
     buckets=LengthBuckets(prompt=(512, 1024), completion=(8,)),
   )
-  summary, episodes = benchmark.measure_rollouts(
+  summary, episodes = rollout_timing.measure_rollouts(
     model,
     tokenizer,
     DATASET,
@@ -82,7 +82,7 @@ def test_rates_and_shares_add_up(measured):
   assert summary['episodes_per_s'] == pytest.approx(summary['episodes'] / wall)
   assert summary['generated_tokens_per_s'] == pytest.approx(summary['generated_tokens'] / wall)
   seconds, shares = summary['seconds'], summary['shares']
-  assert set(seconds) == set(shares) == set(benchmark.STAGES)
+  assert set(seconds) == set(shares) == set(rollout_timing.STAGES)
   assert all(value >= 0 for value in seconds.values())
   assert sum(seconds.values()) == pytest.approx(wall, rel=1e-9)
   assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
@@ -90,7 +90,7 @@ def test_rates_and_shares_add_up(measured):
   assert summary['jit_seconds'] == pytest.approx(jit)
   assert summary['outside_jit_share'] == pytest.approx(1 - jit / wall)
   assert sum(summary['outside_jit_shares'].values()) == pytest.approx(1.0)
-  assert summary['meets_target'] == (summary['outside_jit_share'] <= benchmark.TARGET_OUTSIDE_JIT_SHARE)
+  assert summary['meets_target'] == (summary['outside_jit_share'] <= rollout_timing.TARGET_OUTSIDE_JIT_SHARE)
   assert summary['prefill_tokens_per_s'] == pytest.approx(summary['prompt_tokens'] / seconds['llm_prefill'])
   assert summary['decode_tokens_per_s'] == pytest.approx(summary['generated_tokens'] / seconds['llm_decode'])
   calls = summary['calls']
@@ -108,7 +108,7 @@ def test_wrappers_are_removed_afterwards(measured):
 
 
 def test_stage_timer_charges_nested_time_once():
-  timer = benchmark.StageTimer()
+  timer = rollout_timing.StageTimer()
   inner = timer.wrap('inner', lambda: sum(range(20000)))
   outer = timer.wrap('outer', lambda: [inner() for _ in range(3)])
   outer()
@@ -117,9 +117,9 @@ def test_stage_timer_charges_nested_time_once():
 
 
 def test_evenly_spaced_windows():
-  assert benchmark.evenly_spaced(3, 11) == [0, 5, 10]
-  assert benchmark.evenly_spaced(1, 4) == [0]
-  assert len(set(benchmark.evenly_spaced(64, 122))) == 64
+  assert rollout_timing.evenly_spaced(3, 11) == [0, 5, 10]
+  assert rollout_timing.evenly_spaced(1, 4) == [0]
+  assert len(set(rollout_timing.evenly_spaced(64, 122))) == 64
   with pytest.raises(ValueError, match='only 2'):
-    benchmark.evenly_spaced(3, 2)
-  np.testing.assert_array_equal(benchmark.evenly_spaced(4, 4), [0, 1, 2, 3])
+    rollout_timing.evenly_spaced(3, 2)
+  np.testing.assert_array_equal(rollout_timing.evenly_spaced(4, 4), [0, 1, 2, 3])

@@ -414,7 +414,7 @@ def test_smollm2_gguf_adapters_load_on_transformers_gguf_model(tmp_path):
 def test_an_evaluation_starts_from_a_folder_of_peft_folders(tmp_path):
   """`eval.experiment.load_agents` reads a folder holding one PEFT folder per agent (what export_adapters writes)
   into the named backbone: the same logits as the exporting model, under each agent's adapter."""
-  from coars_jax.agents import backbone
+  from coars_jax.models import backbone
   from coars_jax.eval import experiment as eval_experiment
   from tests.conftest import require_files
   from coars_jax.data import lastfm

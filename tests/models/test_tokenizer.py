@@ -10,7 +10,7 @@ import sentencepiece
 
 from coars_jax import data
 from coars_jax.data import instruments, lastfm, movielens, synthetic
-from coars_jax.models import tokenizer
+from coars_jax.models import tokenizer, tokenizer_build
 from tests.conftest import require_files
 
 SMALL_VOCAB = 512
@@ -162,7 +162,7 @@ def test_cached_folder_is_built_once_and_keyed_by_corpus_and_vocab(synthetic_lin
   def refuse(*args, **kwargs):
     raise AssertionError('rebuilt a cached tokenizer')
 
-  monkeypatch.setattr(tokenizer, 'build_tokenizer', refuse)
+  monkeypatch.setattr(tokenizer_build, 'build_tokenizer', refuse)
   assert tokenizer.cached_tokenizer_folder(synthetic_lines, tmp_path, vocab_size=SMALL_VOCAB) == folder
   with pytest.raises(AssertionError, match='rebuilt'):
     tokenizer.cached_tokenizer_folder(synthetic_lines + ['Item: a new line'], tmp_path, vocab_size=SMALL_VOCAB)

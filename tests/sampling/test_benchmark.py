@@ -5,7 +5,7 @@ import time
 import pytest
 
 from coars_jax.models import get_preset
-from coars_jax.sampling.benchmark import MachinePeaks, best_of, decode_step_cost, floor_step_seconds
+from coars_jax.sampling.generation_speed import MachinePeaks, best_of, decode_step_cost, floor_step_seconds
 
 
 def test_decode_step_cost_counts_weights_projection_and_cache():

@@ -4,13 +4,13 @@ import math
 
 import numpy as np
 
-from coars_jax.training import benchmark
+from coars_jax.training import iteration_timing
 from tests.training.test_rl import rl_config, trainer
 
 
 def test_bench_iterations_splits_scoring_from_the_update():
   run = trainer(rl_config(iterations=3, packed_update=False))  # the per-turn rows this benchmark splits
-  result = benchmark.bench_iterations(run, iterations=1, warmup=1, repeats=1)
+  result = iteration_timing.bench_iterations(run, iterations=1, warmup=1, repeats=1)
   (row,) = result['iterations']
   assert row['iteration'] == 2  # one untimed warm-up iteration came first
   batch = run.last_batch
@@ -31,5 +31,5 @@ def test_bench_iterations_splits_scoring_from_the_update():
 
 def test_no_teacher_pass_without_self_distillation():
   run = trainer(rl_config(iterations=2, lambda_sd=0.0, packed_update=False))
-  (row,) = benchmark.bench_iterations(run, iterations=1, warmup=1, repeats=1)['iterations']
+  (row,) = iteration_timing.bench_iterations(run, iterations=1, warmup=1, repeats=1)['iterations']
   assert 'teacher_scoring_seconds' not in row and row['student_scoring_seconds'] > 0

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from coars_jax.sampling import score
-from coars_jax.sampling.benchmark import best_of
+from coars_jax.sampling.generation_speed import best_of
 from coars_jax.sampling.model_inputs import inference_view
 from coars_jax.sampling.scoring import shared_prefix_log_probs
 from coars_jax.training.rl import RLTrainer

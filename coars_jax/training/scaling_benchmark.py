@@ -26,7 +26,7 @@ from coars_jax.agents.protocol import AGENTS
 from coars_jax.models import Decoder, DecoderConfig, LoRAConfig, add_lora, get_preset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.parallel import mesh as mesh_lib
-from coars_jax.sampling.benchmark import best_of
+from coars_jax.sampling.generation_speed import best_of
 from coars_jax.sampling.compilation import count_backend_compiles
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
@@ -248,7 +248,7 @@ def accelerator_efficiency(
   """On the default device: the bf16 update step's MFU and the decode step's bandwidth utilisation, for random
   weights of `preset`'s shape."""
   from coars_jax.sampling import LengthBuckets, generate
-  from coars_jax.sampling.benchmark import decode_step_cost
+  from coars_jax.sampling.generation_speed import decode_step_cost
 
   config = get_preset(preset, param_dtype='bfloat16', compute_dtype='bfloat16')
   on_cpu = jax.default_backend() == 'cpu'  # a dry run of this code path; the peaks are then sized for a CPU
