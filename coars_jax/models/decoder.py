@@ -93,7 +93,7 @@ class Attention(nnx.Module):
 
     Without a cache S == L; with one, the new keys/values are written at slot `write_index` and the
     queries attend over all S = max_len slots that `mask` allows. block_sparse: read only the key blocks the mask
-    needs (`block_attention.block_sparse_attention`; forward-only).
+    needs (`block_attention.block_sparse_attention`).
     """
     queries = constrain(self.q_proj(x, adapter_ids), (BATCH, LENGTH, HEADS, HEAD_DIM))
     keys = constrain(self.k_proj(x, adapter_ids), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
@@ -232,8 +232,8 @@ class Decoder(nnx.Module):
     attention_mask: bool [B, L, S] (S = the cache's slots, or L without a cache) replaces the mask built from
       segment ids and slots, for layouts it cannot express: packed teacher rows that each read a different
       prefix of the student's cache (`sampling.packed`). The cache's segment ids are still written.
-    block_sparse: attention reads only the key blocks the mask needs (`models.block_attention`), for forward
-      passes whose mask is mostly empty (the packed teacher rows); forward-only, so not with remat.
+    block_sparse: attention reads only the key blocks the mask needs (`models.block_attention`, with its own
+      gradient), for passes whose mask is mostly empty (packed rows: the teacher's, and the student's causal ones).
     The input of the lowest layer with LoRA adapters is a stop-gradient point when adapters are attached to
     upper layers only (`LoRAConfig.layers`): no trainable parameter lies below it, so no gradient has to.
     """
@@ -256,8 +256,6 @@ class Decoder(nnx.Module):
       write_index = cache.end_index
       cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, write_index))
       mask = _attention_mask(segment_ids, cache_segments, write_index + jnp.arange(length), jnp.arange(cache.max_len))
-    if block_sparse and remat:
-      raise ValueError('Decoder: block_sparse attention is forward-only; it cannot be combined with remat=True')
     if attention_mask is not None:
       if attention_mask.shape != mask.shape:
         raise ValueError(f'Decoder: attention_mask must be {mask.shape}; found {attention_mask.shape}')
@@ -290,6 +288,7 @@ class Decoder(nnx.Module):
         None if cache is None else (cache.keys[scanned.start :], cache.values[scanned.start :]),
         write_index,
         adapter_ids,
+        block_sparse,
       )
       if updated is not None:
         new_keys.extend(updated[0])
@@ -356,6 +355,7 @@ def _scanned_layers(
   cached_kv: tuple | None,
   write_index: jax.Array | None,
   adapter_ids: jax.Array | None,
+  block_sparse: bool = False,
 ):
   """`layers` (identical in structure) applied in order as a `lax.scan` over their stacked states, each step under
   `jax.checkpoint`: (x, (new keys per layer, new values per layer) or None)."""
@@ -370,7 +370,7 @@ def _scanned_layers(
   @jax.checkpoint
   def body(x, inputs):
     state, kv = inputs
-    return nnx.merge(graphdef, state)(x, positions, mask, kv, write_index, adapter_ids)
+    return nnx.merge(graphdef, state)(x, positions, mask, kv, write_index, adapter_ids, block_sparse)
 
   x, updated = jax.lax.scan(body, x, (stacked, stacked_kv))
   if updated is None:

@@ -41,6 +41,9 @@ DIALOGUE_KEYS = (
 # each segment shares and the segment itself; `models.block_attention`). False: the dense [Lt, Ls + Lt] softmax (the
 # benchmarks' baseline).
 BLOCK_SPARSE_TEACHER = True
+# Read at trace time: the student's differentiated pass over the dialogue rows uses the block-sparse attention too
+# (causal and per dialogue, with its custom gradient). Off until `experiments.bench_packed_update` shows it pays.
+BLOCK_SPARSE_STUDENT = False
 TEACHER_KEYS = (
   'teacher_tokens',
   'teacher_segments',
@@ -107,6 +110,7 @@ def packed_log_probs(
     rows['dialogue_positions'].astype(jnp.int32),
     segments.astype(jnp.int32),
     cache,
+    block_sparse=BLOCK_SPARSE_STUDENT,
     **model_call_kwargs,
   )
   predicting = gather_slots(hidden, rows['student_row'], rows['student_start'], length)
