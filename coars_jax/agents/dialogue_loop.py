@@ -194,7 +194,7 @@ def run_episodes(
           hint_title=hints[e],
         )
         turns[e].append(turn)
-        memories[e] = memories[e].append(turn.record)
+        memories[e] = memories[e].append(turn.memory_entry)
         if not turn.clicked:
           still_live.append(e)
       live = still_live

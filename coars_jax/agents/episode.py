@@ -11,7 +11,7 @@ import numpy as np
 
 from coars_jax.agents.backend import Generation, check_agent
 from coars_jax.agents.parsing import ParseConfig, RecommenderParse, UserParse
-from coars_jax.agents.prompts import Memory, PromptConfig, TurnRecord
+from coars_jax.agents.prompts import Memory, PromptConfig, MemoryTurn
 from coars_jax.agents.protocol import ACTIONS
 from coars_jax.data.candidates import NUM_CANDIDATES
 
@@ -99,9 +99,9 @@ class Turn:
   hint_title: str | None = None
 
   @property
-  def record(self) -> TurnRecord:
+  def memory_entry(self) -> MemoryTurn:
     """(m_rec_t, m_user_t) as the memory keeps it."""
-    return TurnRecord(
+    return MemoryTurn(
       item_title=self.shown_title,
       recommender_reason=self.shown_reason,
       user_action=self.action,
@@ -164,7 +164,7 @@ class Episode:
   def memory(self, before_turn: int | None = None) -> Memory:
     """M_{t-1} for `before_turn` = t (the memory shown in turn t's prompts); the final memory M_T by default."""
     count = len(self.turns) if before_turn is None else before_turn - 1
-    return Memory(tuple(turn.record for turn in self.turns[:count]))
+    return Memory(tuple(turn.memory_entry for turn in self.turns[:count]))
 
 
 def turn_seed(seed: int, turn: int, agent: str) -> int:

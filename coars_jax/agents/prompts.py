@@ -69,7 +69,7 @@ class PromptConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TurnRecord:
+class MemoryTurn:
   """One finished turn t of an episode, as later prompts show it: (m_rec_t, m_user_t).
 
   Attributes:
@@ -80,7 +80,7 @@ class TurnRecord:
     user_score: the user's acceptance score s_t in [0, 1], inside the action's interval.
     user_reason: the user's rationale j_t.
     recommender_message: m_rec_t exactly as the recommender wrote it: its assistant message in its own later
-      prompts. None writes the canonical 'Reason: ... / Item: ...' form of the fields above (scripted records).
+      prompts. None writes the canonical 'Reason: ... / Item: ...' form of the fields above (scripted turns).
     user_message: m_user_t exactly as the user agent wrote it, likewise (None: the canonical form).
     hint_title: the hint the recommender's prompt showed at this turn (`RolloutConfig.show_hint`), or None.
   """
@@ -95,17 +95,17 @@ class TurnRecord:
   hint_title: str | None = None
 
   def __post_init__(self):
-    check_action(self.user_action, 'TurnRecord.user_action')
-    # Stored as a Python float so that a record built from a numpy scalar renders and compares the same way.
+    check_action(self.user_action, 'MemoryTurn.user_action')
+    # Stored as a Python float so that a turn built from a numpy scalar renders and compares the same way.
     object.__setattr__(
-      self, 'user_score', check_score_for_action(self.user_action, self.user_score, 'TurnRecord.user_score')
+      self, 'user_score', check_score_for_action(self.user_action, self.user_score, 'MemoryTurn.user_score')
     )
     for name in ('item_title', 'recommender_reason', 'user_reason'):
       if not isinstance(getattr(self, name), str):
-        raise TypeError(f'TurnRecord.{name} must be a str, found {type(getattr(self, name)).__name__}')
+        raise TypeError(f'MemoryTurn.{name} must be a str, found {type(getattr(self, name)).__name__}')
     for name in ('recommender_message', 'user_message', 'hint_title'):
       if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-        raise TypeError(f'TurnRecord.{name} must be a str or None, found {type(getattr(self, name)).__name__}')
+        raise TypeError(f'MemoryTurn.{name} must be a str or None, found {type(getattr(self, name)).__name__}')
 
   @property
   def recommender_text(self) -> str:
@@ -133,20 +133,20 @@ class Memory:
   never changes afterwards.
   """
 
-  turns: tuple[TurnRecord, ...] = ()
+  turns: tuple[MemoryTurn, ...] = ()
 
   def __post_init__(self):
     for index, turn in enumerate(self.turns):
-      if not isinstance(turn, TurnRecord):
-        raise TypeError(f'Memory.turns[{index}] must be a TurnRecord, found {type(turn).__name__}')
+      if not isinstance(turn, MemoryTurn):
+        raise TypeError(f'Memory.turns[{index}] must be a MemoryTurn, found {type(turn).__name__}')
 
-  def append(self, turn: TurnRecord) -> 'Memory':
+  def append(self, turn: MemoryTurn) -> 'Memory':
     return Memory(self.turns + (turn,))
 
   def __len__(self) -> int:
     return len(self.turns)
 
-  def __iter__(self) -> Iterator[TurnRecord]:
+  def __iter__(self) -> Iterator[MemoryTurn]:
     return iter(self.turns)
 
 
@@ -174,7 +174,7 @@ def render_candidates(candidate_titles: Sequence[str]) -> str:
   return '\n'.join(f'{number}. {_title_line(title)}' for number, title in enumerate(candidate_titles, start=1))
 
 
-def render_reaction(number: int, turn: TurnRecord) -> str:
+def render_reaction(number: int, turn: MemoryTurn) -> str:
   """How turn `number` went, as the recommender's next message tells it: the item as shown and the user's
   action, score and reason (the recommender's own reason is already in its reply)."""
   return '\n'.join(

@@ -1,6 +1,6 @@
 """Where a rollout's wall time goes, for `rollout_timing`: the stages it is split into (`STAGES`), the timer that
 charges each wrapped call to its stage (`StageTimer`), and a rollout run with every stage wrapped
-(`_instrumented_rollout`), with a record of each `sampling.generate` call (`CallRecord`).
+(`_instrumented_rollout`), with a record of each `sampling.generate` call (`TimedCall`).
 
 The time is split by wrapping, for the duration of a measurement only, the functions the episode loop reaches
 through module attributes (no library file is changed):
@@ -105,7 +105,7 @@ class _TimedPeer:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CallRecord:
+class TimedCall:
   """One `sampling.generate` call of a rollout as it ran.
 
   live: the prompts of live episodes; padded_batch: the batch it ran at (copies of the first prompt fill it);
@@ -146,10 +146,10 @@ def _patched(replacements: Sequence[tuple[Any, str, Any]]) -> Iterator[None]:
 
 def _instrumented_rollout(
   backend: LLMBackend, run: Callable[[Any], list[Episode]], peer
-) -> tuple[list[Episode], float, StageTimer, list[CallRecord]]:
+) -> tuple[list[Episode], float, StageTimer, list[TimedCall]]:
   """Runs `run(timed_peer)` with every stage wrapped: (episodes, wall seconds, timer, one record per generate)."""
   timer = StageTimer()
-  records: list[CallRecord] = []
+  records: list[TimedCall] = []
   prefill = timer.wrap('llm_prefill', sampler_lib._prefill, block=True)
   prefill_after_prefix = timer.wrap('llm_prefill', sampler_lib._prefill_after_prefix, block=True)
   decode = timer.wrap('llm_decode', sampler_lib._decode, block=True)
@@ -163,7 +163,7 @@ def _instrumented_rollout(
     call = backend.calls[-1]
     lengths, mask = np.asarray(output.lengths), np.asarray(output.prompt_mask)
     records.append(
-      CallRecord(
+      TimedCall(
         agent=call.agent,
         turn=call.turn,
         live=call.batch_size,

@@ -30,7 +30,7 @@ from coars_jax.agents.episodes import (
   episode_metrics,
   run_episodes,
 )
-from coars_jax.agents.rollout_stages import JIT_STAGES, STAGES, CallRecord, StageTimer, _instrumented_rollout
+from coars_jax.agents.rollout_stages import JIT_STAGES, STAGES, TimedCall, StageTimer, _instrumented_rollout
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.sampling import SamplingParams
 from coars_jax.sampling.compilation import count_backend_compiles
@@ -40,7 +40,7 @@ __all__ = [
   'MODELS',
   'STAGES',
   'TARGET_OUTSIDE_JIT_SHARE',
-  'CallRecord',
+  'TimedCall',
   'StageTimer',
   'episode_token_counts',
   'evenly_spaced',

@@ -1,4 +1,4 @@
-"""Counting compilations, to check that length buckets keep a run from recompiling: `record_trace` is a
+"""Counting compilations, to check that length buckets keep a run from recompiling: `count_trace` is a
 Python side effect placed at the top of each jitted function of this package, so it runs once per trace
 (once per new shape or static setting), and `count_backend_compiles` counts every XLA compilation in the
 process through jax's monitoring events, jitted or eager."""
@@ -19,7 +19,7 @@ _lock = threading.Lock()
 _trace_counts: collections.Counter[str] = collections.Counter()
 
 
-def record_trace(name: str) -> None:
+def count_trace(name: str) -> None:
   """Counts one trace of the jitted function `name`; call it from inside the traced Python body."""
   with _lock:
     _trace_counts[name] += 1

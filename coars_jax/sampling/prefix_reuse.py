@@ -20,7 +20,7 @@ from flax import nnx
 
 from coars_jax.models.kv_cache import KVCache, init_cache
 from coars_jax.parallel.sharding import Partitioning, activation_scope
-from coars_jax.sampling.compilation import record_trace
+from coars_jax.sampling.compilation import count_trace
 from coars_jax.sampling.model_inputs import StaticKwargs, model_kwargs
 
 
@@ -108,7 +108,7 @@ def _prefill_after_prefix_program(
   """Copies each row's keys and values of the slots before the block [B, P - W] from `source` (cache row
   `rows[b]`, slots `table[b]`), then prefills the block tokens [B, W] after them: (float32 logits [B, V] after the
   last prompt token, cache). `offsets[b]` counts row b's real tokens before the block (its first block position)."""
-  record_trace('sampler.prefill_after_prefix')
+  count_trace('sampler.prefill_after_prefix')
   model = nnx.merge(graphdef, state)
   with activation_scope(partitioning, model.config, tokens.shape[0]):
     cache = init_cache(model.config, tokens.shape[0], cache_length, cache_dtype)

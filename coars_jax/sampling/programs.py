@@ -18,7 +18,7 @@ from coars_jax.models.decoder import Decoder
 from coars_jax.models.kv_cache import KVCache, init_cache
 from coars_jax.models.logical_axes import BATCH, VOCAB
 from coars_jax.parallel.sharding import Partitioning, activation_scope, sharded_jit
-from coars_jax.sampling.compilation import record_trace
+from coars_jax.sampling.compilation import count_trace
 from coars_jax.sampling.constraints import ChoiceConstraint, advance, initial_state, mask_logits
 from coars_jax.sampling.distributions import SamplingParams, sample
 from coars_jax.sampling.model_inputs import StaticKwargs, model_kwargs, positions_from_mask
@@ -43,7 +43,7 @@ def _prefill_program(
   array_kwargs: dict[str, Any],
 ) -> tuple[jax.Array, KVCache]:
   """Runs the prompts [B, P] through a fresh cache: (float32 logits [B, V] after the last prompt token, cache)."""
-  record_trace('sampler.prefill')
+  count_trace('sampler.prefill')
   model = nnx.merge(graphdef, state)
   with activation_scope(partitioning, model.config, tokens.shape[0]):
     cache = init_cache(model.config, tokens.shape[0], cache_length, cache_dtype)
@@ -80,7 +80,7 @@ def _decode_program(
   A `while_loop` rather than a Python loop of jitted steps: the stop test runs on the device, so there is
   no host round trip per token, and the whole decode is one program per (batch, bucket) shape.
   """
-  record_trace('sampler.decode')
+  count_trace('sampler.decode')
   model = nnx.merge(graphdef, state)
   with activation_scope(partitioning, model.config, logits.shape[0]):
     return _decode_loop(
@@ -213,7 +213,7 @@ def _decode_loop(
   def is_eos(tokens):
     return (tokens[:, None] == eos_token_ids[None, :]).any(axis=-1)
 
-  def record(step, tokens, log_probs, done, lengths, new_tokens, new_log_probs):
+  def store_step(step, tokens, log_probs, done, lengths, new_tokens, new_log_probs):
     active = ~done  # rows that finished earlier keep padding from here on
     new_tokens = jnp.where(active, new_tokens, pad_token_id)
     new_log_probs = jnp.where(active, new_log_probs, 0.0)
@@ -230,7 +230,7 @@ def _decode_loop(
 
   grammar = None if constraint is None else initial_state(constraint)
   first_tokens, first_log_probs, grammar = draw(0, logits, grammar)
-  tokens, log_probs, done, lengths = record(
+  tokens, log_probs, done, lengths = store_step(
     0,
     jnp.full((batch, completion_length), pad_token_id, jnp.int32),
     jnp.zeros((batch, completion_length), jnp.float32),
@@ -251,7 +251,7 @@ def _decode_loop(
     positions = (prompt_lengths + step - 1)[:, None]
     hidden, cache = model.hidden_states(previous, positions, jnp.ones_like(previous), cache, **call_kwargs)
     new_tokens, new_log_probs, grammar = draw(step, model.logits(hidden[:, 0]), grammar)
-    tokens, log_probs, done, lengths = record(step, tokens, log_probs, done, lengths, new_tokens, new_log_probs)
+    tokens, log_probs, done, lengths = store_step(step, tokens, log_probs, done, lengths, new_tokens, new_log_probs)
     return step + 1, cache, tokens, log_probs, done, lengths, grammar
 
   # Unconstrained, grammar is None: an empty pytree, so the loop carries exactly what it did before.

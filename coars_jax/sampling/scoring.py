@@ -22,7 +22,7 @@ from coars_jax.parallel.rules import Rules
 from coars_jax.parallel.sharding import Partitioning, activation_scope, sharded_jit
 from coars_jax.sampling import buckets as buckets_lib
 from coars_jax.sampling.buckets import LengthBuckets
-from coars_jax.sampling.compilation import record_trace
+from coars_jax.sampling.compilation import count_trace
 from coars_jax.sampling.constraints import ChoiceConstraint, ConstraintState, mask_logits, states_along
 from coars_jax.sampling.distributions import SamplingParams, log_probs
 from coars_jax.sampling.model_inputs import (
@@ -276,7 +276,7 @@ def _score_program(
   array_kwargs: dict[str, Any],
   constraint: ChoiceConstraint | None,
 ) -> jax.Array:
-  record_trace('scoring.score')
+  count_trace('scoring.score')
   model = nnx.merge(graphdef, state)
   with activation_scope(partitioning, model.config, context_tokens.shape[0]):
     return completion_log_probs(

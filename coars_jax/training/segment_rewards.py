@@ -23,7 +23,7 @@ from coars_jax.coars.rewards import (
   judge_segment_probability,
   segment_rewards,
 )
-from coars_jax.sampling.compilation import record_trace
+from coars_jax.sampling.compilation import count_trace
 from coars_jax.training.rl_config import RLConfig
 
 
@@ -68,7 +68,7 @@ def rollout_rewards(
   (the G rollouts of one window), computed here over the whole rollout so that splitting it into microbatches
   does not change the baseline.
   """
-  record_trace(REWARDS_TRACE_NAME)
+  count_trace(REWARDS_TRACE_NAME)
   chex.assert_rank(list(rows.values()), 1)
   chex.assert_equal_shape(list(rows.values()))
   if kind == 'judge':

@@ -28,12 +28,12 @@ from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import adapter_index
 from coars_jax.sampling import LengthBuckets, completion_log_probs
 from coars_jax.sampling.buckets import left_pad, right_pad
-from coars_jax.sampling.compilation import record_trace, trace_counts
+from coars_jax.sampling.compilation import count_trace, trace_counts
 from coars_jax.training.optim import clipped_adamw, warmup_cosine_schedule
 from coars_jax.training.warm_start_config import WarmStartConfig
 
 
-# The name `record_trace` counts the update step under (`sampling.trace_counts()`).
+# The name `count_trace` counts the update step under (`sampling.trace_counts()`).
 STEP_TRACE_NAME = 'training.warm_start.step'
 
 
@@ -224,7 +224,7 @@ def trainable_filter(train_base: bool):
 def _train_step(
   graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], *, train_base: bool
 ) -> tuple[nnx.State, dict[str, jax.Array]]:
-  record_trace(STEP_TRACE_NAME)
+  count_trace(STEP_TRACE_NAME)
   model, optimizer = nnx.merge(graphdef, state)
   grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, trainable_filter(train_base)), has_aux=True)
   (_, metrics), grads = grad_fn(model, batch)

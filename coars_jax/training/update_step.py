@@ -23,13 +23,13 @@ from coars_jax.parallel.sharding import Partitioning, activation_scope, sharded_
 from coars_jax.sampling import SamplingParams
 from coars_jax.sampling.constraints import ChoiceConstraint
 from coars_jax.sampling import packed as packed_lib
-from coars_jax.sampling.compilation import record_trace, trace_counts
+from coars_jax.sampling.compilation import count_trace, trace_counts
 from coars_jax.sampling.scoring import completion_log_probs
 from coars_jax.training.optim import clipped_adamw
 from coars_jax.training.rl_config import RLConfig
 
 
-# The name `record_trace` counts the update step's traces under (`sampling.trace_counts()`).
+# The name `count_trace` counts the update step's traces under (`sampling.trace_counts()`).
 STEP_TRACE_NAME = 'training.rl.update'
 
 
@@ -177,7 +177,7 @@ def _update_body(
   settings: StepSettings,
 ) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
   """One optimizer update from all microbatches of a rollout; see the module docstring."""
-  record_trace(STEP_TRACE_NAME)
+  count_trace(STEP_TRACE_NAME)
   first = 'dialogue_tokens' if settings.packed else 'prompt_tokens'
   chex.assert_rank([batch[first], batch['completion_tokens'], batch['completion_mask']], 3)
   chex.assert_rank([batch['reward'], batch['included'], batch['agent'], batch['adapter']], 2)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from coars_jax.agents import prompts
-from coars_jax.agents.prompts import Memory, PromptConfig, TurnRecord
+from coars_jax.agents.prompts import Memory, PromptConfig, MemoryTurn
 from coars_jax.data import candidate_list, lastfm
 from coars_jax.models.tokenizer import render_chat
 from coars_jax.recsys.peer import peer_opinion
@@ -17,7 +17,7 @@ HISTORY = ['Radiohead', 'Coldplay']
 
 
 def _turn(title='Muse', action='skip', score=0.3, number=1):
-  return TurnRecord(
+  return MemoryTurn(
     item_title=title,
     recommender_reason=f'reason {number}\nwith a break',
     user_action=action,
@@ -115,11 +115,11 @@ def test_dialogues_are_append_only_and_hold_every_earlier_turn():
 
 
 def test_turn_record_validates_action_and_score():
-  with pytest.raises(ValueError, match='TurnRecord.user_action must be one of'):
+  with pytest.raises(ValueError, match='MemoryTurn.user_action must be one of'):
     _turn(action='love')
-  with pytest.raises(ValueError, match=r"TurnRecord.user_score must be a finite number in 'click'"):
+  with pytest.raises(ValueError, match=r"MemoryTurn.user_score must be a finite number in 'click'"):
     _turn(action='click', score=0.5)
-  with pytest.raises(TypeError, match='Memory.turns\\[0\\] must be a TurnRecord'):
+  with pytest.raises(TypeError, match='Memory.turns\\[0\\] must be a MemoryTurn'):
     Memory(('not a turn',))
   assert type(_turn(score=np.float32(0.25)).user_score) is float
 
@@ -202,7 +202,7 @@ def _user_prompts(dataset, split, index, titles, seed):
     yield text, set(window.history) | set(memory_items) | {item, peer}
     action = ('dislike', 'skip', 'star', 'click')[rng.integers(4)]
     memory = memory.append(
-      TurnRecord(
+      MemoryTurn(
         item_title=titles[item],
         recommender_reason=reason,
         user_action=action,

@@ -12,7 +12,7 @@ from coars_jax.sampling import (
   score,
   trace_counts,
 )
-from coars_jax.sampling.compilation import record_trace
+from coars_jax.sampling.compilation import count_trace
 from tests.sampling.conftest import PAD
 
 BUCKETS = LengthBuckets(prompt=(8, 16), completion=(4, 8))
@@ -37,8 +37,8 @@ def _delta(before, after):
 
 def test_trace_counter_counts_calls_by_name():
   before = trace_counts()
-  record_trace('test.example')
-  record_trace('test.example')
+  count_trace('test.example')
+  count_trace('test.example')
   assert _delta(before, trace_counts()) == {'test.example': 2}
 
 
