@@ -1,7 +1,7 @@
 """Where one packed update microbatch of SmolLM2-135M spends its seconds, with the teacher rows' block-sparse
 attention on and off in the same process (issue 21):
 `python -m experiments.bench_packed_update [--rows=3] [--row_length=1280] [--teacher_length=2816] [--segments=15]
-[--completion_length=128] [--output=results/bench/packed_update_smollm2.json]`.
+[--dialogues_per_row=1] [--completion_length=128] [--nodense] [--output=results/bench/packed_update_smollm2.json]`.
 
 The defaults are the research CoARS iteration's microbatch (BUILD_NOTES Part 11: 3 dialogue rows of 1,280 slots, 3
 teacher rows of about 2,800, 5 turns per dialogue), on synthetic tokens (`bench_packed_memory.synthetic_rows`: turn
@@ -9,8 +9,10 @@ k's teacher segment reads the first k/5 of its dialogue). Timed, each compiled f
 run kept): the student forward alone; student and teacher forward (`sampling.packed.packed_log_probs`); and the
 gradient of `coars.coars_objective` (lambda_SD 0.1, remat), the update step's work per microbatch. The baseline is
 `sampling.packed.BLOCK_SPARSE_TEACHER = False` (the dense [Lt, Ls + Lt] softmax) in the same run; then the teacher's
-block-sparse attention alone (the default), then with `BLOCK_SPARSE_STUDENT = True` as well (the student's causal
-attention over its own dialogue's blocks, with the custom gradient). `--nodense` skips the dense baseline.
+block-sparse attention alone, then with `BLOCK_SPARSE_STUDENT = True` as well (the student's causal attention over
+its own dialogue's blocks, with the custom gradient; both are the defaults). `--nodense` skips the dense baseline.
+The pilot's rows (BUILD_NOTES Part 13): `--rows=1 --row_length=2048 --teacher_length=5120 --segments=10
+--dialogues_per_row=2`.
 """
 
 import json
@@ -70,7 +72,7 @@ def main(argv):
   results = {
     'shapes': {
       name: int(flags.FLAGS[name].value)
-      for name in ('rows', 'row_length', 'teacher_length', 'segments', 'completion_length')
+      for name in ('rows', 'row_length', 'teacher_length', 'segments', 'completion_length', 'dialogues_per_row')
     },
     'load_average_before': round(load, 2),
     'machine': {'cpus': os.cpu_count(), 'platform': platform.platform(), 'device': str(jax.devices()[0])},
@@ -78,6 +80,7 @@ def main(argv):
   }
   results['phases']['student_forward'] = timed(lambda *a: scores(*a, teacher=False)[0], lora, frozen, batch)
   print(f'student forward: {results["phases"]["student_forward"]}', flush=True)
+  packed_lib.BLOCK_SPARSE_STUDENT = False  # the baselines: the student's dense softmax
   for sparse in (False, True) if _DENSE.value else (True,):
     packed_lib.BLOCK_SPARSE_TEACHER = sparse
     name = 'block_sparse' if sparse else 'dense'
@@ -92,7 +95,6 @@ def main(argv):
   )
   results['phases']['gradient_block_sparse_student'] = timed(jax.grad(loss), lora, frozen, batch)
   print(f'student block-sparse too: {results["phases"]["gradient_block_sparse_student"]}', flush=True)
-  packed_lib.BLOCK_SPARSE_STUDENT = False
   phases = results['phases']
   results['student_gradient_speedup'] = round(
     phases['gradient_block_sparse']['run_s'] / phases['gradient_block_sparse_student']['run_s'], 2

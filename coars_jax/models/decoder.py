@@ -22,6 +22,9 @@ from coars_jax.models.rope import apply_rope, inverse_frequencies
 DECODE_BLOCK = 256
 # Read at trace time: False makes decode steps attend over every slot of the cache (the benchmarks' baseline).
 LIVE_SLOT_DECODE = True
+# Read at trace time: a multi-token pass through a cache (prefill, prefix reuse, cached scoring) reads only the key
+# blocks its causal, per-segment mask needs (`block_attention`) instead of the dense [L, S] softmax of every head.
+BLOCK_SPARSE_PREFILL = True
 
 
 def _live_slot_attention(
@@ -119,7 +122,7 @@ class Attention(nnx.Module):
     if cached_kv is not None and length == 1 and LIVE_SLOT_DECODE:
       attended = _live_slot_attention(grouped, keys, values, mask, write_index)
       return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
-    if block_sparse:
+    if block_sparse or (cached_kv is not None and BLOCK_SPARSE_PREFILL):
       attended = block_attention.block_sparse_attention(grouped, keys, values, mask)
       return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
     scores = jnp.einsum('blkgd,bskd->bkgls', grouped, keys, preferred_element_type=jnp.float32)

@@ -20,7 +20,7 @@ from coars_jax.sampling.sampler import common_prefix_length
 # Row lengths a packed dialogue row (and a teacher row) may have: multiples of 256, so that two dialogues of 650
 # tokens share a 1,280-token row rather than pad to 2,048; each distinct shape compiles its own step once (the
 # persistent compilation cache keeps it for later processes).
-ROW_LENGTHS = tuple(range(256, 4096 + 1, 256)) + (5120, 6144, 7168, 8192)
+ROW_LENGTHS = tuple(range(256, 8192 + 1, 256))
 # Reply segments per microbatch are padded up to one of these counts.
 SEGMENT_COUNTS = (8, 16, 32, 64, 128, 256)
 
@@ -130,6 +130,35 @@ def _first_fit(dialogues: Sequence[_Dialogue], student_length: int, teacher_leng
   return rows
 
 
+def _layout(
+  dialogues: Sequence[_Dialogue], teacher: bool, tokens_per_microbatch: int, row_multiple: int
+) -> tuple[int, int, int, list[list[int]], int]:
+  """(student row length, teacher row length, rows per microbatch, rows of dialogue indices, microbatches used):
+  the pair of row lengths from `ROW_LENGTHS` whose first-fit packing forwards the fewest tokens (student and teacher
+  rows together, padding included). Both lengths are searched: a dialogue's teacher segments are about three times
+  its own tokens, so a teacher row tied to its student row's length pads one or the other."""
+  longest = max(len(d.tokens) for d in dialogues)
+  teacher_need = max(d.teacher_length for d in dialogues)
+  student_lengths = [n for n in ROW_LENGTHS if n >= longest] or [longest]
+  teacher_lengths = ([n for n in ROW_LENGTHS if n >= teacher_need] or [teacher_need]) if teacher else [0]
+  best = None
+  for student_length in student_lengths:
+    for teacher_length in teacher_lengths:
+      packed = _first_fit(dialogues, student_length, teacher_length if teacher else 1 << 30)
+      if teacher:  # the shortest teacher rows that hold what the packing put in them
+        fill = max(sum(dialogues[m].teacher_length for m in row) for row in packed)
+        teacher_length = bucket_length(fill, ROW_LENGTHS, 'update_batch.ROW_LENGTHS')
+      most = max(row_multiple, (tokens_per_microbatch // student_length) // row_multiple * row_multiple)
+      # Rows per microbatch: a power of two (a few compiled shapes) no larger than the rows need.
+      per_row = min(most, max(row_multiple, 1 << (len(packed) - 1).bit_length()))
+      per_row = -(-per_row // row_multiple) * row_multiple
+      used = -(-len(packed) // per_row)
+      cost = used * per_row * (student_length + teacher_length)
+      if best is None or cost < best[0]:
+        best = (cost, student_length, teacher_length, per_row, packed, used)
+  return best[1:]
+
+
 def pack_update_batch(
   *,
   prompts: Sequence[np.ndarray],
@@ -183,28 +212,8 @@ def pack_update_batch(
       f'max_position_embeddings {max_positions}; lower rollout.max_turns or the token budgets'
     )
 
-  # The row lengths with the fewest forwarded tokens (student and teacher rows together).
-  best = None
-  teacher_need = max(d.teacher_length for d in dialogues)
-  for student_length in [n for n in ROW_LENGTHS if n >= longest] or [longest]:
-    # Teacher rows as long as the student row or the longest dialogue's teacher segments, whichever is longer:
-    # dialogues that fill a student row then mostly fit its teacher row too.
-    teacher_length = (
-      bucket_length(max(teacher_need, student_length), ROW_LENGTHS, 'update_batch.ROW_LENGTHS') if teacher_ids else 0
-    )
-    packed = _first_fit(dialogues, student_length, teacher_length if teacher_ids else 1 << 30)
-    if teacher_ids:  # the shortest teacher rows that hold what the packing put in them
-      fill = max(sum(dialogues[m].teacher_length for m in row) for row in packed)
-      teacher_length = bucket_length(fill, ROW_LENGTHS, 'update_batch.ROW_LENGTHS')
-    most = max(row_multiple, (tokens_per_microbatch // student_length) // row_multiple * row_multiple)
-    # Rows per microbatch: a power of two (a few compiled shapes) no larger than the rows need.
-    per_row = min(most, max(row_multiple, 1 << (len(packed) - 1).bit_length()))
-    per_row = -(-per_row // row_multiple) * row_multiple
-    used = -(-len(packed) // per_row)
-    cost = used * per_row * (student_length + teacher_length)
-    if best is None or cost < best[0]:
-      best = (cost, student_length, teacher_length, per_row, packed, used)
-  _, student_length, teacher_length, per_row, packed, used = best
+  layout = _layout(dialogues, bool(teacher_ids), tokens_per_microbatch, row_multiple)
+  student_length, teacher_length, per_row, packed, used = layout
   if used > num_microbatches:
     raise AssertionError(f"{len(packed)} packed rows need {used} microbatches, more than the step's {num_microbatches}")
 

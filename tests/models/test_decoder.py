@@ -105,6 +105,34 @@ def test_cached_prefill_and_decode_equal_full_forward_on_padded_batch(model):
   assert not np.asarray(cache.segment_ids)[:, width + steps :].any()
 
 
+@pytest.mark.parametrize('block_sparse_prefill', [True, False])
+def test_a_prefill_in_blocks_then_a_reused_prefix_equal_the_full_forward(model, monkeypatch, block_sparse_prefill):
+  """Prefill of left-padded prompts (40, 128 and 90 tokens in a 128 bucket, a 256-slot cache: key blocks of 128
+  and query blocks of 64), then a second 64-token block through the same cache, as prefix reuse does: the logits
+  of real tokens equal a full forward without a cache (the dense softmax), with the block-sparse prefill
+  (`decoder.BLOCK_SPARSE_PREFILL`, the default) and without it. Float32 sums over at most 192 slots in another
+  order: a few ulps of logits of order 1."""
+  from coars_jax.models import decoder as decoder_lib
+
+  monkeypatch.setattr(decoder_lib, 'BLOCK_SPARSE_PREFILL', block_sparse_prefill)
+  prompt, positions, segment_ids = _left_padded_batch([40, 128, 90], 128, seed=3)
+  more = np.random.default_rng(4).integers(1, CONFIG.vocab_size, size=(3, 64)).astype(np.int32)
+  more_positions = positions[:, -1:] + 1 + np.arange(64, dtype=np.int32)
+  full_tokens = np.concatenate([prompt, more], axis=1)
+  full_positions = np.concatenate([positions, more_positions], axis=1)
+  full_segments = np.concatenate([segment_ids, np.ones((3, 64), np.int32)], axis=1)
+  step = nnx.jit(lambda model, *args: model(*args))  # traced here, so under this test's flag
+  full_logits, _ = step(model, jnp.asarray(full_tokens), jnp.asarray(full_positions), jnp.asarray(full_segments))
+  cache = init_cache(CONFIG, batch=3, max_len=256)
+  first, cache = step(model, jnp.asarray(prompt), jnp.asarray(positions), jnp.asarray(segment_ids), cache)
+  second, cache = step(model, jnp.asarray(more), jnp.asarray(more_positions), jnp.ones((3, 64), jnp.int32), cache)
+  cached = np.concatenate([np.asarray(first), np.asarray(second)], axis=1)
+  real = full_segments.astype(bool)
+  np.testing.assert_allclose(cached[real], np.asarray(full_logits)[real], atol=1e-5, rtol=1e-5)
+  # The comparison is not vacuous: the logits are of order 1, far above the tolerance.
+  assert np.abs(cached[real]).max() > 0.1
+
+
 def test_padding_does_not_change_real_tokens(model):
   """A left-padded row scores its tokens exactly as the same row without padding."""
   prompt, positions, segment_ids = _left_padded_batch([4], 9)

@@ -474,17 +474,17 @@ def test_the_cheap_update_switches_reproduce_the_naive_update():
   assert_same_update(cheap, naive, 'cheap')
 
 
-@pytest.mark.parametrize('constrained, student_block_sparse', [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize('constrained, student_block_sparse', [(False, True), (True, True), (False, False)])
 def test_one_packed_forward_per_dialogue_equals_one_row_per_turn(
   constrained, student_block_sparse, monkeypatch, request
 ):
   """The packed update (each agent's dialogue forwarded once, several per row, the teacher segments reading the
   student's keys and values) computes the same loss and gradient as one row per turn, on the same record: the
   log-probs are the same sums in another order, so they agree to float32 rounding (1e-4 relative on the loss and
-  the gradient norm; the adapters after one Adam step as `assert_same_update` says). With `student_block_sparse`
-  the student's differentiated pass uses the block-sparse attention and its custom gradient as well."""
-  if student_block_sparse:  # the flag is read at trace time: no step compiled without it may serve this test
-    monkeypatch.setattr(packed_lib, 'BLOCK_SPARSE_STUDENT', True)
+  the gradient norm; the adapters after one Adam step as `assert_same_update` says). `student_block_sparse` False:
+  the student's differentiated pass uses the dense softmax instead of the block-sparse attention (the default)."""
+  if student_block_sparse != packed_lib.BLOCK_SPARSE_STUDENT:  # read at trace time: clear the compiled steps
+    monkeypatch.setattr(packed_lib, 'BLOCK_SPARSE_STUDENT', student_block_sparse)
     for clear in (jax.clear_caches, rl.build_update_step.cache_clear):
       clear()
       request.addfinalizer(clear)
