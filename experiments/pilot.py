@@ -50,16 +50,17 @@ ROLLOUT_KEYS = (
 VAL_KEYS = ('val/hit_at_1', 'val/valid_ratio', 'val/user_valid_ratio', 'val/average_turns')
 
 
-def arm_overrides(table, arm: str, workdir: pathlib.Path) -> dict:
+def arm_overrides(table, arm: str, workdir: pathlib.Path, done: int = 0) -> dict:
   """The experiment fields of `arm`'s run: its own fields, its workdir, and a stop with a val evaluation after the
-  pilot's iterations."""
+  pilot's iterations (`stop_after` counts this invocation's iterations, so an arm resumed after `done` of them runs
+  the rest only)."""
   fields = table.pilot.arms[arm]
   fields = fields.to_dict() if hasattr(fields, 'to_dict') else dict(fields)
   iterations = int(table.pilot.iterations)
   return {
     **fields,
     'workdir': str(workdir),
-    'stop_after': iterations,
+    'stop_after': iterations - done,
     'eval': {**fields.get('eval', {}), 'every': iterations},
   }
 
@@ -134,9 +135,11 @@ def run_pilot(table, arms, dataset: str, *, components=None) -> tuple[list[dict]
   summaries = []
   for number, arm in enumerate(arms, 1):
     workdir = root / arm
-    overrides = arm_overrides(table, arm, workdir)
+    done = len(
+      {int(line['iteration']) for line in read_lines(workdir) if 1 <= int(line.get('iteration', -1)) <= iterations}
+    )
+    overrides = arm_overrides(table, arm, workdir, done)
     fields = {k: v for k, v in overrides.items() if k not in ('workdir', 'stop_after', 'eval')}
-    done = len([line for line in read_lines(workdir) if 1 <= int(line.get('iteration', -1)) <= iterations])
     if done < iterations:
       print(
         f'\n[{number}/{len(arms)}] pilot arm {arm}: {fields or "the table recipe"} ({done} of {iterations} done)',

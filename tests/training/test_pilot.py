@@ -29,6 +29,15 @@ def test_arm_overrides_stop_after_the_pilot_with_a_val_evaluation(tmp_path):
   }
 
 
+def test_a_resumed_arm_runs_only_the_pilot_iterations_it_lacks(tmp_path):
+  """`stop_after` counts one invocation's iterations: an arm resumed after 2 of a 4-iteration pilot runs 2 more,
+  not 4 (which ran iterations 3 to 6 before this was fixed)."""
+  table = pilot_table(tmp_path)
+  table.pilot.iterations = 4
+  assert pilot.arm_overrides(table, 'base', tmp_path / 'w', done=2)['stop_after'] == 2
+  assert pilot.arm_overrides(table, 'base', tmp_path / 'w')['stop_after'] == 4
+
+
 def test_validate_table_names_a_bad_arm_field(tmp_path):
   table = pilot_table(tmp_path)
   table_lib.validate_table(table)
