@@ -9,7 +9,7 @@ LastFM test windows with at most 3 turns (Hit@1 with paired intervals, ValidRati
 time); a rerun loads what exists (`resume` is on).
 """
 
-from coars_jax.training.experiment import smollm2_config
+from coars_jax.pipeline.experiment import smollm2_config
 
 
 def get_config():

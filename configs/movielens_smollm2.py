@@ -6,10 +6,10 @@
 coars-d_without_samples, e.g. `--config=configs/movielens_smollm2.py:coars-no_sd` (each gets its own default workdir
 and row label). Every method starts from the warm start of `configs/warm_start_smollm2.py:movielens`
 (`runs/warm_start_smollm2_movielens`, trained there if absent), and the RL methods share one budget (rl.iterations x
-rl.windows_per_iteration x rl.rollouts_per_window); the settings are `coars_jax.training.experiment.smollm2_config`.
+rl.windows_per_iteration x rl.rollouts_per_window); the settings are `coars_jax.pipeline.experiment.smollm2_config`.
 """
 
-from coars_jax.training.experiment import smollm2_config
+from coars_jax.pipeline.experiment import smollm2_config
 
 
 def get_config(method: str = 'coars'):

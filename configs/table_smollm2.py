@@ -14,7 +14,7 @@ reward; seed 0 of every row, then a second seed of CoARS and outcome RL; one RL 
 x 4 rollouts = 256 training episodes per RL row; every test window and every F1 user, F1 with and without p_t.
 """
 
-from coars_jax.training import table
+from coars_jax.pipeline import table
 
 
 STUDY_ROWS = (

@@ -7,7 +7,7 @@ warm-start and CoARS rows, one seed, 1 iteration of 2 windows, 4 test windows, 2
 `runs/table_rehearsal`, to time and debug on the CPU before spending accelerator minutes.
 """
 
-from coars_jax.training import table
+from coars_jax.pipeline import table
 
 
 def get_config(size: str = ''):

@@ -40,7 +40,7 @@ from coars_jax.eval.user_f1 import UserF1Config, evaluate_user_f1
 from coars_jax.models import decoder as decoder_lib
 from coars_jax.sampling.generation_speed import best_of, decode_step_cost, measure_machine_peaks
 from coars_jax.data.user_sim import user_sim_set
-from coars_jax.training import experiment
+from coars_jax.pipeline import experiment
 from experiments import cli, outputs
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -23,6 +23,7 @@ from flax import nnx
 from coars_jax.models import backbone
 from coars_jax.agents.protocol import AGENTS
 from coars_jax.models.lora import LoRAConfig, add_lora
+from coars_jax.recsys import SASRec, SASRecConfig
 from coars_jax.training import scaling_benchmark
 from coars_jax.parallel.mesh import make_mesh
 from experiments import outputs
@@ -39,6 +40,12 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def micro_sasrec(dataset) -> SASRec:
+  """The trainer's peer: an untrained micro SASRec (the update step never consults it)."""
+  config = SASRecConfig(num_items=dataset.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0)
+  return SASRec(config, rngs=nnx.Rngs(0))
+
+
 def main(argv):
   del argv
   on = _SWITCHES.value == 'on'
@@ -47,7 +54,8 @@ def main(argv):
   shape = scaling_benchmark.StepShape(
     microbatches=1, rows=_ROWS.value, prompt_length=_PROMPT.value, completion_length=_COMPLETION.value
   )
-  trainer = scaling_benchmark.make_trainer(model, make_mesh(), shape, teacher_reuses_student_cache=on, remat=on)
+  parts = scaling_benchmark.synthetic_parts(model.config.vocab_size, micro_sasrec)
+  trainer = scaling_benchmark.make_trainer(model, make_mesh(), shape, parts, teacher_reuses_student_cache=on, remat=on)
   batch = scaling_benchmark.synthetic_batch(
     shape, model.config.vocab_size, teacher_cache=trainer.settings.teacher_cache
   )

@@ -17,7 +17,9 @@ import dataclasses  # noqa: E402
 
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
 
+from coars_jax.recsys import SASRec, SASRecConfig  # noqa: E402
 from coars_jax.training import scaling_benchmark  # noqa: E402
 from experiments import outputs  # noqa: E402
 from experiments import cli
@@ -36,6 +38,12 @@ _ACCELERATOR_PRESET = flags.DEFINE_string('accelerator_preset', 'qwen2p5_1p5b', 
 _ACCELERATOR_ROWS = flags.DEFINE_integer('accelerator_rows', 4, 'R of the accelerator update step (K = 1).')
 _ACCELERATOR_PROMPT = flags.DEFINE_integer('accelerator_prompt_length', 512, 'Its prompt tokens (completion 128).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the results as JSON to this file.')
+
+
+def micro_sasrec(dataset) -> SASRec:
+  """The trainer's peer: an untrained micro SASRec (the update step never consults it)."""
+  config = SASRecConfig(num_items=dataset.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0)
+  return SASRec(config, rngs=nnx.Rngs(0))
 
 
 def main(argv):
@@ -58,7 +66,7 @@ def main(argv):
     )
   else:
     result['meshes'] = scaling_benchmark.mesh_sweep(
-      meshes, preset=_PRESET.value, shape=shape, repeats=_REPEATS.value, devices=cpus[:8]
+      meshes, make_peer=micro_sasrec, preset=_PRESET.value, shape=shape, repeats=_REPEATS.value, devices=cpus[:8]
     )
     print(f'{"mesh (data, fsdp, tensor)":<28}{"s / step":>10}{"first call s":>14}{"traces":>8}{"compiles":>10}')
     for entry in result['meshes']:
@@ -75,7 +83,9 @@ def main(argv):
     accelerator_shape = scaling_benchmark.StepShape(
       microbatches=1, rows=_ACCELERATOR_ROWS.value, prompt_length=_ACCELERATOR_PROMPT.value, completion_length=128
     )
-    result['accelerator'] = scaling_benchmark.accelerator_efficiency(_ACCELERATOR_PRESET.value, shape=accelerator_shape)
+    result['accelerator'] = scaling_benchmark.accelerator_efficiency(
+      _ACCELERATOR_PRESET.value, make_peer=micro_sasrec, shape=accelerator_shape
+    )
     update, decode = result['accelerator']['update_step'], result['accelerator']['decode']
     print(
       f'\n{result["accelerator"]["device"]} {_ACCELERATOR_PRESET.value} bf16: update step '

@@ -33,7 +33,7 @@ from ml_collections import config_flags
 
 from coars_jax.models.lora import extend_lora
 from coars_jax.training import iteration_timing
-from coars_jax.training import experiment
+from coars_jax.pipeline import experiment
 from experiments import outputs
 from experiments import cli
 

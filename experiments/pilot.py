@@ -18,7 +18,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from coars_jax.training import table as table_lib
+from coars_jax.pipeline import table as table_lib
 from coars_jax.training.metrics import METRICS_FILE
 from experiments import cli
 

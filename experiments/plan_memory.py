@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from coars_jax import configlib
 from coars_jax.parallel import planner
-from coars_jax.training import experiment
+from coars_jax.pipeline import experiment
 from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file(

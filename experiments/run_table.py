@@ -1,6 +1,6 @@
 """The results table: `python -m experiments.run_table --config=configs/table_smollm2.py [--only=coars,lastfm/*]`.
 
-Runs every cell of the grid (dataset x row x seed, `coars_jax.training.table`) whose row file is missing, in order,
+Runs every cell of the grid (dataset x row x seed, `coars_jax.pipeline.table`) whose row file is missing, in order,
 resuming a cell from its latest checkpoint when an earlier invocation was stopped; a finished cell is skipped.
 Stop it at any time (Ctrl-C, SIGTERM, `--hours`): an RL cell stops at its next safe point with a checkpoint, and
 the next invocation continues it. Prints each cell's estimate and the remaining total, then rebuilds the report
@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from coars_jax import compilation_cache
-from coars_jax.training import table as table_lib
+from coars_jax.pipeline import table as table_lib
 from experiments import report
 from experiments import cli
 

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 from coars_jax.eval import agentic
 from coars_jax.eval.experiment import summary_line
 from coars_jax.parallel import distributed
-from coars_jax.training import experiment
+from coars_jax.pipeline import experiment
 from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,7 +37,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if _DRY_RUN.value:
-    from coars_jax.training import stages
+    from coars_jax.pipeline import stages
 
     print(stages.format_plan(config, stages.plan(config)))
     return

@@ -6,7 +6,7 @@ import json
 import pathlib
 import sys
 
-from coars_jax.training import experiment, table as table_lib
+from coars_jax.pipeline import experiment, table as table_lib
 import configs.table_smollm2 as t
 
 

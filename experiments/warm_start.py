@@ -8,7 +8,7 @@ import json
 
 from ml_collections import config_flags
 
-from coars_jax.training import warm_start
+from coars_jax.pipeline import warm_start_run
 from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/warm_start_*.py file.', lock_config=True)
@@ -16,7 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/warm_start_
 
 def main(argv):
   del argv
-  print(json.dumps(warm_start.run(_CONFIG.value), indent=2))
+  print(json.dumps(warm_start_run.run(_CONFIG.value), indent=2))
 
 
 if __name__ == '__main__':

@@ -291,14 +291,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
   # Val and test windows: the SASRec trained on every training window (no cross-fitting needed).
   sasrec, _ = sasrec_experiment.train_or_load(
-    sasrec_experiment.peer_config(
-      config.dataset,
-      workdir=config.sasrec_workdir,
-      data_root=config.data_root,
-      allow_download=config.allow_download,
-      progress=config.progress,
-      max_epochs=config.sasrec_max_epochs,
-    ),
+    sasrec_experiment.run_peer_config(config, progress=config.progress),
     dataset,
     config.sasrec_seed,
   )

@@ -1,4 +1,4 @@
-"""The report of a results table (`training.table`, project issue 15): per device platform and dataset, every row
+"""The report of a results table (`pipeline.table`, project issue 15): per device platform and dataset, every row
 with Hit@1 over seeds, its paired bootstrap 95% interval against the warm start and against outcome-reward RL
 over the same test windows, ValidRatio, turns, user F1 with precision and recall, the RL budget and the wall time;
 learning curves (one line per method, seeds as thin lines); the cells still missing; and "What holds", claim by
@@ -41,7 +41,7 @@ ROWS = collections.OrderedDict(
   ]
 )
 COMPARED_WITH = ('warm_start', 'outcome_rl')
-GRID_FILE = 'grid.json'  # a table's cells and budget, beside its row files (`training.table.write_grid`)
+GRID_FILE = 'grid.json'  # a table's cells and budget, beside its row files (`pipeline.table.write_grid`)
 # (claim, row, reference row, metric): "What holds".
 CLAIMS = (
   ('CoARS beats outcome-reward RL on Hit@1', 'coars', 'outcome_rl', 'hit'),

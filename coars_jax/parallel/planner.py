@@ -145,7 +145,7 @@ def model_config(config: ml_collections.ConfigDict) -> DecoderConfig:
 
 
 def workload(config: ml_collections.ConfigDict) -> Workload:
-  """The memory-relevant shapes of a `training.experiment` config."""
+  """The memory-relevant shapes of a `pipeline.experiment` config."""
   budget = max(config.recommender_max_new_tokens, config.user_max_new_tokens)
   episodes = config.rl.windows_per_iteration * config.rl.rollouts_per_window
   rollout_rows = max(

@@ -101,6 +101,19 @@ def peer_config(
   return config
 
 
+def run_peer_config(run: ml_collections.ConfigDict, *, progress: bool) -> ml_collections.ConfigDict:
+  """`peer_config` from an agentic run's config (its `dataset`, `sasrec_workdir`, `data_root`, `allow_download`
+  and `sasrec_max_epochs`): the one reading of those fields that every command building a run's peer shares."""
+  return peer_config(
+    run.dataset,
+    workdir=run.sasrec_workdir,
+    data_root=run.data_root,
+    allow_download=run.allow_download,
+    progress=progress,
+    max_epochs=run.sasrec_max_epochs,
+  )
+
+
 # SASRec's training cost per window and epoch on the project's 2-core CPU, for the announced estimate: 6 LastFM
 # SASRecs of up to 20 epochs on about 40,000-50,800 windows took 25 minutes under load (BUILD_NOTES Part 7), an
 # upper bound; early stopping usually ends sooner.

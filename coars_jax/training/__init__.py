@@ -1,5 +1,6 @@
 """Training the agents' adapters: the SFT warm start that teaches a model the dialogue protocol before RL, and the
-co-evolving RL trainer (`rl`); `experiment` runs either end to end from a config."""
+co-evolving RL trainer (`rl`). The SASRec peer comes in as an argument: this package never imports `recsys` or
+`pipeline` (`tests/test_layering.py`); `pipeline.experiment` runs either end to end from a config."""
 
 from coars_jax.training.rl import (
   NonFiniteUpdateError,

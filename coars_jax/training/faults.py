@@ -1,5 +1,5 @@
 """Fault injection for the reliability tests: `COARS_FAULT=<phase>:<iteration>[:<action>[:<hit>]]` makes a
-training process (`training.experiment.run`) fail at one chosen point, so that a test can prove that a resumed run
+training process (`pipeline.experiment.run`) fail at one chosen point, so that a test can prove that a resumed run
 ends exactly where an uninterrupted one does. Nothing here runs unless the variable is set.
 
 Phases (where, within RL iteration `iteration`, counting from 1):

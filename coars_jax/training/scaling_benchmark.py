@@ -2,8 +2,10 @@
 (data, fsdp, tensor) of the available devices, with its compilation counts; and, on a GPU, the update step's model
 FLOP utilisation and the decode step's memory-bandwidth utilisation for random weights of a preset's shape.
 
-The update step is fed a synthetic batch of fixed shape ([K, R, ...] microbatches of random tokens, every row
-carrying loss), so a mesh's number measures the step alone, without rollouts. FLOPs counted as useful for MFU: the
+The trainer's peer is the caller's (`make_peer(dataset)`, e.g. an untrained micro SASRec: this package does not
+import `recsys`); the update step never consults it. The update step is fed a synthetic batch of fixed shape
+([K, R, ...] microbatches of random tokens, every row carrying loss), so a mesh's number measures the step alone,
+without rollouts. FLOPs counted as useful for MFU: the
 teacher's forward pass, the student's forward pass and the student's input-gradient backward pass (the base is
 frozen, so no weight gradients of its matrices), each 2 x (matrix parameters) per token plus the attention over the
 padded S x S scores; peaks are a measured bf16 matmul rate and a measured device copy bandwidth.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from coars_jax.agents.protocol import AGENTS
+from coars_jax.data import Dataset
 from coars_jax.models import Decoder, DecoderConfig, LoRAConfig, add_lora, get_preset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.parallel import mesh as mesh_lib
@@ -46,12 +49,11 @@ class StepShape:
 # --- an RLTrainer without data files ---------------------------------------------------------------------------
 
 
-def _synthetic_parts(vocab_size: int):
+def synthetic_parts(vocab_size: int, make_peer: Callable[[Dataset], Any]):
   """The synthetic dataset, a small tokenizer trained on its titles (it only supplies the pad id and the chat
-  template here) and an untrained micro SASRec: what `RLTrainer` needs besides the model."""
+  template here) and `make_peer(dataset)`: what `RLTrainer` needs besides the model."""
   from coars_jax.agents.prompts import recommender_system_prompt, user_system_prompt
   from coars_jax.data import synthetic
-  from coars_jax.recsys.sasrec import SASRec, SASRecConfig
 
   dataset = synthetic.synthetic_dataset()
   lines = tokenizer_lib.tokenizer_corpus([dataset.catalog.titles], repeats=4)
@@ -60,10 +62,7 @@ def _synthetic_parts(vocab_size: int):
   folder = tokenizer_lib.build_tokenizer(
     lines, tempfile.mkdtemp(prefix='bench-scaling-tokenizer-'), vocab_size=min(700, vocab_size)
   )
-  sasrec = SASRec(
-    SASRecConfig(num_items=dataset.num_items, hidden=16, num_heads=2, num_blocks=1, dropout=0.0), rngs=nnx.Rngs(0)
-  )
-  return dataset, tokenizer_lib.load_tokenizer(folder), sasrec
+  return dataset, tokenizer_lib.load_tokenizer(folder), make_peer(dataset)
 
 
 def model_with_adapters(config: DecoderConfig, rank: int = 8, seed: int = 0) -> Decoder:
@@ -80,13 +79,13 @@ def model_with_adapters(config: DecoderConfig, rank: int = 8, seed: int = 0) -> 
   return model
 
 
-def make_trainer(model: Decoder, mesh, shape: StepShape, parts=None, **rl_fields):
-  """An `RLTrainer` of `model` on synthetic parts, its update step shaped by `shape`; `rl_fields` override the
-  `RLConfig` (e.g. teacher_reuses_student_cache=False, remat=False)."""
+def make_trainer(model: Decoder, mesh, shape: StepShape, parts, **rl_fields):
+  """An `RLTrainer` of `model` on `parts` (`synthetic_parts`), its update step shaped by `shape`; `rl_fields`
+  override the `RLConfig` (e.g. teacher_reuses_student_cache=False, remat=False)."""
   from coars_jax.agents.episodes import RolloutConfig
   from coars_jax.training import rl
 
-  dataset, tokenizer, sasrec = parts or _synthetic_parts(model.config.vocab_size)
+  dataset, tokenizer, peer = parts
   config = rl.RLConfig(
     iterations=10,
     windows_per_iteration=1,
@@ -96,7 +95,7 @@ def make_trainer(model: Decoder, mesh, shape: StepShape, parts=None, **rl_fields
     user_max_new_tokens=shape.completion_length,
     **rl_fields,
   )
-  return rl.RLTrainer(model, tokenizer, dataset, sasrec, config, rollout=RolloutConfig(max_turns=1), mesh=mesh)
+  return rl.RLTrainer(model, tokenizer, dataset, peer, config, rollout=RolloutConfig(max_turns=1), mesh=mesh)
 
 
 def synthetic_batch(
@@ -172,6 +171,7 @@ def time_update_step(trainer, shape: StepShape, repeats: int = 3) -> dict[str, A
 def mesh_sweep(
   meshes: Sequence[tuple[int, int, int]] = MESHES,
   *,
+  make_peer: Callable[[Dataset], Any],
   preset: str = 'tiny',
   shape: StepShape = StepShape(),
   repeats: int = 3,
@@ -180,7 +180,7 @@ def mesh_sweep(
   """The update step of `preset`'s shape on each (data, fsdp, tensor) mesh of `devices` (default the local ones).
   A mesh the installed sharding code cannot build or run is reported with its error, not raised."""
   config = get_preset(preset)
-  parts = _synthetic_parts(config.vocab_size)
+  parts = synthetic_parts(config.vocab_size, make_peer)
   base = model_with_adapters(config)
   results = []
   for sizes in meshes:
@@ -239,6 +239,7 @@ def update_step_flops(config: DecoderConfig, shape: StepShape) -> float:
 def accelerator_efficiency(
   preset: str = 'qwen2p5_1p5b',
   *,
+  make_peer: Callable[[Dataset], Any],
   shape: StepShape = StepShape(microbatches=1, rows=4, prompt_length=512, completion_length=128),
   decode_batch: int = 16,
   decode_prompt_length: int = 128,
@@ -254,7 +255,8 @@ def accelerator_efficiency(
   on_cpu = jax.default_backend() == 'cpu'  # a dry run of this code path; the peaks are then sized for a CPU
   peaks = measure_peaks(matmul_size=1024 if on_cpu else 8192, copy_gib=0.25 if on_cpu else 1.0)
   model = model_with_adapters(config, rank=16)
-  trainer = make_trainer(model, mesh_lib.make_mesh({'data': 1}, devices=jax.devices()[:1]), shape)
+  parts = synthetic_parts(config.vocab_size, make_peer)
+  trainer = make_trainer(model, mesh_lib.make_mesh({'data': 1}, devices=jax.devices()[:1]), shape, parts)
   update = time_update_step(trainer, shape, repeats)
   flops = update_step_flops(config, shape)
   update['model_flops'] = flops

@@ -1,9 +1,10 @@
 """The SFT warm start (project issue 4 section 3) for models that do not yet speak the dialogue protocol, as one
 call: scripted recommender-user dialogues on TRAINING windows (`scripted_dialogues`), played through the real
 episode loop so every prompt is exactly what inference will show, then SFT of each agent's own completion tokens
-through its own LoRA adapter (`sft`); plus greedy checks of the result, its Orbax save/load, and the
-ml_collections experiment (`default_config`, `validate`, `run`) that `experiments/warm_start.py` calls. The settings
-are `warm_start_config.WarmStartConfig`.
+through its own LoRA adapter (`sft`); plus greedy checks of the result, its Orbax save/load, and the ml_collections
+experiment (`default_config`, `validate`, `train_and_evaluate`) that `pipeline.warm_start_run` runs once it has
+loaded the dataset and the SASRec peer, which this module takes as arguments. The settings are
+`warm_start_config.WarmStartConfig`.
 """
 
 from __future__ import annotations
@@ -36,14 +37,13 @@ from coars_jax.agents.episodes import (
   run_episodes,
 )
 from coars_jax.agents.trajectory import Trajectory
-from coars_jax.data import DATASETS, Dataset, load_dataset
+from coars_jax.data import DATASETS, Dataset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.models.adapter_checkpoint import load_adapters, save_adapters
 from coars_jax.models.config import DecoderConfig, RopeScaling
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import BASE_PARAMS, add_lora
 from coars_jax.parallel import distributed
-from coars_jax.recsys import experiment as sasrec_experiment
 from coars_jax.sampling import GREEDY, LengthBuckets
 
 # The settings, the scripted dialogues and the SFT step live in their own modules; their names stay importable
@@ -330,26 +330,13 @@ def load_model_and_tokenizer(config: ml_collections.ConfigDict) -> tuple[Decoder
   )
 
 
-def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The whole experiment: load data, SASRec, model and tokenizer; warm start; save under `workdir`; evaluate
-  greedy rollouts on the first `eval.num_windows` windows of `eval.split`. Returns the summary it also saves."""
+def train_and_evaluate(config: ml_collections.ConfigDict, dataset: Dataset, *, peer, eval_peer) -> dict[str, Any]:
+  """The experiment once its data and peers are loaded (`pipeline.warm_start_run.run` loads them): model and
+  tokenizer; warm start on scripted dialogues whose hints, p_t and q come from `peer` (out of fold on training
+  windows); save under `workdir`; greedy rollouts on the first `eval.num_windows` windows of `eval.split` with
+  `eval_peer` (the SASRec of every training window). Returns the summary it also saves."""
   validate(config)
   settings = warm_start_config(config)
-  dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
-  full_sasrec, peer = sasrec_experiment.train_or_load_peer(
-    sasrec_experiment.peer_config(
-      config.dataset,
-      workdir=config.sasrec_workdir,
-      data_root=config.data_root,
-      allow_download=config.allow_download,
-      progress=settings.progress,
-      max_epochs=config.sasrec_max_epochs,
-    ),
-    dataset,
-    config.sasrec_seed,
-    num_folds=config.sasrec_folds,
-    fold_seed=config.sasrec_fold_seed,
-  )
   model, tokenizer = load_model_and_tokenizer(config)
   result = warm_start_agents(model, tokenizer, dataset, peer, settings)
   history = result.train.history
@@ -373,7 +360,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       model,
       tokenizer,
       dataset,
-      full_sasrec,
+      eval_peer,
       range(count),
       split=config.eval.split,
       rollout=settings.rollout,

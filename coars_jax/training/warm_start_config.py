@@ -20,7 +20,7 @@ from coars_jax.sampling import LengthBuckets
 
 # The research model's warm start (SmolLM2-135M-Instruct, issue 13): both agents' LoRA adapters on the frozen GGUF
 # base, SFT on scripted dialogues built from out-of-fold peer signals, with the moving hint shown. Shared by
-# configs/warm_start_smollm2.py and the SmolLM2 training configs (`training.experiment.smollm2_config`), so that
+# configs/warm_start_smollm2.py and the SmolLM2 training configs (`pipeline.experiment.smollm2_config`), so that
 # every method starts from one warm start. The pretrained base learns the protocol in tens of batch-1 steps (a
 # 24-step probe took its ValidRatio from 0 to 0.95); one ~1,000-token row peaks at about 8.4 GB here, so batch 1.
 SMOLLM2_WARM_START = {

@@ -8,7 +8,7 @@ The memory plan (`python -m experiments.plan_memory --config=configs/presets/qwe
 against plan.device; the argument picks the method as in `configs/lastfm_smollm2.py`.
 """
 
-from coars_jax.training.presets import pretrained_config
+from coars_jax.pipeline.presets import pretrained_config
 
 
 def get_config(method: str = 'coars'):

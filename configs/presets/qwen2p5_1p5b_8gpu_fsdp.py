@@ -9,7 +9,7 @@ pure data parallelism (--config.mesh.data=8 --config.mesh.fsdp=1), which trades 
 rows_per_microbatch is a multiple of data x fsdp. Plan: `python -m experiments.plan_memory --config=<this file>`.
 """
 
-from coars_jax.training.presets import pretrained_config
+from coars_jax.pipeline.presets import pretrained_config
 
 
 def get_config(method: str = 'coars'):

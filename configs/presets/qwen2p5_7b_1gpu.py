@@ -11,7 +11,7 @@ the bucket. On a 141 GB H200 the full buckets fit one row per microbatch: --conf
 Plan: `python -m experiments.plan_memory --config=<this file>`.
 """
 
-from coars_jax.training.presets import PROMPT_BUCKETS, pretrained_config
+from coars_jax.pipeline.presets import PROMPT_BUCKETS, pretrained_config
 
 
 def get_config(method: str = 'coars'):

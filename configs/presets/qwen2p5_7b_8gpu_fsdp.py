@@ -10,7 +10,7 @@ that to 18 GiB (4 kv heads allow tensor <= 4). rows_per_microbatch is a multiple
 Plan: `python -m experiments.plan_memory --config=<this file>`.
 """
 
-from coars_jax.training.presets import pretrained_config
+from coars_jax.pipeline.presets import pretrained_config
 
 
 def get_config(method: str = 'coars'):

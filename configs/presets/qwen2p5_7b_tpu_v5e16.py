@@ -19,7 +19,7 @@ v4-32 slice (16 chips, 32 GiB each) takes the full buckets: --config.plan.device
 --config.prompt_buckets='(256,512,1024,2048)'. Plan: `python -m experiments.plan_memory --config=<this file>`.
 """
 
-from coars_jax.training.presets import PROMPT_BUCKETS, pretrained_config
+from coars_jax.pipeline.presets import PROMPT_BUCKETS, pretrained_config
 
 
 def get_config(method: str = 'coars'):

@@ -18,7 +18,7 @@ from coars_jax import configlib
 from coars_jax.models import BASE_PARAMS, Decoder, LoRAConfig, add_lora, get_preset
 from coars_jax.parallel import planner
 from coars_jax.sampling.scoring import completion_log_probs
-from coars_jax.training import experiment
+from coars_jax.pipeline import experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PRESETS = (

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from coars_jax.training import experiment as ex
+from coars_jax.pipeline import experiment as ex
 from coars_jax.training import faults
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ process fails; the run is the synthetic-data, micro-decoder run of `test_train_e
 import argparse
 import json
 
-from coars_jax.training import experiment as ex
+from coars_jax.pipeline import experiment as ex
 from tests.training.test_train_experiment import components, micro_config
 
 

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from coars_jax.training import experiment as ex
+from coars_jax.pipeline import experiment as ex
 from coars_jax.training import rl
 
 CONFIG_FILES = ('lastfm_smollm2', 'movielens_smollm2', 'instruments_smollm2')

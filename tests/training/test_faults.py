@@ -1,4 +1,4 @@
-"""Reliability of `training.experiment` under faults (`training.faults`): checkpoint manifests, corrupt and
+"""Reliability of `pipeline.experiment` under faults (`training.faults`): checkpoint manifests, corrupt and
 half-written checkpoints, a full disk, SIGTERM, and SIGKILL at several points of real training processes whose
 resumed runs must end bit-identical to an uninterrupted one."""
 
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from coars_jax.training import experiment as ex
+from coars_jax.pipeline import experiment as ex
 from coars_jax.training import faults
 from tests.training import fault_suite
 from tests.training.test_train_experiment import fresh_trainer
@@ -173,7 +173,7 @@ def test_preemption_guard_sets_a_flag_and_a_second_sigterm_ends_the_process():
       guard.watch(backend).generate('user', [])
   assert signal.getsignal(signal.SIGTERM) == previous
   script = (
-    'import os, signal, time\nfrom coars_jax.training.experiment import PreemptionGuard\n'
+    'import os, signal, time\nfrom coars_jax.pipeline.experiment import PreemptionGuard\n'
     'with PreemptionGuard() as guard:\n  os.kill(os.getpid(), signal.SIGTERM)\n  print(guard.requested, '
     'flush=True)\n  os.kill(os.getpid(), signal.SIGTERM)\n  time.sleep(30)\n  print("survived")\n'
   )

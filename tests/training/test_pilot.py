@@ -6,7 +6,7 @@ import json
 import pytest
 
 from coars_jax import configlib
-from coars_jax.training import table as table_lib
+from coars_jax.pipeline import table as table_lib
 from coars_jax.training.metrics import read_metrics
 from experiments import pilot
 from tests.training.test_table import components, micro_table

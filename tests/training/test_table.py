@@ -1,4 +1,4 @@
-"""`training.table`: the grid, cell selection, per-cell configs, and a micro table run cell by cell: one warm start
+"""`pipeline.table`: the grid, cell selection, per-cell configs, and a micro table run cell by cell: one warm start
 shared by every RL cell, row files with the device and budget, a stopped cell resumed from its checkpoint, and the
 report built from the rows."""
 
@@ -13,8 +13,8 @@ from flax import nnx
 from coars_jax import configlib
 from coars_jax.data import synthetic
 from coars_jax.eval import table_report
-from coars_jax.training import experiment as ex
-from coars_jax.training import table as table_lib
+from coars_jax.pipeline import experiment as ex
+from coars_jax.pipeline import table as table_lib
 from coars_jax.training import warm_start as ws
 from coars_jax.training.metrics import read_metrics
 from tests.training.test_rl import micro_base

@@ -1,4 +1,4 @@
-"""`training.experiment`: config validation, and a run on the synthetic dataset with the micro decoder that is
+"""`pipeline.experiment`: config validation, and a run on the synthetic dataset with the micro decoder that is
 stopped, resumed and compared with an uninterrupted run."""
 
 import importlib
@@ -13,7 +13,7 @@ from flax import nnx
 
 from coars_jax import configlib
 from coars_jax.eval.agentic import ROW_KEYS
-from coars_jax.training import experiment as ex
+from coars_jax.pipeline import experiment as ex
 from coars_jax.training import warm_start as ws
 from coars_jax.training.metrics import read_metrics
 from tests.training.test_rl import BUCKETS, micro_base
@@ -285,7 +285,7 @@ def test_zero_shot_row_comes_first_and_rows_carry_paired_intervals(tmp_path):
 
 def test_dry_run_plan_marks_each_stage(tmp_path):
   from coars_jax.data import instruments
-  from coars_jax.training import stages
+  from coars_jax.pipeline import stages
   from tests.conftest import require_files
 
   root = require_files(instruments.RATINGS_FILE, instruments.META_FILE)

@@ -28,8 +28,8 @@ from coars_jax.sampling import GREEDY
 from coars_jax.training import faults
 
 from coars_jax.training.preemption import PreemptionGuard
-from coars_jax.training.run_components import Components
-from coars_jax.training.run_config import EVAL_RESUME_DIR, ZERO_SHOT_FILE, buckets, reflexion_config, rollout_config
+from coars_jax.pipeline.run_components import Components
+from coars_jax.pipeline.run_config import EVAL_RESUME_DIR, ZERO_SHOT_FILE, buckets, reflexion_config, rollout_config
 
 
 def greedy_backend(

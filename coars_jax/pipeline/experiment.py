@@ -1,6 +1,6 @@
 """The training experiment behind `python -m experiments.train --config=configs/<dataset>_<model>.py[:method]`:
 SASRec (trained or loaded) -> the agents (the SFT warm start, trained or loaded; or fresh adapters on the base)
--> RL iterations (`rl.RLTrainer`) with periodic greedy val evaluation, Orbax checkpoints and
+-> RL iterations (`training.rl.RLTrainer`) with periodic greedy val evaluation, Orbax checkpoints and
 metrics -> a greedy test evaluation with the user-agent F1, written as rows to `<workdir>/results.json`.
 
 Methods (`METHODS`): 'zero_shot' and 'reflexion' train nothing and are evaluated only; 'outcome_rl', 'judge_rl'
@@ -57,7 +57,7 @@ from coars_jax.training.preemption import Preempted, PreemptionGuard, guarded_it
 
 # The run's config, checks, components and evaluations live in their own modules; their names stay importable
 # from here.
-from coars_jax.training.run_config import (  # noqa: F401
+from coars_jax.pipeline.run_config import (  # noqa: F401
   ABLATION_SEPARATOR,
   ABLATIONS,
   BEFORE_FILE,
@@ -87,17 +87,17 @@ from coars_jax.training.run_config import (  # noqa: F401
   with_ablation,
   ZERO_SHOT_FILE,
 )
-from coars_jax.training.run_validation import (  # noqa: F401
+from coars_jax.pipeline.run_validation import (  # noqa: F401
   validate,
 )
-from coars_jax.training.run_components import (  # noqa: F401
+from coars_jax.pipeline.run_components import (  # noqa: F401
   Components,
   load_components,
   prepare_agents,
   SFT_SECONDS_PER_ROW,
   warm_start_key,
 )
-from coars_jax.training.run_evaluation import (  # noqa: F401
+from coars_jax.pipeline.run_evaluation import (  # noqa: F401
   base_fingerprint,
   evaluate_rows,
   evaluate_val,

@@ -13,7 +13,7 @@ import ml_collections
 from coars_jax.data import load_dataset
 from coars_jax.recsys import experiment as sasrec_experiment
 from coars_jax.recsys.crossfit import FoldSpec
-from coars_jax.training import experiment
+from coars_jax.pipeline import experiment
 from coars_jax.training import warm_start as warm_start_lib
 
 
@@ -28,14 +28,7 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
   experiment.validate(config)
   workdir = pathlib.Path(config.workdir).absolute()
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=False)
-  peer = sasrec_experiment.peer_config(
-    config.dataset,
-    workdir=config.sasrec_workdir,
-    data_root=config.data_root,
-    allow_download=config.allow_download,
-    progress=False,
-    max_epochs=config.sasrec_max_epochs,
-  )
+  peer = sasrec_experiment.run_peer_config(config, progress=False)
   stages = []
   folds = [None] + [
     FoldSpec(num_folds=config.sasrec_folds, fold=k, seed=config.sasrec_fold_seed) for k in range(config.sasrec_folds)

@@ -247,8 +247,8 @@ def with_ablation(config: ml_collections.ConfigDict, name: str) -> ml_collection
 def smollm2_config(dataset: str, method: str = 'coars') -> ml_collections.ConfigDict:
   """The research configs `configs/<dataset>_smollm2.py`: both agents are LoRA adapters on the frozen
   SmolLM2-135M-Instruct GGUF, every method starts from the warm start `configs/warm_start_smollm2.py:<dataset>`
-  writes (`warm_start.SMOLLM2_WARM_START`; trained there if absent), SASRec's moving hint is on, training windows
-  get out-of-fold peers, and the RL methods share one budget sized for 2 CPU cores."""
+  writes (`training.warm_start.SMOLLM2_WARM_START`; trained there if absent), SASRec's moving hint is on, training
+  windows get out-of-fold peers, and the RL methods share one budget sized for 2 CPU cores."""
   config = default_config(dataset, 'smollm2-135m', method or 'coars')
   config.update(warm_start_lib.SMOLLM2_SASREC)
   config.update(warm_start_lib.SMOLLM2_BUCKETS)

@@ -21,11 +21,11 @@ from coars_jax.data.user_sim import UserSimSet
 from coars_jax.models import peft_adapters
 from coars_jax.models.decoder import Decoder
 from coars_jax.models.lora import add_lora
-from coars_jax.recsys import experiment as sasrec_experiment
 from coars_jax.recsys.sasrec import SASRec
 from coars_jax.training import warm_start as warm_start_lib
 
-from coars_jax.training.run_config import TRAINED_METHODS, WARM_START_DIR, lora_config, warm_start_config
+from coars_jax.pipeline.warm_start_run import train_or_load_peer
+from coars_jax.pipeline.run_config import TRAINED_METHODS, WARM_START_DIR, lora_config, warm_start_config
 
 
 # --- the pieces of a run -----------------------------------------------------------------------------------------
@@ -64,20 +64,7 @@ def load_components(config) -> Components:
   """The dataset, SASRec and its cross-fitted fold models (`recsys.experiment.train_or_load_peer`) and the
   backbone named by the config."""
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
-  sasrec, peer = sasrec_experiment.train_or_load_peer(
-    sasrec_experiment.peer_config(
-      config.dataset,
-      workdir=config.sasrec_workdir,
-      data_root=config.data_root,
-      allow_download=config.allow_download,
-      progress=config.progress,
-      max_epochs=config.sasrec_max_epochs,
-    ),
-    dataset,
-    config.sasrec_seed,
-    num_folds=config.sasrec_folds,
-    fold_seed=config.sasrec_fold_seed,
-  )
+  sasrec, peer = train_or_load_peer(config, dataset, progress=config.progress)
   spec = backbone.BackboneSpec(
     name=config.model,
     data_root=config.data_root or None,

@@ -1,5 +1,5 @@
 """The results table (project issue 15): a grid of cells, one per (dataset, row, seed), each an ordinary
-`training.experiment.run` in its own workdir, run in order, skipped when its row file exists and resumed from its
+`pipeline.experiment.run` in its own workdir, run in order, skipped when its row file exists and resumed from its
 latest checkpoint when an earlier invocation was stopped.
 
 A table config (`configs/table_*.py`) names:
@@ -35,7 +35,7 @@ import ml_collections
 from coars_jax import configlib
 from coars_jax.eval.table_report import GRID_FILE
 from coars_jax.data import DATASETS
-from coars_jax.training import experiment
+from coars_jax.pipeline import experiment
 from coars_jax.training.metrics import METRICS_FILE
 
 REFERENCE = 'reference'

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from coars_jax.training.experiment import default_config
+from coars_jax.pipeline.run_config import default_config
 
 # Prompts (x_t and the teacher's x + d) and completions are padded to these; the largest prompt bucket bounds the KV
 # cache and the attention of the update step, which the memory plan counts.

@@ -15,7 +15,7 @@ from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.parallel import distributed, planner
 from coars_jax.parallel.mesh import mesh_shape_from_config, validate_mesh_shape
 
-from coars_jax.training.run_config import (
+from coars_jax.pipeline.run_config import (
   METHODS,
   METHOD_FIELDS,
   RUN_OUTPUTS,
