@@ -262,7 +262,7 @@ def run(config: ml_collections.ConfigDict, *, components: Components | None = No
           f'{settings.windows_per_iteration} windows x {settings.rollouts_per_window} rollouts each) into '
           f'{workdir}: '
           + ('resumed from its checkpoint' if resumed else 'a new run')
-          + '; SmolLM2 on 2 CPU cores takes about 29 min per iteration of 16 five-turn episodes (BUILD_NOTES Part 12), '
+          + '; SmolLM2 on 2 CPU cores takes about 17 min per iteration of 16 five-turn episodes (BUILD_NOTES Part 13), '
           'the bar shows the ETA'
         )
       bar = tqdm.tqdm(
