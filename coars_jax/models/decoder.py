@@ -22,9 +22,13 @@ from coars_jax.models.rope import apply_rope, inverse_frequencies
 DECODE_BLOCK = 256
 # Read at trace time: False makes decode steps attend over every slot of the cache (the benchmarks' baseline).
 LIVE_SLOT_DECODE = True
-# Read at trace time: a multi-token pass through a cache (prefill, prefix reuse, cached scoring) reads only the key
-# blocks its causal, per-segment mask needs (`block_attention`) instead of the dense [L, S] softmax of every head.
+# Read at trace time: a pass of at least `BLOCK_SPARSE_PREFILL_LENGTH` tokens through a cache (a whole prompt's
+# prefill, cached scoring) reads only the key blocks its causal, per-segment mask needs (`block_attention`) instead
+# of the dense [L, S] softmax of every head: 16 prompts of ~850 tokens in the 1,024 bucket prefilled in 39-42 s
+# against 52-57 s (BUILD_NOTES Part 13). Shorter passes (prefix reuse's blocks of new tokens) stay dense: their
+# [L, S] scores are small, and with them block-sparse too the demo's rollouts and evaluations ran slower, not faster.
 BLOCK_SPARSE_PREFILL = True
+BLOCK_SPARSE_PREFILL_LENGTH = 512
 
 
 def _live_slot_attention(
@@ -122,7 +126,7 @@ class Attention(nnx.Module):
     if cached_kv is not None and length == 1 and LIVE_SLOT_DECODE:
       attended = _live_slot_attention(grouped, keys, values, mask, write_index)
       return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
-    if block_sparse or (cached_kv is not None and BLOCK_SPARSE_PREFILL):
+    if block_sparse or (cached_kv is not None and BLOCK_SPARSE_PREFILL and length >= BLOCK_SPARSE_PREFILL_LENGTH):
       attended = block_attention.block_sparse_attention(grouped, keys, values, mask)
       return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
     scores = jnp.einsum('blkgd,bskd->bkgls', grouped, keys, preferred_element_type=jnp.float32)

@@ -115,6 +115,7 @@ def test_a_prefill_in_blocks_then_a_reused_prefix_equal_the_full_forward(model, 
   from coars_jax.models import decoder as decoder_lib
 
   monkeypatch.setattr(decoder_lib, 'BLOCK_SPARSE_PREFILL', block_sparse_prefill)
+  monkeypatch.setattr(decoder_lib, 'BLOCK_SPARSE_PREFILL_LENGTH', 64)  # both passes here, at this small scale
   prompt, positions, segment_ids = _left_padded_batch([40, 128, 90], 128, seed=3)
   more = np.random.default_rng(4).integers(1, CONFIG.vocab_size, size=(3, 64)).astype(np.int32)
   more_positions = positions[:, -1:] + 1 + np.arange(64, dtype=np.int32)
