@@ -26,32 +26,8 @@ BLOCK_SIZES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 DEFAULT_BLOCK = 128
 
 
-def online_softmax_step(
-  carry: tuple[jax.Array, jax.Array, jax.Array],
-  grouped: jax.Array,
-  keys: jax.Array,
-  values: jax.Array,
-  mask: jax.Array,
-  scale: float,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One key block of an online softmax: grouped queries [..., L, K, G, D], a block's keys and values [..., S, K, D],
-  its mask [..., L, S]; carry (running max [..., K, G, L, 1], running sum [..., K, G, L, 1], weighted values
-  [..., K, G, L, D]), all float32."""
-  running_max, running_sum, weighted = carry
-  scores = jnp.einsum(
-    '...lkgd,...skd->...kgls', grouped, keys.astype(grouped.dtype), preferred_element_type=jnp.float32
-  )
-  scores = jnp.where(mask[..., None, None, :, :], scores * scale, MASKED_SCORE)
-  new_max = jnp.maximum(running_max, scores.max(axis=-1, keepdims=True))
-  probs = jnp.exp(scores - new_max)
-  correction = jnp.exp(running_max - new_max)
-  running_sum = running_sum * correction + probs.sum(axis=-1, keepdims=True)
-  weighted = weighted * correction + jnp.einsum('...kgls,...skd->...kgld', probs, values.astype(jnp.float32))
-  return new_max, running_sum, weighted
-
-
 def online_softmax_init(shape: tuple[int, ...], head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The empty carry of `online_softmax_step` for queries of `shape` = (..., K, G, L)."""
+  """The empty carry (running max, running sum, weighted values) of an online softmax for queries of `shape`."""
   return (
     jnp.full(shape + (1,), MASKED_SCORE, jnp.float32),
     jnp.zeros(shape + (1,), jnp.float32),

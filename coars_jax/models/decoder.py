@@ -18,8 +18,9 @@ from coars_jax.models.logical_axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEAD
 from coars_jax.models.rope import apply_rope, inverse_frequencies
 
 # A one-token decode step reads the cache in blocks of this many slots (or the largest power of two dividing the
-# cache length), from the first block any row attends to through the block of the current token.
-DECODE_BLOCK = 256
+# cache length), from the first block any row attends to through the block of the current token. 64 and 128 cost
+# the same with 900 live slots at batch 16; 64 reads less past the live ones (BUILD_NOTES Part 14).
+DECODE_BLOCK = 64
 # Read at trace time: False makes decode steps attend over every slot of the cache (the benchmarks' baseline).
 LIVE_SLOT_DECODE = True
 # Read at trace time: a pass of at least `BLOCK_SPARSE_PREFILL_LENGTH` tokens through a cache (a whole prompt's
@@ -34,35 +35,46 @@ BLOCK_SPARSE_PREFILL_LENGTH = 512
 def _live_slot_attention(
   grouped: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, write_index: jax.Array
 ) -> jax.Array:
-  """Attention of one query per row over the cache's LIVE slots only: grouped [B, 1, K, G, D] queries, keys and
-  values [B, S, K, D], mask [B, 1, S] -> [B, 1, K, G, D].
+  """Attention of one query per row over the cache's LIVE slots only: grouped [B, 1, K, G, D] queries, the cache's
+  head-major keys and values [B, K, S, D], mask [B, 1, S] -> [B, 1, K, G, D].
 
   Prompts are left-padded to a bucket and the cache ends with room for the whole completion bucket, so most slots
-  of a decode step are padding or not written yet. The slots run in blocks, as an online softmax
-  (`block_attention.online_softmax_step`): blocks before the first slot any row attends to and after the current
-  token are never read. Equal to the full softmax up to float rounding.
+  of a decode step are padding or not written yet. The slots run in blocks, as an online softmax: blocks before the
+  first slot any row attends to and after the current token are never read. Per row and key head each block is two
+  small matrix products over contiguous slots. Equal to the full softmax up to float rounding.
   """
-  batch, slots, num_kv_heads, head_dim = keys.shape
+  batch, num_kv_heads, slots, head_dim = keys.shape
   block = block_attention.block_size(slots, largest=DECODE_BLOCK)
   first = jnp.argmax(mask[:, 0, :].any(axis=0)) // block
   last = write_index // block
   scale = head_dim**-0.5
+  queries = grouped[:, 0]  # [B, K, G, D]
 
   def read_block(index, carry):
+    running_max, running_sum, weighted = carry  # [B, K, G], [B, K, G], [B, K, G, D]
     start = index * block
-    return block_attention.online_softmax_step(
-      carry,
-      grouped,
-      jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1),
-      jax.lax.dynamic_slice_in_dim(values, start, block, axis=1),
-      jax.lax.dynamic_slice_in_dim(mask, start, block, axis=2),
-      scale,
-    )
+    block_keys = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=2)
+    block_values = jax.lax.dynamic_slice_in_dim(values, start, block, axis=2)
+    block_mask = jax.lax.dynamic_slice_in_dim(mask[:, 0], start, block, axis=1)  # [B, block]
+    scores = jnp.einsum('bkgd,bksd->bkgs', queries, block_keys, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(block_mask[:, None, None, :], scores, block_attention.MASKED_SCORE)
+    new_max = jnp.maximum(running_max, scores.max(axis=-1))
+    probs = jnp.exp(scores - new_max[..., None])
+    correction = jnp.exp(running_max - new_max)
+    running_sum = running_sum * correction + probs.sum(axis=-1)
+    weighted = weighted * correction[..., None] + jnp.einsum('bkgs,bksd->bkgd', probs, block_values.astype(jnp.float32))
+    return new_max, running_sum, weighted
 
-  init = block_attention.online_softmax_init((batch, num_kv_heads, grouped.shape[3], 1), head_dim)
+  shape = queries.shape[:3]
+  init = (jnp.full(shape, block_attention.MASKED_SCORE, jnp.float32), jnp.zeros(shape, jnp.float32))
+  init += (jnp.zeros(shape + (head_dim,), jnp.float32),)
   _, running_sum, weighted = jax.lax.fori_loop(first, last + 1, read_block, init)
-  out = (weighted / running_sum).astype(grouped.dtype)  # [B, K, G, 1, D]
-  return jnp.transpose(out, (0, 3, 1, 2, 4))
+  return (weighted / running_sum[..., None]).astype(grouped.dtype)[:, None]
+
+
+def _head_major(array: jax.Array) -> jax.Array:
+  """[B, L, K, D] <-> [B, K, L, D] (its own inverse)."""
+  return jnp.transpose(array, (0, 2, 1, 3))
 
 
 class Attention(nnx.Module):
@@ -111,29 +123,36 @@ class Attention(nnx.Module):
     queries = apply_rope(queries, positions, inv_freq)
     keys = apply_rope(keys, positions, inv_freq)
 
-    updated = None
-    if cached_kv is not None:
-      cache_keys, cache_values = cached_kv
-      start = (0, write_index, 0, 0)
-      cache_keys = jax.lax.dynamic_update_slice(cache_keys, keys.astype(cache_keys.dtype), start)
-      cache_values = jax.lax.dynamic_update_slice(cache_values, values.astype(cache_values.dtype), start)
-      updated = (cache_keys, cache_values)
-      keys, values = cache_keys.astype(x.dtype), cache_values.astype(x.dtype)
-
     batch, length, num_heads, head_dim = queries.shape
     num_kv_heads = keys.shape[2]
     grouped = queries.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    if cached_kv is not None and length == 1 and LIVE_SLOT_DECODE:
-      attended = _live_slot_attention(grouped, keys, values, mask, write_index)
-      return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
-    if block_sparse or (cached_kv is not None and BLOCK_SPARSE_PREFILL and length >= BLOCK_SPARSE_PREFILL_LENGTH):
-      attended = block_attention.block_sparse_attention(grouped, keys, values, mask)
-      return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
-    scores = jnp.einsum('blkgd,bskd->bkgls', grouped, keys, preferred_element_type=jnp.float32)
+    updated = None
+    if cached_kv is not None:
+      # The cache is head-major ([B, K, S, D], `kv_cache`): the new tokens' keys and values are written in that
+      # layout, and the attention below reads it as it is, or (block-sparse passes) transposed back.
+      cache_keys, cache_values = cached_kv
+      start = (0, 0, write_index, 0)
+      cache_keys = jax.lax.dynamic_update_slice(cache_keys, _head_major(keys).astype(cache_keys.dtype), start)
+      cache_values = jax.lax.dynamic_update_slice(cache_values, _head_major(values).astype(cache_values.dtype), start)
+      updated = (cache_keys, cache_values)
+      keys, values = cache_keys.astype(x.dtype), cache_values.astype(x.dtype)
+      if length == 1 and LIVE_SLOT_DECODE:
+        attended = _live_slot_attention(grouped, keys, values, mask, write_index)
+        return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
+      if block_sparse or (BLOCK_SPARSE_PREFILL and length >= BLOCK_SPARSE_PREFILL_LENGTH):
+        attended = block_attention.block_sparse_attention(grouped, _head_major(keys), _head_major(values), mask)
+        return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
+      key_layout = 'bksd'
+    else:
+      if block_sparse:
+        attended = block_attention.block_sparse_attention(grouped, keys, values, mask)
+        return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
+      key_layout = 'bskd'
+    scores = jnp.einsum(f'blkgd,{key_layout}->bkgls', grouped, keys, preferred_element_type=jnp.float32)
     scores = scores * (head_dim**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, block_attention.MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    attended = jnp.einsum('bkgls,bskd->blkgd', probs, values).reshape(batch, length, num_heads, head_dim)
+    attended = jnp.einsum(f'bkgls,{key_layout}->blkgd', probs, values).reshape(batch, length, num_heads, head_dim)
     return self.o_proj(attended, adapter_ids), updated
 
 

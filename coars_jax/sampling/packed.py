@@ -126,7 +126,7 @@ def packed_log_probs(
   teacher_length = rows['teacher_tokens'].shape[1]
 
   def extended(array):  # the student's keys or values, constant, with room for the teacher's slots after them
-    return jnp.pad(jax.lax.stop_gradient(array), ((0, 0), (0, teacher_length), (0, 0), (0, 0)))
+    return jnp.pad(jax.lax.stop_gradient(array), ((0, 0), (0, 0), (0, teacher_length), (0, 0)))  # head-major
 
   stopped = KVCache(
     keys=tuple(extended(k) for k in cache.keys),

@@ -114,8 +114,8 @@ def _prefill_after_prefix_program(
     cache = init_cache(model.config, tokens.shape[0], cache_length, cache_dtype)
     before = table.shape[1]
 
-    def gathered(new, old):
-      picked = old[rows[:, None], table].astype(new.dtype)  # [B, P - W, kv_heads, head_dim]
+    def gathered(new, old):  # head-major caches [B, kv_heads, slots, head_dim]
+      picked = jax.vmap(lambda row, slots: old[row][:, slots])(rows, table).astype(new.dtype)  # [B, K, P - W, D]
       return jax.lax.dynamic_update_slice(new, picked, (0, 0, 0, 0))
 
     cache = KVCache(

@@ -143,7 +143,7 @@ def shared_prefix_log_probs(
   extra = suffix_length + completion_length
 
   def prefix(array):
-    return jnp.pad(jax.lax.stop_gradient(array[:, :context_length]), ((0, 0), (0, extra), (0, 0), (0, 0)))
+    return jnp.pad(jax.lax.stop_gradient(array[:, :, :context_length]), ((0, 0), (0, 0), (0, extra), (0, 0)))
 
   teacher_cache = KVCache(
     keys=tuple(prefix(k) for k in cache.keys),

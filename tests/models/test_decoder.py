@@ -236,21 +236,21 @@ def test_a_decode_step_reads_live_slots_only_and_equals_full_attention():
   from coars_jax.models import decoder as decoder_lib
 
   rng = np.random.default_rng(0)
-  batch, slots, kv_heads, groups, dim = 3, 640, 2, 3, 8  # blocks of 128 slots (640 = 5 x 128)
+  batch, slots, kv_heads, groups, dim = 3, 640, 2, 3, 8  # blocks of DECODE_BLOCK = 64 slots
   queries = jnp.asarray(rng.normal(size=(batch, 1, kv_heads, groups, dim)), jnp.float32)
   keys = np.asarray(rng.normal(size=(batch, slots, kv_heads, dim)), np.float32)
   values = np.asarray(rng.normal(size=(batch, slots, kv_heads, dim)), np.float32)
   mask = np.zeros((batch, 1, slots), bool)
   for row, first in enumerate((140, 200, 300)):
     mask[row, 0, first:380] = True
-  # The current token is at slot 379: blocks 1 and 2 are read (row 2 has nothing in block 1, so its running sums
-  # start from a fully masked block), block 0 lies before every row's first live slot and blocks 3-4 after the
-  # current token. Those are never read, so NaN there must not reach the output.
+  # The current token is at slot 379: blocks 2-5 (slots 128-383) are read (row 2 has nothing in blocks 2-3, so its
+  # running sums start from fully masked blocks), blocks 0-1 lie before every row's first live slot and blocks 6-9
+  # after the current token. Those are never read, so NaN there must not reach the output.
   keys[:, :128], values[:, :128] = np.nan, np.nan
   keys[:, 384:], values[:, 384:] = np.nan, np.nan
-  out = decoder_lib._live_slot_attention(
-    queries, jnp.asarray(keys), jnp.asarray(values), jnp.asarray(mask), jnp.asarray(379)
-  )
+  assert decoder_lib.DECODE_BLOCK == 64
+  keys_hm, values_hm = (jnp.asarray(array.transpose(0, 2, 1, 3)) for array in (keys, values))  # the cache's layout
+  out = decoder_lib._live_slot_attention(queries, keys_hm, values_hm, jnp.asarray(mask), jnp.asarray(379))
   safe_keys, safe_values = np.nan_to_num(keys), np.nan_to_num(values)
   scores = np.einsum('blkgd,bskd->bkgls', queries, safe_keys) * dim**-0.5
   scores = np.where(mask[:, None, None], scores, -np.inf)

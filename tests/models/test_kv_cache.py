@@ -13,7 +13,7 @@ CONFIG = DecoderConfig(vocab_size=8, embed_dim=16, mlp_dim=8, num_layers=3, num_
 def test_init_cache_shapes_and_dtype():
   cache = init_cache(CONFIG, batch=2, max_len=10, dtype='bfloat16')
   assert len(cache.keys) == len(cache.values) == 3
-  chex.assert_shape(cache.keys + cache.values, (2, 10, 2, 4))
+  chex.assert_shape(cache.keys + cache.values, (2, 2, 10, 4))  # head-major: [B, kv_heads, slots, head_dim]
   chex.assert_type(cache.keys[0], jnp.bfloat16)
   chex.assert_shape(cache.segment_ids, (2, 10))
   assert int(cache.end_index) == 0 and not cache.segment_ids.any()

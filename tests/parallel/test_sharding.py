@@ -97,7 +97,7 @@ def test_abstract_state_optimizer_and_cache_shardings():
   assert [s.spec for s in jax.tree.leaves(moments.mu)] == [s.spec for s in jax.tree.leaves(moments.nu)] == lora_specs
   assert moments.count.spec == P() and P(None, 'fsdp') in lora_specs
   cache = placing.cache(jax.eval_shape(lambda: init_cache(config, 8, 16)))
-  assert cache.keys[0].spec == cache.values[0].spec == P(('data', 'fsdp'), None, 'tensor')
+  assert cache.keys[0].spec == cache.values[0].spec == P(('data', 'fsdp'), 'tensor')  # [B, kv_heads, slots, D]
   assert cache.segment_ids.spec == P(('data', 'fsdp')) and cache.end_index.spec == P()
 
 
