@@ -139,11 +139,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     configlib.require_int_field(config, field, least)
   configlib.require_int_list(config.seeds, 'seeds')
   configlib.require(isinstance(config.constrained, bool), 'constrained', 'a bool', config.constrained)
-  temperature, top_p = config.sampling.temperature, config.sampling.top_p
-  configlib.require(
-    isinstance(temperature, (int, float)) and temperature >= 0, 'sampling.temperature', 'a number >= 0', temperature
-  )
-  configlib.require(isinstance(top_p, (int, float)) and 0 < top_p <= 1, 'sampling.top_p', 'a number in (0, 1]', top_p)
+  configlib.require_sampling_fields(config)
   try:
     _rollout(config), _backend_config(config), _reflexion(config)
   except (TypeError, ValueError) as error:
@@ -224,13 +220,7 @@ def load_agents(config: ml_collections.ConfigDict):
   maps each agent to its adapter name, or is None for the base model (zero-shot agents)."""
   from coars_jax.training.warm_start import load_warm_start  # the checkpoint format; imported late (no cycle)
 
-  spec = backbone.BackboneSpec(
-    name=config.model,
-    data_root=config.data_root or None,
-    allow_download=config.allow_download,
-    tiny_vocab_size=config.tokenizer_vocab_size,
-    seed=config.model_seed,
-  )
+  spec = backbone.BackboneSpec.from_config(config)
   if not config.checkpoint:
     if spec.canonical == backbone.TINY:
       logging.warning(

@@ -48,6 +48,18 @@ class BackboneSpec:
     if not (isinstance(self.name, str) and self.name):
       raise ValueError(f'BackboneSpec.name must be a non-empty str, found {self.name!r}')
 
+  @classmethod
+  def from_config(cls, config) -> BackboneSpec:
+    """The spec named by a run config's fields (`model`, `data_root`, `allow_download`, `tokenizer_vocab_size`,
+    `model_seed`: the experiment, evaluation and warm-start configs all carry them)."""
+    return cls(
+      name=config.model,
+      data_root=config.data_root or None,
+      allow_download=config.allow_download,
+      tiny_vocab_size=config.tokenizer_vocab_size,
+      seed=config.model_seed,
+    )
+
   @property
   def canonical(self) -> str:
     """'tiny', 'smollm2-135m', or the folder's absolute path."""

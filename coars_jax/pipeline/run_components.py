@@ -65,13 +65,7 @@ def load_components(config) -> Components:
   backbone named by the config."""
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
   sasrec, peer = train_or_load_peer(config, dataset, progress=config.progress)
-  spec = backbone.BackboneSpec(
-    name=config.model,
-    data_root=config.data_root or None,
-    allow_download=config.allow_download,
-    tiny_vocab_size=config.tokenizer_vocab_size,
-    seed=config.model_seed,
-  )
+  spec = backbone.BackboneSpec.from_config(config)
   model, tokenizer = backbone.load_backbone(spec)
   return Components(
     dataset=dataset,

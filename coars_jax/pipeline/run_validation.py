@@ -98,14 +98,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ('sampling.top_k', 0),
   ):
     configlib.require_int_field(config, field, least)
-  temperature, top_p = config.sampling.temperature, config.sampling.top_p
-  configlib.require(
-    isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature >= 0,
-    'sampling.temperature',
-    'a number >= 0',
-    temperature,
-  )
-  configlib.require(isinstance(top_p, (int, float)) and 0 < top_p <= 1, 'sampling.top_p', 'a number in (0, 1]', top_p)
+  configlib.require_sampling_fields(config)
   try:
     # The mesh spans every process of a multi-host run (distributed.initialize has run by now).
     validate_mesh_shape(mesh_shape_from_config(config.mesh), jax.device_count())

@@ -319,15 +319,7 @@ def warm_start_config(config: ml_collections.ConfigDict) -> WarmStartConfig:
 def load_model_and_tokenizer(config: ml_collections.ConfigDict) -> tuple[Decoder, Any]:
   """The base decoder and its tokenizer (`models.backbone.load_backbone`): the `tiny` preset at random init with
   the tiny tokenizer, SmolLM2-135M-Instruct from its GGUF, or an HF checkpoint folder."""
-  return backbone.load_backbone(
-    backbone.BackboneSpec(
-      name=config.model,
-      data_root=config.data_root or None,
-      allow_download=config.allow_download,
-      tiny_vocab_size=config.tokenizer_vocab_size,
-      seed=config.model_seed,
-    )
-  )
+  return backbone.load_backbone(backbone.BackboneSpec.from_config(config))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, dataset: Dataset, *, peer, eval_peer) -> dict[str, Any]:

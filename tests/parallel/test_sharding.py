@@ -160,7 +160,7 @@ def test_placements_on_2x2x2_are_what_the_rules_say(eight_devices):
   assert placed['gate_lora_a_adam_mu'] == placed['gate_lora_a']  # Adam's moments live where their adapter lives
   for name in ('gate_kernel', 'k_kernel', 'q_kernel', 'embedding', 'gate_lora_a', 'gate_lora_b'):
     assert shard_is_smaller(placed[name]), name
-  assert run['cache_keys_spec'] == [['data', 'fsdp'], None, 'tensor']
+  assert run['cache_keys_spec'] == [['data', 'fsdp'], 'tensor']  # the head-major cache: [B, kv_heads, slots, D]
   assert run['tokens_spec'] == run['scores_spec'] == [['data', 'fsdp']]
 
 
