@@ -61,17 +61,8 @@ def require_int_field(config: ml_collections.ConfigDict, field: str, least: int)
 def require_sampling_fields(config: ml_collections.ConfigDict) -> None:
   """`sampling.temperature` (a number >= 0) and `sampling.top_p` (in (0, 1]), which every run config carries."""
   temperature, top_p = config.sampling.temperature, config.sampling.top_p
-  require(
-    _is_number(temperature) and temperature >= 0,
-    'sampling.temperature',
-    'a number >= 0',
-    temperature,
-  )
-  require(_is_number(top_p) and 0 < top_p <= 1, 'sampling.top_p', 'a number in (0, 1]', top_p)
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+  require(_is_finite_number(temperature) and temperature >= 0, 'sampling.temperature', 'a number >= 0', temperature)
+  require(_is_finite_number(top_p) and 0 < top_p <= 1, 'sampling.top_p', 'a number in (0, 1]', top_p)
 
 
 def _is_int(value: Any) -> bool:

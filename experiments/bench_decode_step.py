@@ -1,19 +1,24 @@
 """Milliseconds per one-token decode step of SmolLM2-135M-Instruct against the live length of its KV cache:
 `python -m experiments.bench_decode_step [--batch=16] [--live=10,400,900] [--cache_length=2048] [--steps=16]
-[--repeats=4] [--output=results/bench/decode_step_smollm2.json]`.
+[--repeats=4] [--output=results/bench/decode_step_smollm2.json] [--profile=DIR]`.
 
 Each live length gets a cache of `--cache_length` slots whose last `--live` slots before slot 1,024 hold random keys
 and values (the rest empty, as a left-padded prompt leaves them), then `--steps` decode steps run in one jitted
 `fori_loop` (greedy, no sampling), `--repeats` times after a compiling run; the minimum and every run are reported.
 The model's weights come from the GGUF (`backbone.load_backbone`), so the matrix products are the real ones.
 
+`--profile=DIR` also traces one more run per live length (`jax.profiler`, into DIR/live_<n>) and prints the XLA
+ops that took longest, summed over the CPU backend's worker threads (loop and executor wrappers left out).
+
 Compare two versions of the code by running it on each, one after the other on an idle machine, e.g. the parent
 commit's in a worktree: `PYTHONPATH=<worktree> python -m experiments.bench_decode_step` (BUILD_NOTES Part 14).
 """
 
+import collections
 import functools
 import json
 import pathlib
+import re
 import subprocess
 import time
 
@@ -33,6 +38,9 @@ _CACHE_LENGTH = flags.DEFINE_integer('cache_length', 2048, 'Slots of the cache (
 _STEPS = flags.DEFINE_integer('steps', 16, 'Decode steps per timed run.')
 _REPEATS = flags.DEFINE_integer('repeats', 4, 'Timed runs per live length (after one that compiles).')
 _OUTPUT = flags.DEFINE_string('output', '', 'Write the timings here as JSON (default: print only).')
+_PROFILE = flags.DEFINE_string('profile', '', 'Trace one more run per live length into this folder; print top ops.')
+# Trace events that wrap others (the executor, while loops, thread-pool waits): left out of the op totals.
+WRAPPERS = re.compile(r'^(ThunkExecutor|while|end: |SlinkyThreadPool)')
 
 # The slot after the prompts' last token: the live slots end here, as a 1,024-token prompt bucket leaves them.
 PROMPT_END = 1024
@@ -68,6 +76,23 @@ def decode_steps(graphdef, state, cache, tokens, steps: int):
   return jax.lax.fori_loop(0, steps, step, (cache, tokens))
 
 
+def top_ops(trace_dir: pathlib.Path, count: int = 8) -> list[tuple[str, float, int]]:
+  """(op kind, milliseconds, events) of the `count` longest XLA op kinds in a trace, summed over worker threads."""
+  path = next(trace_dir.glob('**/*.xplane.pb'))
+  total, events = collections.Counter(), collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
+    for line in plane.lines:
+      if 'Eigen' not in line.name:  # the XLA CPU worker threads
+        continue
+      for event in line.events:
+        if WRAPPERS.match(event.name):
+          continue
+        kind = re.sub(r'\.\d+$', '', event.name)
+        total[kind] += event.duration_ns / 1e6
+        events[kind] += 1
+  return [(kind, ms, events[kind]) for kind, ms in total.most_common(count)]
+
+
 def _commit() -> str:
   try:
     return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
@@ -92,6 +117,15 @@ def main(argv):
       jax.block_until_ready(decode_steps(graphdef, state, cache, tokens, steps))
       runs.append(1000 * (time.perf_counter() - start) / steps)
     results.append({'live': live, 'ms_per_step_min': min(runs), 'ms_per_step_runs': runs})
+    if _PROFILE.value:
+      trace_dir = pathlib.Path(_PROFILE.value).absolute() / f'live_{live}'
+      cache = make()
+      with jax.profiler.trace(str(trace_dir)):
+        jax.block_until_ready(decode_steps(graphdef, state, cache, tokens, steps))
+      ops = top_ops(trace_dir)
+      results[-1]['top_ops_ms'] = {kind: ms for kind, ms, _ in ops}
+      for kind, ms, count in ops:
+        print(f'  {kind:<32} {ms:9.1f} ms over {count} events ({ms / steps:.1f} ms per step, summed over threads)')
     print(
       f'batch {batch}, {live} live slots of {_CACHE_LENGTH.value}: {min(runs):.1f} ms per decode step '
       f'(min of {len(runs)}: {" ".join(f"{run:.0f}" for run in runs)})',
