@@ -154,6 +154,39 @@ def layer_indices(spec: str, num_layers: int | None) -> tuple[int, ...]:
   return indices
 
 
+@jax.custom_vjp
+def up_project(projected: jax.Array, b: jax.Array) -> jax.Array:
+  """projected[B, ..., N, r] . b[N, r, *out] -> [B, ..., *out], contracting (adapter, rank).
+
+  Autodiff would give b's gradient as the transpose of (the output's gradient [tokens, *out] contracted over its
+  token axis), and XLA:CPU then copies that gradient transposed ([*out, tokens]) once per adapted projection and
+  layer: 57 ms for a 2,048-token MLP row (`gate_proj`, `up_proj`), as long as the layer's largest product. This
+  VJP contracts the small projected operand first ([N, r, tokens] is what gets transposed), with the gradient in its
+  own layout as the right operand; the values are the same contraction.
+  """
+  return _up_project(projected, b)
+
+
+def _up_project(projected, b):
+  return jax.lax.dot_general(projected, b, (((projected.ndim - 2, projected.ndim - 1), (0, 1)), ((), ())))
+
+
+def _up_project_forward(projected, b):
+  return _up_project(projected, b), (projected, b)
+
+
+def _up_project_backward(residuals, d_out):
+  projected, b = residuals
+  tokens = tuple(range(projected.ndim - 2))
+  d_b = jax.lax.dot_general(projected, d_out, ((tokens, tokens), ((), ())))  # [N, r, *out]
+  out_axes = tuple(range(projected.ndim - 2, d_out.ndim))
+  d_projected = jax.lax.dot_general(d_out, b, ((out_axes, tuple(range(2, b.ndim))), ((), ())))  # [B, ..., N, r]
+  return d_projected.astype(projected.dtype), d_b.astype(b.dtype)
+
+
+up_project.defvjp(_up_project_forward, _up_project_backward)
+
+
 class LoRAAdapters(nnx.Module):
   """All adapters of one `Linear`: a[N, *in_shape, r] and b[N, r, *out_shape], N = number of adapters.
 
@@ -199,7 +232,7 @@ class LoRAAdapters(nnx.Module):
     selected = adapter_ids[:, None] == jnp.arange(self.num_adapters, dtype=adapter_ids.dtype)[None, :]
     selected = selected.reshape(selected.shape[:1] + (1,) * (projected.ndim - 3) + selected.shape[1:] + (1,))
     projected = jnp.where(selected, projected, jnp.zeros((), projected.dtype))
-    delta = jax.lax.dot_general(projected, b, (((projected.ndim - 2, projected.ndim - 1), (0, 1)), ((), ())))
+    delta = up_project(projected, b)
     return delta * jnp.asarray(self.scaling, self.compute_dtype)
 
   def merged_delta(self, index: int) -> jax.Array:

@@ -22,6 +22,7 @@ from coars_jax.models import (
   merge_lora,
   save_hf_checkpoint,
 )
+from coars_jax.models import lora
 from coars_jax.models.lora import LORA_AXIS_NAMES, TARGET_MODULES, adapted_linears, targeted_linears
 from coars_jax.models.logical_axes import AXIS_NAMES
 from tests.tolerances import decoder_sums, gamma, relative_error
@@ -452,3 +453,37 @@ def test_extend_lora_adds_identity_adapters_and_keeps_the_old_ones():
   np.testing.assert_array_equal(model.layers[5].mlp.up_proj.lora.b.get_value(), kept)
   with pytest.raises(ValueError, match='drop adapted layers'):
     extend_lora(model, 'top:1', rngs=nnx.Rngs(5))
+
+
+@pytest.mark.parametrize('out_shape', [(12,), (3, 4)])
+def test_up_projection_gradient_equals_autodiff_and_copies_no_token_major_gradient(out_shape):
+  """`up_project`'s custom VJP is the contraction's own gradient (same products, so equal to float rounding), and
+  its compiled gradient for b no longer copies the output's gradient transposed (the copy the VJP exists to avoid)."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  projected = jax.random.normal(keys[0], (2, 7, 3, 4))
+  b = jax.random.normal(keys[1], (3, 4, *out_shape))
+  weight = jax.random.normal(keys[2], (2, 7, *out_shape))
+
+  def plain(projected, b):
+    return jax.lax.dot_general(projected, b, (((2, 3), (0, 1)), ((), ())))
+
+  def objective(up):
+    return lambda projected, b: jnp.sum(jnp.sin(up(projected, b)) * weight)
+
+  chex.assert_trees_all_close(lora.up_project(projected, b), plain(projected, b), rtol=1e-6, atol=1e-6)
+  ours = jax.grad(objective(lora.up_project), argnums=(0, 1))(projected, b)
+  reference = jax.grad(objective(plain), argnums=(0, 1))(projected, b)
+  # Scale: the gradients are sums of 7-14 products of unit normals; float32 reordering moves them by ~1e-6.
+  chex.assert_trees_all_close(ours, reference, rtol=1e-5, atol=1e-5)
+  wrong = jax.grad(objective(lambda p, b: plain(p, b * 1.001)), argnums=1)(projected, b)
+  assert not np.allclose(wrong, reference[1], rtol=1e-5, atol=1e-5)
+
+  big_projected, big_b = jnp.ones((1, 2048, 2, 8)), jnp.ones((2, 8, 1536))
+  big_out = jnp.ones((1, 2048, 1536))
+
+  def transposed_copies(up):
+    text = jax.jit(jax.grad(lambda b, p, g: jnp.sum(up(p, b) * g))).lower(big_b, big_projected, big_out)
+    return [line for line in text.compile().as_text().splitlines() if ' copy(' in line and '1536,1,2048' in line]
+
+  assert transposed_copies(plain), 'the autodiff baseline no longer copies: this test has lost its point'
+  assert not transposed_copies(lora.up_project)
