@@ -14,11 +14,9 @@ Compare two versions of the code by running it on each, one after the other on a
 commit's in a worktree: `PYTHONPATH=<worktree> python -m experiments.bench_decode_step` (BUILD_NOTES Part 14).
 """
 
-import collections
 import functools
 import json
 import pathlib
-import re
 import subprocess
 import time
 
@@ -31,6 +29,7 @@ from flax import nnx
 from coars_jax.models import backbone
 from coars_jax.models.kv_cache import init_cache
 from experiments import cli
+from experiments.xla_profile import top_ops
 
 _BATCH = flags.DEFINE_integer('batch', 16, 'Rows decoded together.')
 _LIVE = flags.DEFINE_list('live', ['10', '400', '900'], 'Live cache lengths (slots holding tokens) to time.')
@@ -39,9 +38,6 @@ _STEPS = flags.DEFINE_integer('steps', 16, 'Decode steps per timed run.')
 _REPEATS = flags.DEFINE_integer('repeats', 4, 'Timed runs per live length (after one that compiles).')
 _OUTPUT = flags.DEFINE_string('output', '', 'Write the timings here as JSON (default: print only).')
 _PROFILE = flags.DEFINE_string('profile', '', 'Trace one more run per live length into this folder; print top ops.')
-# Trace events that wrap others (the executor, while loops, thread-pool waits): left out of the op totals.
-WRAPPERS = re.compile(r'^(ThunkExecutor|while|end: |SlinkyThreadPool)')
-
 # The slot after the prompts' last token: the live slots end here, as a 1,024-token prompt bucket leaves them.
 PROMPT_END = 1024
 
@@ -74,23 +70,6 @@ def decode_steps(graphdef, state, cache, tokens, steps: int):
     return cache, jnp.argmax(model.logits(hidden[:, 0]), axis=-1)[:, None].astype(jnp.int32)
 
   return jax.lax.fori_loop(0, steps, step, (cache, tokens))
-
-
-def top_ops(trace_dir: pathlib.Path, count: int = 8) -> list[tuple[str, float, int]]:
-  """(op kind, milliseconds, events) of the `count` longest XLA op kinds in a trace, summed over worker threads."""
-  path = next(trace_dir.glob('**/*.xplane.pb'))
-  total, events = collections.Counter(), collections.Counter()
-  for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
-    for line in plane.lines:
-      if 'Eigen' not in line.name:  # the XLA CPU worker threads
-        continue
-      for event in line.events:
-        if WRAPPERS.match(event.name):
-          continue
-        kind = re.sub(r'\.\d+$', '', event.name)
-        total[kind] += event.duration_ns / 1e6
-        events[kind] += 1
-  return [(kind, ms, events[kind]) for kind, ms in total.most_common(count)]
 
 
 def _commit() -> str:
