@@ -20,13 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import flags
-from flax import nnx
 
-from coars_jax.agents.protocol import AGENTS
-from coars_jax.coars.loss import coars_objective
-from coars_jax.models import backbone
 from coars_jax.models import lora as lora_lib
-from coars_jax.models.lora import LoRAConfig, add_lora
 from experiments import bench_packed_memory, cli
 from experiments.xla_profile import top_ops
 
@@ -44,15 +39,8 @@ SETTINGS = {'autodiff': lora_lib._up_project, 'custom_vjp': lora_lib.up_project}
 
 def main(argv):
   del argv
-  model, _ = backbone.load_backbone(backbone.BackboneSpec(name=backbone.SMOLLM2))
-  add_lora(model, LoRAConfig(rank=8, alpha=16.0, layers='all'), AGENTS, rngs=nnx.Rngs(0))
-  graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
-  batch = jax.tree.map(jnp.asarray, bench_packed_memory.synthetic_rows(model.config.vocab_size))
-
-  def loss(lora, frozen, batch):
-    merged = nnx.merge(graphdef, lora, frozen)
-    return coars_objective(merged, batch, lambda_sd=0.1, chunk_size=32, remat=True)[0]
-
+  graphdef, lora, frozen, batch = bench_packed_memory.smollm2_microbatch()
+  loss = bench_packed_memory.coars_loss(graphdef)
   load = os.getloadavg()[0]
   compiled, compile_s = {}, {}
   for name, up_project in SETTINGS.items():

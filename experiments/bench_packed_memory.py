@@ -86,17 +86,29 @@ def synthetic_rows(vocab: int) -> dict:
   }
 
 
-def main(argv):
-  del argv
+def smollm2_microbatch():
+  """(graphdef, lora, frozen, batch): SmolLM2-135M with rank-8 adapters of both agents on every layer, split into its
+  adapters and frozen rest, and one synthetic microbatch of the flags' shapes."""
   model, _ = backbone.load_backbone(backbone.BackboneSpec(name=backbone.SMOLLM2))
   add_lora(model, LoRAConfig(rank=8, alpha=16.0, layers='all'), AGENTS, rngs=nnx.Rngs(0))
   graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
-  batch = jax.tree.map(jnp.asarray, synthetic_rows(model.config.vocab_size))
+  return graphdef, lora, frozen, jax.tree.map(jnp.asarray, synthetic_rows(model.config.vocab_size))
+
+
+def coars_loss(graphdef):
+  """The update step's CoARS objective (lambda_SD 0.1, rematerialised layers) as a function of (lora, frozen, batch),
+  ready for `jax.grad`."""
 
   def loss(lora, frozen, batch):
     return coars_objective(nnx.merge(graphdef, lora, frozen), batch, lambda_sd=0.1, chunk_size=32, remat=True)[0]
 
-  compiled = jax.jit(jax.grad(loss)).lower(lora, frozen, batch).compile()
+  return loss
+
+
+def main(argv):
+  del argv
+  graphdef, lora, frozen, batch = smollm2_microbatch()
+  compiled = jax.jit(jax.grad(coars_loss(graphdef))).lower(lora, frozen, batch).compile()
   analysis = compiled.memory_analysis()
   gib = 2.0**30
   print(

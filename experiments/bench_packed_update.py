@@ -22,14 +22,9 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 
-from coars_jax.models import backbone
-from coars_jax.agents.protocol import AGENTS
-from coars_jax.coars.loss import coars_objective
-from coars_jax.models.lora import LoRAConfig, add_lora
 from coars_jax.sampling import packed as packed_lib
 from experiments import bench_packed_memory, cli
 
@@ -55,18 +50,12 @@ def timed(function, *args) -> dict[str, float]:
 
 def main(argv):
   del argv
-  model, _ = backbone.load_backbone(backbone.BackboneSpec(name=backbone.SMOLLM2))
-  add_lora(model, LoRAConfig(rank=8, alpha=16.0, layers='all'), AGENTS, rngs=nnx.Rngs(0))
-  graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
-  batch = jax.tree.map(jnp.asarray, bench_packed_memory.synthetic_rows(model.config.vocab_size))
+  graphdef, lora, frozen, batch = bench_packed_memory.smollm2_microbatch()
+  loss = bench_packed_memory.coars_loss(graphdef)
 
   def scores(lora, frozen, batch, teacher):
     merged = nnx.merge(graphdef, lora, frozen)
     return packed_lib.packed_log_probs(merged, batch, teacher=teacher, chunk_size=32, adapter=batch['row_adapter'])
-
-  def loss(lora, frozen, batch):
-    merged = nnx.merge(graphdef, lora, frozen)
-    return coars_objective(merged, batch, lambda_sd=0.1, chunk_size=32, remat=True)[0]
 
   load = os.getloadavg()[0]
   results = {
