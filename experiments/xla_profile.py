@@ -2,8 +2,9 @@
 the backend's worker threads, with the executor's and loops' wrapper events left out. Used by the benchmarks'
 `--profile` flags (`bench_decode_step`, `bench_lora_gradient`).
 
-A note on reading the totals: an op that XLA:CPU splits across threads (a large matrix product) is recorded once,
-on the thread that ran it, for its wall time; ops on different threads overlap only when they are independent.
+A note on reading the totals: in the update traces read so far, while one worker thread records a large matrix
+product the other records nothing, although such a product runs about twice as fast on 2 threads as on 1; so an op
+split across threads seems to be recorded once, for its wall time (an observation, not documented behaviour).
 """
 
 import collections
