@@ -34,7 +34,7 @@ _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed runs of each setting, alterna
 _PROFILE = flags.DEFINE_string('profile', '', 'Trace one more run of each setting into this folder; print top ops.')
 _OUTPUT = flags.DEFINE_string('output', 'results/bench/lora_gradient_smollm2.json', 'The JSON file ("" = none).')
 
-SETTINGS = {'autodiff': lora_lib._up_project, 'custom_vjp': lora_lib.up_project}
+SETTINGS = {'autodiff': False, 'custom_vjp': True}  # `models.lora.UP_PROJECT_VJP`
 
 
 def main(argv):
@@ -43,12 +43,12 @@ def main(argv):
   loss = bench_packed_memory.coars_loss(graphdef)
   load = os.getloadavg()[0]
   compiled, compile_s = {}, {}
-  for name, up_project in SETTINGS.items():
-    lora_lib.up_project = up_project  # read when the adapters are traced
+  for name, vjp in SETTINGS.items():
+    lora_lib.UP_PROJECT_VJP = vjp  # read when the adapters are traced
     started = time.perf_counter()
     compiled[name] = jax.jit(jax.grad(loss)).lower(lora, frozen, batch).compile()
     compile_s[name] = round(time.perf_counter() - started, 2)
-  lora_lib.up_project = SETTINGS['custom_vjp']
+  lora_lib.UP_PROJECT_VJP = True
   runs, grads = {name: [] for name in SETTINGS}, {}
   for round_index in range(_ROUNDS.value):
     for name, function in compiled.items():

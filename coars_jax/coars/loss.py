@@ -205,7 +205,8 @@ def coars_objective(
     advantage_clip: the clip bound of Eq. 10.
     params, chunk_size, pad_token_id, model_call_kwargs: passed to the scoring call.
   Returns:
-    (loss, metrics) of `coars_loss`.
+    (loss, metrics) of `coars_loss`, and metrics['token_advantages'] float[S, N]: A (Eq. 10, clipped; 0 off the
+    mask and where no teacher is scored).
   """
   completion_tokens, completion_mask = batch['completion_tokens'], batch['completion_mask']
   if 'dialogue_tokens' in batch:
@@ -279,7 +280,7 @@ def coars_objective(
     )
     teacher = student
   advantages = token_advantages(teacher, student, completion_mask, clip=advantage_clip)
-  return coars_loss(
+  loss, metrics = coars_loss(
     student,
     advantages,
     batch['reward'],
@@ -294,3 +295,7 @@ def coars_objective(
     base_log_probs=batch.get('base_log_probs'),
     kl_coef=kl_coef,
   )
+  # A per token, as the loss weighed it: the token credit people read (`training.credit_sample`) comes from here,
+  # so no token is scored a second time for it.
+  metrics['token_advantages'] = jax.lax.stop_gradient(advantages)
+  return loss, metrics

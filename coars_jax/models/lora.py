@@ -154,6 +154,11 @@ def layer_indices(spec: str, num_layers: int | None) -> tuple[int, ...]:
   return indices
 
 
+# Read at trace time by `LoRAAdapters`: the up-projection with its own VJP (`up_project`, the default) or plain
+# autodiff of the same contraction (False; `experiments.bench_lora_gradient`'s baseline).
+UP_PROJECT_VJP = True
+
+
 @jax.custom_vjp
 def up_project(projected: jax.Array, b: jax.Array) -> jax.Array:
   """projected[B, ..., N, r] . b[N, r, *out] -> [B, ..., *out], contracting (adapter, rank).
@@ -232,7 +237,7 @@ class LoRAAdapters(nnx.Module):
     selected = adapter_ids[:, None] == jnp.arange(self.num_adapters, dtype=adapter_ids.dtype)[None, :]
     selected = selected.reshape(selected.shape[:1] + (1,) * (projected.ndim - 3) + selected.shape[1:] + (1,))
     projected = jnp.where(selected, projected, jnp.zeros((), projected.dtype))
-    delta = up_project(projected, b)
+    delta = (up_project if UP_PROJECT_VJP else _up_project)(projected, b)
     return delta * jnp.asarray(self.scaling, self.compute_dtype)
 
   def merged_delta(self, index: int) -> jax.Array:

@@ -28,9 +28,11 @@ def pack_loss_rows(
   num_microbatches: int,
   data_devices: int,
   max_positions: int,
-) -> tuple[dict[str, np.ndarray], Any]:
-  """(batch, packing statistics or None) of the segments `rows` of `trajectory` with their loss weights `weight`
-  (indexed by segment), teacher prompts (x + d, per row of `rows`) and grammars when constrained.
+) -> tuple[dict[str, np.ndarray], Any, np.ndarray]:
+  """(batch, packing statistics or None, slots) of the segments `rows` of `trajectory` with their loss weights
+  `weight` (indexed by segment), teacher prompts (x + d, per row of `rows`) and grammars when constrained. `slots`
+  int64[K, J] names the trajectory segment each reply slot of the batch holds (-1: padding), so per-token outputs
+  of the step (the token credit) map back to their messages.
 
   Packed (`settings.packed`): each agent's dialogue once, several per row of `config.packed_tokens`-bounded
   microbatches; a row holds one dialogue at least and a microbatch `data_devices` rows at least, so the number of
@@ -53,7 +55,9 @@ def pack_loss_rows(
       behaviour=bool(settings.ppo_epsilon),
       teacher_cache=settings.teacher_cache,
     )
-    return batch, None
+    slots = np.full(num_microbatches * config.rows_per_microbatch, -1, np.int64)
+    slots[: len(rows)] = rows  # the real rows come first, in `rows` order
+    return batch, None, slots.reshape(num_microbatches, config.rows_per_microbatch)
   segments = range(trajectory.num_segments)
   prompts = [trajectory.prompt_tokens[r][trajectory.prompt_mask[r]] for r in segments]
   completions = [trajectory.completion_tokens[r][trajectory.completion_mask[r]] for r in segments]

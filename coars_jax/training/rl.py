@@ -46,6 +46,7 @@ from coars_jax.models.decoder import Decoder
 from coars_jax.parallel.mesh import DATA_AXIS, make_mesh
 from coars_jax.parallel.rules import Rules
 from coars_jax.parallel.sharding import Partitioning
+from coars_jax.training.credit_sample import credit_sample
 from coars_jax.training.loss_rows import pack_loss_rows
 from coars_jax.training.rl_metrics import add_update_metrics, iteration_metrics, nonfinite_names
 from coars_jax.sampling.model_inputs import inference_view
@@ -78,6 +79,7 @@ from coars_jax.training.update_step import (
   STEP_TRACE_NAME,
   TEACHER_CACHE_KEYS,
   TEACHER_KEYS,
+  TOKEN_CREDIT,
   StepSettings,
   build_update_step,
   microbatch_constraint,
@@ -155,7 +157,8 @@ class RLTrainer:
     self.last_batch: dict[str, np.ndarray] | None = None
     self.last_record: RolloutRecord | None = None
     # Episodes of the next update whose messages get their token credit A for people (`training.credit_sample`);
-    # 0 = none. Scored before the update, with the model that sampled them; read from `last_credit_sample`.
+    # 0 = none. A is the update's own (its first epoch, under the parameters that sampled the rollout), read from
+    # `last_credit_sample`.
     self.credit_episodes = 0
     self.last_credit_sample: list[dict[str, Any]] | None = None
     self.mesh = make_mesh() if mesh is None else mesh
@@ -321,11 +324,6 @@ class RLTrainer:
         rules=self.rules,
       )
     reward, weight, included, carries_loss = self._rewards(trajectory, judge, groups)
-    self.last_credit_sample = None
-    if self.credit_episodes:
-      from coars_jax.training.credit_sample import credit_sample  # Imported here: it imports this trainer's pieces.
-
-      self.last_credit_sample = credit_sample(self, record, reward, episodes=self.credit_episodes)
     rows = np.flatnonzero(carries_loss)
     teacher_ids = None
     if self.settings.teacher and len(rows):
@@ -333,9 +331,9 @@ class RLTrainer:
     grammar = None
     if self.settings.constrained and len(rows):
       grammar = {key: np.asarray(value)[rows] for key, value in record.constraints.items()}
-    batch, self.last_packing = None, None
+    batch, self.last_packing, slots = None, None, None
     if len(rows):
-      batch, self.last_packing = pack_loss_rows(
+      batch, self.last_packing, slots = pack_loss_rows(
         trajectory,
         rows,
         weight,
@@ -355,7 +353,7 @@ class RLTrainer:
     update: dict[str, Any] = {}
     # The schedule counts rollouts: each of the ppo_epochs updates of one rollout uses the same step size.
     learning_rate = float(self.schedule(self.optimizer_count() // config.ppo_epochs))
-    epochs_finite = []
+    epochs_finite, token_credit = [], None
     for _ in range(config.ppo_epochs if batch is not None else 0):
       lora, opt_state, step_metrics = self._step(
         self.lora,
@@ -368,12 +366,22 @@ class RLTrainer:
       )
       self.lora, self.opt_state = lora, opt_state
       nnx.update(self.model, self.lora)
-      # The metrics are the last epoch's; an epoch with a non-finite loss was skipped inside the step.
+      # The metrics are the last epoch's; an epoch with a non-finite loss was skipped inside the step. The token
+      # credit is the first epoch's: A under the parameters that sampled the rollout.
+      step_metrics = dict(step_metrics)
+      credit = step_metrics.pop(TOKEN_CREDIT, None)
+      if token_credit is None and credit is not None and self.credit_episodes:
+        token_credit = np.asarray(jax.device_get(credit))
       update = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
       epochs_finite.append(bool(update['finite']))
     if len(epochs_finite) > 1:
       update['finite'] = float(all(epochs_finite))
     update_seconds = time.perf_counter() - start
+    self.last_credit_sample = None
+    if self.credit_episodes:
+      self.last_credit_sample = credit_sample(
+        record, reward, token_credit, slots, tokenizer=self.tokenizer, episodes=self.credit_episodes
+      )
 
     metrics = iteration_metrics(
       number=number,

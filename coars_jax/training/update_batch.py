@@ -178,8 +178,9 @@ def pack_update_batch(
   per_segment: Mapping[str, np.ndarray] | None = None,
   behaviour_log_probs: Sequence[np.ndarray] | None = None,
   max_positions: int | None = None,
-) -> tuple[dict[str, np.ndarray], PackingStats]:
-  """The packed microbatches [K, ...] of the loss-carrying segments `rows` (see the module docstring).
+) -> tuple[dict[str, np.ndarray], PackingStats, np.ndarray]:
+  """(batch, statistics, slots): the packed microbatches [K, ...] of the loss-carrying segments `rows` (see the
+  module docstring), and int64[K, J] naming the segment (an entry of `rows`) each reply slot holds, -1 for padding.
 
   Args:
     prompts, completions: every segment's real prompt x_t and reply y_t ids (indexed by segment).
@@ -260,6 +261,7 @@ def pack_update_batch(
     # Padding segments copy the first row's grammar, so every segment's grammar is a valid one.
     extra[key][:] = value[0]
 
+  slots = np.full((num_microbatches, count), -1, np.int64)
   next_segment = np.zeros(num_microbatches, np.int64)
   student_real = teacher_real = 0
   for row_index, members in enumerate(packed):
@@ -278,6 +280,7 @@ def pack_update_batch(
         j = next_segment[micro]
         next_segment[micro] += 1
         reply = completions[position]
+        slots[micro, j] = rows[position]
         out['completion_tokens'][micro, j, : len(reply)] = reply
         out['completion_mask'][micro, j, : len(reply)] = True
         out['student_row'][micro, j] = row_in_micro
@@ -327,4 +330,4 @@ def pack_update_batch(
     microbatches=used,
     dialogues=len(dialogues),
   )
-  return out, stats
+  return out, stats, slots

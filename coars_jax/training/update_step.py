@@ -82,6 +82,10 @@ class StepSettings:
     return self.lambda_sd != 0
 
 
+# The step's metric holding A per reply token [K, J, N] (with a teacher): the loss's own token credit, read by
+# `training.credit_sample`; every other metric is a scalar.
+TOKEN_CREDIT = 'token_credit'
+
 # Batch keys of the update step; every array is [K, R, ...].
 BATCH_KEYS = (
   'prompt_tokens',
@@ -241,22 +245,24 @@ def _update_body(
         )
       )
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(lora, micro, grammar)
-    return grads, _microbatch_sums(dict(metrics, loss=loss), micro)
+    # A per reply token as the loss weighed it (the credit people read), only when a teacher scores it.
+    credit = metrics['token_advantages'] if settings.teacher else None
+    return grads, _microbatch_sums(dict(metrics, loss=loss), micro), credit
 
   def accumulate(carry, micro):
     grads_total, sums_total = carry
     shapes = jax.eval_shape(microbatch, micro)
-    grads, sums = jax.lax.cond(
+    grads, sums, credit = jax.lax.cond(
       (micro['completion_mask'] != 0).any() & micro['included'].any(),
       microbatch,
       lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
       micro,
     )
-    return (jax.tree.map(jnp.add, grads_total, grads), jax.tree.map(jnp.add, sums_total, sums)), None
+    return (jax.tree.map(jnp.add, grads_total, grads), jax.tree.map(jnp.add, sums_total, sums)), credit
 
   zero_grads = jax.tree.map(jnp.zeros_like, lora)
   zero_sums = {name: jnp.zeros((), jnp.float32) for name in _SUMMED}
-  (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), batch)
+  (grads, sums), credit = jax.lax.scan(accumulate, (zero_grads, zero_sums), batch)
 
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(sums['loss']) & jnp.isfinite(grad_norm)
@@ -269,6 +275,8 @@ def _update_body(
   new_lora = optax.apply_updates(lora, updates)
   keep_if_bad = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
   metrics = dict(sums, grad_norm=grad_norm, finite=finite)
+  if credit is not None:
+    metrics[TOKEN_CREDIT] = credit  # [K, J, N], under the parameters before this update
   return keep_if_bad(new_lora, lora), keep_if_bad(new_opt_state, opt_state), metrics
 
 

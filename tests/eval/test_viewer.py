@@ -22,32 +22,22 @@ CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope='module')
-def sampled():
-  run = trainer(rl_config())
-  run.credit_episodes = 2
-  run.iteration()
-  run.sample, run.sampled_record = run.last_credit_sample, run.last_record  # later iterations replace those
-  return run
-
-
-def test_credit_sample_is_eq_10_on_every_token(sampled):
-  run, records = sampled, sampled.sample
-  record = run.sampled_record
-  assert len(records) == 2
+def _direct_credit(run, record):
+  """{segment: A per token} by Eq. 10 directly, on the model as it is now (teacher on x + d, student on x, one
+  scorer call per side), for every segment of the first two episodes that carries a teacher prompt."""
   trajectory = record.trajectory
-  rows = [r for r in np.flatnonzero(trajectory.completion_mask.any(axis=1) & (trajectory.episode < 2))]
+  rows = [
+    int(r)
+    for r in np.flatnonzero(trajectory.completion_mask.any(axis=1) & (trajectory.episode < 2))
+    if record.teacher_ids is not None and len(record.teacher_ids[r])
+  ]
   assert rows
-  # Eq. 10 directly: the same model and adapters, teacher on x + d, student on x, in one scorer call.
   prompts = [trajectory.prompt_tokens[r][trajectory.prompt_mask[r]] for r in rows]
   teachers = [np.asarray(record.teacher_ids[r]) for r in rows]
   completions = [trajectory.completion_tokens[r][trajectory.completion_mask[r]] for r in rows]
   x, x_mask = left_pad(prompts, 1024, run.pad_id)
   t, t_mask = left_pad(teachers, 1024, run.pad_id)
   y, y_mask = right_pad(completions, 16, run.pad_id)
-  # The iteration's own sample was scored before its update; a fresh sample of the same record uses the current
-  # model, as the direct computation does.
-  fresh = credit_sample.credit_sample(run, record, None, episodes=2)
   both = credit.teacher_student_log_probs(
     run.model,
     jnp.asarray(x),
@@ -62,24 +52,55 @@ def test_credit_sample_is_eq_10_on_every_token(sampled):
   expected = np.asarray(
     credit.token_advantages(both.teacher, both.student, jnp.asarray(y_mask), clip=run.config.advantage_clip)
   )
-  for position, row in enumerate(rows):
-    turn = fresh[trajectory.episode[row]]['turns'][trajectory.turn[row] - 1]
+  return {row: expected[position, : len(completions[position])] for position, row in enumerate(rows)}
+
+
+def _sampled_run(**overrides):
+  """A trainer after one iteration with a credit sample of 2 episodes; `expected` holds Eq. 10 computed directly
+  before the update (the parameters that sampled the rollout), `carried` the segments that carried loss."""
+  run = trainer(rl_config(**overrides))
+  run.credit_episodes = 2
+  record = run.record(run.play())
+  run.expected = _direct_credit(run, record)
+  run.carried = set(np.flatnonzero(run._rewards(record.trajectory, None, record.groups)[3]).tolist())
+  run.learn_record(record)
+  run.sample, run.sampled_record = run.last_credit_sample, record  # later iterations replace those
+  return run
+
+
+@pytest.fixture(scope='module')
+def sampled():
+  return _sampled_run()
+
+
+def _assert_credit_is_eq_10(run):
+  records, trajectory = run.sample, run.sampled_record.trajectory
+  assert len(records) == 2
+  checked = 0
+  for row, expected in run.expected.items():
+    turn = records[trajectory.episode[row]]['turns'][trajectory.turn[row] - 1]
     message = turn['recommender' if trajectory.agent[row] == 0 else 'user']
-    length = len(completions[position])
-    np.testing.assert_allclose(message['credit'], expected[position, :length], atol=2e-4)
-    assert len(message['tokens']) == length and message['reward'] is None
-  # The sample taken during the iteration (before its update) has the same shape and carries R.
-  for item in records:
-    for turn in item['turns']:
-      for agent in ('recommender', 'user'):
-        message = turn[agent]
-        if 'credit' in message:
-          assert len(message['credit']) == len(message['tokens']) and message['reward'] is not None
-          assert all(abs(a) <= run.config.advantage_clip for a in message['credit'])
-  # Only iterations that ask for it pay for it.
-  run.credit_episodes = 0
-  run.iteration()
-  assert run.last_credit_sample is None
+    assert len(message['tokens']) == len(expected) and message['reward'] is not None
+    if row in run.carried:
+      # The update's own A (its first epoch, before it changed the adapters) is Eq. 10 on every token.
+      np.testing.assert_allclose(message['credit'], expected, atol=2e-4)
+      assert all(abs(a) <= run.config.advantage_clip for a in message['credit'])
+      checked += 1
+    else:
+      assert message['credit'] is None  # the update did not weigh it, so nothing was scored for it
+  assert checked > 0
+
+
+def test_credit_sample_is_the_updates_own_eq_10_on_every_token(sampled):
+  _assert_credit_is_eq_10(sampled)
+  # Only iterations that ask for it carry it.
+  sampled.credit_episodes = 0
+  sampled.iteration()
+  assert sampled.last_credit_sample is None
+
+
+def test_credit_sample_of_the_per_turn_update_maps_each_row_back_to_its_message():
+  _assert_credit_is_eq_10(_sampled_run(packed_update=False))
 
 
 def test_page_carries_every_dialogue_and_the_summary(sampled, tmp_path):

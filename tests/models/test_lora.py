@@ -487,3 +487,27 @@ def test_up_projection_gradient_equals_autodiff_and_copies_no_token_major_gradie
 
   assert transposed_copies(plain), 'the autodiff baseline no longer copies: this test has lost its point'
   assert not transposed_copies(lora.up_project)
+
+
+def test_up_project_vjp_flag_chooses_the_baseline_with_the_same_adapter_gradients(monkeypatch):
+  """`lora.UP_PROJECT_VJP` (read at trace time; the benchmark's autodiff baseline when False) changes how b's
+  gradient is formed, not its value: a model's adapter gradients agree either way (reordered float32 sums)."""
+  model = add_lora(Decoder(DEEP, rngs=nnx.Rngs(0)), LoRAConfig(rank=4, alpha=8.0), NAMES, rngs=nnx.Rngs(1))
+  _perturb_b(model, USER, seed=2)
+  tokens, positions = _batch(batch=2, length=5, seed=3)
+  graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+  def gradient():
+    def loss(params, rest):
+      logits = nnx.merge(graphdef, params, rest)(tokens, positions, adapter=_ids(1, 0))[0]
+      return jnp.sum(jnp.square(logits))
+
+    return jax.jit(jax.grad(loss))(params, rest)  # a fresh jit each time: the flag is read when tracing
+
+  ours = gradient()
+  monkeypatch.setattr(lora, 'UP_PROJECT_VJP', False)
+  baseline = gradient()
+  norm = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(baseline))
+  assert norm > 0
+  # Scale: float32 sums over a 5-layer model's few hundred products reorder by ~1e-6 of the largest entry.
+  chex.assert_trees_all_close(ours, baseline, rtol=1e-4, atol=1e-5 * norm)

@@ -63,7 +63,7 @@ def _tied_cost(dialogues, tokens_per_microbatch):
 @pytest.mark.parametrize('tokens_per_microbatch', [4096, 16384])
 def test_every_dialogue_is_one_run_of_its_row_and_each_teacher_reads_its_own_prefix(tokens_per_microbatch):
   record = _record(np.random.default_rng(0))
-  batch, stats = ub.pack_update_batch(**record, tokens_per_microbatch=tokens_per_microbatch)
+  batch, stats, slots = ub.pack_update_batch(**record, tokens_per_microbatch=tokens_per_microbatch)
   k, per_row, length = batch['dialogue_tokens'].shape
   tokens = batch['dialogue_tokens'].reshape(k * per_row, length)
   segments = batch['dialogue_segments'].reshape(k * per_row, length)
@@ -78,6 +78,8 @@ def test_every_dialogue_is_one_run_of_its_row_and_each_teacher_reads_its_own_pre
       start = batch['student_start'][micro, j]
       reply = batch['completion_tokens'][micro, j][batch['completion_mask'][micro, j]]
       seen += 1
+      # The slot map names the segment whose reply this is (the token credit is mapped back through it).
+      np.testing.assert_array_equal(reply, record['completions'][slots[micro, j]])
       # The reply sits at its slots in the row, after its prompt, inside one dialogue (one segment id).
       np.testing.assert_array_equal(tokens[row, start : start + len(reply)], reply)
       dialogue = segments[row, start]
@@ -93,6 +95,8 @@ def test_every_dialogue_is_one_run_of_its_row_and_each_teacher_reads_its_own_pre
       assert prefix_start[teacher_row, teacher_start] == first
       assert prefix_end[teacher_row, teacher_start] == start  # x + d shares all of x with the student prompt here
   assert seen == len(record['rows'])
+  assert sorted(slots[slots >= 0].tolist()) == record['rows'].tolist()  # every segment in exactly one slot
+  assert np.all((slots >= 0) == batch['included'])
   assert stats.dialogues == 32
   assert stats.student_real == sum(len(record['prompts'][i]) + len(record['completions'][i]) for i in range(4, 160, 5))
   assert stats.student_forwarded == batch['dialogue_tokens'][: stats.microbatches].size
@@ -107,7 +111,7 @@ def test_the_layout_forwards_no_more_than_the_tied_layout(seed):
   searched. On dialogues whose teacher segments are about three times their tokens it strictly helps (here 102,400
   tokens against 126,720 on each seed); a search that ignored the teacher rows' length would not."""
   record = _record(np.random.default_rng(seed))
-  _, stats = ub.pack_update_batch(**record, tokens_per_microbatch=4096)
+  _, stats, _ = ub.pack_update_batch(**record, tokens_per_microbatch=4096)
   forwarded = stats.student_forwarded + stats.teacher_forwarded
   dialogues = ub._dialogues(
     record['prompts'],
