@@ -186,8 +186,10 @@ def evenly_spaced(count: int, total: int) -> list[int]:
 
 def load_sasrec_peer(dataset, *, workdir: str | None = None, seed: int = 0, data_root: str | None = None) -> SASRec:
   """The trained SASRec of `dataset` (training seed `seed`) from its checkpoint under `workdir` (default the
-  experiment's `runs/sasrec_<dataset>`). Refuses, rather than trains, when no matching checkpoint is there: a
-  benchmark must not start a SASRec training run."""
+  experiment's `runs/sasrec_<dataset>`), whatever training settings made it (e.g. capped epochs). Refuses, rather
+  than trains, when no checkpoint of this dataset and model is there: a benchmark must not start a SASRec training
+  run."""
+  from coars_jax.recsys import checkpoint as sasrec_checkpoint
   from coars_jax.recsys import experiment as sasrec_experiment
 
   config = sasrec_experiment.default_config(dataset.name)
@@ -204,9 +206,9 @@ def load_sasrec_peer(dataset, *, workdir: str | None = None, seed: int = 0, data
   if meta.get('dataset') != dataset.name or meta.get('model_config') != expected:
     raise ValueError(
       f'the SASRec checkpoint at {folder} was trained for dataset {meta.get("dataset")!r} or another '
-      f'model config; train_or_load would retrain it'
+      f'model config'
     )
-  model, _ = sasrec_experiment.train_or_load(config, dataset, seed)
+  model, _ = sasrec_checkpoint.load_sasrec(folder)
   return model
 
 
