@@ -205,8 +205,7 @@ def load_sasrec_peer(dataset, *, workdir: str | None = None, seed: int = 0, data
   expected = dataclasses.asdict(sasrec_experiment.model_config(config, dataset.num_items))
   if meta.get('dataset') != dataset.name or meta.get('model_config') != expected:
     raise ValueError(
-      f'the SASRec checkpoint at {folder} was trained for dataset {meta.get("dataset")!r} or another '
-      f'model config'
+      f'the SASRec checkpoint at {folder} was trained for dataset {meta.get("dataset")!r} or another model config'
     )
   model, _ = sasrec_checkpoint.load_sasrec(folder)
   return model
