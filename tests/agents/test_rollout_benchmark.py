@@ -123,3 +123,30 @@ def test_evenly_spaced_windows():
   with pytest.raises(ValueError, match='only 2'):
     rollout_timing.evenly_spaced(3, 2)
   np.testing.assert_array_equal(rollout_timing.evenly_spaced(4, 4), [0, 1, 2, 3])
+
+
+def test_load_sasrec_peer_reads_a_checkpoint_of_any_training_settings_and_never_trains(tmp_path):
+  """A benchmark's peer is whatever SASRec of the dataset's model a workdir holds (a capped-epoch one too); a
+  missing checkpoint or another model is refused with a one-line error instead of a training run."""
+  from flax import nnx
+
+  from coars_jax.data.synthetic import synthetic_dataset
+  from coars_jax.recsys import checkpoint
+  from coars_jax.recsys import experiment as sasrec_experiment
+  from coars_jax.recsys.sasrec import SASRec
+
+  dataset = synthetic_dataset(num_users=20, num_items=30, sequence_length=12)
+  config = sasrec_experiment.model_config(sasrec_experiment.default_config(dataset.name), dataset.num_items)
+  with pytest.raises(FileNotFoundError, match='no trained SASRec checkpoint'):
+    rollout_timing.load_sasrec_peer(dataset, workdir=str(tmp_path))
+  model = SASRec(config, rngs=nnx.Rngs(3))
+  # Trained with other settings than the defaults (2 epochs): train_or_load would retrain it; the benchmark reads it.
+  meta = {'dataset': dataset.name, 'seed': 0, 'train_config': {'max_epochs': 2}}
+  checkpoint.save_sasrec(tmp_path / 'seed_0', model, meta)
+  loaded = rollout_timing.load_sasrec_peer(dataset, workdir=str(tmp_path))
+  for (path, want), (_, got) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(loaded))):
+    np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(want.get_value()), err_msg=str(path))
+  other = SASRec(sasrec_experiment.model_config(sasrec_experiment.default_config(dataset.name), 31), rngs=nnx.Rngs(3))
+  checkpoint.save_sasrec(tmp_path / 'seed_0', other, meta)
+  with pytest.raises(ValueError, match='another model config'):
+    rollout_timing.load_sasrec_peer(dataset, workdir=str(tmp_path))
