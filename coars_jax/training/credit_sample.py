@@ -40,7 +40,8 @@ def credit_sample(
   episodes: int,
 ) -> list[dict[str, Any]]:
   """The first `episodes` episodes of `record` as episode records (`trajectory.episode_record`) whose messages
-  carry 'tokens', 'credit' (A per token; None for a segment the update did not weigh with a teacher) and 'reward'
+  carry 'tokens', 'credit' (A per token; None for a segment the update did not weigh with a teacher, or whose A
+  is not finite) and 'reward'
   (R of the segment; None when not given).
 
   Args:
@@ -61,8 +62,10 @@ def credit_sample(
       raise ValueError(f'credit_sample: token credit {token_credit.shape} does not match slots {slots.shape}')
     flat_credit = token_credit.reshape((-1,) + token_credit.shape[2:])
     for slot, segment in enumerate(slots.reshape(-1)):
-      if segment >= 0 and trajectory.episode[segment] < wanted:
-        credit[int(segment)] = flat_credit[slot, : int(trajectory.completion_mask[segment].sum())]
+      values = flat_credit[slot, : int(trajectory.completion_mask[segment].sum())] if segment >= 0 else None
+      # A non-finite A (an update the step skipped) is shown as no credit: the sample's JSON holds numbers only.
+      if values is not None and trajectory.episode[segment] < wanted and np.isfinite(values).all():
+        credit[int(segment)] = values
 
   records = [copy.deepcopy(trajectory.records[e]) for e in range(wanted)]
   for row in rows:

@@ -99,6 +99,31 @@ def test_credit_sample_is_the_updates_own_eq_10_on_every_token(sampled):
   assert sampled.last_credit_sample is None
 
 
+def test_non_finite_credit_is_shown_as_none_and_the_sample_still_writes(sampled, tmp_path):
+  """An update the step skipped can leave NaN in A; the sample shows no credit there, and its JSON (which refuses
+  NaN) is still written."""
+  trajectory = sampled.sampled_record.trajectory
+  row = sorted(sampled.carried & set(sampled.expected))[0]
+  slots = np.asarray([[row]])
+  token_credit = np.full((1, 1, trajectory.completion_tokens.shape[1]), np.nan, np.float32)
+  records = credit_sample.credit_sample(
+    sampled.sampled_record, None, token_credit, slots, tokenizer=sampled.tokenizer, episodes=2
+  )
+  message = records[trajectory.episode[row]]['turns'][trajectory.turn[row] - 1][
+    'recommender' if trajectory.agent[row] == 0 else 'user'
+  ]
+  assert message['credit'] is None and len(message['tokens']) > 0
+  assert credit_sample.write_sample(tmp_path / 'run', 1, records).is_file()
+  token_credit[:] = 0.25
+  records = credit_sample.credit_sample(
+    sampled.sampled_record, None, token_credit, slots, tokenizer=sampled.tokenizer, episodes=2
+  )
+  message = records[trajectory.episode[row]]['turns'][trajectory.turn[row] - 1][
+    'recommender' if trajectory.agent[row] == 0 else 'user'
+  ]
+  assert message['credit'] == [0.25] * len(message['tokens'])
+
+
 def test_credit_sample_of_the_per_turn_update_maps_each_row_back_to_its_message():
   _assert_credit_is_eq_10(_sampled_run(packed_update=False))
 
