@@ -1,12 +1,13 @@
-"""The user-agent F1 in rounds against flat batches, on the research model:
-`python -m experiments.bench_user_f1 [--dataset=lastfm] [--users=8] [--checkpoint=<adapters folder>]
-[--output=results/bench/user_f1_lastfm.json]`.
+"""The user-agent F1 under each batching of `UserF1Config.batching`, on the research model:
+`python -m experiments.bench_user_f1 [--dataset=lastfm] [--users=8] [--batch_size=16]
+[--modes=flat,rounds,shared_prefix] [--checkpoint=<adapters folder>] [--output=results/bench/user_f1_lastfm.json]`.
 
-Both passes judge the same users' items greedily with the same backend settings; the flat baseline
-(`UserF1Config(share_history=False)`) prefills every prompt whole, the rounds (`share_history=True`, the default)
-read each user's history from the previous round's cache. Prints and writes wall time, prompt tokens prefilled and
-reused, and whether the judgements agree. The first pass of each mode includes its compilation, so each mode runs
-twice and the second time is the one compared.
+Every mode judges the same users' items greedily with the same backend settings (64-token verdicts, the peer
+opinion shown): 'flat' prefills every prompt whole, 'rounds' reads each user's history from the previous round's
+cache, 'shared_prefix' prefills each user's history once and reads it once per decode step for all of the user's
+items. Prints and writes wall time, prompt tokens prefilled and reused, and how many judgements agree with the
+first mode's. The first pass of each mode includes its compilation, so each mode runs twice and the second time is
+the one compared (the first named mode is the baseline).
 """
 
 import json
@@ -28,6 +29,9 @@ _DATASET = flags.DEFINE_enum('dataset', 'lastfm', ('lastfm', 'movielens', 'instr
 _USERS = flags.DEFINE_integer('users', 8, 'The first this many users of the user-simulation set.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', '', "An adapters folder (warm start or RL); '' = the bare base.")
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Judgements (flat) or users (rounds) per call.')
+_MODES = flags.DEFINE_list(
+  'modes', ['flat', 'rounds', 'shared_prefix'], 'Batchings to time; the first is the baseline.'
+)
 _OUTPUT = flags.DEFINE_string('output', '', 'Write the measurements as JSON here.')
 
 
@@ -44,7 +48,7 @@ def main(argv):
   full = user_sim_set(dataset)
   sim = UserSimSet(dataset=full.dataset, cases=full.cases[: _USERS.value], users_left_out=0)
   results = {}
-  for name, share in (('flat', False), ('rounds', True)):
+  for name in _MODES.value:
     for attempt in ('first (with compilation)', 'second'):
       backend = LLMBackend(
         model,
@@ -61,7 +65,7 @@ def main(argv):
         backend,
         peer=sasrec,
         seed=0,
-        config=UserF1Config(batch_size=_BATCH.value, show_peer_opinion=True, share_history=share),
+        config=UserF1Config(batch_size=_BATCH.value, show_peer_opinion=True, batching=name),
       )
       seconds = time.perf_counter() - start
       results[f'{name}/{attempt}'] = {
@@ -72,30 +76,32 @@ def main(argv):
       }
       results[name] = result
       print(
-        f'{name:>6} {attempt:<24} {seconds:7.1f} s  prefilled {backend.prefill_tokens["prefilled"]:>7}  '
+        f'{name:>13} {attempt:<24} {seconds:7.1f} s  prefilled {backend.prefill_tokens["prefilled"]:>7}  '
         f'reused {backend.prefill_tokens["reused"]:>7}  calls {len(backend.calls):>3}  F1 '
         f'{result.scores["micro_f1"]:.3f}',
         flush=True,
       )
-  flat, rounds = results.pop('flat'), results.pop('rounds')
-  agree = sum(a.positive == b.positive for a, b in zip(flat.judgements, rounds.judgements))
-  same_text = sum(a.generation.text == b.generation.text for a, b in zip(flat.judgements, rounds.judgements))
-  speedup = results['flat/second']['seconds'] / max(results['rounds/second']['seconds'], 1e-9)
+  base_name = _MODES.value[0]
+  base = results[base_name]
   summary = {
     'dataset': _DATASET.value,
     'users': len(sim.cases),
-    'judgements': len(flat.judgements),
+    'judgements': len(base.judgements),
     'checkpoint': _CHECKPOINT.value or None,
     'batch_size': _BATCH.value,
-    'passes': results,
-    'speedup_second_pass': round(speedup, 2),
-    'same_decision': agree,
-    'same_text': same_text,
+    'baseline': base_name,
+    'passes': {k: v for k, v in results.items() if '/' in k},
   }
-  print(
-    f'rounds vs flat (second passes): {speedup:.2f}x; {agree}/{len(flat.judgements)} same decisions, '
-    f'{same_text} identical messages'
-  )
+  for name in _MODES.value[1:]:
+    other = results[name]
+    agree = sum(a.positive == b.positive for a, b in zip(base.judgements, other.judgements))
+    same_text = sum(a.generation.text == b.generation.text for a, b in zip(base.judgements, other.judgements))
+    speedup = results[f'{base_name}/second']['seconds'] / max(results[f'{name}/second']['seconds'], 1e-9)
+    summary[name] = {'speedup_second_pass': round(speedup, 2), 'same_decision': agree, 'same_text': same_text}
+    print(
+      f'{name} vs {base_name} (second passes): {speedup:.2f}x; {agree}/{len(base.judgements)} same decisions, '
+      f'{same_text} identical messages'
+    )
   if _OUTPUT.value:
     path = pathlib.Path(_OUTPUT.value)
     path.parent.mkdir(parents=True, exist_ok=True)

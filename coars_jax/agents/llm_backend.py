@@ -1,7 +1,8 @@
 """`LLMBackend`: the agents' shared decoder behind `backend.AgentBackend`, one `sampling.generate` call per agent
 per turn for all live episodes with each agent's LoRA adapter chosen per row, append-only prompts read from the
 KV cache the same episode's previous call left (`LLMBackendConfig.prefix_reuse`), and the output grammars when
-constrained."""
+constrained; `generate_grouped` serves groups of standalone prompts with a common start (the user F1's
+judgements) through `sampling.generate_shared_prefix`."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from coars_jax.agents.output_constraints import recommender_constraint, user_con
 from coars_jax.agents.prompts import Message
 from coars_jax.agents.protocol import AGENTS, USER
 from coars_jax.models.lora import ADAPTERS_OFF
-from coars_jax.models.tokenizer import end_of_turn_id, special_token_ids
+from coars_jax.models.tokenizer import end_of_turn_id, render_chat, special_token_ids
 from coars_jax.parallel.distributed import fetch
 from coars_jax.parallel.rules import Rules
 from coars_jax.sampling import LengthBuckets, SamplingParams, generate
 from coars_jax.sampling.constraints import token_classes
 from coars_jax.sampling.sampler import PromptPrefix, common_prefix_length, prompt_slots
+from coars_jax.sampling.shared_prefix import generate_shared_prefix
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -219,6 +221,92 @@ class LLMBackend:
     segments later must pass the same selector."""
     index = self.adapter_ids[agent]
     return None if index is None else np.full((batch,), index, np.int32)
+
+  @property
+  def shares_prefixes(self) -> bool:
+    """Whether `generate_grouped` can run (unsharded backends: the shared-prefix programs have no mesh form)."""
+    return self.mesh is None
+
+  def generate_grouped(
+    self, agent: str, groups: Sequence[Sequence[Sequence[Message]]], *, seed: int, rows_per_group: int, num_groups: int
+  ) -> list[list[Generation]]:
+    """One sampled message per prompt of each group, where a group's prompts are single messages with a long
+    common start (one user's F1 judgements): each group's shared tokens are prefilled once and read once per
+    decode step for all its rows (`sampling.generate_shared_prefix`). The call runs `num_groups` groups of
+    `rows_per_group` rows (short groups and a short call are padded with copies, whose outputs are dropped), so
+    calls of one shape share compiled programs. Logged as one `BackendCall` (turn 1, group indices as episode
+    ids). Greedy outputs equal `generate`'s to float rounding."""
+    check_agent(agent)
+    if not self.shares_prefixes:
+      raise ValueError('LLMBackend.generate_grouped runs unsharded only; use generate on a mesh')
+    sizes = [len(group) for group in groups]
+    if not groups or len(groups) > num_groups or min(sizes) < 1 or max(sizes) > rows_per_group:
+      raise ValueError(
+        f'LLMBackend.generate_grouped: {len(groups)} groups of sizes {sizes} do not fit {num_groups} groups of '
+        f'{rows_per_group} rows'
+      )
+    self.calls.append(BackendCall(agent=agent, turn=1, seed=seed, episode_ids=tuple(range(len(groups)))))
+    flat = [prompt for group in groups for prompt in group]
+    texts = [render_chat(self.tokenizer, messages) for messages in flat]
+    ids = self.tokenizer(texts, add_special_tokens=False)['input_ids']
+    prefixes, suffixes, begin = [], [], 0
+    for size in sizes:
+      rows = ids[begin : begin + size]
+      shared = min(len(row) for row in rows) - 1  # every row keeps at least one token to prefill
+      for row in rows[1:]:
+        shared = min(shared, common_prefix_length(rows[0], row))
+      if shared < 1:
+        raise ValueError('LLMBackend.generate_grouped: the prompts of a group share no token before their last')
+      prefixes.append(rows[0][:shared])
+      suffixes.extend([row[shared:] for row in rows] + [rows[0][shared:]] * (rows_per_group - size))
+      begin += size
+    prefixes += [prefixes[0]] * (num_groups - len(groups))
+    suffixes += suffixes[:rows_per_group] * (num_groups - len(groups))
+    batch = num_groups * rows_per_group
+    kwargs = {}
+    adapter = self.adapter_array(agent, batch)
+    if adapter is not None:
+      kwargs['adapter'] = adapter
+    if self.config.constrained:
+      kwargs['constraint'] = self.constraint(agent, batch, None)
+    output = generate_shared_prefix(
+      self.model,
+      prefixes,
+      suffixes,
+      max_new_tokens=self.config.max_new_tokens(agent),
+      params=self.config.sampling,
+      buckets=self.config.buckets,
+      eos_token_ids=self.special.eos_ids,
+      pad_token_id=self.special.pad_id,
+      seed=seed,
+      **kwargs,
+    )
+    real = sum(len(row) for row in ids)
+    reused = sum((size - 1) * len(prefix) for size, prefix in zip(sizes, prefixes))
+    self.prefill_tokens['prefilled'] += real - reused
+    self.prefill_tokens['reused'] += reused
+    tokens, log_probs, lengths, finished = (
+      np.asarray(a) for a in (output.tokens, output.log_probs, output.lengths, output.finished)
+    )
+    out, begin = [], 0
+    for index, size in enumerate(sizes):
+      generations = []
+      for position in range(size):
+        row = index * rows_per_group + position
+        completion = tokens[row, : lengths[row]]
+        generations.append(
+          Generation(
+            prompt_text=texts[begin + position],
+            prompt_ids=np.asarray(ids[begin + position], np.int32),
+            completion_ids=completion,
+            log_probs=log_probs[row, : lengths[row]],
+            text=self.tokenizer.decode(completion.tolist(), skip_special_tokens=True),
+            finished=bool(finished[row]),
+          )
+        )
+      out.append(generations)
+      begin += size
+    return out
 
   def generate(
     self,

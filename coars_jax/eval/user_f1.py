@@ -46,6 +46,7 @@ __all__ = [
   'judgement_prompts',
   'peer_scores',
   'roc_auc',
+  'shared_prefix_calls',
   'top_k_predictions',
 ]
 
@@ -53,6 +54,7 @@ __all__ = [
 # future or random, so the reason carries no information about the label: the F1 measures the user agent's own
 # judgement of the item against the history, as AFL's single-turn protocol does (its user sees no rationale).
 NEUTRAL_REASON = 'This {noun} is recommended to you; decide whether it suits your taste.'
+BATCHINGS = ('shared_prefix', 'rounds', 'flat')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,11 +70,19 @@ class UserF1Config:
       the agent. Turn it on to judge a user agent under the exact input layout it was trained with.
     batch_size: judgements per backend call; None sends every judgement of the set in one call. A real model
       may need a bound (an LLM backend pads a call to a power of two rows).
-    share_history: call in rounds: each call holds the k-th judgement of each user of a group of at most
-      `batch_size` users, logged as turn k + 1 with the case as the episode id, so that an `LLMBackend` with
-      prefix reuse reads each user's system prompt and history (the bulk of every prompt) from the previous
-      round's cache and prefills only the item and reason. Greedy outputs equal the flat batching's to float
-      rounding. False: flat batches of `batch_size` judgements in set order, each prompt prefilled whole.
+    batching: how the judgements are grouped into backend calls:
+      'shared_prefix' (default): each call holds every judgement of a few users, and a backend that offers
+        `generate_grouped` (an unsharded `LLMBackend`) prefills each user's system message and history (the bulk
+        of every prompt) once and reads it once per decode step for all of that user's items
+        (`sampling.generate_shared_prefix`). Users are taken from most judgements to fewest; a call holds
+        max(1, batch_size // R) users of R rows, R = its largest user's judgements rounded up to a multiple of 4
+        (`shared_prefix_calls`). A backend without `generate_grouped` (a scripted one, one on a mesh) runs 'rounds'.
+      'rounds': each call holds the k-th judgement of each user of a group of at most `batch_size` users, logged
+        as turn k + 1 with the case as the episode id, so that an `LLMBackend` with prefix reuse reads each user's
+        history from the previous round's cache and prefills only the item and reason; every decode step still
+        reads each row's whole history.
+      'flat': batches of `batch_size` judgements in set order, each prompt prefilled whole.
+      Greedy outputs of the three equal each other's to float rounding.
     prompt: the wording; None takes `PromptConfig.for_dataset(dataset.name)`, as episodes do.
     parse: parser tolerance for the user's answers.
   """
@@ -80,16 +90,17 @@ class UserF1Config:
   recommender_reason: str = NEUTRAL_REASON
   show_peer_opinion: bool = False
   batch_size: int | None = None
-  share_history: bool = True
+  batching: str = 'shared_prefix'
   prompt: PromptConfig | None = None
   parse: ParseConfig = ParseConfig()
 
   def __post_init__(self):
     if not isinstance(self.recommender_reason, str) or not single_line(self.recommender_reason):
       raise ValueError(f'UserF1Config.recommender_reason must be a non-empty str, found {self.recommender_reason!r}')
-    for name in ('show_peer_opinion', 'share_history'):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f'UserF1Config.{name} must be a bool, found {getattr(self, name)!r}')
+    if not isinstance(self.show_peer_opinion, bool):
+      raise ValueError(f'UserF1Config.show_peer_opinion must be a bool, found {self.show_peer_opinion!r}')
+    if self.batching not in BATCHINGS:
+      raise ValueError(f'UserF1Config.batching must be one of {BATCHINGS}, found {self.batching!r}')
     if self.batch_size is not None and (
       isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
     ):
@@ -191,17 +202,15 @@ def judgement_prompts(
 def judgement_calls(
   prompts: Sequence[tuple[int, int, list[Message]]], config: UserF1Config
 ) -> list[tuple[int, list[int], list[int]]]:
-  """The backend calls of an F1 evaluation, as (turn, indices into `prompts`, episode ids); see
-  `UserF1Config.share_history`."""
+  """The backend calls of an F1 evaluation in 'rounds' or 'flat' batching, as (turn, indices into `prompts`,
+  episode ids); see `UserF1Config.batching`."""
   size = config.batch_size or len(prompts)
-  if not config.share_history:
+  if config.batching == 'flat':
     return [
       (1, list(range(begin, min(begin + size, len(prompts)))), list(range(begin, min(begin + size, len(prompts)))))
       for begin in range(0, len(prompts), size)
     ]
-  by_case: dict[int, list[int]] = {}
-  for index, (case, _, _) in enumerate(prompts):
-    by_case.setdefault(case, []).append(index)
+  by_case = _by_case(prompts)
   cases = list(by_case)
   calls = []
   for begin in range(0, len(cases), size):
@@ -210,6 +219,51 @@ def judgement_calls(
       live = [case for case in group if position < len(by_case[case])]
       calls.append((position + 1, [by_case[case][position] for case in live], live))
   return calls
+
+
+def _by_case(prompts: Sequence[tuple[int, int, list[Message]]]) -> dict[int, list[int]]:
+  by_case: dict[int, list[int]] = {}
+  for index, (case, _, _) in enumerate(prompts):
+    by_case.setdefault(case, []).append(index)
+  return by_case
+
+
+def shared_prefix_calls(
+  prompts: Sequence[tuple[int, int, list[Message]]], config: UserF1Config
+) -> list[tuple[int, int, list[list[int]]]]:
+  """The calls of 'shared_prefix' batching as (rows per group, groups per call, each user's indices into
+  `prompts`); see `UserF1Config.batching`. Calls of one rows-per-group size share one shape."""
+  by_case = _by_case(prompts)
+  cases = sorted(by_case, key=lambda case: (-len(by_case[case]), case))
+  calls, begin = [], 0
+  while begin < len(cases):
+    rows = -(-len(by_case[cases[begin]]) // 4) * 4
+    groups = max(1, (config.batch_size or len(prompts)) // rows)
+    members = [c for c in cases[begin : begin + groups] if -(-len(by_case[c]) // 4) * 4 == rows]
+    calls.append((rows, groups, [by_case[c] for c in members]))
+    begin += len(members)
+  return calls
+
+
+def _calls(backend: AgentBackend, prompts: Sequence[tuple[int, int, list[Message]]], config: UserF1Config, seed: int):
+  """Runs the backend calls of `config.batching`, yielding (indices into `prompts`, their generations) per call."""
+  if config.batching == 'shared_prefix' and getattr(backend, 'shares_prefixes', False):
+    for call, (rows, groups, members) in enumerate(shared_prefix_calls(prompts, config)):
+      out = backend.generate_grouped(
+        USER,
+        [[prompts[i][2] for i in indices] for indices in members],
+        seed=turn_seed(seed, call + 1, USER),
+        rows_per_group=rows,
+        num_groups=groups,
+      )
+      if len(out) != len(members):
+        raise ValueError(f'the backend returned {len(out)} groups of user messages for {len(members)} users')
+      yield [i for indices in members for i in indices], [g for group in out for g in group]
+    return
+  for call, (turn, indices, episode_ids) in enumerate(judgement_calls(prompts, config)):
+    prompt_lists = [prompts[i][2] for i in indices]
+    seed_c = turn_seed(seed, call + 1, USER)
+    yield indices, list(backend.generate(USER, prompt_lists, seed=seed_c, episode_ids=episode_ids, turn=turn))
 
 
 def evaluate_user_f1(
@@ -222,13 +276,14 @@ def evaluate_user_f1(
   seed: int = 0,
   progress: bool = False,
 ) -> UserF1Result:
-  """Runs the user-agent F1 protocol: every judgement through `backend.generate('user', ...)`, in
-  ceil(judgements / batch_size) calls (one when `batch_size` is None).
+  """Runs the user-agent F1 protocol: every judgement through the backend's user agent, in the calls
+  `config.batching` lays out (`shared_prefix_calls` through `backend.generate_grouped`, else `judgement_calls`
+  through `backend.generate`).
 
   Args:
     dataset: the titles (the set's item ids index its catalog).
     sim_set: `data.user_sim_set(dataset, ...)`.
-    backend: any `AgentBackend`; only its user agent is called, in the calls `judgement_calls` lays out.
+    backend: any `AgentBackend`; only its user agent is called.
     config: prompt and batching settings.
     peer: a `recsys.SASRec` or a `Peer` (e.g. `episodes.SASRecPeer`), needed when `config.show_peer_opinion` is
       on. When it has `candidate_scores` (SASRec and `SASRecPeer` do), each judgement also records SASRec's score
@@ -256,16 +311,7 @@ def evaluate_user_f1(
     dynamic_ncols=True,
   )
   try:
-    for call, (turn, indices, episode_ids) in enumerate(judgement_calls(prompts, config)):
-      out = list(
-        backend.generate(
-          USER,
-          [prompts[i][2] for i in indices],
-          seed=turn_seed(seed, call + 1, USER),
-          episode_ids=episode_ids,
-          turn=turn,
-        )
-      )
+    for indices, out in _calls(backend, prompts, config, seed):
       if len(out) != len(indices):
         raise ValueError(f'the backend returned {len(out)} user messages for {len(indices)} prompts')
       for index, generation in zip(indices, out):

@@ -16,6 +16,7 @@ from coars_jax.models.kv_cache import KVCache
 from coars_jax.models.layers import Embedding, Linear, RMSNorm
 from coars_jax.models.logical_axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
 from coars_jax.models.rope import apply_rope, inverse_frequencies
+from coars_jax.models.shared_prefix_attention import SharedPrefixKV, merge, partial_own, partial_shared
 
 # A one-token decode step reads the cache in blocks of this many slots (or the largest power of two dividing the
 # cache length), from the first block any row attends to through the block of the current token. 64 and 128 cost
@@ -107,12 +108,15 @@ class Attention(nnx.Module):
     write_index: jax.Array | None,
     adapter_ids: jax.Array | None = None,
     block_sparse: bool = False,
+    shared_kv: tuple | None = None,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """x[B, L, E], mask[B, L, S] -> (out[B, L, E], updated (keys, values) or None).
 
     Without a cache S == L; with one, the new keys/values are written at slot `write_index` and the
     queries attend over all S = max_len slots that `mask` allows. block_sparse: read only the key blocks the mask
-    needs (`block_attention.block_sparse_attention`).
+    needs (`block_attention.block_sparse_attention`). shared_kv: (keys, values, segment_ids) of this layer's
+    group prefixes (`SharedPrefixKV`), which every query also attends to, before its own cache (a short one:
+    its whole length is read).
     """
     queries = constrain(self.q_proj(x, adapter_ids), (BATCH, LENGTH, HEADS, HEAD_DIM))
     keys = constrain(self.k_proj(x, adapter_ids), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
@@ -136,6 +140,9 @@ class Attention(nnx.Module):
       cache_values = jax.lax.dynamic_update_slice(cache_values, _head_major(values).astype(cache_values.dtype), start)
       updated = (cache_keys, cache_values)
       keys, values = cache_keys.astype(x.dtype), cache_values.astype(x.dtype)
+      if shared_kv is not None:
+        attended = merge(partial_own(grouped, keys, values, mask), partial_shared(grouped, *shared_kv), x.dtype)
+        return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
       if length == 1 and LIVE_SLOT_DECODE:
         attended = _live_slot_attention(grouped, keys, values, mask, write_index)
         return self.o_proj(attended.reshape(batch, length, num_heads, head_dim), adapter_ids), updated
@@ -181,9 +188,9 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(config.embed_dim, **norm)
     self.mlp = FeedForward(config, rngs=rngs)
 
-  def __call__(self, x, positions, mask, cached_kv, write_index, adapter_ids=None, block_sparse=False):
+  def __call__(self, x, positions, mask, cached_kv, write_index, adapter_ids=None, block_sparse=False, shared_kv=None):
     attended, updated = self.attention(
-      self.attention_norm(x), positions, mask, cached_kv, write_index, adapter_ids, block_sparse
+      self.attention_norm(x), positions, mask, cached_kv, write_index, adapter_ids, block_sparse, shared_kv
     )
     x = constrain(x + attended, (BATCH, LENGTH, EMBED))
     x = constrain(x + self.mlp(self.mlp_norm(x), adapter_ids), (BATCH, LENGTH, EMBED))
@@ -249,6 +256,7 @@ class Decoder(nnx.Module):
     remat: bool = False,
     attention_mask: jax.Array | None = None,
     block_sparse: bool = False,
+    shared: SharedPrefixKV | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states [B, L, E] (before the vocabulary projection) and the updated cache.
 
@@ -260,6 +268,9 @@ class Decoder(nnx.Module):
       prefix of the student's cache (`sampling.packed`). The cache's segment ids are still written.
     block_sparse: attention reads only the key blocks the mask needs (`models.block_attention`, with its own
       gradient), for passes whose mask is mostly empty (packed rows: the teacher's, and the student's causal ones).
+    shared: the keys and values of prompt prefixes that groups of rows share (`SharedPrefixKV`, G groups of
+      B // G consecutive rows); every token also attends to its group's prefix, which comes before the cache's
+      slots (positions are the caller's, counted from the prefix's start). Needs a cache; not with remat.
     The input of the lowest layer with LoRA adapters is a stop-gradient point when adapters are attached to
     upper layers only (`LoRAConfig.layers`): no trainable parameter lies below it, so no gradient has to.
     """
@@ -287,6 +298,8 @@ class Decoder(nnx.Module):
         raise ValueError(f'Decoder: attention_mask must be {mask.shape}; found {attention_mask.shape}')
       mask = attention_mask.astype(bool)
 
+    if shared is not None and (cache is None or remat or block_sparse):
+      raise ValueError('Decoder: a shared prefix needs a cache, and runs without remat and block_sparse')
     x = constrain(self.token_embedding(tokens), (BATCH, LENGTH, EMBED))
     lowest_adapted = self.lowest_adapted_layer
     # With remat, the adapted layers (all of the same structure) run as a `lax.scan` of a checkpointed body:
@@ -301,7 +314,8 @@ class Decoder(nnx.Module):
       if index in scanned:
         break
       cached_kv = None if cache is None else (cache.keys[index], cache.values[index])
-      x, updated = layer(x, positions, mask, cached_kv, write_index, adapter_ids, block_sparse)
+      shared_kv = None if shared is None else (shared.keys[index], shared.values[index], shared.segment_ids)
+      x, updated = layer(x, positions, mask, cached_kv, write_index, adapter_ids, block_sparse, shared_kv)
       if updated is not None:
         new_keys.append(updated[0])
         new_values.append(updated[1])

@@ -19,6 +19,7 @@ from coars_jax.eval.user_f1 import (
   judgement_prompts,
   peer_scores,
   roc_auc,
+  shared_prefix_calls,
   top_k_predictions,
 )
 from coars_jax.models import tokenizer as tokenizer_lib
@@ -163,14 +164,33 @@ def test_mixed_answers_count_exactly_and_invalid_answers_are_negatives():
   ]
 
 
+def test_shared_prefix_calls_hold_whole_users_in_groups_of_one_size():
+  """Users of 20, 18, 9, 4 and 3 judgements at batch_size 40: groups of 20 rows (the 20 and the 18, largest
+  first), then 12 rows (three per call, one user), then 4 rows (ten per call, two users); every judgement once."""
+  sizes = {0: 4, 1: 20, 2: 9, 3: 18, 4: 3}
+  prompts = [(case, position, []) for case, count in sizes.items() for position in range(count)]
+  calls = shared_prefix_calls(prompts, UserF1Config(batch_size=40))
+  assert [(rows, groups, [prompts[m[0]][0] for m in members]) for rows, groups, members in calls] == [
+    (20, 2, [1, 3]),
+    (12, 3, [2]),
+    (4, 10, [0, 4]),
+  ]
+  indices = sorted(i for _, _, members in calls for m in members for i in m)
+  assert indices == list(range(len(prompts)))
+  assert all(len(m) <= rows for rows, _, members in calls for m in members)
+  assert all(prompts[i][0] == prompts[m[0]][0] for _, _, members in calls for m in members for i in m)
+  with pytest.raises(ValueError, match='batching must be one of'):
+    UserF1Config(batching='rows')
+
+
 def test_flat_judgements_are_batched_into_few_calls():
-  flat = UserF1Config(share_history=False)
+  flat = UserF1Config(batching='flat')
   backend = policy_backend(lambda label, item: 'skip')
   evaluate_user_f1(DATASET, SIM_SET, backend, seed=4, config=flat)
   assert [(c.agent, c.turn, c.batch_size) for c in backend.calls] == [('user', 1, 84)]
   assert backend.calls[0].seed == turn_seed(4, 1, 'user')
   backend = policy_backend(lambda label, item: 'skip')
-  evaluate_user_f1(DATASET, SIM_SET, backend, config=UserF1Config(batch_size=32, share_history=False))
+  evaluate_user_f1(DATASET, SIM_SET, backend, config=UserF1Config(batch_size=32, batching='flat'))
   assert [c.batch_size for c in backend.calls] == [32, 32, 20]
   assert [c.episode_ids[0] for c in backend.calls] == [0, 32, 64]
   assert len({c.seed for c in backend.calls}) == 3
@@ -178,7 +198,7 @@ def test_flat_judgements_are_batched_into_few_calls():
 
 def test_rounds_hold_one_judgement_per_user_and_give_the_same_result():
   policy = lambda label, item: 'click' if (label + item) % 3 else 'dislike'  # noqa: E731
-  flat = evaluate_user_f1(DATASET, SIM_SET, policy_backend(policy), config=UserF1Config(share_history=False))
+  flat = evaluate_user_f1(DATASET, SIM_SET, policy_backend(policy), config=UserF1Config(batching='flat'))
   backend = policy_backend(policy)
   rounds = evaluate_user_f1(DATASET, SIM_SET, backend, config=UserF1Config(batch_size=4))
   # Users 0-3, then 4-5; call k asks each user of the group for its k-th item, as turn k + 1, episode = the case.
@@ -417,9 +437,9 @@ def test_sasrec_references_equal_the_directly_computed_sasrec_scores():
   assert np.allclose(peer_scores(DATASET, SIM_SET, model), np.reshape(scores, (6, 14)), atol=1e-5)
 
 
-def test_rounds_reuse_each_users_history_on_an_llm_backend():
-  """A micro decoder with prefix reuse: rounds prefill each user's history once, and the greedy judgements equal the
-  flat batching's, where every prompt is prefilled whole."""
+def test_rounds_and_shared_prefixes_reuse_each_users_history_on_an_llm_backend():
+  """A micro decoder: rounds (prefix reuse) and shared prefixes (`generate_grouped`) prefill each user's history
+  once, and their greedy judgements equal the flat batching's, where every prompt is prefilled whole."""
   from coars_jax.agents.episodes import LLMBackend, LLMBackendConfig
   from coars_jax.sampling import GREEDY
   from tests.training.test_rl import BUCKETS, micro_model
@@ -427,21 +447,26 @@ def test_rounds_reuse_each_users_history_on_an_llm_backend():
 
   sim = UserSimSet(dataset=SIM_SET.dataset, cases=SIM_SET.cases[:3], users_left_out=0)
 
-  def run(share_history):
+  def run(batching):
     backend = LLMBackend(
       micro_model(),
       small_tokenizer(),
       adapters={'user': 'user'},
       config=LLMBackendConfig(user_max_new_tokens=8, sampling=GREEDY, buckets=BUCKETS),
     )
-    result = evaluate_user_f1(DATASET, sim, backend, config=UserF1Config(batch_size=4, share_history=share_history))
+    result = evaluate_user_f1(DATASET, sim, backend, config=UserF1Config(batch_size=4, batching=batching))
     return result, backend
 
-  flat, flat_backend = run(False)
-  rounds, backend = run(True)
-  assert [j.generation.text for j in rounds.judgements] == [j.generation.text for j in flat.judgements]
+  flat, flat_backend = run('flat')
   assert flat_backend.prefill_tokens['reused'] == 0
-  # Every round after the first reads the users' shared prefix: most prompt tokens are reused.
-  total = backend.prefill_tokens['prefilled'] + backend.prefill_tokens['reused']
-  assert total == flat_backend.prefill_tokens['prefilled'] and backend.prefill_tokens['reused'] > 0.6 * total
+  for batching in ('rounds', 'shared_prefix'):
+    other, backend = run(batching)
+    assert [j.generation.text for j in other.judgements] == [j.generation.text for j in flat.judgements], batching
+    assert [j.item for j in other.judgements] == [j.item for j in flat.judgements]
+    # Every judgement after a user's first reads the user's shared prefix: most prompt tokens are reused.
+    total = backend.prefill_tokens['prefilled'] + backend.prefill_tokens['reused']
+    assert total == flat_backend.prefill_tokens['prefilled'] and backend.prefill_tokens['reused'] > 0.6 * total
+    prompts = judgement_prompts(DATASET, sim)
+    calls = shared_prefix_calls(prompts, UserF1Config(batch_size=4)) if batching == 'shared_prefix' else None
+    assert calls is None or len(backend.calls) == len(calls)
   assert not backend._last_prompts  # cleared when the evaluation ends
