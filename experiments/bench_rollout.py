@@ -1,7 +1,8 @@
 """Full multi-turn rollout throughput: `python -m experiments.bench_rollout --model=tiny --output=FILE`.
 
 Plays `--windows` evenly spaced windows of `--split` for up to `--max_turns` turns with both agents on one
-backbone (zero-shot, no adapters) and the dataset's trained SASRec as the peer (its checkpoint must exist under
+backbone (zero-shot, no adapters; or a checkpoint's adapters with `--checkpoint`, folded into the weights with
+`--merge_adapters`) and the dataset's trained SASRec as the peer (its checkpoint must exist under
 `--sasrec_workdir`; nothing is trained). One warm-up rollout compiles; the fastest of `--repeats` timed rollouts
 is reported: episodes/s, generated tokens/s, prefill tokens/s, and the share of the wall time spent outside the
 LLM's jitted code, stage by stage (`coars_jax.agents.rollout_timing`). Prints a table and writes the JSON to --output.
@@ -33,12 +34,25 @@ _DATA_ROOT = flags.DEFINE_string('data_root', None, 'Dataset folder; default $CO
 _SASREC_WORKDIR = flags.DEFINE_string(
   'sasrec_workdir', None, 'Folder of the trained SASRec checkpoints (seed_0 is used); default runs/sasrec_<dataset>.'
 )
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint', '', "Both agents' adapters from this warm start or RL export ('' = the bare base, no adapters)."
+)
+_MERGE = flags.DEFINE_bool('merge_adapters', False, "Fold each agent's adapter into its weights (evaluation's way).")
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the result as JSON to this file.')
 
 
 def main(argv):
   del argv
   params = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+  agents = None
+  if _CHECKPOINT.value:
+    from coars_jax.eval import experiment as agentic_experiment  # the evaluation's checkpoint loader
+
+    config = agentic_experiment.default_config(_DATASET.value)
+    config.model, config.checkpoint = _MODEL.value, _CHECKPOINT.value
+    if _DATA_ROOT.value:
+      config.data_root = _DATA_ROOT.value
+    agents = agentic_experiment.load_agents(config)
   result = rollout_timing.run_benchmark(
     _MODEL.value,
     dataset=_DATASET.value,
@@ -52,6 +66,8 @@ def main(argv):
     data_root=_DATA_ROOT.value,
     sasrec_workdir=_SASREC_WORKDIR.value,
     constrained=_CONSTRAINED.value,
+    agents=agents,
+    merge_adapters=_MERGE.value,
   )
   print(rollout_timing.format_table(result), flush=True)
   if _OUTPUT.value:

@@ -55,7 +55,10 @@ def main(argv):
         tokenizer,
         adapters=adapters,
         config=LLMBackendConfig(
-          user_max_new_tokens=64, sampling=GREEDY, buckets=LengthBuckets(prompt=(512, 1024, 2048), completion=(64, 128))
+          user_max_new_tokens=64,
+          sampling=GREEDY,
+          buckets=LengthBuckets(prompt=(512, 1024, 2048), completion=(64, 128)),
+          merge_adapters=True,
         ),
       )
       start = time.perf_counter()

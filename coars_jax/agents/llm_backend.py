@@ -17,7 +17,7 @@ from coars_jax.agents.chat_tokens import DialogueTokens
 from coars_jax.agents.output_constraints import recommender_constraint, user_constraint
 from coars_jax.agents.prompts import Message
 from coars_jax.agents.protocol import AGENTS, USER
-from coars_jax.models.lora import ADAPTERS_OFF
+from coars_jax.models.lora import ADAPTERS_OFF, merge_lora
 from coars_jax.models.tokenizer import end_of_turn_id, render_chat, special_token_ids
 from coars_jax.parallel.distributed import fetch
 from coars_jax.parallel.rules import Rules
@@ -48,6 +48,11 @@ class LLMBackendConfig:
       that agent (system message, history, candidates: everything before the first token that differs) from that
       call's KV cache, and prefill only the rest (`sampling.PromptPrefix`). The outputs equal a full prefill's to
       float rounding. On by default; the cache of each agent's last call is kept until the rollout ends.
+    merge_adapters: run each agent as a plain decoder with its adapter folded into the weights
+      (`models.merge_lora`, made when the backend is built), so a call costs what the base model's does instead of
+      adding every adapter's two products to each adapted projection. For parameters that stay fixed while the
+      backend lives (evaluation, serving): later updates of the adapters do not reach the merged copies. Outputs
+      equal the adapted model's to float rounding. Unsharded backends only.
   """
 
   recommender_max_new_tokens: int = 128
@@ -57,6 +62,7 @@ class LLMBackendConfig:
   batch_buckets: tuple[int, ...] | None = None
   constrained: bool = False
   prefix_reuse: bool = True
+  merge_adapters: bool = False
 
   def __post_init__(self):
     for name in ('recommender_max_new_tokens', 'user_max_new_tokens'):
@@ -77,7 +83,7 @@ class LLMBackendConfig:
           f'{self.batch_buckets!r}'
         )
       object.__setattr__(self, 'batch_buckets', sizes)
-    for name in ('constrained', 'prefix_reuse'):
+    for name in ('constrained', 'prefix_reuse', 'merge_adapters'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'LLMBackendConfig.{name} must be a bool, found {getattr(self, name)!r}')
 
@@ -161,6 +167,16 @@ class LLMBackend:
           f'LLMBackend: adapters[{agent!r}] must be an adapter name, an index in '
           f'[{ADAPTERS_OFF}, {len(model.adapter_names)}) or None; found {choice!r}'
         )
+    # agent -> the plain decoder it runs when adapters are merged (agents with the same choice share one)
+    self._merged: dict[str, Any] = {}
+    if config.merge_adapters and model.adapter_names:
+      if mesh is not None:
+        raise ValueError('LLMBackend: merge_adapters runs unsharded only; turn it off on a mesh')
+      by_choice: dict[int, Any] = {}
+      for agent, index in self.adapter_ids.items():
+        if index not in by_choice:
+          by_choice[index] = merge_lora(model, None if index == ADAPTERS_OFF else model.adapter_names[index])
+        self._merged[agent] = by_choice[index]
     self.calls: list[BackendCall] = []
     self._token_classes = None
     self.dialogues = DialogueTokens(tokenizer)
@@ -222,6 +238,36 @@ class LLMBackend:
     index = self.adapter_ids[agent]
     return None if index is None else np.full((batch,), index, np.int32)
 
+  def _call_options(self, agent: str, batch: int, seed: int, candidates=None) -> dict[str, Any]:
+    """The sampling options and per-row model arguments of one call of `batch` rows (both call kinds)."""
+    options = dict(
+      max_new_tokens=self.config.max_new_tokens(agent),
+      params=self.config.sampling,
+      buckets=self.config.buckets,
+      eos_token_ids=self.special.eos_ids,
+      pad_token_id=self.special.pad_id,
+      seed=seed,
+    )
+    adapter = None if agent in self._merged else self.adapter_array(agent, batch)
+    if adapter is not None:
+      options['adapter'] = adapter
+    if self.config.constrained:
+      options['constraint'] = self.constraint(agent, batch, candidates)
+    return options
+
+  def _generation(self, text: str, prompt_ids: Sequence[int], outputs, row: int) -> Generation:
+    """Row `row` of a call's (tokens, log_probs, lengths, finished) as a `Generation`."""
+    tokens, log_probs, lengths, finished = outputs
+    completion = tokens[row, : lengths[row]]
+    return Generation(
+      prompt_text=text,
+      prompt_ids=np.asarray(prompt_ids, np.int32),
+      completion_ids=completion,
+      log_probs=log_probs[row, : lengths[row]],
+      text=self.tokenizer.decode(completion.tolist(), skip_special_tokens=True),
+      finished=bool(finished[row]),
+    )
+
   @property
   def shares_prefixes(self) -> bool:
     """Whether `generate_grouped` can run (unsharded backends: the shared-prefix programs have no mesh form)."""
@@ -262,49 +308,21 @@ class LLMBackend:
       begin += size
     prefixes += [prefixes[0]] * (num_groups - len(groups))
     suffixes += suffixes[:rows_per_group] * (num_groups - len(groups))
-    batch = num_groups * rows_per_group
-    kwargs = {}
-    adapter = self.adapter_array(agent, batch)
-    if adapter is not None:
-      kwargs['adapter'] = adapter
-    if self.config.constrained:
-      kwargs['constraint'] = self.constraint(agent, batch, None)
     output = generate_shared_prefix(
-      self.model,
+      self._merged.get(agent, self.model),
       prefixes,
       suffixes,
-      max_new_tokens=self.config.max_new_tokens(agent),
-      params=self.config.sampling,
-      buckets=self.config.buckets,
-      eos_token_ids=self.special.eos_ids,
-      pad_token_id=self.special.pad_id,
-      seed=seed,
-      **kwargs,
+      **self._call_options(agent, num_groups * rows_per_group, seed),
     )
     real = sum(len(row) for row in ids)
     reused = sum((size - 1) * len(prefix) for size, prefix in zip(sizes, prefixes))
     self.prefill_tokens['prefilled'] += real - reused
     self.prefill_tokens['reused'] += reused
-    tokens, log_probs, lengths, finished = (
-      np.asarray(a) for a in (output.tokens, output.log_probs, output.lengths, output.finished)
-    )
+    outputs = tuple(np.asarray(a) for a in (output.tokens, output.log_probs, output.lengths, output.finished))
     out, begin = [], 0
     for index, size in enumerate(sizes):
-      generations = []
-      for position in range(size):
-        row = index * rows_per_group + position
-        completion = tokens[row, : lengths[row]]
-        generations.append(
-          Generation(
-            prompt_text=texts[begin + position],
-            prompt_ids=np.asarray(ids[begin + position], np.int32),
-            completion_ids=completion,
-            log_probs=log_probs[row, : lengths[row]],
-            text=self.tokenizer.decode(completion.tolist(), skip_special_tokens=True),
-            finished=bool(finished[row]),
-          )
-        )
-      out.append(generations)
+      rows = range(index * rows_per_group, index * rows_per_group + size)
+      out.append([self._generation(texts[begin + k], ids[begin + k], outputs, row) for k, row in enumerate(rows)])
       begin += size
     return out
 
@@ -330,33 +348,22 @@ class LLMBackend:
     batch = self.config.padded_batch(len(encoded))
     token_lists = [ids for _, ids in encoded]
     token_lists += [token_lists[0]] * (batch - len(token_lists))
-    kwargs = {}
-    adapter = self.adapter_array(agent, batch)
-    if adapter is not None:
-      kwargs['adapter'] = adapter
-    if self.config.constrained:
-      kwargs['constraint'] = self.constraint(agent, batch, candidates)
     prefix = self._prefix(agent, turn, episode_ids, token_lists)
     output = generate(
-      self.model,
+      self._merged.get(agent, self.model),
       token_lists,
-      max_new_tokens=self.config.max_new_tokens(agent),
-      params=self.config.sampling,
-      buckets=self.config.buckets,
-      eos_token_ids=self.special.eos_ids,
-      pad_token_id=self.special.pad_id,
-      seed=seed,
       mesh=self.mesh,
       rules=self.rules,
       prefix=prefix,
-      **kwargs,
+      **self._call_options(agent, batch, seed, candidates),
     )
     real = sum(len(ids) for _, ids in encoded)
     reused = 0 if prefix is None else int(prefix.lengths[: len(encoded)].sum())
     self.prefill_tokens['prefilled'] += real - reused
     self.prefill_tokens['reused'] += reused
     # Rows sharded over other processes' devices are gathered: every process parses every message.
-    tokens, log_probs, lengths, finished = fetch((output.tokens, output.log_probs, output.lengths, output.finished))
+    outputs = fetch((output.tokens, output.log_probs, output.lengths, output.finished))
+    tokens, lengths = outputs[0], outputs[2]
     if self.config.prefix_reuse:
       # The cache holds each row's prompt and its reply but the last sampled token (never fed back): completion
       # token j sits at slot P + j, P the prompt width. The next turn's prompt starts with all of them.
@@ -370,19 +377,7 @@ class LLMBackend:
           np.concatenate([slots[row], width + np.arange(fed, dtype=np.int32)]),
         )
       self._last_prompts[agent] = (output.cache, kept)
-    generations = []
-    for row, (prompt_text, prompt_ids) in enumerate(encoded):
-      completion = tokens[row, : lengths[row]]
-      generations.append(
-        Generation(
-          prompt_text=prompt_text,
-          prompt_ids=np.asarray(prompt_ids, np.int32),
-          completion_ids=completion,
-          log_probs=log_probs[row, : lengths[row]],
-          text=self.tokenizer.decode(completion.tolist(), skip_special_tokens=True),
-          finished=bool(finished[row]),
-        )
-      )
+    generations = [self._generation(text, ids, outputs, row) for row, (text, ids) in enumerate(encoded)]
     self.dialogues.remember(
       agent, episode_ids, prompts, encoded, [g.completion_ids for g in generations], [g.text for g in generations]
     )

@@ -225,11 +225,15 @@ def run_benchmark(
   data_root: str | None = None,
   sasrec_workdir: str | None = None,
   constrained: bool = False,
+  agents: tuple[Any, Any, Any] | None = None,
+  merge_adapters: bool = False,
 ) -> dict[str, Any]:
   """Loads `model_name` ('tiny' at random init or 'smollm2_135m'), `dataset` and its trained SASRec (seed 0),
   then `measure_rollouts` on `windows` evenly spaced windows of `split`, both agents on the base model (no
-  adapters). `constrained` decodes under the agents' output grammars (`LLMBackendConfig.constrained`). Returns
-  the summary with the model, machine and load average added."""
+  adapters) unless `agents` gives (model, tokenizer, adapters) already loaded (a warm start's, say).
+  `constrained` decodes under the agents' output grammars (`LLMBackendConfig.constrained`), `merge_adapters` folds
+  each agent's adapter into its weights (`LLMBackendConfig.merge_adapters`). Returns the summary with the model,
+  machine and load average added."""
   from coars_jax.data import load_dataset
 
   if model_name not in MODELS:
@@ -238,7 +242,11 @@ def run_benchmark(
   data = load_dataset(dataset, data_root)
   indices = evenly_spaced(windows, len(data.split(split)))
   sasrec = load_sasrec_peer(data, workdir=sasrec_workdir, data_root=data_root)
-  model, tokenizer = backbone.load_backbone(backbone.BackboneSpec(name=model_name, data_root=data_root))
+  if agents is None:
+    model, tokenizer = backbone.load_backbone(backbone.BackboneSpec(name=model_name, data_root=data_root))
+    adapters = None
+  else:
+    model, tokenizer, adapters = agents
   summary, _ = measure_rollouts(
     model,
     tokenizer,
@@ -251,8 +259,10 @@ def run_benchmark(
       recommender_max_new_tokens=max_new_tokens,
       user_max_new_tokens=max_new_tokens,
       sampling=params,
-      **({'constrained': True} if constrained else {}),
+      constrained=constrained,
+      merge_adapters=merge_adapters,
     ),
+    adapters=adapters,
     repeats=repeats,
     seed=seed,
   )
@@ -262,6 +272,8 @@ def run_benchmark(
     'model_parameters': model.config.num_params(),
     'dataset': dataset,
     'constrained': constrained,
+    'adapters': adapters,
+    'merge_adapters': merge_adapters,
     **summary,
     # The figure is a share of the wall time against the issue's bar; no other implementation is compared.
     'ratio_baseline': None,

@@ -25,7 +25,7 @@ from coars_jax.agents.trajectory import to_jsonl
 from coars_jax.data import DATASETS, load_dataset
 from coars_jax.data.user_sim import UserSimSet, user_sim_set
 from coars_jax.eval.agentic import AgenticEvalConfig, evaluate_agentic
-from coars_jax.eval.user_f1 import UserF1Config
+from coars_jax.eval.user_f1 import BATCHINGS, UserF1Config
 from coars_jax.models import peft_adapters
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.recsys import experiment as sasrec_experiment
@@ -81,6 +81,7 @@ def default_config(dataset: str = 'lastfm') -> ml_collections.ConfigDict:
         'enabled': True,  # the user-agent F1 on METHOD.md section 6's user-simulation set
         'num_users': 0,  # the first this many users of the set; 0 judges them all
         'batch_size': 64,  # judgements per generation call
+        'batching': 'shared_prefix',  # how judgements share calls (UserF1Config.batching)
       },
       'trajectories': '',  # write every counted episode as JSON lines here ('' writes none)
       'backend': {  # who plays the agents: 'local' (the model above) or 'openai' (any chat-completions endpoint)
@@ -138,6 +139,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ):
     configlib.require_int_field(config, field, least)
   configlib.require_int_list(config.seeds, 'seeds')
+  configlib.require(
+    config.user_f1.batching in BATCHINGS, 'user_f1.batching', f'one of {BATCHINGS}', config.user_f1.batching
+  )
   configlib.require(isinstance(config.constrained, bool), 'constrained', 'a bool', config.constrained)
   configlib.require_sampling_fields(config)
   try:
@@ -211,6 +215,7 @@ def _backend_config(config) -> LLMBackendConfig:
     buckets=LengthBuckets(
       prompt=tuple(int(n) for n in config.prompt_buckets), completion=tuple(int(n) for n in config.completion_buckets)
     ),
+    merge_adapters=True,  # the checkpoint stays fixed while it is evaluated
   )
 
 
@@ -302,7 +307,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     batch_size=config.batch_size,
     rollout=_rollout(config),
     reflexion=_reflexion(config),
-    user_f1=UserF1Config(batch_size=config.user_f1.batch_size),
+    user_f1=UserF1Config(batch_size=config.user_f1.batch_size, batching=config.user_f1.batching),
     progress=config.progress,
   )
   sim = _user_sim(config, dataset)

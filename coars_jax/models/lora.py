@@ -332,15 +332,16 @@ def adapter_index(model: Decoder, adapter_name: str | None) -> int:
   return model.adapter_names.index(adapter_name)
 
 
-def merge_lora(model: Decoder, adapter_name: str) -> Decoder:
-  """A plain `Decoder` (no adapters) whose targeted kernels are W + (alpha / r) A B of `adapter_name`.
+def merge_lora(model: Decoder, adapter_name: str | None) -> Decoder:
+  """A plain `Decoder` (no adapters) whose targeted kernels are W + (alpha / r) A B of `adapter_name` (None: the
+  base model's kernels, as `ADAPTERS_OFF` runs them).
 
   Every other parameter is the same array as in `model`, not a copy. The result is what
   `save_hf_checkpoint` exports: `save_hf_checkpoint(merge_lora(model, "recommender"), folder)`.
   """
-  index = adapter_index(model, adapter_name)
+  index = None if adapter_name is None else adapter_index(model, adapter_name)
   merged: dict[tuple, jax.Array] = {}
-  for path, linear in adapted_linears(model):
+  for path, linear in adapted_linears(model) if index is not None else ():
     kernel = linear.kernel[...]
     merged[_path_tuple(path) + ('kernel',)] = (kernel.astype(jnp.float32) + linear.lora.merged_delta(index)).astype(
       kernel.dtype

@@ -196,6 +196,9 @@ def default_config(dataset: str = 'lastfm', model: str = 'tiny', method: str = '
           'enabled': True,  # the user-agent F1 on the test rows (METHOD.md section 6)
           'num_users': 0,  # the first this many users of the user-simulation set (0 = all)
           'batch_size': 64,  # judgements per generation call
+          # how judgements share calls (eval.user_f1.UserF1Config.batching): 'shared_prefix' reads each user's
+          # history once per decode step for all its items; 'rounds' and 'flat' are the older layouts
+          'batching': 'shared_prefix',
           # p_t (the full SASRec's top item of the case) in each judgement's prompt, as in the dialogues the
           # user agent trains on; the bar's setting
           'peer_opinion': True,

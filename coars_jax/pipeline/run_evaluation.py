@@ -51,6 +51,8 @@ def greedy_backend(
       sampling=GREEDY,
       buckets=buckets(config),
       constrained=constrained,
+      # The adapters stay fixed while the row is evaluated; the merged copies are made for this backend only.
+      merge_adapters=mesh is None,
     ),
     mesh=mesh,
   )
@@ -85,7 +87,11 @@ def evaluate_rows(
     batch_size=config.eval.batch_size,
     rollout=rollout_config(config),
     reflexion=reflexion_config(config) if config.method == 'reflexion' else None,
-    user_f1=UserF1Config(batch_size=config.eval.user_f1.batch_size, show_peer_opinion=config.eval.user_f1.peer_opinion),
+    user_f1=UserF1Config(
+      batch_size=config.eval.user_f1.batch_size,
+      show_peer_opinion=config.eval.user_f1.peer_opinion,
+      batching=config.eval.user_f1.batching,
+    ),
     user_f1_both_peer_settings=config.eval.user_f1.peer_opinion and config.eval.user_f1.also_without_peer,
     progress=config.progress,
     resume_dir=str(resume_dir),

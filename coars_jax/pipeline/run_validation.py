@@ -11,6 +11,7 @@ import ml_collections
 from coars_jax import configlib
 from coars_jax.models import backbone
 from coars_jax.data import DATASETS
+from coars_jax.eval.user_f1 import BATCHINGS
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.parallel import distributed, planner
 from coars_jax.parallel.mesh import mesh_shape_from_config, validate_mesh_shape
@@ -72,6 +73,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for part in name.split('.'):
       value = value[part]
     configlib.require(isinstance(value, bool), name, 'a bool', value)
+  configlib.require(
+    config.eval.user_f1.batching in BATCHINGS,
+    'eval.user_f1.batching',
+    f'one of {BATCHINGS}',
+    config.eval.user_f1.batching,
+  )
   configlib.require(
     isinstance(config.warm_start.folder, str), 'warm_start.folder', "a folder path or ''", config.warm_start.folder
   )

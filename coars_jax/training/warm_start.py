@@ -174,6 +174,7 @@ def evaluate_dialogues(
       user_max_new_tokens=user_max_new_tokens,
       sampling=GREEDY,
       buckets=buckets,
+      merge_adapters=True,  # the adapters stay fixed during this evaluation
     ),
   )
   episodes = run_episodes(dataset, split, list(window_indices), backend, peer=peer, config=rollout, seed=seed)

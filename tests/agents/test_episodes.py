@@ -30,7 +30,8 @@ from coars_jax.data.schema import ItemCatalog
 from coars_jax.models import Decoder, LoRAConfig, add_lora, get_preset
 from coars_jax.models import tokenizer as tokenizer_lib
 from coars_jax.recsys import SASRec, SASRecConfig, peer_similarity, top_candidate
-from coars_jax.sampling import LengthBuckets, SamplingParams, score, trace_counts
+from coars_jax.parallel.mesh import make_mesh
+from coars_jax.sampling import GREEDY, LengthBuckets, SamplingParams, score, trace_counts
 
 DATASET = synthetic.synthetic_dataset()
 SPLIT = 'test'
@@ -454,6 +455,56 @@ def test_llm_backend_runs_episodes_end_to_end_with_scorer_matching_log_probs():
   np.testing.assert_allclose(rescored, log_probs[rows], atol=2e-4)
   swapped = np.asarray(score(model, *arrays, params=sampling, adapter=1 - own))
   assert np.abs(swapped - log_probs[rows])[trajectory.completion_mask[rows]].max() > 1e-2
+
+
+def test_merged_adapters_give_the_adapted_agents_messages():
+  """`merge_adapters` runs each agent as a plain decoder with its adapter folded in: the same greedy messages and
+  log-probs (to float rounding) as the adapted model selecting adapters per row, for both agents, an agent on the
+  base model, and grouped calls; the merged copies carry no adapters, and a mesh is refused."""
+  tokenizer = small_tokenizer()
+  model = tiny_lora_model(len(tokenizer))
+
+  def backend(merge, adapters):
+    config = LLMBackendConfig(
+      recommender_max_new_tokens=MAX_NEW_TOKENS,
+      user_max_new_tokens=MAX_NEW_TOKENS,
+      sampling=GREEDY,
+      buckets=LengthBuckets(prompt=(512, 1024), completion=(8,)),
+      merge_adapters=merge,
+    )
+    return LLMBackend(model, tokenizer, adapters=adapters, config=config)
+
+  user_messages = [
+    prompts_lib.user_messages(history_titles=['a', 'b'], recommended_title=t, recommender_reason='r')
+    for t in ('c', 'd', 'e')
+  ]
+
+  def same(first, second):
+    np.testing.assert_array_equal(second.completion_ids, first.completion_ids)
+    np.testing.assert_allclose(second.log_probs, first.log_probs, atol=1e-4)
+
+  grouped = {}
+  for adapters in ({'recommender': 'recommender', 'user': 'user'}, {'recommender': 'recommender'}):
+    plain, merged = backend(False, adapters), backend(True, adapters)
+    assert all(not m.adapter_names for m in merged._merged.values())
+    runs = [
+      run_episodes(DATASET, SPLIT, [0, 1, 2], b, peer=TablePeer(), config=RolloutConfig(max_turns=2), seed=3)
+      for b in (plain, merged)
+    ]
+    turns = [[g for e in episodes for t in e.turns for g in (t.recommender, t.user)] for episodes in runs]
+    assert len(turns[0]) == len(turns[1]) == 12
+    for generation, merged_generation in zip(*turns):
+      same(generation, merged_generation)
+    grouped[len(adapters)] = [
+      b.generate_grouped('user', [user_messages], seed=0, rows_per_group=4, num_groups=1)[0] for b in (plain, merged)
+    ]
+    for generation, merged_generation in zip(*grouped[len(adapters)]):
+      same(generation, merged_generation)
+  # The user's adapter changes its log-probs (else the comparisons above could not fail).
+  adapted, base = grouped[2][0], grouped[1][0]
+  assert max(np.abs(a.log_probs[:1] - b.log_probs[:1]).max() for a, b in zip(adapted, base)) > 1e-3
+  with pytest.raises(ValueError, match='merge_adapters runs unsharded only'):
+    LLMBackend(model, tokenizer, config=LLMBackendConfig(merge_adapters=True), mesh=make_mesh())
 
 
 def test_llm_backend_validates_adapters():

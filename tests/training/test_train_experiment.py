@@ -227,6 +227,10 @@ def test_ranges_and_names_the_generic_checks_miss(tmp_path):
   ):
     with pytest.raises(configlib.ConfigError, match=re.escape(message)):
       ex.validate(micro_config(tmp_path, **overrides))
+  config = micro_config(tmp_path)
+  config.eval.user_f1.batching = 'rows'
+  with pytest.raises(configlib.ConfigError, match=re.escape("'eval.user_f1.batching': expected one of")):
+    ex.validate(config)
 
 
 def test_a_run_writes_only_inside_its_workdir_and_the_two_shared_folders(tmp_path, monkeypatch):
