@@ -283,6 +283,13 @@ def _user_sim(config, dataset) -> UserSimSet | None:
 def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """Plays the configured evaluation once per seed; returns the rows (also written where the config says)."""
   validate(config)
+  if config.checkpoint and config.method == 'zero_shot':
+    logging.warning(
+      "Rows are labelled by config.method ('zero_shot') although adapters come from %s; name the method, e.g. "
+      '--config=configs/eval_smollm2.py:%s,warm_start',
+      config.checkpoint,
+      config.dataset,
+    )
   dataset = load_dataset(config.dataset, config.data_root or None, allow_download=config.allow_download)
   # Val and test windows: the SASRec trained on every training window (no cross-fitting needed).
   sasrec, _ = sasrec_experiment.train_or_load(
