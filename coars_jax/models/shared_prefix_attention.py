@@ -22,17 +22,12 @@ from coars_jax.models.block_attention import MASKED_SCORE
 @struct.dataclass
 class SharedPrefixKV:
   """keys[layer], values[layer]: [G, kv_heads, P, head_dim] (head-major, as `KVCache`); segment_ids [G, P] int32
-  (0 = padding); lengths [G] int32, each prefix's real tokens, so row b's own tokens start at RoPE position
-  lengths[b // R]."""
+  (0 = padding). Row b's own tokens start at RoPE position (segment_ids[b // R] != 0).sum(), which the caller
+  passes as positions."""
 
   keys: tuple[jax.Array, ...]
   values: tuple[jax.Array, ...]
   segment_ids: jax.Array
-  lengths: jax.Array
-
-  @property
-  def num_groups(self) -> int:
-    return self.segment_ids.shape[0]
 
 
 def partial_own(grouped: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array):

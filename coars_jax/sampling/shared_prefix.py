@@ -69,9 +69,7 @@ def _prefill_shared(
     **model_kwargs(static_kwargs, first_rows),
   )
   lengths = prefix_mask.sum(axis=1).astype(jnp.int32)
-  shared = SharedPrefixKV(
-    keys=prefix_cache.keys, values=prefix_cache.values, segment_ids=prefix_cache.segment_ids, lengths=lengths
-  )
+  shared = SharedPrefixKV(keys=prefix_cache.keys, values=prefix_cache.values, segment_ids=prefix_cache.segment_ids)
   positions = jnp.repeat(lengths, per_group)[:, None] + positions_from_mask(mask)
   cache = init_cache(model.config, batch, cache_length, cache_dtype)
   hidden, cache = model.hidden_states(

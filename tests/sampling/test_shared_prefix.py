@@ -50,8 +50,7 @@ def test_hidden_states_with_a_shared_prefix_equal_the_whole_prompts(model):
       jnp.asarray(p_mask),
       init_cache(model.config, 2, 64),
     )
-    lengths = p_mask.sum(1)
-    shared = SharedPrefixKV(cache.keys, cache.values, cache.segment_ids, jnp.asarray(lengths, jnp.int32))
+    shared = SharedPrefixKV(cache.keys, cache.values, cache.segment_ids)
     s_tokens = np.zeros((4, 16), np.int32)
     s_mask = np.zeros((4, 16), np.int32)
     for b, ids in enumerate(suffixes):
